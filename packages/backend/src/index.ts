@@ -1,0 +1,114 @@
+// Loads TensorFlow.js on the native TensorFlow library: @tensorflow/tfjs-node (CPU) or
+// @tensorflow/tfjs-node-gpu (CUDA). Every process that computes (worker, single-process
+// trainer, benchmarks, tests) goes through here, so the CPU and GPU paths share all code
+// but the one `import` below.
+//
+// GPU requirements (those of libtensorflow 2.9.1, which tfjs-node-gpu 4.22 binds):
+// Linux x86-64, an NVIDIA driver, CUDA 11.2 and cuDNN 8.1 on the library path.
+
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import type * as tfTypes from '@tensorflow/tfjs-core';
+
+export type BackendKind = 'cpu' | 'gpu';
+export type Tf = typeof tfTypes;
+
+export class BackendError extends Error {
+  readonly code = 'BACKEND_UNAVAILABLE' as const;
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'BackendError';
+  }
+}
+
+export interface LoadedBackend {
+  kind: BackendKind;
+  /** The tfjs-core namespace, with the native backend registered and selected. */
+  tf: Tf;
+  /** Package that provides the backend. */
+  packageName: string;
+  versions: { tfjs: string; tensorflow: string };
+  /** CUDA_VISIBLE_DEVICES as this process sees it (GPU only). */
+  visibleGpus?: string;
+}
+
+export interface GpuInfo {
+  index: number;
+  name: string;
+  memoryMiB: number;
+}
+
+const require = createRequire(import.meta.url);
+let loaded: LoadedBackend | undefined;
+
+/** GPUs the NVIDIA driver reports; [] when there is no driver or no GPU. */
+export function listGpus(): GpuInfo[] {
+  try {
+    const out = execFileSync('nvidia-smi', ['--query-gpu=index,name,memory.total', '--format=csv,noheader,nounits'], {
+      encoding: 'utf8',
+      timeout: 10_000,
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    return out
+      .trim()
+      .split('\n')
+      .filter(Boolean)
+      .map((line) => {
+        const [index, name, mem] = line.split(',').map((s) => s.trim());
+        return { index: Number(index), name: name ?? '?', memoryMiB: Number(mem) };
+      });
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * Loads the backend once per process. For 'gpu', call it after CUDA_VISIBLE_DEVICES is set
+ * (the launcher sets it per worker); TensorFlow reads it when the library initialises.
+ */
+export async function loadBackend(kind: BackendKind = 'cpu'): Promise<LoadedBackend> {
+  if (loaded) {
+    if (loaded.kind !== kind) {
+      throw new BackendError(`this process already loaded the ${loaded.kind} backend; one process cannot switch to ${kind}`);
+    }
+    return loaded;
+  }
+  // TensorFlow's C++ start-up banner is noise on every worker; errors still show.
+  process.env.TF_CPP_MIN_LOG_LEVEL ??= '2';
+  const packageName = kind === 'gpu' ? '@tensorflow/tfjs-node-gpu' : '@tensorflow/tfjs-node';
+  if (kind === 'gpu') {
+    const hasDriver = fs.existsSync('/proc/driver/nvidia/version') || listGpus().length > 0;
+    if (!hasDriver) {
+      throw new BackendError(
+        'GPU training was requested, but no NVIDIA driver/GPU is visible on this machine (nvidia-smi finds none). ' +
+          'Use --workers N to train on the CPU, or run on a machine with CUDA 11.2 + cuDNN 8.1.',
+      );
+    }
+  }
+  let mod: Tf & { version: Record<string, string> };
+  try {
+    mod = require(packageName);
+  } catch (err) {
+    const detail = err instanceof Error ? err.message.split('\n')[0] : String(err);
+    const hint =
+      kind === 'gpu'
+        ? 'The GPU addon is built by `pnpm install` when nvidia-smi works (or with DTRAIN_TFJS_GPU=1); it needs libtensorflow 2.9.1 GPU, CUDA 11.2 and cuDNN 8.1.'
+        : 'Run `pnpm install` again; tools/provision-tfjs.mjs provisions libtensorflow and builds the addon.';
+    throw new BackendError(`cannot load ${packageName}: ${detail}\n${hint}`, { cause: err });
+  }
+  const tf = mod as Tf;
+  if (tf.getBackend() !== 'tensorflow') {
+    const ok = await tf.setBackend('tensorflow');
+    if (!ok) throw new BackendError(`${packageName} loaded but the 'tensorflow' backend did not initialise`);
+  }
+  const bindingVersion = (tf.backend() as unknown as { binding?: { TF_Version?: string } }).binding?.TF_Version;
+  loaded = {
+    kind,
+    tf,
+    packageName,
+    versions: { tfjs: mod.version['tfjs-node'] ?? mod.version['tfjs-core'] ?? '?', tensorflow: bindingVersion ?? '?' },
+    visibleGpus: kind === 'gpu' ? (process.env.CUDA_VISIBLE_DEVICES ?? 'all') : undefined,
+  };
+  return loaded;
+}

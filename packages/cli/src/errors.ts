@@ -1,0 +1,45 @@
+import { CommanderError } from 'commander';
+
+/** Errors we expect users to hit (bad flags, missing files) print one clear line, not a stack. */
+export class UsageError extends Error {
+  readonly code = 'USAGE' as const;
+  constructor(message: string) {
+    super(message);
+    this.name = 'UsageError';
+  }
+}
+
+export function reportAndExit(err: unknown): never {
+  if (err instanceof CommanderError) process.exit(err.exitCode);
+  const e = err as { message?: string; code?: unknown; stack?: string };
+  const known = typeof e?.code === 'string' && e.code.length > 0;
+  const message = e?.message ?? String(err);
+  console.error(`error: ${message}`);
+  if (!known || process.env.DTRAIN_DEBUG) console.error(e?.stack ?? '');
+  process.exit(known ? 2 : 1);
+}
+
+/** Parses a positive integer flag value, naming the flag when it is wrong. */
+export function positiveInt(flag: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n <= 0) throw new UsageError(`${flag} must be a positive integer, got '${value}'`);
+    return n;
+  };
+}
+
+export function nonNegativeInt(flag: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < 0) throw new UsageError(`${flag} must be a non-negative integer, got '${value}'`);
+    return n;
+  };
+}
+
+export function nonNegativeNumber(flag: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isFinite(n) || n < 0) throw new UsageError(`${flag} must be a non-negative number, got '${value}'`);
+    return n;
+  };
+}
