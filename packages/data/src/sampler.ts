@@ -63,11 +63,16 @@ export class DistributedSampler {
     return this.epoch;
   }
 
-  /** The whole epoch's order before sharding (length totalSize, padded or cut). */
+  /** The current epoch's order before sharding (length totalSize, padded or cut). */
   epochOrder(): Int32Array {
+    return this.epochOrderFor(this.epoch);
+  }
+
+  /** Epoch `epoch`'s order before sharding; the same on every rank. */
+  epochOrderFor(epoch: number): Int32Array {
     const n = this.size;
     let order: Int32Array;
-    if (this.shuffle) order = new Rng(this.seed, this.epoch).permutation(n);
+    if (this.shuffle) order = new Rng(this.seed, epoch).permutation(n);
     else {
       order = new Int32Array(n);
       for (let i = 0; i < n; i++) order[i] = i;
