@@ -49,7 +49,7 @@ export interface DownloadResult {
 function manualHint(url: string, md5: string, dir: string): string {
   return (
     `To place the files by hand: download ${url} on a machine with internet, check that its MD5 is ${md5}, ` +
-    `copy it here and run 'tar xzf cifar-10-binary.tar.gz -C ${dir}' so that ` +
+    `copy it to this machine and run 'tar xzf cifar-10-binary.tar.gz -C ${dir}' so that ` +
     `${path.join(dir, CIFAR10_DIRNAME, 'data_batch_1.bin')} exists`
   );
 }
