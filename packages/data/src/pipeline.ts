@@ -80,6 +80,24 @@ function resizeRows(src: Uint8Array, srcOff: number, h: number, C: number, p: Ax
   const { inSize: inW, outSize: outW, taps, index, weight } = p;
   const inRow = inW * C;
   const outRow = outW * C;
+  if (taps === 2) {
+    // The enlarging case (e.g. 32 -> 96): two taps, unrolled.
+    for (let y = 0; y < h; y++) {
+      const rowIn = srcOff + y * inRow;
+      let o = y * outRow;
+      for (let ox = 0; ox < outW; ox++) {
+        const i0 = rowIn + index[2 * ox] * C;
+        const i1 = rowIn + index[2 * ox + 1] * C;
+        const w0 = weight[2 * ox];
+        const w1 = weight[2 * ox + 1];
+        for (let c = 0; c < C; c++) {
+          const ss = HALF + src[i0 + c] * w0 + src[i1 + c] * w1;
+          dst[o++] = ss >= MAX_SS ? 255 : ss <= 0 ? 0 : ss >> PRECISION_BITS;
+        }
+      }
+    }
+    return;
+  }
   for (let y = 0; y < h; y++) {
     const rowIn = srcOff + y * inRow;
     let o = y * outRow;
