@@ -125,8 +125,8 @@ async function removeStaleTemporaries(dir: string): Promise<void> {
   for (const name of await fs.readdir(dir)) {
     if (!name.startsWith(TMP_PREFIX)) continue;
     const pid = Number(name.slice(TMP_PREFIX.length).split('-')[0]);
-    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) continue;
-    if (pid === process.pid) continue;
+    // Ours (a concurrent call) or a live process's: not stale.
+    if (pid === process.pid || (Number.isInteger(pid) && pid > 0 && isAlive(pid))) continue;
     await fs.rm(path.join(dir, name), { recursive: true, force: true });
   }
 }

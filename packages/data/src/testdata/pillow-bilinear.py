@@ -1,3 +1,5 @@
+# Regenerates pillow-bilinear.json (expected outputs for pipeline.test.ts):
+#   apt-get install -y python3-pil && /usr/bin/python3 pillow-bilinear.py > pillow-bilinear.json
 import hashlib, json
 from PIL import Image
 import PIL
