@@ -1,1 +1,33 @@
-export {};
+export {
+  Ring,
+  IPC_IS_FASTER,
+  type PeerInfo,
+  type RingOptions,
+  type AllReduceOptions,
+  type RingStats,
+} from './ring.js';
+export {
+  TransportError,
+  ProtocolVersionError,
+  PeerTimeoutError,
+  PeerLostError,
+  RingSetupError,
+  RingUsageError,
+} from './errors.js';
+export {
+  dtrain,
+  PROTOCOL_VERSION,
+  MAX_ENVELOPE_BYTES,
+  BODY_KINDS,
+  encodeMessage,
+  decodeMessage,
+  transportCounters,
+  countRejected,
+  toSafeInt,
+  type BodyKind,
+  type Bodies,
+  type Message,
+  type DecodeResult,
+} from './protocol.js';
+export { addInto, addKernelName, addPlain, addUnrolled, makeWasmAdd, type AddKernel } from './sum.js';
+export { floatToHalf, HALF_TO_FLOAT, encodeHalf, decodeHalf, roundThroughHalf } from './fp16.js';

@@ -1,0 +1,148 @@
+// Multi-process tests: real worker processes (node --import tsx), real sockets on 127.0.0.1
+// and ipc://, checked against references computed here from the same deterministic inputs.
+import { createHash } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import { makeData, naiveSum, ringReference } from './testing/data.js';
+import { startRing, type RingRun } from './testing/harness.js';
+import type { WorkerMessage, WorkerOp } from './testing/ring-worker.js';
+
+type Done = Extract<WorkerMessage, { type: 'op-done' }>;
+type Failed = Extract<WorkerMessage, { type: 'error' }>;
+
+const sha = (a: Float32Array) => createHash('sha256').update(Buffer.from(a.buffer, a.byteOffset, a.byteLength)).digest('hex');
+
+async function runAndCheck(n: number, ops: WorkerOp[], extra: { preferIpc?: boolean; pieceBytes?: number } = {}): Promise<RingRun> {
+  const run = startRing(n, { timeoutMs: 20_000, ops, returnUpTo: 4096, ...extra });
+  const codes = await run.exited;
+  const errors = run.messages.flat().filter((m): m is Failed => m.type === 'error');
+  expect(errors, JSON.stringify(errors)).toEqual([]);
+  expect(codes).toEqual(new Array(n).fill(0));
+  for (let i = 0; i < ops.length; i++) {
+    const op = ops[i];
+    const inputs = Array.from({ length: n }, (_, r) => makeData(op, r));
+    const done = run.messages.map((ms) => ms.find((m): m is Done => m.type === 'op-done' && m.op === i)!);
+    const what = `world ${n}, op ${i} ${JSON.stringify(op)}`;
+    // Identical bits on every rank.
+    expect(new Set(done.map((d) => d.sha256)).size, what).toBe(1);
+    if (op.broadcastRoot !== undefined) {
+      expect(done[0].sha256, what).toBe(sha(inputs[op.broadcastRoot]));
+      continue;
+    }
+    const ref = ringReference(inputs, op);
+    if (done[0].data !== undefined) {
+      const got = new Float32Array(new Uint8Array(Buffer.from(done[0].data, 'base64')).buffer);
+      expect(Array.from(got), what).toEqual(Array.from(ref));
+    }
+    expect(done[0].sha256, what).toBe(sha(ref));
+    // The reference is the documented ring order; it must also be close to the plain sum.
+    const naive = naiveSum(inputs);
+    let worst = 0;
+    for (let j = 0; j < ref.length; j++) {
+      const exact = op.average === true ? naive[j] / n : naive[j];
+      if (!Number.isFinite(exact)) continue;
+      let scale = 0;
+      for (const x of inputs) scale += Math.abs(x[j]);
+      if (op.average === true) scale /= n;
+      // float32: n roundings of 2^-24; fp16: n roundings of 2^-11 (relative to the magnitudes).
+      const eps = op.fp16 === true ? 2 ** -11 : 2 ** -24;
+      worst = Math.max(worst, Math.abs(ref[j] - exact) / ((n + 1) * eps * scale + 2 ** -24));
+    }
+    expect(worst, what).toBeLessThanOrEqual(1);
+  }
+  return run;
+}
+
+const small: WorkerOp[] = [
+  { len: 0, seed: 1 },
+  { len: 1, seed: 2 },
+  { len: 7, seed: 3 },
+  { len: 64, seed: 4, specials: true },
+  { len: 1000, seed: 5, average: true },
+  { len: 1000, seed: 6, fp16: true },
+  { len: 1_000_003, seed: 7 },
+];
+
+describe('ring all-reduce between processes', () => {
+  it.each([1, 2, 3, 4, 8])('world size %i: lengths 0, 1, 7, 1000003, NaN/Inf, average, fp16', async (n) => {
+    await runAndCheck(n, small);
+  });
+
+  it('NaN and Inf propagate (+Inf + -Inf = NaN) on every rank', async () => {
+    const run = await runAndCheck(3, [{ len: 64, seed: 4, specials: true }]);
+    const done = run.messages[2].find((m): m is Done => m.type === 'op-done')!;
+    const got = new Float32Array(new Uint8Array(Buffer.from(done.data!, 'base64')).buffer);
+    expect(got[1]).toBeNaN();
+    expect(got[3]).toBeNaN();
+    expect(got[5]).toBe(Infinity);
+    expect(got[6]).toBe(-Infinity);
+  });
+
+  it('11.2M floats (the ResNet gradient), world 2 over ipc and world 3 over TCP with average', async () => {
+    await runAndCheck(2, [{ len: 11_200_000, seed: 11 }]);
+    await runAndCheck(3, [{ len: 11_200_000, seed: 12, average: true }], { preferIpc: false });
+  });
+
+  it('fp16 on the wire, bucketing, small pieces and broadcast, world 3', async () => {
+    await runAndCheck(
+      3,
+      [
+        { len: 1_000_003, seed: 21, fp16: true, average: true },
+        { len: 100_003, seed: 22, bucketBytes: 40_000 },
+        { len: 100_003, seed: 23, fp16: true, bucketBytes: 40_000 },
+        { len: 100_003, seed: 24, broadcastRoot: 1 },
+        { len: 5, seed: 25, broadcastRoot: 0 },
+      ],
+      { pieceBytes: 4096 },
+    );
+  });
+});
+
+describe('a peer that dies or hangs', () => {
+  async function faultRun(signal: 'SIGKILL' | 'SIGSTOP', timeoutMs: number) {
+    const n = 3;
+    const victim = 1;
+    const run = startRing(n, { timeoutMs, ops: [{ len: 3_000_000, seed: 31 }], returnUpTo: 0, gated: true, pieceBytes: 64 * 1024 });
+    try {
+      // Every rank has its data ready; release them together, then hit the victim mid-op.
+      await Promise.all(run.children.map((_, r) => run.waitFor(r, 'endpoints')));
+      await new Promise((r) => setTimeout(r, 3000)); // connect and generate data
+      for (const c of run.children) c.send({ type: 'go' });
+      await run.waitFor(victim, 'op-start');
+      run.children[victim].kill(signal);
+      const t0 = Date.now();
+      const survivors = [0, 2];
+      const results = await Promise.race([
+        Promise.all(survivors.map((r) => Promise.race([run.waitFor(r, 'error'), run.waitFor(r, 'op-done')]))),
+        new Promise<never>((_, reject) => setTimeout(() => reject(new Error('survivors hung')), timeoutMs + 10_000)),
+      ]);
+      return { results, elapsed: Date.now() - t0 };
+    } finally {
+      run.kill();
+      await run.exited;
+    }
+  }
+
+  it('SIGKILL mid all-reduce: the others fail fast with an error naming the rank and host', async () => {
+    const timeoutMs = 15_000;
+    const { results, elapsed } = await faultRun('SIGKILL', timeoutMs);
+    expect(elapsed).toBeLessThan(timeoutMs);
+    for (const m of results) {
+      expect(m.type).toBe('error');
+      const e = m as Failed;
+      expect(e.code).toBe('E_PEER_LOST');
+      expect(e.message).toMatch(/rank 1 on host \S+/);
+    }
+  });
+
+  it('SIGSTOP mid all-reduce: the others fail within the timeout, naming the stopped rank', async () => {
+    const timeoutMs = 4000;
+    const { results, elapsed } = await faultRun('SIGSTOP', timeoutMs);
+    expect(elapsed).toBeLessThan(timeoutMs + 2000);
+    for (const m of results) {
+      expect(m.type).toBe('error');
+      const e = m as Failed;
+      expect(['E_PEER_LOST', 'E_PEER_TIMEOUT']).toContain(e.code);
+      expect(e.message).toMatch(/rank 1 on host \S+/);
+    }
+  });
+});

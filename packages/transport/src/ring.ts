@@ -1,0 +1,778 @@
+import { randomBytes } from 'node:crypto';
+import { hostname, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { rmSync } from 'node:fs';
+import * as zmq from 'zeromq';
+import {
+  PeerLostError,
+  PeerTimeoutError,
+  ProtocolVersionError,
+  RingSetupError,
+  RingUsageError,
+  TransportError,
+} from './errors.js';
+import { accumulateHalf, encodeHalf, floatToHalf, HALF_TO_FLOAT } from './fp16.js';
+import { dtrain, decodeMessage, encodeMessage, countRejected, PROTOCOL_VERSION, type Message } from './protocol.js';
+import { addInto, divideInto } from './sum.js';
+
+const Phase = dtrain.RingChunk.Phase;
+const DType = dtrain.RingChunk.DType;
+
+/** A member of the ring as the coordinator announces it (Welcome.peers). */
+export interface PeerInfo {
+  rank: number;
+  host: string;
+  /** Where its data socket listens: `tcp://addr:port` and optionally `ipc://path`. */
+  endpoints: string[];
+}
+
+export interface RingOptions {
+  rank: number;
+  worldSize: number;
+  /** Name of this machine in errors and for choosing ipc:// (default: os.hostname()). */
+  host?: string;
+  /** Ring generation (Welcome.generation): chunks of another generation are dropped. */
+  generation?: number;
+  /** Run id (Envelope.run_id): messages of another run are dropped. */
+  runId?: string;
+  /** Address to bind the TCP data socket on (default 127.0.0.1; 0.0.0.0 for all interfaces). */
+  listen?: string;
+  /** TCP port (default 0: any free port). */
+  port?: number;
+  /** Address peers use to reach this one (default: `listen`, or the host name for 0.0.0.0). */
+  advertise?: string;
+  /** Also listen on an ipc:// socket for peers on the same host (default true). */
+  ipc?: boolean;
+  /** Use a same-host peer's ipc:// endpoint instead of TCP (default: IPC_IS_FASTER). */
+  preferIpc?: boolean;
+  /** A collective fails when its previous rank sends nothing for this long (default 30 s). */
+  timeoutMs?: number;
+  /** Pipelining granularity: bytes per message on the wire (default 1 MiB). */
+  pieceBytes?: number;
+}
+
+export interface AllReduceOptions {
+  /** Divide the sum by the world size (once, by the rank that finishes each chunk). */
+  average?: boolean;
+  /** Send binary16 on the wire (half the bytes); sums are accumulated in float32. */
+  fp16?: boolean;
+  /** Split the buffer (or fuse small buffers) into all-reduces of about this many bytes. */
+  bucketBytes?: number;
+}
+
+export interface RingStats {
+  ops: number;
+  bytesSent: number;
+  bytesReceived: number;
+  messagesSent: number;
+  messagesReceived: number;
+  /** Messages dropped by this ring (bad, stale, foreign), by reason. */
+  rejected: Record<string, number>;
+}
+
+/**
+ * Whether ipc:// beats loopback TCP between processes on one host, as measured by
+ * tools/bench/allreduce.ts on our machines (see README).
+ */
+export const IPC_IS_FASTER = true;
+
+const DEFAULT_TIMEOUT_MS = 30_000;
+const DEFAULT_PIECE_BYTES = 1 << 20;
+
+function mod(a: number, n: number): number {
+  return ((a % n) + n) % n;
+}
+
+/** Elements of chunk c when `len` elements are split into n chunks as evenly as possible. */
+function chunkBounds(len: number, n: number, c: number): [start: number, count: number] {
+  const base = Math.floor(len / n);
+  const extra = len % n;
+  const start = c * base + Math.min(c, extra);
+  return [start, base + (c < extra ? 1 : 0)];
+}
+
+function asF32(buf: Buffer): Float32Array {
+  if (buf.byteOffset % 4 !== 0) buf = Buffer.from(buf); // Buffer.from copies into aligned memory
+  return new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4);
+}
+
+function asU16(buf: Buffer): Uint16Array {
+  if (buf.byteOffset % 2 !== 0) buf = Buffer.from(buf);
+  return new Uint16Array(buf.buffer, buf.byteOffset, buf.byteLength / 2);
+}
+
+function bytesOf(a: ArrayBufferView): Buffer {
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+}
+
+interface Expected {
+  phase: dtrain.RingChunk.Phase;
+  step: number;
+  chunk: number;
+  piece: number;
+  offset: number;
+  count: number;
+}
+
+/**
+ * One rank's end of a ring of workers: a ROUTER socket bound for the previous rank, a DEALER
+ * connected to the next rank, and the collectives over them. Create with `Ring.create`, advertise
+ * `endpoints`, then `connect` with the full peer list. Collectives must be called in the same
+ * order with the same sizes and options on every rank.
+ */
+export class Ring {
+  readonly rank: number;
+  readonly worldSize: number;
+  readonly host: string;
+  readonly generation: number;
+  readonly runId: string;
+  readonly timeoutMs: number;
+  readonly pieceBytes: number;
+  /** Endpoints to advertise to the coordinator (Hello.data_endpoints). */
+  readonly endpoints: string[];
+
+  private readonly router: zmq.Router;
+  private dealer: zmq.Dealer | undefined;
+  private readonly ipcPath: string | undefined;
+  private readonly preferIpc: boolean;
+  private peers: PeerInfo[] = [];
+  private connected = false;
+  private closing = false;
+  private closed = false;
+  private broken: TransportError | undefined;
+  private failWaiters: ((e: TransportError) => void)[] = [];
+  private sendChain: Promise<void> = Promise.resolve();
+  private opId = 0;
+  private liveInbound = 0;
+  private prevSeen = false;
+  private pendingReceive: Promise<Buffer[]> | undefined;
+  private readonly stats_: RingStats = {
+    ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {},
+  };
+  private prevIdentity: Buffer = Buffer.alloc(0);
+  private recvTimeout = -1;
+
+  private constructor(opts: RingOptions, router: zmq.Router, endpoints: string[], ipcPath: string | undefined) {
+    this.rank = opts.rank;
+    this.worldSize = opts.worldSize;
+    this.host = opts.host ?? hostname();
+    this.generation = opts.generation ?? 0;
+    this.runId = opts.runId ?? '';
+    this.timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.pieceBytes = opts.pieceBytes ?? DEFAULT_PIECE_BYTES;
+    this.preferIpc = opts.preferIpc ?? IPC_IS_FASTER;
+    this.router = router;
+    this.endpoints = endpoints;
+    this.ipcPath = ipcPath;
+    // Watch connections from the start, so the count of live inbound connections is exact.
+    router.events.on('accept', () => {
+      this.liveInbound++;
+    });
+  }
+
+  /** Binds this rank's data socket. */
+  static async create(opts: RingOptions): Promise<Ring> {
+    const { rank, worldSize } = opts;
+    if (!Number.isInteger(worldSize) || worldSize < 1) {
+      throw new RingUsageError(`world size must be an integer >= 1, got ${worldSize}`);
+    }
+    if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize) {
+      throw new RingUsageError(`rank must be an integer in 0..${worldSize - 1}, got ${rank}`);
+    }
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    if (!(timeoutMs > 0)) throw new RingUsageError(`timeoutMs must be > 0, got ${timeoutMs}`);
+    const pieceBytes = opts.pieceBytes ?? DEFAULT_PIECE_BYTES;
+    if (!(pieceBytes >= 64 && pieceBytes % 4 === 0)) {
+      throw new RingUsageError(`pieceBytes must be a multiple of 4 and >= 64, got ${pieceBytes}`);
+    }
+    const router = new zmq.Router({
+      linger: 0,
+      receiveHighWaterMark: 0, // bounded by the op's size; a full queue would stall the ring
+      sendTimeout: timeoutMs,
+      heartbeatInterval: Math.min(1000, Math.ceil(timeoutMs / 3)),
+      heartbeatTimeout: timeoutMs,
+    });
+    const listen = opts.listen ?? '127.0.0.1';
+    const endpoints: string[] = [];
+    let ipcPath: string | undefined;
+    try {
+      await router.bind(`tcp://${listen}:${opts.port ?? 0}`);
+      const bound = router.lastEndpoint ?? '';
+      const port = bound.slice(bound.lastIndexOf(':') + 1);
+      const advertise = opts.advertise ?? (listen === '0.0.0.0' || listen === '*' ? hostname() : listen);
+      endpoints.push(`tcp://${advertise}:${port}`);
+      if (opts.ipc ?? true) {
+        ipcPath = join(tmpdir(), `dtrain-${process.pid}-${rank}-${randomBytes(4).toString('hex')}.sock`);
+        await router.bind(`ipc://${ipcPath}`);
+        endpoints.push(`ipc://${ipcPath}`);
+      }
+    } catch (e) {
+      router.close();
+      throw new RingSetupError(
+        `rank ${rank} could not bind its data socket on ${listen}:${opts.port ?? 0}: ${(e as Error).message}. ` +
+          `Choose a free port or another address.`,
+      );
+    }
+    return new Ring(opts, router, endpoints, ipcPath);
+  }
+
+  private get prev(): PeerInfo {
+    return this.peers[mod(this.rank - 1, this.worldSize)];
+  }
+
+  private get next(): PeerInfo {
+    return this.peers[mod(this.rank + 1, this.worldSize)];
+  }
+
+  private identity(rank: number): Buffer {
+    return Buffer.from(`dtrain:${this.runId}:${this.generation}:${rank}`);
+  }
+
+  /**
+   * Connects to the next rank and waits for the previous rank's RingHello. `peers` is the
+   * coordinator's list: exactly worldSize entries, ranks 0..worldSize-1 in order.
+   */
+  async connect(peers: PeerInfo[]): Promise<void> {
+    if (this.connected || this.closed) throw new RingUsageError(`rank ${this.rank}: connect() called twice or after close()`);
+    const n = this.worldSize;
+    if (peers.length !== n || peers.some((p, i) => p.rank !== i)) {
+      throw new RingSetupError(
+        `rank ${this.rank}: peer list must have ${n} entries with ranks 0..${n - 1} in order, got ranks [${peers.map((p) => p.rank).join(',')}]`,
+      );
+    }
+    this.peers = peers.map((p) => ({ rank: p.rank, host: p.host, endpoints: [...p.endpoints] }));
+    this.connected = true;
+    if (n === 1) return;
+
+    this.prevIdentity = this.identity(this.prev.rank);
+    this.router.events.on('disconnect', () => {
+      this.liveInbound = Math.max(0, this.liveInbound - 1);
+      // Only the previous rank should be connected here; a stranger who connects and leaves
+      // while it is still connected leaves the count >= 1 and changes nothing.
+      if (this.prevSeen && this.liveInbound === 0 && !this.closing) {
+        this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
+      }
+    });
+
+    const next = this.next;
+    const endpoint = this.pickEndpoint(next);
+    if (endpoint === undefined) {
+      throw new RingSetupError(`rank ${this.rank}: rank ${next.rank} on ${next.host} advertised no usable endpoint (${next.endpoints.join(', ') || 'none'})`);
+    }
+    const dealer = new zmq.Dealer({
+      linger: 0,
+      routingId: this.identity(this.rank).toString(),
+      sendHighWaterMark: 0,
+      sendTimeout: this.timeoutMs,
+      receiveTimeout: this.timeoutMs,
+      heartbeatInterval: Math.min(1000, Math.ceil(this.timeoutMs / 3)),
+      heartbeatTimeout: this.timeoutMs,
+    });
+    this.dealer = dealer;
+    let nextConnected = false;
+    dealer.events.on('connect', () => {
+      nextConnected = true;
+    });
+    dealer.events.on('disconnect', () => {
+      if (nextConnected && !this.closing) {
+        this.fail(new PeerLostError(next.rank, next.host, `connection to ${endpoint} closed`, this.rank), false);
+      }
+    });
+    dealer.connect(endpoint);
+    this.enqueueSend([
+      encodeMessage('ringHello', { rank: this.rank, worldSize: n, generation: this.generation, host: this.host }, this.runId),
+    ]);
+
+    const during = 'ring setup (waiting for its RingHello)';
+    for (;;) {
+      const msg = await this.receiveValid(during, (m) => this.setupCheck(m));
+      if (msg.kind === 'ringHello') break;
+    }
+    this.prevSeen = true;
+    await this.flushSends();
+  }
+
+  private pickEndpoint(peer: PeerInfo): string | undefined {
+    const ipc = peer.endpoints.find((e) => e.startsWith('ipc://'));
+    if (ipc !== undefined && this.preferIpc && peer.host === this.host) return ipc;
+    return peer.endpoints.find((e) => e.startsWith('tcp://')) ?? ipc;
+  }
+
+  // During setup a RingHello from the previous rank with another protocol version is a refusal
+  // with a clear message, not silently dropped garbage.
+  private setupCheck(m: Message): string | null {
+    if (m.kind !== 'ringHello') return `unexpected ${m.kind} during setup`;
+    const b = m.body as dtrain.RingHello.$Properties;
+    const prev = this.prev;
+    if ((b.rank ?? 0) !== prev.rank) return 'ringHello from wrong rank';
+    if (m.protocolVersion !== PROTOCOL_VERSION) {
+      const err = new ProtocolVersionError(PROTOCOL_VERSION, m.protocolVersion, `rank ${prev.rank} on host ${prev.host}`);
+      this.fail(err, false);
+      return 'protocol version';
+    }
+    if ((b.worldSize ?? 0) !== this.worldSize) return 'ringHello world size mismatch';
+    if ((b.generation ?? 0) !== this.generation) return 'ringHello generation mismatch';
+    return null;
+  }
+
+  private reject(reason: string): void {
+    countRejected(reason);
+    this.stats_.rejected[reason] = (this.stats_.rejected[reason] ?? 0) + 1;
+  }
+
+  /** Marks the ring broken, wakes any waiting collective and tells the next rank (once). */
+  private fail(err: TransportError, forward: boolean, failedRank = -1, failedHost = ''): void {
+    if (this.broken !== undefined || this.closed) return;
+    this.broken = err;
+    for (const w of this.failWaiters) w(err);
+    this.failWaiters = [];
+    if (forward && this.dealer !== undefined) {
+      const fr = failedRank >= 0 ? failedRank : err instanceof PeerLostError || err instanceof PeerTimeoutError ? err.rank : this.rank;
+      if (fr !== this.next.rank) {
+        const abort = encodeMessage('ringAbort', {
+          generation: this.generation,
+          opId: this.opId,
+          failedRank: fr,
+          failedHost: failedHost || (err instanceof PeerLostError || err instanceof PeerTimeoutError ? err.host : this.host),
+          reason: err.message,
+          reporterRank: this.rank,
+        }, this.runId);
+        const dealer = this.dealer;
+        this.sendChain = this.sendChain.then(() => dealer.send(abort)).catch(() => undefined);
+      }
+    }
+  }
+
+  private enqueueSend(frames: Buffer[]): void {
+    const dealer = this.dealer!;
+    this.stats_.messagesSent++;
+    for (const f of frames) this.stats_.bytesSent += f.byteLength;
+    this.sendChain = this.sendChain.then(
+      () => dealer.send(frames),
+      () => undefined,
+    );
+    this.sendChain.catch((e: unknown) => {
+      const next = this.next;
+      this.fail(new PeerLostError(next.rank, next.host, `sending to it failed: ${(e as Error).message}`, this.rank), true);
+    });
+  }
+
+  private async flushSends(): Promise<void> {
+    try {
+      await this.sendChain;
+    } catch {
+      // reported through fail()
+    }
+    if (this.broken !== undefined) throw this.broken;
+  }
+
+  /**
+   * Receives the next valid message from the previous rank: checks identity, decodes, verifies,
+   * applies `check` (null = accept). Invalid messages are counted and skipped; the deadline
+   * (timeoutMs after the last valid message) is not extended by them.
+   */
+  private async receiveValid(during: string, check: (m: Message) => string | null): Promise<Message & { frames: Buffer[] }> {
+    const deadline = Date.now() + this.timeoutMs;
+    for (;;) {
+      if (this.broken !== undefined) throw this.broken;
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw this.timeoutError(during);
+      // Setting a socket option is a native call: only when it changes by more than a little.
+      if (Math.abs(this.recvTimeout - remaining) > 25) {
+        this.recvTimeout = remaining;
+        this.router.receiveTimeout = remaining;
+      }
+      let frames: Buffer[];
+      try {
+        frames = await this.receiveOrFail();
+      } catch (e) {
+        if (e instanceof TransportError) throw e;
+        if ((e as { code?: string }).code === 'EAGAIN') {
+          // libuv starts the socket's timer from its cached loop time, which is stale after a long
+          // synchronous stretch (summing, the caller's compute): such early expiries are retried.
+          if (Date.now() < deadline) continue;
+          throw this.timeoutError(during);
+        }
+        throw this.fatal(new PeerLostError(this.prev.rank, this.prev.host, `receiving failed: ${(e as Error).message}`, this.rank));
+      }
+      this.stats_.messagesReceived++;
+      if (frames.length < 2 || !frames[0].equals(this.prevIdentity)) {
+        this.reject('unknown sender');
+        continue;
+      }
+      const decoded = decodeMessage(frames[1]);
+      if (!decoded.ok) {
+        this.reject(decoded.reason);
+        continue;
+      }
+      const m = decoded.message;
+      if (m.runId !== this.runId) {
+        this.reject('other run');
+        continue;
+      }
+      if (m.kind === 'ringAbort') {
+        const a = m.body as dtrain.RingAbort.$Properties;
+        if ((a.generation ?? 0) !== this.generation || m.protocolVersion !== PROTOCOL_VERSION) {
+          this.reject('stale ringAbort');
+          continue;
+        }
+        const failedRank = a.failedRank ?? 0;
+        const err = new PeerLostError(failedRank, a.failedHost ?? '?', `${a.reason ?? ''} [reported by rank ${a.reporterRank ?? '?'}]`, this.rank);
+        this.fail(err, true, failedRank, a.failedHost ?? '');
+        throw err;
+      }
+      if (m.kind === 'ringClose' && !this.closing) {
+        throw this.fatal(new PeerLostError(this.prev.rank, this.prev.host, 'it closed its ring while this rank still expected data (collectives called differently on different ranks?)', this.rank));
+      }
+      const why = check(m);
+      if (why !== null) {
+        this.reject(why);
+        if (this.broken !== undefined) throw this.broken;
+        continue;
+      }
+      for (let i = 2; i < frames.length; i++) this.stats_.bytesReceived += frames[i].byteLength;
+      return Object.assign(m, { frames });
+    }
+  }
+
+  private receiveOrFail(): Promise<Buffer[]> {
+    // One receive may be pending per socket: a receive abandoned by a failure is never reissued,
+    // because a broken ring is never used again.
+    const recv = this.router.receive();
+    this.pendingReceive = recv;
+    recv.catch(() => undefined);
+    return new Promise<Buffer[]>((resolve, reject) => {
+      this.failWaiters.push(reject);
+      recv.then(
+        (f) => {
+          this.failWaiters = this.failWaiters.filter((w) => w !== reject);
+          this.pendingReceive = undefined;
+          resolve(f);
+        },
+        (e: unknown) => {
+          this.failWaiters = this.failWaiters.filter((w) => w !== reject);
+          this.pendingReceive = undefined;
+          reject(e);
+        },
+      );
+    });
+  }
+
+  private timeoutError(during: string): TransportError {
+    return this.fatal(new PeerTimeoutError(this.prev.rank, this.prev.host, this.timeoutMs, during, this.rank));
+  }
+
+  private fatal(err: TransportError): TransportError {
+    this.fail(err, true);
+    return this.broken ?? err;
+  }
+
+  private checkUsable(): void {
+    if (this.closed || this.closing) throw new RingUsageError(`rank ${this.rank}: ring is closed`);
+    if (!this.connected) throw new RingUsageError(`rank ${this.rank}: call connect() before collectives`);
+    if (this.broken !== undefined) throw this.broken;
+  }
+
+  /**
+   * Sums `data` element-wise across all ranks, in place: afterwards every rank holds the same
+   * bits. On failure the call rejects (PeerLostError / PeerTimeoutError naming the rank and
+   * host), the contents of `data` are unspecified and the ring cannot be used again.
+   */
+  async allReduce(data: Float32Array, opts: AllReduceOptions = {}): Promise<void> {
+    this.checkUsable();
+    const bucket = opts.bucketBytes;
+    if (bucket !== undefined) {
+      if (!(bucket >= 4)) throw new RingUsageError(`bucketBytes must be >= 4, got ${bucket}`);
+      const per = Math.max(1, Math.floor(bucket / 4));
+      if (data.length === 0) return this.runOp(data, opts);
+      for (let i = 0; i < data.length; i += per) await this.runOp(data.subarray(i, Math.min(data.length, i + per)), opts);
+      return;
+    }
+    return this.runOp(data, opts);
+  }
+
+  /**
+   * All-reduces several buffers, fused into buckets of about `bucketBytes` (default 25 MiB, as
+   * PyTorch DDP): consecutive small buffers are copied into one fusion buffer and reduced together,
+   * buffers larger than a bucket are reduced in bucket-sized slices in place.
+   */
+  async allReduceMany(buffers: Float32Array[], opts: AllReduceOptions = {}): Promise<void> {
+    this.checkUsable();
+    const bucketElems = Math.max(1, Math.floor((opts.bucketBytes ?? 25 * 1024 * 1024) / 4));
+    const single = { average: opts.average, fp16: opts.fp16 };
+    let group: Float32Array[] = [];
+    let groupLen = 0;
+    const flush = async () => {
+      if (group.length === 0) return;
+      if (group.length === 1) {
+        await this.runOp(group[0], single);
+      } else {
+        const fused = new Float32Array(groupLen);
+        let o = 0;
+        for (const g of group) {
+          fused.set(g, o);
+          o += g.length;
+        }
+        await this.runOp(fused, single);
+        o = 0;
+        for (const g of group) {
+          g.set(fused.subarray(o, o + g.length));
+          o += g.length;
+        }
+      }
+      group = [];
+      groupLen = 0;
+    };
+    for (const b of buffers) {
+      if (b.length >= bucketElems) {
+        await flush();
+        for (let i = 0; i < b.length; i += bucketElems) await this.runOp(b.subarray(i, Math.min(b.length, i + bucketElems)), single);
+        continue;
+      }
+      if (groupLen + b.length > bucketElems) await flush();
+      group.push(b);
+      groupLen += b.length;
+    }
+    await flush();
+  }
+
+  /** Copies rank `root`'s `data` to every rank (same length everywhere), pipelined around the ring. */
+  async broadcast(data: Float32Array, root = 0): Promise<void> {
+    this.checkUsable();
+    const n = this.worldSize;
+    if (!Number.isInteger(root) || root < 0 || root >= n) throw new RingUsageError(`broadcast root must be in 0..${n - 1}, got ${root}`);
+    const opId = ++this.opId;
+    this.stats_.ops++;
+    if (n === 1 || data.length === 0) return;
+    const pieceElems = this.pieceBytes / 4;
+    const pieces = Math.ceil(data.length / pieceElems);
+    const header = (p: number) => ({
+      generation: this.generation, opId, rank: this.rank, phase: Phase.BROADCAST, step: 0, chunk: 0, piece: p,
+      offset: p * pieceElems, count: Math.min(pieceElems, data.length - p * pieceElems), dtype: DType.F32,
+    });
+    if (this.rank === root) {
+      // Copied: the caller may change `data` as soon as this returns, before the bytes are sent.
+      for (let p = 0; p < pieces; p++) {
+        const h = header(p);
+        this.enqueueSend([encodeMessage('ringChunk', h, this.runId), Buffer.from(bytesOf(data.subarray(h.offset, h.offset + h.count)))]);
+      }
+    } else {
+      const forward = this.next.rank !== root;
+      for (let p = 0; p < pieces; p++) {
+        const h = header(p);
+        const exp: Expected = { phase: Phase.BROADCAST, step: 0, chunk: 0, piece: p, offset: h.offset, count: h.count };
+        const m = await this.receiveValid(`broadcast op ${opId}`, (msg) => this.chunkCheck(msg, opId, exp, DType.F32));
+        const payload = m.frames[2];
+        data.set(asF32(payload), h.offset);
+        if (forward) this.enqueueSend([encodeMessage('ringChunk', h, this.runId), payload]);
+      }
+    }
+    await this.flushSends();
+  }
+
+  private chunkCheck(m: Message, opId: number, exp: Expected, dtype: dtrain.RingChunk.DType): string | null {
+    if (m.protocolVersion !== PROTOCOL_VERSION) return 'protocol version';
+    if (m.kind !== 'ringChunk') return `unexpected ${m.kind}`;
+    const c = m.body as dtrain.RingChunk.$Properties;
+    if ((c.generation ?? 0) !== this.generation) return 'stale generation';
+    const op = (c.opId ?? 0) as number;
+    if (op < opId) return 'stale op';
+    if (op !== opId) return 'wrong op';
+    if ((c.rank ?? 0) !== this.prev.rank) return 'wrong sender rank';
+    if (
+      (c.phase ?? 0) !== exp.phase || (c.step ?? 0) !== exp.step || (c.chunk ?? 0) !== exp.chunk ||
+      (c.piece ?? 0) !== exp.piece || (c.offset ?? 0) !== exp.offset || (c.count ?? 0) !== exp.count
+    ) return 'unexpected chunk header';
+    if ((c.dtype ?? 0) !== dtype) return 'wrong dtype';
+    return null;
+  }
+
+  // One all-reduce: reduce-scatter then all-gather, each chunk cut into pieces that flow through
+  // the ring independently, so that sending, receiving and summing overlap.
+  private async runOp(data: Float32Array, opts: AllReduceOptions): Promise<void> {
+    const opId = ++this.opId;
+    this.stats_.ops++;
+    const n = this.worldSize;
+    const len = data.length;
+    if (n === 1 || len === 0) return;
+    const r = this.rank;
+    const fp16 = opts.fp16 === true;
+    const average = opts.average === true;
+    const dtype = fp16 ? DType.F16 : DType.F32;
+    const esize = fp16 ? 2 : 4;
+    const pieceElems = Math.max(1, Math.floor(this.pieceBytes / esize));
+    const piecesOf = (count: number) => Math.ceil(count / pieceElems);
+    const header = (phase: dtrain.RingChunk.Phase, step: number, chunk: number, piece: number, offset: number, count: number) =>
+      encodeMessage('ringChunk', { generation: this.generation, opId, rank: r, phase, step, chunk, piece, offset, count, dtype }, this.runId);
+
+    // Reduce-scatter step 0: our own chunk r, straight from `data` (zero-copy). Safe: this region
+    // is next written by the all-gather, after the chunk has gone around the ring through the
+    // next rank, which therefore has already read these bytes.
+    {
+      const [start, count] = chunkBounds(len, n, r);
+      for (let p = 0, np = piecesOf(count); p < np; p++) {
+        const off = start + p * pieceElems;
+        const cnt = Math.min(pieceElems, start + count - off);
+        const local = data.subarray(off, off + cnt);
+        let payload: Buffer;
+        if (fp16) {
+          const h = new Uint16Array(cnt);
+          encodeHalf(h, local);
+          payload = bytesOf(h);
+        } else {
+          payload = bytesOf(local);
+        }
+        this.enqueueSend([header(Phase.REDUCE_SCATTER, 0, r, p, off, cnt), payload]);
+      }
+    }
+
+    const during = (phase: string, s: number) => `all-reduce op ${opId} (${phase} step ${s} of ${n - 1})`;
+    for (let s = 0; s < n - 1; s++) {
+      const c = mod(r - 1 - s, n);
+      const [start, count] = chunkBounds(len, n, c);
+      const last = s === n - 2;
+      for (let p = 0, np = piecesOf(count); p < np; p++) {
+        const off = start + p * pieceElems;
+        const cnt = Math.min(pieceElems, start + count - off);
+        const exp: Expected = { phase: Phase.REDUCE_SCATTER, step: s, chunk: c, piece: p, offset: off, count: cnt };
+        const m = await this.receiveValid(during('reduce-scatter', s), (msg) => this.chunkCheck(msg, opId, exp, dtype));
+        const payload = m.frames[2];
+        if (payload === undefined || payload.byteLength !== cnt * esize || m.frames.length !== 3) {
+          this.reject('bad payload length');
+          throw this.fatal(new PeerLostError(this.prev.rank, this.prev.host, `sent a malformed chunk (op ${opId})`, r));
+        }
+        const local = data.subarray(off, off + cnt);
+        if (!fp16) {
+          const acc = asF32(payload);
+          addInto(acc, acc, local); // partial from the previous ranks + ours, in ring order
+          if (last && average) divideInto(acc, acc, n);
+          if (last) local.set(acc);
+          this.enqueueSend([header(last ? Phase.ALL_GATHER : Phase.REDUCE_SCATTER, last ? 0 : s + 1, c, p, off, cnt), bytesOfF32(acc, payload)]);
+        } else {
+          const acc = asU16(payload);
+          if (!last) {
+            accumulateHalf(acc, local);
+          } else {
+            // The owner keeps exactly what the others will decode, so every rank has the same bits.
+            const t = HALF_TO_FLOAT;
+            for (let i = 0; i < cnt; i++) {
+              let v = Math.fround(t[acc[i]] + local[i]);
+              if (average) v = Math.fround(v / n);
+              const h = floatToHalf(v);
+              acc[i] = h;
+              local[i] = t[h];
+            }
+          }
+          this.enqueueSend([header(last ? Phase.ALL_GATHER : Phase.REDUCE_SCATTER, last ? 0 : s + 1, c, p, off, cnt), bytesOfU16(acc, payload)]);
+        }
+      }
+    }
+
+    for (let s = 0; s < n - 1; s++) {
+      const c = mod(r - s, n);
+      const [start, count] = chunkBounds(len, n, c);
+      const forward = s < n - 2;
+      for (let p = 0, np = piecesOf(count); p < np; p++) {
+        const off = start + p * pieceElems;
+        const cnt = Math.min(pieceElems, start + count - off);
+        const exp: Expected = { phase: Phase.ALL_GATHER, step: s, chunk: c, piece: p, offset: off, count: cnt };
+        const m = await this.receiveValid(during('all-gather', s), (msg) => this.chunkCheck(msg, opId, exp, dtype));
+        const payload = m.frames[2];
+        if (payload === undefined || payload.byteLength !== cnt * esize || m.frames.length !== 3) {
+          this.reject('bad payload length');
+          throw this.fatal(new PeerLostError(this.prev.rank, this.prev.host, `sent a malformed chunk (op ${opId})`, r));
+        }
+        const local = data.subarray(off, off + cnt);
+        if (!fp16) local.set(asF32(payload));
+        else {
+          const h = asU16(payload);
+          const t = HALF_TO_FLOAT;
+          for (let i = 0; i < cnt; i++) local[i] = t[h[i]];
+        }
+        // Forward the received buffer itself: ours, never written again, no copy.
+        if (forward) this.enqueueSend([header(Phase.ALL_GATHER, s + 1, c, p, off, cnt), payload]);
+      }
+    }
+    await this.flushSends();
+  }
+
+  /** Counters of this ring (messages, bytes, rejections by reason). */
+  stats(): RingStats {
+    return { ...this.stats_, rejected: { ...this.stats_.rejected } };
+  }
+
+  /** The error that broke this ring, if any. */
+  get error(): TransportError | undefined {
+    return this.broken;
+  }
+
+  /**
+   * Closes the ring. When healthy, first a RingClose handshake (bounded by the timeout) makes
+   * sure the next rank has read everything this rank sent; then both sockets close with linger 0.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    const graceful = this.connected && this.worldSize > 1 && this.broken === undefined && !this.closing;
+    this.closing = true;
+    if (graceful && this.dealer !== undefined) {
+      try {
+        await this.closeHandshake(this.dealer);
+      } catch {
+        // Best effort: a peer that is gone cannot be waited for.
+      }
+    }
+    this.closed = true;
+    for (const w of this.failWaiters) w(new RingUsageError(`rank ${this.rank}: ring closed`));
+    this.failWaiters = [];
+    this.dealer?.close();
+    this.router.close();
+    if (this.ipcPath !== undefined) rmSync(this.ipcPath, { force: true });
+  }
+
+  private async closeHandshake(dealer: zmq.Dealer): Promise<void> {
+    const deadline = Date.now() + Math.min(this.timeoutMs, 10_000);
+    this.enqueueSend([encodeMessage('ringClose', { rank: this.rank, generation: this.generation, ack: false }, this.runId)]);
+    await this.sendChain;
+    // The next rank acknowledges on our DEALER once it has read our RingClose (hence all our data),
+    // or it is gone (disconnect), or the deadline passes.
+    const acked = (async () => {
+      dealer.receiveTimeout = Math.max(1, deadline - Date.now());
+      for (;;) {
+        const frames = await dealer.receive();
+        const d = decodeMessage(frames[0]);
+        if (d.ok && d.message.kind === 'ringClose' && (d.message.body as dtrain.RingClose.$Properties).ack === true) return;
+        this.reject(d.ok ? `unexpected ${d.message.kind} on close` : d.reason);
+      }
+    })();
+    const nextGone = new Promise<void>((resolve) => {
+      dealer.events.on('disconnect', () => resolve());
+    });
+    // Read the previous rank's RingClose (skipping nothing else: all collectives are done) and ack it.
+    const prevClosed = (async () => {
+      if (this.pendingReceive !== undefined) return;
+      this.router.receiveTimeout = Math.max(1, deadline - Date.now());
+      for (;;) {
+        const frames = await this.router.receive();
+        if (frames.length < 2 || !frames[0].equals(this.prevIdentity)) {
+          this.reject('unknown sender');
+          continue;
+        }
+        const d = decodeMessage(frames[1]);
+        if (d.ok && d.message.kind === 'ringClose' && !(d.message.body as dtrain.RingClose.$Properties).ack) {
+          await this.router.send([frames[0], encodeMessage('ringClose', { rank: this.rank, generation: this.generation, ack: true }, this.runId)]);
+          return;
+        }
+        this.reject(d.ok ? `unexpected ${d.message.kind} on close` : d.reason);
+      }
+    })();
+    await Promise.allSettled([Promise.race([acked, nextGone]), prevClosed]);
+  }
+}
+
+function bytesOfF32(a: Float32Array, fallback: Buffer): Buffer {
+  return a.buffer === fallback.buffer && a.byteOffset === fallback.byteOffset ? fallback : bytesOf(a);
+}
+
+function bytesOfU16(a: Uint16Array, fallback: Buffer): Buffer {
+  return a.buffer === fallback.buffer && a.byteOffset === fallback.byteOffset ? fallback : bytesOf(a);
+}
