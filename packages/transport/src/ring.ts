@@ -151,6 +151,7 @@ export class Ring {
   };
   private prevIdentity: Buffer = Buffer.alloc(0);
   private recvTimeout = -1;
+  private onPrevGone: (() => void) | undefined;
 
   private constructor(opts: RingOptions, router: zmq.Router, endpoints: string[], ipcPath: string | undefined) {
     this.rank = opts.rank;
@@ -249,6 +250,7 @@ export class Ring {
       this.liveInbound = Math.max(0, this.liveInbound - 1);
       // Only the previous rank should be connected here; a stranger who connects and leaves
       // while it is still connected leaves the count >= 1 and changes nothing.
+      if (this.liveInbound === 0 && this.closing) this.onPrevGone?.();
       if (this.prevSeen && this.liveInbound === 0 && !this.closing) {
         this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
       }
@@ -644,9 +646,15 @@ export class Ring {
         const local = data.subarray(off, off + cnt);
         if (!fp16) {
           const acc = asF32(payload);
-          addInto(acc, acc, local); // partial from the previous ranks + ours, in ring order
-          if (last && average) divideInto(acc, acc, n);
-          if (last) local.set(acc);
+          // The partial sum from the previous ranks + ours (ring order). The owner of the chunk
+          // (last step) keeps the result and sends it on from the received buffer.
+          if (!last) addInto(acc, acc, local);
+          else if (!average) addInto(acc, acc, local, local);
+          else {
+            addInto(acc, acc, local);
+            divideInto(acc, acc, n);
+            local.set(acc);
+          }
           this.enqueueSend([header(last ? Phase.ALL_GATHER : Phase.REDUCE_SCATTER, last ? 0 : s + 1, c, p, off, cnt), bytesOfF32(acc, payload)]);
         } else {
           const acc = asU16(payload);
@@ -765,7 +773,11 @@ export class Ring {
         this.reject(d.ok ? `unexpected ${d.message.kind} on close` : d.reason);
       }
     })();
-    await Promise.allSettled([Promise.race([acked, nextGone]), prevClosed]);
+    const prevGone = new Promise<void>((resolve) => {
+      this.onPrevGone = resolve;
+      if (this.liveInbound === 0) resolve();
+    });
+    await Promise.allSettled([Promise.race([acked, nextGone]), Promise.race([prevClosed, prevGone])]);
   }
 }
 

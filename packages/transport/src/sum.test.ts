@@ -46,6 +46,10 @@ describe('sum kernels', () => {
         const inPlace = a.slice();
         k(inPlace, inPlace, b);
         expect(bits(inPlace).equals(bits(ref)), `${name} in place n=${n}`).toBe(true);
+        const both = a.slice();
+        const second = new Float32Array(n);
+        k(both, both, b, second);
+        expect(bits(both).equals(bits(ref)) && bits(second).equals(bits(ref)), `${name} two outputs n=${n}`).toBe(true);
       }
     }
   });

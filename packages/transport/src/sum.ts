@@ -3,16 +3,18 @@
 // cache-sized blocks copied into its memory is fastest, an 8-way unrolled JS loop next, the
 // plain loop last and erratic. All give identical bits (IEEE single addition, no reassociation).
 
-export type AddKernel = (out: Float32Array, a: Float32Array, b: Float32Array) => void;
+/** out[i] = a[i] + b[i]; also[i] = the same value when `also` is given (saves a second pass). */
+export type AddKernel = (out: Float32Array, a: Float32Array, b: Float32Array, also?: Float32Array) => void;
 
 /** Reference: the obvious loop. */
-export const addPlain: AddKernel = (out, a, b) => {
+export const addPlain: AddKernel = (out, a, b, also) => {
   const n = a.length;
   for (let i = 0; i < n; i++) out[i] = a[i] + b[i];
+  if (also !== undefined) also.set(out.subarray(0, n));
 };
 
 /** 8-way unrolled JS loop: fewer bounds checks and loop overhead per element. */
-export const addUnrolled: AddKernel = (out, a, b) => {
+export const addUnrolled: AddKernel = (out, a, b, also) => {
   const n = a.length;
   let i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -26,6 +28,7 @@ export const addUnrolled: AddKernel = (out, a, b) => {
     out[i + 7] = a[i + 7] + b[i + 7];
   }
   for (; i < n; i++) out[i] = a[i] + b[i];
+  if (also !== undefined) also.set(out.subarray(0, n));
 };
 
 function leb128(n: number): number[] {
@@ -121,7 +124,7 @@ export function makeWasmAdd(block = WASM_BLOCK, unroll = 4): AddKernel | undefin
   const A = f.subarray(0, block);
   const B = f.subarray(block, 2 * block);
   const O = f.subarray(2 * block, 3 * block);
-  return (out, a, b) => {
+  return (out, a, b, also) => {
     const n = a.length;
     let i = 0;
     for (; i + block <= n; i += block) {
@@ -129,6 +132,7 @@ export function makeWasmAdd(block = WASM_BLOCK, unroll = 4): AddKernel | undefin
       B.set(b.subarray(i, i + block));
       add(0, block * 4, 2 * block * 4, block * 4);
       out.set(O, i);
+      if (also !== undefined) also.set(O, i); // O is still in cache
     }
     const rest = n - i;
     const vec = rest - (rest % quantum);
@@ -137,9 +141,14 @@ export function makeWasmAdd(block = WASM_BLOCK, unroll = 4): AddKernel | undefin
       B.set(b.subarray(i, i + vec));
       add(0, block * 4, 2 * block * 4, vec * 4);
       out.set(O.subarray(0, vec), i);
+      if (also !== undefined) also.set(O.subarray(0, vec), i);
       i += vec;
     }
-    for (; i < n; i++) out[i] = a[i] + b[i];
+    for (; i < n; i++) {
+      const v = a[i] + b[i];
+      out[i] = v;
+      if (also !== undefined) also[i] = v;
+    }
   };
 }
 

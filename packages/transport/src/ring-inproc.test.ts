@@ -1,0 +1,110 @@
+// Rings whose ranks live in this process (real sockets still): protocol refusals, strangers
+// sending garbage, timeouts, usage errors.
+import { randomBytes } from 'node:crypto';
+import { afterEach, describe, expect, it } from 'vitest';
+import * as zmq from 'zeromq';
+import { PeerTimeoutError, ProtocolVersionError, RingUsageError } from './errors.js';
+import { encodeMessage } from './protocol.js';
+import { Ring, type PeerInfo } from './ring.js';
+import { makeData, ringReference } from './testing/data.js';
+
+const cleanup: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const f of cleanup.splice(0)) await f();
+});
+
+async function ringOf(n: number, opts: { timeoutMs?: number; runId?: string; pieceBytes?: number } = {}): Promise<Ring[]> {
+  const rings = await Promise.all(Array.from({ length: n }, (_, rank) => Ring.create({ rank, worldSize: n, ...opts })));
+  cleanup.push(() => Promise.all(rings.map((r) => r.close())));
+  const peers: PeerInfo[] = rings.map((r) => ({ rank: r.rank, host: r.host, endpoints: r.endpoints }));
+  await Promise.all(rings.map((r) => r.connect(peers)));
+  return rings;
+}
+
+describe('ring in one process', () => {
+  it('refuses a previous rank that speaks another protocol version, naming it', async () => {
+    const ring = await Ring.create({ rank: 1, worldSize: 2, runId: 'v', timeoutMs: 5000 });
+    cleanup.push(() => ring.close());
+    // The "old" rank 0: a socket for our DEALER to connect to, and a DEALER that says hello.
+    const sink = new zmq.Router({ linger: 0 });
+    await sink.bind('tcp://127.0.0.1:*');
+    const old = new zmq.Dealer({ linger: 0, routingId: 'dtrain:v:0:0' });
+    cleanup.push(() => {
+      sink.close();
+      old.close();
+    });
+    old.connect(ring.endpoints[0]);
+    await old.send(encodeMessage('ringHello', { rank: 0, worldSize: 2, generation: 0, host: 'old-box' }, 'v', 99));
+    const peers: PeerInfo[] = [
+      { rank: 0, host: 'old-box', endpoints: [sink.lastEndpoint!] },
+      { rank: 1, host: ring.host, endpoints: ring.endpoints },
+    ];
+    const err = await ring.connect(peers).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(ProtocolVersionError);
+    expect((err as ProtocolVersionError).code).toBe('E_PROTOCOL_VERSION');
+    expect((err as Error).message).toMatch(/rank 0 on host old-box speaks dtrain protocol version 99, this process speaks 1/);
+  });
+
+  it('strangers sending garbage are rejected and counted; the results stay exact', async () => {
+    const rings = await ringOf(2, { runId: 'g', pieceBytes: 4096 });
+    const strangers = rings.map((r) => {
+      const s = new zmq.Dealer({ linger: 0, sendHighWaterMark: 0 });
+      s.connect(r.endpoints[0]);
+      return s;
+    });
+    cleanup.push(() => strangers.forEach((s) => s.close()));
+    let stop = false;
+    const valid = encodeMessage('ringChunk', { generation: 0, opId: 1, rank: 0, phase: 1, step: 0, chunk: 0, piece: 0, offset: 0, count: 2, dtype: 1 }, 'g');
+    const flood = strangers.map(async (s) => {
+      for (let i = 0; !stop; i++) {
+        const frames = [
+          [randomBytes(i % 300)],
+          [valid, randomBytes(8)], // well-formed, but from an unknown peer
+          [encodeMessage('ringAbort', { generation: 0, failedRank: 1, reason: 'lies' }, 'g')],
+          [randomBytes(3), randomBytes(5), randomBytes(7)],
+        ][i % 4];
+        await s.send(frames);
+        if (i % 50 === 0) await new Promise((r) => setImmediate(r));
+      }
+    });
+    for (let op = 0; op < 5; op++) {
+      const spec = { len: 20_001, seed: 100 + op };
+      const data = rings.map((r) => makeData(spec, r.rank));
+      const ref = ringReference(rings.map((r) => makeData(spec, r.rank)));
+      await Promise.all(rings.map((r, i) => r.allReduce(data[i])));
+      for (const d of data) expect(Buffer.from(d.buffer).equals(Buffer.from(ref.buffer))).toBe(true);
+    }
+    stop = true;
+    await Promise.all(flood);
+    for (const r of rings) {
+      expect(r.error).toBeUndefined();
+      expect(r.stats().rejected['unknown sender']).toBeGreaterThan(0);
+    }
+  });
+
+  it('an all-reduce whose peer never joins it fails after the timeout, naming the peer', async () => {
+    const rings = await ringOf(2, { timeoutMs: 500 });
+    const t0 = Date.now();
+    const err = await rings[0].allReduce(new Float32Array(1000).fill(1)).then(() => undefined, (e: unknown) => e);
+    const elapsed = Date.now() - t0;
+    expect(err).toBeInstanceOf(PeerTimeoutError);
+    expect((err as Error).message).toMatch(new RegExp(`rank 1 on host ${rings[1].host} sent nothing for 500 ms`));
+    expect(elapsed).toBeGreaterThanOrEqual(450);
+    expect(elapsed).toBeLessThan(3000);
+    // A broken ring stays broken: the next call fails at once with the same error.
+    await expect(rings[0].allReduce(new Float32Array(4))).rejects.toBe(err);
+  });
+
+  it('checks its arguments and refuses use after close', async () => {
+    await expect(Ring.create({ rank: 2, worldSize: 2 })).rejects.toBeInstanceOf(RingUsageError);
+    await expect(Ring.create({ rank: 0, worldSize: 0 })).rejects.toBeInstanceOf(RingUsageError);
+    await expect(Ring.create({ rank: 0, worldSize: 1, pieceBytes: 3 })).rejects.toBeInstanceOf(RingUsageError);
+    const [r] = await ringOf(1);
+    const a = new Float32Array([1, 2, 3]);
+    await r.allReduce(a, { average: true });
+    expect(Array.from(a)).toEqual([1, 2, 3]);
+    await r.close();
+    await r.close();
+    await expect(r.allReduce(a)).rejects.toBeInstanceOf(RingUsageError);
+  });
+});

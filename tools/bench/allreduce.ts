@@ -1,0 +1,283 @@
+// pnpm bench allreduce [--world 2,4] [--floats 11200000] [--iters 10] [--warmup 2]
+//                      [--transport ipc,tcp] [--piece-bytes 1048576] [--fp16] [--no-mpi] [--no-kernels]
+//
+// Our ring all-reduce between real processes on this machine, side by side with Open MPI's
+// MPI_Allreduce on the same floats and ranks (default transport, and --mca btl tcp,self), plus
+// the summing kernels on the same number of floats. Every timed call starts after a barrier; its
+// time is the slowest rank's. nccl-tests' definitions: algbw = bytes / time,
+// busbw = algbw * 2(n-1)/n. Results: bench-results/allreduce.json and a table.
+import { execFileSync, fork, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { cpus, hostname, tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, type PeerInfo } from '@dtrain/transport';
+
+const SELF = fileURLToPath(import.meta.url);
+const ROOT = resolve(dirname(SELF), '..', '..');
+
+interface Options {
+  worlds: number[];
+  floats: number;
+  iters: number;
+  warmup: number;
+  transports: ('ipc' | 'tcp')[];
+  pieceBytes: number;
+  fp16: boolean;
+  mpi: boolean;
+  kernels: boolean;
+}
+
+function parse(args: string[]): Options {
+  const o: Options = {
+    worlds: [2, 4], floats: 11_200_000, iters: 10, warmup: 2, transports: ['ipc', 'tcp'],
+    pieceBytes: 1 << 20, fp16: false, mpi: true, kernels: true,
+  };
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    const val = () => {
+      const v = args[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    const int = (v: string, min: number) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < min) throw new Error(`${a} wants an integer >= ${min}, got ${v}`);
+      return n;
+    };
+    if (a === '--world') o.worlds = val().split(',').map((v) => int(v, 1));
+    else if (a === '--floats') o.floats = int(val(), 0);
+    else if (a === '--iters') o.iters = int(val(), 1);
+    else if (a === '--warmup') o.warmup = int(val(), 0);
+    else if (a === '--piece-bytes') o.pieceBytes = int(val(), 64);
+    else if (a === '--transport') {
+      o.transports = val().split(',').map((t) => {
+        if (t !== 'ipc' && t !== 'tcp') throw new Error(`--transport takes ipc and/or tcp, got ${t}`);
+        return t;
+      });
+    } else if (a === '--fp16') o.fp16 = true;
+    else if (a === '--no-mpi') o.mpi = false;
+    else if (a === '--no-kernels') o.kernels = false;
+    else throw new Error(`unknown option ${a} (see the top of tools/bench/allreduce.ts)`);
+  }
+  return o;
+}
+
+interface Stats {
+  meanMs: number;
+  medianMs: number;
+  minMs: number;
+  maxMs: number;
+  stdevMs: number;
+  algbwGBs: number;
+  busbwGBs: number;
+  samplesMs: number[];
+}
+
+function stats(ms: number[], bytes: number, n: number): Stats {
+  const s = [...ms].sort((a, b) => a - b);
+  const mean = ms.reduce((a, b) => a + b, 0) / ms.length;
+  const stdev = Math.sqrt(ms.reduce((a, b) => a + (b - mean) ** 2, 0) / ms.length);
+  const algbw = bytes / (mean / 1e3) / 1e9;
+  return {
+    meanMs: mean, medianMs: s[Math.floor(s.length / 2)], minMs: s[0], maxMs: s[s.length - 1], stdevMs: stdev,
+    algbwGBs: algbw, busbwGBs: n > 1 ? (algbw * 2 * (n - 1)) / n : 0, samplesMs: ms,
+  };
+}
+
+// ---------------------------------------------------------------- summing kernels
+
+function benchKernels(floats: number): Record<string, { medianMs: number; GBs: number }> {
+  const n = Math.max(floats, 1);
+  const a = new Float32Array(n).map(() => Math.random() - 0.5);
+  const b = new Float32Array(n).map(() => Math.random() - 0.5);
+  const out = new Float32Array(n);
+  const kernels: Record<string, (o: Float32Array, x: Float32Array, y: Float32Array) => void> = {
+    'js plain loop': addPlain,
+    'js unrolled x8': addUnrolled,
+    'wasm simd, 4K-float blocks': makeWasmAdd(4096)!,
+    'wasm simd, 16K-float blocks (used)': makeWasmAdd()!,
+    'wasm simd, 64K-float blocks': makeWasmAdd(65536)!,
+  };
+  const res: Record<string, { medianMs: number; GBs: number }> = {};
+  for (const [name, k] of Object.entries(kernels)) {
+    const ts: number[] = [];
+    for (let r = 0; r < 7; r++) {
+      const t = performance.now();
+      k(out, out, b); // in place, as the ring does
+      ts.push(performance.now() - t);
+    }
+    ts.sort((x, y) => x - y);
+    const med = ts[3];
+    res[name] = { medianMs: med, GBs: (3 * 4 * n) / (med / 1e3) / 1e9 };
+    void a;
+  }
+  return res;
+}
+
+// ---------------------------------------------------------------- our all-reduce
+
+interface ChildInit {
+  rank: number;
+  world: number;
+  floats: number;
+  iters: number;
+  warmup: number;
+  transport: 'ipc' | 'tcp';
+  pieceBytes: number;
+  fp16: boolean;
+}
+
+async function child(): Promise<void> {
+  const init = await new Promise<ChildInit>((res) => process.once('message', (m) => res(m as ChildInit)));
+  const ring = await Ring.create({
+    rank: init.rank, worldSize: init.world, timeoutMs: 60_000, pieceBytes: init.pieceBytes,
+    ipc: init.transport === 'ipc', preferIpc: init.transport === 'ipc', runId: 'bench',
+  });
+  process.send!({ endpoints: ring.endpoints });
+  const peers = await new Promise<PeerInfo[]>((res) => process.once('message', (m) => res((m as { peers: PeerInfo[] }).peers)));
+  await ring.connect(peers);
+  const data = new Float32Array(init.floats);
+  for (let i = 0; i < data.length; i++) data[i] = 0.5 + Math.random();
+  const barrier = new Float32Array(init.world);
+  const ms: number[] = [];
+  for (let it = 0; it < init.warmup + init.iters; it++) {
+    await ring.allReduce(barrier);
+    const t0 = performance.now();
+    await ring.allReduce(data, { fp16: init.fp16 });
+    const dt = performance.now() - t0;
+    if (it >= init.warmup) ms.push(dt);
+  }
+  await ring.close();
+  process.send!({ ms });
+  process.disconnect();
+}
+
+async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp'): Promise<number[]> {
+  const kids = Array.from({ length: world }, () =>
+    fork(SELF, ['--child'], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] }),
+  );
+  const endpoints: string[][] = new Array(world);
+  const results: number[][] = new Array(world);
+  let got = 0;
+  const exits = kids.map((k, rank) => new Promise<void>((res, rej) => {
+    k.on('exit', (code) => (code === 0 ? res() : rej(new Error(`bench worker rank ${rank} exited with ${code}`))));
+    k.on('message', (m: { endpoints?: string[]; ms?: number[] }) => {
+      if (m.endpoints !== undefined) {
+        endpoints[rank] = m.endpoints;
+        if (++got === world) {
+          const peers: PeerInfo[] = endpoints.map((e, r) => ({ rank: r, host: hostname(), endpoints: e }));
+          for (const kid of kids) kid.send({ peers });
+        }
+      }
+      if (m.ms !== undefined) results[rank] = m.ms;
+    });
+    k.send({ rank, world, floats: o.floats, iters: o.iters, warmup: o.warmup, transport, pieceBytes: o.pieceBytes, fp16: o.fp16 } satisfies ChildInit);
+  }));
+  try {
+    await Promise.all(exits);
+  } finally {
+    for (const k of kids) if (k.exitCode === null) k.kill('SIGKILL');
+  }
+  // Each call's time is its slowest rank's, as for MPI.
+  return results[0].map((_, i) => Math.max(...results.map((r) => r[i])));
+}
+
+// ---------------------------------------------------------------- Open MPI
+
+function mpiBinary(): string | { missing: string } {
+  const hasMpicc = spawnSync('mpicc', ['--version'], { stdio: 'ignore' }).status === 0;
+  const hasMpirun = spawnSync('mpirun', ['--version'], { stdio: 'ignore' }).status === 0;
+  if (!hasMpicc || !hasMpirun) {
+    return { missing: 'Open MPI not found: install it with `sudo apt-get install -y openmpi-bin libopenmpi-dev` (Debian/Ubuntu) and run again, or pass --no-mpi.' };
+  }
+  const src = join(dirname(SELF), 'allreduce_mpi.c');
+  const dir = join(tmpdir(), 'dtrain-bench');
+  mkdirSync(dir, { recursive: true });
+  const bin = join(dir, 'allreduce_mpi');
+  if (!existsSync(bin) || statSync(bin).mtimeMs < statSync(src).mtimeMs) {
+    execFileSync('mpicc', ['-O2', '-o', `${bin}.tmp`, src], { stdio: 'inherit' });
+    renameSync(`${bin}.tmp`, bin);
+  }
+  return bin;
+}
+
+function runMpi(bin: string, world: number, o: Options, tcp: boolean): number[] {
+  const args = ['--allow-run-as-root', '--oversubscribe', '-np', String(world)];
+  if (tcp) args.push('--mca', 'btl', 'tcp,self');
+  args.push(bin, String(o.floats), String(o.iters), String(o.warmup));
+  const out = execFileSync('mpirun', args, {
+    encoding: 'utf8', env: { ...process.env, OMPI_ALLOW_RUN_AS_ROOT: '1', OMPI_ALLOW_RUN_AS_ROOT_CONFIRM: '1' },
+    stdio: ['ignore', 'pipe', 'inherit'], timeout: 600_000,
+  });
+  const line = out.split('\n').find((l) => l.startsWith('{'));
+  if (line === undefined) throw new Error(`mpirun printed no result:\n${out}`);
+  return (JSON.parse(line) as { ms: number[] }).ms;
+}
+
+// ---------------------------------------------------------------- main
+
+const fmt = (x: number, d = 1) => x.toFixed(d);
+
+export async function main(args: string[]): Promise<void> {
+  if (args[0] === '--child') return child();
+  const o = parse(args);
+  const bytes = o.floats * 4;
+  const result: Record<string, unknown> = {
+    bench: 'allreduce', date: new Date().toISOString(), host: hostname(), cpus: cpus().length,
+    node: process.version, options: o, kernelUsed: addKernelName,
+  };
+  console.log(`all-reduce of ${o.floats} float32 (${(bytes / 1e6).toFixed(1)} MB), ${o.iters} timed calls after ${o.warmup} warm-up, on ${cpus().length} CPUs`);
+
+  if (o.kernels) {
+    const k = benchKernels(o.floats);
+    result.kernels = k;
+    console.log('\nsumming kernel, out = out + b in place (median of 7)');
+    for (const [name, r] of Object.entries(k)) console.log(`  ${name.padEnd(36)} ${fmt(r.medianMs).padStart(7)} ms  ${fmt(r.GBs, 2)} GB/s`);
+  }
+
+  let mpi: string | { missing: string } = { missing: 'skipped (--no-mpi)' };
+  if (o.mpi) mpi = mpiBinary();
+  if (typeof mpi !== 'string') console.log(`\n${mpi.missing}`);
+
+  const rows: Record<string, unknown>[] = [];
+  for (const world of o.worlds) {
+    const row: Record<string, unknown> = { world };
+    for (const t of o.transports) row[`ours_${t}`] = stats(await runOurs(world, o, t), bytes, world);
+    if (typeof mpi === 'string') {
+      row.mpi_default = stats(runMpi(mpi, world, o, false), bytes, world);
+      row.mpi_tcp = stats(runMpi(mpi, world, o, true), bytes, world);
+    }
+    rows.push(row);
+  }
+  result.rows = rows;
+
+  console.log(`\n${'ranks'.padEnd(6)}${'implementation'.padEnd(26)}${'mean ms'.padStart(9)}${'median'.padStart(9)}${'min'.padStart(8)}${'max'.padStart(8)}${'stdev'.padStart(8)}${'algbw GB/s'.padStart(12)}${'busbw GB/s'.padStart(12)}${'ours/MPI dflt'.padStart(15)}${'ours/MPI tcp'.padStart(14)}`);
+  for (const row of rows) {
+    const world = row.world as number;
+    const md = row.mpi_default as Stats | undefined;
+    const mt = row.mpi_tcp as Stats | undefined;
+    for (const [key, label] of [['ours_ipc', 'dtrain ring, ipc://'], ['ours_tcp', 'dtrain ring, tcp://'], ['mpi_default', 'Open MPI default (sm)'], ['mpi_tcp', 'Open MPI btl tcp,self']] as const) {
+      const s = row[key] as Stats | undefined;
+      if (s === undefined) continue;
+      // Ratio of busbw (higher is better for us): ours/MPI > 1 means we are faster.
+      const ratio = (m: Stats | undefined) => (key.startsWith('ours') && m !== undefined ? fmt(s.busbwGBs / m.busbwGBs, 2) : '');
+      console.log(`${String(world).padEnd(6)}${label.padEnd(26)}${fmt(s.meanMs).padStart(9)}${fmt(s.medianMs).padStart(9)}${fmt(s.minMs).padStart(8)}${fmt(s.maxMs).padStart(8)}${fmt(s.stdevMs).padStart(8)}${fmt(s.algbwGBs, 3).padStart(12)}${fmt(s.busbwGBs, 3).padStart(12)}${ratio(md).padStart(15)}${ratio(mt).padStart(14)}`);
+    }
+  }
+  console.log('ratio = busbw(ours) / busbw(MPI): above 1 means ours is faster.');
+
+  const dir = join(ROOT, 'bench-results');
+  mkdirSync(dir, { recursive: true });
+  const file = join(dir, 'allreduce.json');
+  writeFileSync(`${file}.tmp`, JSON.stringify(result, null, 2));
+  renameSync(`${file}.tmp`, file);
+  console.log(`\nwrote ${file}`);
+}
+
+if (process.argv[1] !== undefined && resolve(process.argv[1]) === SELF) {
+  main(process.argv.slice(2)).catch((e: unknown) => {
+    console.error(e instanceof Error ? e.message : e);
+    process.exit(1);
+  });
+}
