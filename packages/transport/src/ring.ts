@@ -47,7 +47,7 @@ export interface RingOptions {
   preferIpc?: boolean;
   /** A collective fails when its previous rank sends nothing for this long (default 30 s). */
   timeoutMs?: number;
-  /** Pipelining granularity: bytes per message on the wire (default 1 MiB). */
+  /** Pipelining granularity: bytes per message on the wire (default 4 MiB). */
   pieceBytes?: number;
 }
 
@@ -77,7 +77,7 @@ export interface RingStats {
 export const IPC_IS_FASTER = true;
 
 const DEFAULT_TIMEOUT_MS = 30_000;
-const DEFAULT_PIECE_BYTES = 1 << 20;
+const DEFAULT_PIECE_BYTES = 4 << 20;
 
 function mod(a: number, n: number): number {
   return ((a % n) + n) % n;

@@ -19,9 +19,9 @@ describe('sum kernels', () => {
   const kernels: [string, AddKernel][] = [['unrolled', addUnrolled], ['addInto', addInto]];
   if (wasm !== undefined) kernels.push(['wasm', wasm], ['wasm small blocks', makeWasmAdd(64)!]);
 
-  it('uses WebAssembly SIMD on Node 20', () => {
+  it('has WebAssembly SIMD on Node 20 (measured against the JS loops in the benchmark)', () => {
     expect(wasm).toBeDefined();
-    expect(addKernelName).toBe('wasm-simd');
+    expect(addKernelName).toBe('js-unrolled');
   });
 
   it('match the plain loop bit for bit, at every length around block edges, aliased or not', () => {
