@@ -11,7 +11,7 @@ import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node
 import { cpus, hostname, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, type PeerInfo } from '@dtrain/transport';
+import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, workerEnv, type PeerInfo } from '@dtrain/transport';
 
 const SELF = fileURLToPath(import.meta.url);
 const ROOT = resolve(dirname(SELF), '..', '..');
@@ -159,9 +159,11 @@ async function child(): Promise<void> {
   process.disconnect();
 }
 
-async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp'): Promise<number[]> {
+async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean): Promise<number[]> {
+  // Workers get the environment a launcher gives them (workerEnv), unless measuring without it.
+  const env = tunedMalloc ? workerEnv() : { ...process.env, GLIBC_TUNABLES: '' };
   const kids = Array.from({ length: world }, () =>
-    fork(SELF, ['--child'], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] }),
+    fork(SELF, ['--child'], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env }),
   );
   const endpoints: string[][] = new Array(world);
   const results: number[][] = new Array(world);
@@ -249,7 +251,8 @@ export async function main(args: string[]): Promise<void> {
   const rows: Record<string, unknown>[] = [];
   for (const world of o.worlds) {
     const row: Record<string, unknown> = { world };
-    for (const t of o.transports) row[`ours_${t}`] = stats(await runOurs(world, o, t), bytes, world);
+    for (const t of o.transports) row[`ours_${t}`] = stats(await runOurs(world, o, t, true), bytes, world);
+    if (o.transports.includes('ipc')) row.ours_ipc_default_malloc = stats(await runOurs(world, o, 'ipc', false), bytes, world);
     if (typeof mpi === 'string') {
       row.mpi_default = stats(runMpi(mpi, world, o, false), bytes, world);
       row.mpi_tcp = stats(runMpi(mpi, world, o, true), bytes, world);
@@ -263,7 +266,10 @@ export async function main(args: string[]): Promise<void> {
     const world = row.world as number;
     const md = row.mpi_default as Stats | undefined;
     const mt = row.mpi_tcp as Stats | undefined;
-    for (const [key, label] of [['ours_ipc', 'dtrain ring, ipc://'], ['ours_tcp', 'dtrain ring, tcp://'], ['mpi_default', 'Open MPI default (sm)'], ['mpi_tcp', 'Open MPI btl tcp,self']] as const) {
+    for (const [key, label] of [
+      ['ours_ipc', 'dtrain ring, ipc://'], ['ours_tcp', 'dtrain ring, tcp://'], ['ours_ipc_default_malloc', 'ring ipc, default malloc'],
+      ['mpi_default', 'Open MPI default (sm)'], ['mpi_tcp', 'Open MPI btl tcp,self'],
+    ] as const) {
       const s = row[key] as Stats | undefined;
       if (s === undefined) continue;
       // Ratio of busbw (higher is better for us): ours/MPI > 1 means we are faster.

@@ -31,3 +31,4 @@ export {
 } from './protocol.js';
 export { addInto, addKernelName, addPlain, addUnrolled, makeWasmAdd, type AddKernel } from './sum.js';
 export { floatToHalf, HALF_TO_FLOAT, encodeHalf, decodeHalf, roundThroughHalf } from './fp16.js';
+export { workerEnv, WORKER_GLIBC_TUNABLES } from './env.js';
