@@ -1,0 +1,186 @@
+import { beforeAll, describe, expect, it } from 'vitest';
+import * as tf from '@tensorflow/tfjs-core';
+import { loadBackend } from '@dtrain/backend';
+import { describeResNet } from './architecture.js';
+import { ResNet, type Batch } from './resnet.js';
+
+beforeAll(async () => {
+  await loadBackend('cpu');
+});
+
+/** Deterministic pseudo-random batch (not all zeros, not learnable). */
+function randomBatch(n: number, size: number, channels: number, classes: number, seed = 1): Batch {
+  let s = seed >>> 0;
+  const rand = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 2 ** 32) * 2 - 1;
+  const images = new Float32Array(n * size * size * channels).map(rand);
+  const labels = Int32Array.from({ length: n }, (_, i) => (i * 7 + seed) % classes);
+  return { images, labels, n };
+}
+
+/** Index of the first differing element, -1 when bitwise equal (vitest's toEqual is too slow for 11M floats). */
+function firstDifference(a: Float32Array, b: Float32Array): number {
+  if (a.length !== b.length) return Math.min(a.length, b.length);
+  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length);
+  const ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  for (let i = 0; i < ua.length; i++) if (ua[i] !== ub[i]) return i;
+  return -1;
+}
+
+describe('architecture', () => {
+  it('counts the trainable parameters PyTorch counts for the tutorial network', () => {
+    // Written out as PyTorch's numel() sums them: conv weights + biases, BN weight + bias, Linear.
+    const conv = (cin: number, cout: number, k: number, bias: boolean) => cin * cout * k * k + (bias ? cout : 0);
+    const bn = (c: number) => 2 * c;
+    const block = (cin: number, cout: number, sc: boolean) =>
+      conv(cin, cout, 3, false) + bn(cout) + conv(cout, cout, 3, false) + bn(cout) + (sc ? conv(cin, cout, 1, true) : 0);
+    const expected = (cin: number) =>
+      conv(cin, 64, 7, true) + bn(64) +
+      block(64, 64, false) * 2 +
+      block(64, 128, true) + block(128, 128, false) +
+      block(128, 256, true) + block(256, 256, false) +
+      block(256, 512, true) + block(512, 512, false) +
+      512 * 10 + 10;
+    expect(describeResNet({ inChannels: 3, classes: 10, imageSize: 96 }).paramCount).toBe(expected(3));
+    expect(expected(3)).toBe(11_180_810);
+    expect(describeResNet({ inChannels: 1, classes: 10, imageSize: 28 }).paramCount).toBe(expected(1));
+    // BN running statistics: mean and variance for each of the 17 BatchNorms.
+    expect(describeResNet({ inChannels: 3, classes: 10, imageSize: 96 }).bnStatCount).toBe(2 * (64 + 4 * 64 + 4 * 128 + 4 * 256 + 4 * 512));
+  });
+
+  it('has the tutorial’s output shapes at 96x96 (final map 3x3)', () => {
+    const a = describeResNet({ inChannels: 3, classes: 10, imageSize: 96 });
+    const shape = (name: string) => a.layers.find((l) => l.name === name)!.outputShape;
+    expect(shape('stem.conv')).toEqual([45, 45, 64]);
+    expect(shape('stem.pool')).toEqual([23, 23, 64]);
+    expect(shape('stage2.block1.conv1')).toEqual([12, 12, 128]);
+    expect(shape('stage3.block1.conv1')).toEqual([6, 6, 256]);
+    expect(shape('stage4.block2.conv2')).toEqual([3, 3, 512]);
+    expect(shape('head.fc')).toEqual([10]);
+    // Offsets tile the flat vector exactly.
+    let off = 0;
+    for (const p of a.params) {
+      expect(p.offset).toBe(off);
+      off += p.size;
+    }
+    expect(off).toBe(a.paramCount);
+  });
+
+  it('rejects impossible configurations with a clear message', () => {
+    expect(() => describeResNet({ inChannels: 3, classes: 10, imageSize: 5 })).toThrow(/imageSize/);
+    expect(() => describeResNet({ inChannels: 0, classes: 10, imageSize: 32 })).toThrow(/inChannels/);
+  });
+});
+
+describe('ResNet', () => {
+  it('initialises like the tutorial: Xavier-uniform weights, zero biases, BN gamma 1 / beta 0, seeded', () => {
+    const m = new ResNet({ inChannels: 3, classes: 10, imageSize: 32 }, { seed: 7 });
+    const w = m.getWeights();
+    for (const p of m.arch.params) {
+      const v = w.subarray(p.offset, p.offset + p.size);
+      if (p.init === 'zeros') expect(v.every((x) => x === 0)).toBe(true);
+      if (p.init === 'ones') expect(v.every((x) => x === 1)).toBe(true);
+      if (p.init === 'xavier-uniform') {
+        const limit = Math.sqrt(6 / (p.fanIn! + p.fanOut!));
+        let max = 0;
+        for (const x of v) max = Math.max(max, Math.abs(x));
+        expect(max).toBeLessThanOrEqual(limit);
+        expect(max).toBeGreaterThan(0.9 * limit); // really spread over the range
+      }
+    }
+    const again = new ResNet({ inChannels: 3, classes: 10, imageSize: 32 }, { seed: 7 });
+    expect(firstDifference(again.getWeights(), w)).toBe(-1);
+    const other = new ResNet({ inChannels: 3, classes: 10, imageSize: 32 }, { seed: 8 });
+    expect(firstDifference(other.getWeights(), w)).not.toBe(-1);
+    [m, again, other].forEach((x) => x.dispose());
+  });
+
+  it('computes the same flat gradients as TensorFlow’s built-in convolution gradients', () => {
+    const cfg = { inChannels: 3, classes: 10, imageSize: 32 };
+    const fast = new ResNet(cfg, { seed: 3 });
+    const ref = new ResNet(cfg, { seed: 3, builtinConvGradients: true });
+    const batch = randomBatch(4, 32, 3, 10);
+    const a = fast.computeGradients(batch);
+    const b = ref.computeGradients(batch);
+    expect(a.loss).toBeCloseTo(b.loss, 5);
+    let maxDiff = 0;
+    let maxRef = 0;
+    for (let i = 0; i < a.grads.length; i++) {
+      maxDiff = Math.max(maxDiff, Math.abs(a.grads[i] - b.grads[i]));
+      maxRef = Math.max(maxRef, Math.abs(b.grads[i]));
+    }
+    expect(maxRef).toBeGreaterThan(0);
+    expect(maxDiff / maxRef).toBeLessThan(1e-4);
+    fast.dispose();
+    ref.dispose();
+  });
+
+  it('keeps the number of live tensors constant over 20 training steps', () => {
+    const m = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 }, { sgd: { lr: 0.01, momentum: 0.9, weightDecay: 5e-4 } });
+    const batch = randomBatch(4, 16, 1, 10);
+    const grads = new Float32Array(m.paramCount);
+    m.computeGradients(batch, grads);
+    m.applyGradients(grads);
+    m.evaluate(batch);
+    const before = tf.memory().numTensors;
+    for (let i = 0; i < 20; i++) {
+      m.computeGradients(batch, grads);
+      m.applyGradients(grads);
+      m.evaluate(batch);
+      m.getWeights();
+      m.getBatchNormStats();
+    }
+    expect(tf.memory().numTensors).toBe(before);
+    m.dispose();
+  });
+
+  it('learns: the loss on a fixed batch falls when trained on it', () => {
+    const m = new ResNet({ inChannels: 1, classes: 4, imageSize: 16 }, { seed: 1, sgd: { lr: 0.05 } });
+    const batch = randomBatch(16, 16, 1, 4, 5);
+    const first = m.computeGradients(batch).loss;
+    let last = first;
+    for (let i = 0; i < 15; i++) {
+      const r = m.computeGradients(batch);
+      m.applyGradients(r.grads);
+      last = r.loss;
+    }
+    expect(last).toBeLessThan(first * 0.5);
+    m.dispose();
+  });
+
+  it('updates BatchNorm running statistics as PyTorch does (momentum 0.1, unbiased variance)', () => {
+    const m = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 });
+    const batch = randomBatch(4, 16, 1, 10);
+    const before = m.getBatchNormStats();
+    m.computeGradients(batch);
+    const after = m.getBatchNormStats();
+    // Stem conv output with zero bias: compute its per-channel batch mean/variance directly.
+    const stats = tf.tidy(() => {
+      const x = tf.tensor4d(batch.images, [4, 16, 16, 1]);
+      const w = tf.tensor(m.getWeights().subarray(0, 7 * 7 * 64), [7, 7, 1, 64]) as tf.Tensor4D;
+      const y = tf.conv2d(x, w, 2, 'valid');
+      const { mean, variance } = tf.moments(y, [0, 1, 2]);
+      const n = y.size / 64;
+      return { mean: mean.dataSync(), variance: Float32Array.from(variance.dataSync(), (v) => (v * n) / (n - 1)) };
+    });
+    for (let c = 0; c < 64; c += 9) {
+      expect(after[c]).toBeCloseTo(0.9 * before[c] + 0.1 * stats.mean[c], 5);
+      expect(after[64 + c]).toBeCloseTo(0.9 * before[64 + c] + 0.1 * stats.variance[c], 4);
+    }
+    m.dispose();
+  });
+
+  it('round-trips weights and BN statistics as flat vectors, and checks their length', () => {
+    const a = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 }, { seed: 1 });
+    const b = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 }, { seed: 2 });
+    a.computeGradients(randomBatch(4, 16, 1, 10));
+    b.setWeights(a.getWeights());
+    b.setBatchNormStats(a.getBatchNormStats());
+    expect(firstDifference(b.getWeights(), a.getWeights())).toBe(-1);
+    const batch = randomBatch(4, 16, 1, 10, 9);
+    expect(b.evaluate(batch)).toEqual(a.evaluate(batch));
+    expect(() => b.setWeights(new Float32Array(3))).toThrow(/expected \d+ floats/);
+    expect(() => a.computeGradients({ ...batch, n: 5 })).toThrow(/expected 5 images/);
+    a.dispose();
+    b.dispose();
+  });
+});

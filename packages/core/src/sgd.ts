@@ -1,0 +1,84 @@
+// SGD with PyTorch's semantics (torch.optim.SGD, dampening 0, no Nesterov):
+//   g = grad + weight_decay * p
+//   buf = momentum * buf + g        (buf = g on the first step)
+//   p = p - lr * buf                (p = p - lr * g when momentum is 0)
+// Weight decay applies to every parameter, BatchNorm and biases included, as PyTorch's
+// default does. State (the momentum buffers) reads and writes as one flat vector.
+
+import * as tf from '@tensorflow/tfjs-core';
+import { readFlat } from './flat.js';
+
+export interface SgdOptions {
+  lr: number;
+  momentum?: number;
+  weightDecay?: number;
+}
+
+export class Sgd {
+  lr: number;
+  readonly momentum: number;
+  readonly weightDecay: number;
+  private readonly buffers: tf.Variable[] | undefined;
+  /** Steps taken; 0 means the momentum buffers are still empty. */
+  steps = 0;
+
+  constructor(
+    private readonly params: tf.Variable[],
+    options: SgdOptions,
+  ) {
+    for (const [k, v] of Object.entries(options)) {
+      if (v !== undefined && !(Number.isFinite(v) && v >= 0)) throw new RangeError(`SGD: ${k} must be a non-negative number, got ${v}`);
+    }
+    this.lr = options.lr;
+    this.momentum = options.momentum ?? 0;
+    this.weightDecay = options.weightDecay ?? 0;
+    this.buffers = this.momentum > 0 ? params.map((p) => tf.variable(tf.zerosLike(p), false)) : undefined;
+  }
+
+  get stateSize(): number {
+    return this.buffers ? this.params.reduce((a, p) => a + p.size, 0) : 0;
+  }
+
+  /** Applies one update with the flat gradient vector (parameter order of the constructor). */
+  step(flatGrads: Float32Array): void {
+    tf.tidy(() => {
+      const grads = tf.split(tf.tensor1d(flatGrads), this.params.map((p) => p.size));
+      this.params.forEach((p, i) => {
+        let g: tf.Tensor = tf.reshape(grads[i], p.shape);
+        if (this.weightDecay > 0) g = tf.add(g, tf.mul(p, this.weightDecay));
+        if (this.buffers) {
+          const buf = this.buffers[i];
+          const next = this.steps === 0 ? g : tf.add(tf.mul(buf, this.momentum), g);
+          buf.assign(next);
+          g = buf;
+        }
+        p.assign(tf.sub(p, tf.mul(g, this.lr)));
+      });
+    });
+    this.steps++;
+  }
+
+  /** Momentum buffers as one flat vector (empty without momentum). */
+  getState(): { steps: number; buffers: Float32Array } {
+    if (!this.buffers) return { steps: this.steps, buffers: new Float32Array(0) };
+    return { steps: this.steps, buffers: readFlat(this.buffers) };
+  }
+
+  setState(state: { steps: number; buffers: Float32Array }): void {
+    if (state.buffers.length !== this.stateSize) {
+      throw new RangeError(`SGD state: expected ${this.stateSize} floats of momentum buffers, got ${state.buffers.length}`);
+    }
+    if (this.buffers) {
+      const bufs = this.buffers;
+      tf.tidy(() => {
+        const parts = tf.split(tf.tensor1d(state.buffers), bufs.map((b) => b.size));
+        bufs.forEach((b, i) => b.assign(tf.reshape(parts[i], b.shape)));
+      });
+    }
+    this.steps = state.steps;
+  }
+
+  dispose(): void {
+    if (this.buffers) tf.dispose(this.buffers);
+  }
+}
