@@ -3,7 +3,7 @@
 import { randomBytes } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as zmq from 'zeromq';
-import { PeerTimeoutError, ProtocolVersionError, RingUsageError } from './errors.js';
+import { PeerTimeoutError, ProtocolVersionError, RingSetupError, RingUsageError } from './errors.js';
 import { encodeMessage } from './protocol.js';
 import { Ring, type PeerInfo } from './ring.js';
 import { makeData, ringReference } from './testing/data.js';
@@ -43,6 +43,23 @@ describe('ring in one process', () => {
     expect(err).toBeInstanceOf(ProtocolVersionError);
     expect((err as ProtocolVersionError).code).toBe('E_PROTOCOL_VERSION');
     expect((err as Error).message).toMatch(/rank 0 on host old-box speaks dtrain protocol version 99, this process speaks 1/);
+  });
+
+  it('a next rank that cannot be reached fails the setup, naming host and endpoint', async () => {
+    const ring = await Ring.create({ rank: 0, worldSize: 2, runId: 'u', timeoutMs: 600 });
+    cleanup.push(() => ring.close());
+    // Rank 1 says hello to us, but advertises an endpoint where nothing listens.
+    const one = new zmq.Dealer({ linger: 0, routingId: 'dtrain:u:0:1' });
+    cleanup.push(() => one.close());
+    one.connect(ring.endpoints[0]);
+    await one.send(encodeMessage('ringHello', { rank: 1, worldSize: 2, generation: 0, host: 'far' }, 'u'));
+    const peers: PeerInfo[] = [
+      { rank: 0, host: ring.host, endpoints: ring.endpoints },
+      { rank: 1, host: 'far', endpoints: ['tcp://127.0.0.1:1'] },
+    ];
+    const err = await ring.connect(peers).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(RingSetupError);
+    expect((err as Error).message).toMatch(/could not reach rank 1 on host far at tcp:\/\/127\.0\.0\.1:1 within 600 ms/);
   });
 
   it('strangers sending garbage are rejected and counted; the results stay exact', async () => {

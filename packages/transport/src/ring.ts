@@ -165,9 +165,19 @@ export class Ring {
     this.router = router;
     this.endpoints = endpoints;
     this.ipcPath = ipcPath;
-    // Watch connections from the start, so the count of live inbound connections is exact.
+    // Count inbound connections from the start, so the count is exact.
     router.events.on('accept', () => {
       this.liveInbound++;
+    });
+    router.events.on('disconnect', () => {
+      this.liveInbound = Math.max(0, this.liveInbound - 1);
+      if (this.liveInbound > 0) return;
+      // Only the previous rank should be connected here; a stranger who connects and leaves
+      // while it is still connected leaves the count >= 1 and changes nothing.
+      if (this.closing) this.onPrevGone?.();
+      else if (this.prevSeen) {
+        this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
+      }
     });
   }
 
@@ -246,15 +256,6 @@ export class Ring {
     if (n === 1) return;
 
     this.prevIdentity = this.identity(this.prev.rank);
-    this.router.events.on('disconnect', () => {
-      this.liveInbound = Math.max(0, this.liveInbound - 1);
-      // Only the previous rank should be connected here; a stranger who connects and leaves
-      // while it is still connected leaves the count >= 1 and changes nothing.
-      if (this.liveInbound === 0 && this.closing) this.onPrevGone?.();
-      if (this.prevSeen && this.liveInbound === 0 && !this.closing) {
-        this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
-      }
-    });
 
     const next = this.next;
     const endpoint = this.pickEndpoint(next);
@@ -285,13 +286,42 @@ export class Ring {
       encodeMessage('ringHello', { rank: this.rank, worldSize: n, generation: this.generation, host: this.host }, this.runId),
     ]);
 
+    // Both links must work: the previous rank's RingHello arrives on our ROUTER (we answer it on
+    // the same connection), and the next rank answers ours on our DEALER.
+    const nextAnswered = this.awaitHelloAnswer(dealer, next, endpoint);
+    nextAnswered.catch(() => undefined);
     const during = 'ring setup (waiting for its RingHello)';
-    for (;;) {
-      const msg = await this.receiveValid(during, (m) => this.setupCheck(m));
-      if (msg.kind === 'ringHello') break;
-    }
+    const hello = await this.receiveValid(during, (m) => this.setupCheck(m));
     this.prevSeen = true;
+    await this.router.send([
+      hello.frames[0],
+      encodeMessage('ringHello', { rank: this.rank, worldSize: n, generation: this.generation, host: this.host }, this.runId),
+    ]);
+    await nextAnswered;
     await this.flushSends();
+  }
+
+  private async awaitHelloAnswer(dealer: zmq.Dealer, next: PeerInfo, endpoint: string): Promise<void> {
+    const deadline = Date.now() + this.timeoutMs;
+    for (;;) {
+      let frames: Buffer[];
+      try {
+        frames = await dealer.receive();
+      } catch (e) {
+        if ((e as { code?: string }).code === 'EAGAIN' && Date.now() < deadline) continue; // stale loop time
+        const err = new RingSetupError(
+          `rank ${this.rank} on host ${this.host} could not reach rank ${next.rank} on host ${next.host} at ${endpoint} ` +
+            `within ${this.timeoutMs} ms: check that this port is open between the two machines, that the address ` +
+            `is right, and that rank ${next.rank} is running.`,
+        );
+        this.fail(err, false);
+        throw err;
+      }
+      const d = decodeMessage(frames[0]);
+      if (d.ok && d.message.kind === 'ringHello' && d.message.protocolVersion === PROTOCOL_VERSION &&
+          ((d.message.body as dtrain.RingHello.$Properties).rank ?? 0) === next.rank) return;
+      this.reject(d.ok ? `unexpected ${d.message.kind} from next rank` : d.reason);
+    }
   }
 
   private pickEndpoint(peer: PeerInfo): string | undefined {
