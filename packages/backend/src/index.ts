@@ -112,3 +112,24 @@ export async function loadBackend(kind: BackendKind = 'cpu'): Promise<LoadedBack
   };
   return loaded;
 }
+
+/**
+ * Measured float32 matmul throughput of the loaded backend, in GFLOP/s (2*n^3 FLOPs per
+ * n x n product): the ceiling that `dtrain doctor` and the train-step benchmark compare with.
+ */
+export function measureMatmulGflops(tf: Tf, n = 1024, reps = 10): number {
+  const a = tf.randomNormal([n, n]);
+  const b = tf.randomNormal([n, n]);
+  const once = () => {
+    const c = tf.matMul(a, b);
+    c.dataSync();
+    c.dispose();
+  };
+  once(); // warm-up: uploads the inputs, picks kernels
+  once();
+  const t0 = performance.now();
+  for (let i = 0; i < reps; i++) once();
+  const seconds = (performance.now() - t0) / 1000;
+  tf.dispose([a, b]);
+  return (2 * n ** 3 * reps) / seconds / 1e9;
+}

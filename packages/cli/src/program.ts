@@ -1,9 +1,15 @@
 import { Command } from '@commander-js/extra-typings';
+import { registerData } from './commands/data.js';
+import { registerDoctor } from './commands/doctor.js';
+import { registerModel } from './commands/model.js';
 
 export function buildProgram() {
   const program = new Command()
     .name('dtrain')
     .description('Data-parallel ResNet training on CIFAR-10 and Fashion-MNIST, across GPUs and machines.')
     .showHelpAfterError('(run with --help for usage)');
+  registerDoctor(program);
+  registerData(program);
+  registerModel(program);
   return program;
 }

@@ -93,13 +93,22 @@ function convOut(size: number, k: number, stride: number, pad: number): number {
   return Math.floor((size + 2 * pad - k) / stride) + 1;
 }
 
+/** A network configuration that cannot be built (names the field and the value). */
+export class ModelConfigError extends RangeError {
+  readonly code = 'INVALID_MODEL_CONFIG' as const;
+  constructor(message: string) {
+    super(message);
+    this.name = 'ModelConfigError';
+  }
+}
+
 export function validateConfig(c: ResNetConfig): void {
   for (const [k, v] of Object.entries(c)) {
-    if (!Number.isInteger(v) || v <= 0) throw new RangeError(`ResNet config: ${k} must be a positive integer, got ${v}`);
+    if (!Number.isInteger(v) || v <= 0) throw new ModelConfigError(`ResNet config: ${k} must be a positive integer, got ${v}`);
   }
-  if (c.classes < 2) throw new RangeError(`ResNet config: classes must be at least 2, got ${c.classes}`);
+  if (c.classes < 2) throw new ModelConfigError(`ResNet config: classes must be at least 2, got ${c.classes}`);
   // The stem (7x7/2, no padding) then three stride-2 stages need at least 7 pixels.
-  if (c.imageSize < 7) throw new RangeError(`ResNet config: imageSize must be at least 7, got ${c.imageSize}`);
+  if (c.imageSize < 7) throw new ModelConfigError(`ResNet config: imageSize must be at least 7, got ${c.imageSize}`);
 }
 
 export function describeResNet(config: ResNetConfig): Architecture {
@@ -142,7 +151,7 @@ export function describeResNet(config: ResNetConfig): Architecture {
   const stem = conv('stem.conv', config.inChannels, 64, 7, 2, 0, true, size);
   const stemConv = stem.spec;
   size = stem.out;
-  if (size < 1) throw new RangeError(`ResNet config: imageSize ${config.imageSize} is too small for the 7x7 stem`);
+  if (size < 1) throw new ModelConfigError(`ResNet config: imageSize ${config.imageSize} is too small for the 7x7 stem`);
   const stemBn = bn('stem.bn', 64, STEM_BN_EPS, size);
   const pooled = convOut(size, 3, 2, 1);
   layers.push({ name: 'stem.pool', type: 'MaxPool 3x3/2 pad 1', outputShape: [pooled, pooled, 64], params: 0, flops: 9 * pooled * pooled * 64 });

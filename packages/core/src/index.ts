@@ -1,4 +1,4 @@
-export { describeResNet, validateConfig, TUTORIAL_CONFIG } from './architecture.js';
+export { describeResNet, validateConfig, ModelConfigError, TUTORIAL_CONFIG } from './architecture.js';
 export type { Architecture, ParamSpec, LayerSummary, ResNetConfig } from './architecture.js';
 export { ResNet, BN_MOMENTUM } from './resnet.js';
 export type { Batch, StepResult, ResNetOptions } from './resnet.js';

