@@ -135,13 +135,15 @@ describe('a peer that dies or hangs', () => {
   });
 
   it('SIGSTOP mid all-reduce: the others fail within the timeout, naming the stopped rank', async () => {
+    // A stopped process answers no ZMTP heartbeat: its neighbours drop it after timeout/2 and
+    // name it, before anyone's receive timeout could blame a healthy rank.
     const timeoutMs = 4000;
     const { results, elapsed } = await faultRun('SIGSTOP', timeoutMs);
-    expect(elapsed).toBeLessThan(timeoutMs + 2000);
+    expect(elapsed).toBeLessThan(timeoutMs);
     for (const m of results) {
       expect(m.type).toBe('error');
       const e = m as Failed;
-      expect(['E_PEER_LOST', 'E_PEER_TIMEOUT']).toContain(e.code);
+      expect(e.code).toBe('E_PEER_LOST');
       expect(e.message).toMatch(/rank 1 on host \S+/);
     }
   });

@@ -79,6 +79,19 @@ export const IPC_IS_FASTER = true;
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_PIECE_BYTES = 4 << 20;
 
+/**
+ * ZMTP heartbeats: ZeroMQ's I/O thread answers them even while JavaScript is busy, so they tell a
+ * dead, stopped or cut-off peer (no answer) from a slow one. Declaring the link dead after half
+ * the collective timeout lets the neighbours of a stopped rank name it before any other rank's
+ * receive timeout fires and blames its own (healthy but starved) neighbour.
+ */
+function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTimeout: number } {
+  return {
+    heartbeatInterval: Math.max(1, Math.min(1000, Math.ceil(timeoutMs / 8))),
+    heartbeatTimeout: Math.max(1, Math.ceil(timeoutMs / 2)),
+  };
+}
+
 function mod(a: number, n: number): number {
   return ((a % n) + n) % n;
 }
@@ -200,8 +213,7 @@ export class Ring {
       linger: 0,
       receiveHighWaterMark: 0, // bounded by the op's size; a full queue would stall the ring
       sendTimeout: timeoutMs,
-      heartbeatInterval: Math.min(1000, Math.ceil(timeoutMs / 3)),
-      heartbeatTimeout: timeoutMs,
+      ...heartbeats(timeoutMs),
     });
     const listen = opts.listen ?? '127.0.0.1';
     const endpoints: string[] = [];
@@ -268,8 +280,7 @@ export class Ring {
       sendHighWaterMark: 0,
       sendTimeout: this.timeoutMs,
       receiveTimeout: this.timeoutMs,
-      heartbeatInterval: Math.min(1000, Math.ceil(this.timeoutMs / 3)),
-      heartbeatTimeout: this.timeoutMs,
+      ...heartbeats(this.timeoutMs),
     });
     this.dealer = dealer;
     let nextConnected = false;
