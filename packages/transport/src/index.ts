@@ -32,3 +32,12 @@ export {
 export { addInto, addKernelName, addPlain, addUnrolled, makeWasmAdd, type AddKernel } from './sum.js';
 export { floatToHalf, HALF_TO_FLOAT, encodeHalf, decodeHalf, roundThroughHalf } from './fp16.js';
 export { workerEnv, WORKER_GLIBC_TUNABLES } from './env.js';
+export {
+  ControlServer,
+  ControlClient,
+  ControlTimeoutError,
+  ControlLostError,
+  type ControlEnvelope,
+  type ControlServerOptions,
+  type ControlClientOptions,
+} from './control.js';

@@ -1,0 +1,231 @@
+// The control channel between the coordinator and its workers: one ROUTER socket on the
+// coordinator (MASTER_ADDR:MASTER_PORT), one DEALER per worker. Small protobuf messages only
+// (Hello, Welcome, Error, Heartbeat, StepReport, Command); gradients never travel here.
+import * as zmq from 'zeromq';
+import { RingSetupError, TransportError } from './errors.js';
+import { countRejected, decodeMessage, encodeMessage, PROTOCOL_VERSION, type Bodies, type BodyKind, type Message } from './protocol.js';
+
+/** A wait on the control channel ran past its timeout (coordinator unreachable, workers missing). */
+export class ControlTimeoutError extends TransportError {
+  readonly code = 'E_CONTROL_TIMEOUT' as const;
+}
+
+/** The other end of a control connection went away (process died, link down). */
+export class ControlLostError extends TransportError {
+  readonly code = 'E_CONTROL_LOST' as const;
+}
+
+function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTimeout: number } {
+  return {
+    heartbeatInterval: Math.max(1, Math.min(1000, Math.ceil(timeoutMs / 8))),
+    heartbeatTimeout: Math.max(1, Math.ceil(timeoutMs / 2)),
+  };
+}
+
+/** One message from a worker, with the routing id to answer it on. */
+export interface ControlEnvelope {
+  peer: Buffer;
+  message: Message;
+}
+
+export interface ControlServerOptions {
+  /** Address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces). */
+  listen?: string;
+  /** TCP port (default 0: any free port). */
+  port?: number;
+  runId?: string;
+  /** Liveness of each connection (ZMTP heartbeats) and send timeout (default 30 s). */
+  timeoutMs?: number;
+}
+
+/**
+ * The coordinator's end. Every received frame is decoded and verified; garbage is dropped and
+ * counted, a Hello of another protocol version is answered with Error{PROTOCOL_VERSION}.
+ */
+export class ControlServer {
+  readonly endpoint: string;
+  readonly port: number;
+  readonly runId: string;
+  private readonly router: zmq.Router;
+  private handler: ((e: ControlEnvelope) => void) | undefined;
+  private backlog: ControlEnvelope[] = [];
+  private sendChain: Promise<void> = Promise.resolve();
+  private closed = false;
+
+  private constructor(router: zmq.Router, endpoint: string, runId: string) {
+    this.router = router;
+    this.endpoint = endpoint;
+    this.port = Number(endpoint.slice(endpoint.lastIndexOf(':') + 1));
+    this.runId = runId;
+    void this.loop();
+  }
+
+  static async bind(opts: ControlServerOptions = {}): Promise<ControlServer> {
+    const timeoutMs = opts.timeoutMs ?? 30_000;
+    const router = new zmq.Router({ linger: 0, sendTimeout: timeoutMs, ...heartbeats(timeoutMs) });
+    const address = `tcp://${opts.listen ?? '127.0.0.1'}:${opts.port ?? 0}`;
+    try {
+      await router.bind(address);
+    } catch (e) {
+      router.close();
+      throw new RingSetupError(
+        `the coordinator could not listen on ${address} (${(e as Error).message}): choose another --port or address`,
+      );
+    }
+    return new ControlServer(router, router.lastEndpoint ?? address, opts.runId ?? '');
+  }
+
+  /** Messages received before a handler was set are delivered to it at once, in order. */
+  onMessage(handler: (e: ControlEnvelope) => void): void {
+    this.handler = handler;
+    const queued = this.backlog;
+    this.backlog = [];
+    for (const e of queued) handler(e);
+  }
+
+  private async loop(): Promise<void> {
+    for (;;) {
+      let frames: Buffer[];
+      try {
+        frames = await this.router.receive();
+      } catch {
+        if (this.closed) return;
+        continue;
+      }
+      const [peer, frame0] = frames;
+      const r = decodeMessage(frame0);
+      if (!r.ok || peer === undefined) continue;
+      const m = r.message;
+      if (m.protocolVersion !== PROTOCOL_VERSION) {
+        if (m.kind === 'hello') {
+          this.send(peer, 'error', {
+            code: 1, // PROTOCOL_VERSION
+            message: `this coordinator speaks dtrain protocol version ${PROTOCOL_VERSION}, the worker ${m.protocolVersion}: run the same dtrain version on every machine`,
+            rank: -1,
+          }).catch(() => undefined);
+        }
+        countRejected('protocol version');
+        continue;
+      }
+      if (m.kind !== 'hello' && this.runId !== '' && m.runId !== this.runId) {
+        countRejected('foreign run');
+        continue;
+      }
+      const e = { peer, message: m };
+      if (this.handler) this.handler(e);
+      else this.backlog.push(e);
+    }
+  }
+
+  /** Sends one message to one worker (sends are queued: zeromq allows one at a time). */
+  send<K extends BodyKind>(peer: Buffer, kind: K, body: Bodies[K]): Promise<void> {
+    const frames = [peer, encodeMessage(kind, body, this.runId)];
+    const p = this.sendChain.then(() => this.router.send(frames));
+    this.sendChain = p.catch(() => undefined);
+    return p;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.sendChain;
+    this.router.close();
+  }
+}
+
+export interface ControlClientOptions {
+  /** How long `receive` waits by default, and the liveness timeout of the connection (default 30 s). */
+  timeoutMs?: number;
+  runId?: string;
+  /** Used in error messages: who is connecting (e.g. "rank 1 on host a"). */
+  who?: string;
+}
+
+/** A worker's end: connects to the coordinator's control socket. */
+export class ControlClient {
+  readonly endpoint: string;
+  runId: string;
+  private readonly dealer: zmq.Dealer;
+  private readonly timeoutMs: number;
+  private readonly who: string;
+  private sendChain: Promise<void> = Promise.resolve();
+  private connected = false;
+  private closed = false;
+  private lostHandler: ((e: ControlLostError) => void) | undefined;
+
+  constructor(endpoint: string, opts: ControlClientOptions = {}) {
+    this.endpoint = endpoint;
+    this.timeoutMs = opts.timeoutMs ?? 30_000;
+    this.runId = opts.runId ?? '';
+    this.who = opts.who ?? 'this worker';
+    this.dealer = new zmq.Dealer({ linger: 0, sendTimeout: this.timeoutMs, sendHighWaterMark: 0, ...heartbeats(this.timeoutMs) });
+    this.dealer.events.on('connect', () => {
+      this.connected = true;
+    });
+    this.dealer.events.on('disconnect', () => {
+      if (this.connected && !this.closed) {
+        this.lostHandler?.(new ControlLostError(`${this.who} lost its connection to the coordinator at ${this.endpoint}: the coordinator exited or the network is down`));
+      }
+    });
+    this.dealer.connect(endpoint);
+  }
+
+  /** Called once when an established connection drops (the coordinator died or is unreachable). */
+  onLost(handler: (e: ControlLostError) => void): void {
+    this.lostHandler = handler;
+  }
+
+  send<K extends BodyKind>(kind: K, body: Bodies[K]): Promise<void> {
+    const frame = encodeMessage(kind, body, this.runId);
+    const p = this.sendChain.then(() => this.dealer.send(frame));
+    this.sendChain = p.catch(() => undefined);
+    return p;
+  }
+
+  /**
+   * The next valid message, or ControlTimeoutError after `timeoutMs` naming `during`. Garbage and
+   * messages of another run or protocol version are dropped (and counted) without ending the wait.
+   */
+  async receive(during: string, timeoutMs = this.timeoutMs): Promise<Message> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const left = deadline - Date.now();
+      if (left <= 0) break;
+      this.dealer.receiveTimeout = Math.max(1, left);
+      let frames: Buffer[];
+      try {
+        frames = await this.dealer.receive();
+      } catch (e) {
+        if ((e as { code?: string }).code === 'EAGAIN') continue;
+        throw new ControlLostError(`${this.who}: control connection to ${this.endpoint} failed during ${during}: ${(e as Error).message}`);
+      }
+      const r = decodeMessage(frames[0]);
+      if (!r.ok) continue;
+      const m = r.message;
+      if (m.protocolVersion !== PROTOCOL_VERSION && m.kind !== 'error') {
+        countRejected('protocol version');
+        continue;
+      }
+      if (this.runId !== '' && m.runId !== this.runId && m.kind !== 'error') {
+        countRejected('foreign run');
+        continue;
+      }
+      return m;
+    }
+    throw new ControlTimeoutError(
+      `${this.who} heard nothing from the coordinator at ${this.endpoint} for ${timeoutMs} ms during ${during}: ` +
+        `check MASTER_ADDR/MASTER_PORT, that the coordinator is running and that the port is open` +
+        (this.connected ? ' (the connection itself was up: the coordinator is waiting for something else)' : ' (no connection was made)'),
+    );
+  }
+
+  /** Waits until queued sends are handed to ZeroMQ, then closes (linger 0 after a short grace). */
+  async close(graceMs = 200): Promise<void> {
+    if (this.closed) return;
+    await this.sendChain;
+    // linger 0 drops unsent frames: give the I/O thread a moment to write the last report.
+    this.dealer.linger = graceMs;
+    this.closed = true;
+    this.dealer.close();
+  }
+}
