@@ -1,1 +1,2 @@
-export {};
+export { TrainingMetrics, startMetricsServer, MetricsPortError } from './metrics.js';
+export type { WorkerStepReport, EpochReport, PhaseSeconds, BuildInfo, MetricsServer } from './metrics.js';
