@@ -1,1 +1,35 @@
-export {};
+export { Trainer, AUGMENT_STREAM, AUGMENT_CROP_PADDING, layoutHash, readMetrics } from './trainer.js';
+export type { TrainData, TrainerOptions, TrainerHooks, TrainResult, PhaseTimes, StepInfo, StepMetrics, EpochMetrics, Summary, StartInfo } from './trainer.js';
+export { runTraining, loadTrainData, defaultRunDir } from './run.js';
+export type { RunTrainingOptions, RunTrainingResult } from './run.js';
+export { SingleProcess, createInProcessGroup } from './collective.js';
+export type { Collective } from './collective.js';
+export {
+  resolveSettings,
+  resumeSettings,
+  validateSettings,
+  DEFAULTS,
+  TUTORIAL_PRESET,
+  PRESETS,
+  NATIVE_IMAGE_SIZE,
+  TRAJECTORY_SETTINGS,
+} from './settings.js';
+export type { TrainSettings, TrainSettingsInput, PresetName, BackendKind } from './settings.js';
+export {
+  readCheckpoint,
+  readLatestCheckpoint,
+  writeCheckpoint,
+  listCheckpoints,
+  encodeCheckpoint,
+  decodeCheckpoint,
+  checkpointFileName,
+  CHECKPOINT_MAGIC,
+  CHECKPOINT_VERSION,
+} from './checkpoint.js';
+export type { Checkpoint, CheckpointHeader, CheckpointHistory, CheckpointContent } from './checkpoint.js';
+export { writeFileAtomic, removeStaleTemporaries } from './files.js';
+export { TrainError, TrainSettingsError, CheckpointError, NoCheckpointError, ReplicaMismatchError, RunDirError } from './errors.js';
+export { RingCollective, hashFloats } from './ring-collective.js';
+export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
+export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY } from './distributed.js';
+export type { DistributedConfig, DoneReport, WorkerReport, WorkerEnv } from './distributed.js';

@@ -1,0 +1,104 @@
+// The seam between the trainer and the way replicas talk. The trainer only ever calls these
+// three operations, in the same order on every rank (the contract of @dtrain/transport's ring),
+// so a distributed worker plugs in a ring all-reduce and the trainer does not change.
+
+/**
+ * Collective operations over the `worldSize` replicas of a run. Every rank calls the same
+ * operations in the same order with buffers of the same length; each operation works in place
+ * and the buffer is the caller's again when the promise resolves. Results must be bitwise
+ * identical on every rank (replicas stay identical only if they apply identical updates).
+ */
+export interface Collective {
+  readonly rank: number;
+  readonly worldSize: number;
+  /** Element-wise mean over ranks, in place. */
+  allReduceMean(buf: Float32Array): Promise<void>;
+  /** Element-wise sum over ranks, in place. */
+  allReduceSum(buf: Float32Array): Promise<void>;
+  /** Rank `root`'s buffer copied into every rank's buffer. */
+  broadcast(buf: Float32Array, root: number): Promise<void>;
+}
+
+/** One process, world size 1: every collective is the identity. */
+export class SingleProcess implements Collective {
+  readonly rank = 0;
+  readonly worldSize = 1;
+  async allReduceMean(_buf: Float32Array): Promise<void> {}
+  async allReduceSum(_buf: Float32Array): Promise<void> {}
+  async broadcast(_buf: Float32Array, root: number): Promise<void> {
+    if (root !== 0) throw new RangeError(`broadcast root ${root} does not exist in a world of size 1`);
+  }
+}
+
+type Op = 'mean' | 'sum' | 'broadcast';
+interface Pending {
+  op: Op;
+  root: number;
+  length: number;
+  bufs: (Float32Array | undefined)[];
+  arrived: number;
+  settle: Array<{ resolve: () => void; reject: (e: Error) => void } | undefined>;
+  failed?: Error;
+}
+
+/**
+ * `worldSize` replicas in one process (for tests, and for simulating a distributed run without
+ * sockets): call i of every rank meets call i of the others. Sums run in rank order in float32,
+ * then the mean divides once, so every rank gets the same bits, as the ring promises. A rank that
+ * calls a different operation or length fails all ranks of that call with a message naming it.
+ */
+export function createInProcessGroup(worldSize: number): Collective[] {
+  if (!Number.isInteger(worldSize) || worldSize < 1) throw new RangeError(`world size must be a positive integer, got ${worldSize}`);
+  const pending = new Map<number, Pending>();
+  const seq = new Array<number>(worldSize).fill(0);
+
+  const call = (rank: number, op: Op, buf: Float32Array, root: number): Promise<void> =>
+    new Promise<void>((resolve, reject) => {
+      if (op === 'broadcast' && !(Number.isInteger(root) && root >= 0 && root < worldSize)) {
+        reject(new RangeError(`broadcast root ${root} does not exist in a world of size ${worldSize}`));
+        return;
+      }
+      const id = seq[rank]++;
+      let p = pending.get(id);
+      if (!p) {
+        p = { op, root, length: buf.length, bufs: new Array(worldSize), arrived: 0, settle: new Array(worldSize) };
+        pending.set(id, p);
+      }
+      p.bufs[rank] = buf;
+      p.settle[rank] = { resolve, reject };
+      p.arrived++;
+      if (p.op !== op || p.root !== root || p.length !== buf.length) {
+        p.bufs.fill(undefined);
+        p.failed = new Error(
+          `collective #${id}: rank ${rank} called ${op}(${buf.length} floats, root ${root}) but another rank called ${p.op}(${p.length} floats, root ${p.root})`,
+        );
+      }
+      if (p.arrived < worldSize) return;
+      pending.delete(id);
+      if (p.failed) {
+        for (const s of p.settle) s?.reject(p.failed);
+        return;
+      }
+      const bufs = p.bufs as Float32Array[];
+      if (op === 'broadcast') {
+        for (let r = 0; r < worldSize; r++) if (r !== root) bufs[r].set(bufs[root]);
+      } else {
+        const acc = Float32Array.from(bufs[0]);
+        for (let r = 1; r < worldSize; r++) {
+          const b = bufs[r];
+          for (let i = 0; i < acc.length; i++) acc[i] += b[i];
+        }
+        if (op === 'mean' && worldSize > 1) for (let i = 0; i < acc.length; i++) acc[i] /= worldSize;
+        for (const b of bufs) b.set(acc);
+      }
+      for (const s of p.settle) s!.resolve();
+    });
+
+  return Array.from({ length: worldSize }, (_, rank) => ({
+    rank,
+    worldSize,
+    allReduceMean: (buf: Float32Array) => call(rank, 'mean', buf, -1),
+    allReduceSum: (buf: Float32Array) => call(rank, 'sum', buf, -1),
+    broadcast: (buf: Float32Array, root: number) => call(rank, 'broadcast', buf, root),
+  }));
+}

@@ -1,0 +1,221 @@
+// One worker of a distributed run: join the coordinator (Hello -> Welcome), build the ring, train
+// with the unchanged Trainer over a RingCollective, report to the coordinator, leave.
+//
+// Configured like torchrun's workers, so any launcher (ours, a batch system, a shell) can start it:
+//   RANK, WORLD_SIZE           this worker's rank and the number of workers (required)
+//   LOCAL_RANK                 index on this machine (default 0; names the device)
+//   MASTER_ADDR, MASTER_PORT   the coordinator's control socket (required)
+//   DTRAIN_RING_LISTEN         address the ring's data socket binds (default: 127.0.0.1 when
+//                              MASTER_ADDR is a loopback address, else 0.0.0.0)
+//   DTRAIN_ADVERTISE           address the other workers use to reach this one (default: the
+//                              listen address, or the host name for 0.0.0.0)
+//   DTRAIN_HOST                name of this machine in messages (default os.hostname())
+//   DTRAIN_JOIN_TIMEOUT_MS     how long to wait for the coordinator's Welcome (default 120000)
+//   DTRAIN_TIMEOUT_MS          a ring collective fails when a neighbour is silent this long (default 120000)
+import { hostname } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { makeSyntheticTestDataset } from '@dtrain/data';
+import { ControlClient, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
+import { hashFloats, RingCollective } from './ring-collective.js';
+import { runTraining } from './run.js';
+import type { TrainSettingsInput } from './settings.js';
+import type { EpochMetrics, StartInfo, Summary } from './trainer.js';
+
+/** What the launcher sends every worker in Welcome.config_json. */
+export interface DistributedConfig {
+  /** The flags the user gave (per-worker batch size); the rest comes from the defaults. */
+  settings: TrainSettingsInput;
+  /** Run folder (absolute); rank 0 writes it. */
+  out?: string;
+  /** Continue the run in this folder (absolute) from its newest checkpoint. */
+  resume?: string;
+  /** FOR TESTS ONLY: train on synthetic patterns instead of a named data set (same bytes on every rank). */
+  synthetic?: { train: number; test: number; size: number; channels?: number; seed?: number };
+}
+
+/** A `kind: 'done'` report: every rank sends one after training completed. */
+export interface DoneReport {
+  kind: 'done';
+  rank: number;
+  host: string;
+  /** sha256 of the final weights, BatchNorm statistics and momentum: equal on every rank. */
+  stateSha256: string;
+  /** Seconds this rank spent inside collectives, and how many calls. */
+  collectiveSec: number;
+  collectiveCalls: number;
+  /** Rank 0 only. */
+  summary?: Summary;
+}
+
+export type WorkerReport = { kind: 'start'; info: StartInfo; worldSize: number } | { kind: 'epoch'; metrics: EpochMetrics } | DoneReport;
+
+/** A worker started with a missing or wrong environment variable. */
+export class WorkerEnvError extends Error {
+  readonly code = 'E_WORKER_ENV' as const;
+}
+
+export interface WorkerEnv {
+  rank: number;
+  worldSize: number;
+  localRank: number;
+  masterAddr: string;
+  masterPort: number;
+  listen: string;
+  advertise: string | undefined;
+  host: string;
+  joinTimeoutMs: number;
+  /** Ring collectives fail when a neighbour is silent this long. */
+  timeoutMs: number;
+}
+
+function intVar(env: NodeJS.ProcessEnv, name: string, fallback?: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') {
+    if (fallback !== undefined) return fallback;
+    throw new WorkerEnvError(`${name} is not set: a dtrain worker needs RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (start it with \`pnpm cli launch\`, or set them as for torchrun)`);
+  }
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 0) throw new WorkerEnvError(`${name} must be a non-negative integer, got '${raw}'`);
+  return n;
+}
+
+export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
+  const rank = intVar(env, 'RANK');
+  const worldSize = intVar(env, 'WORLD_SIZE');
+  if (worldSize < 1) throw new WorkerEnvError(`WORLD_SIZE must be at least 1, got ${worldSize}`);
+  if (rank >= worldSize) throw new WorkerEnvError(`RANK ${rank} is not below WORLD_SIZE ${worldSize}`);
+  const masterAddr = env.MASTER_ADDR;
+  if (!masterAddr) throw new WorkerEnvError('MASTER_ADDR is not set: the address of the coordinator (e.g. 127.0.0.1)');
+  const masterPort = intVar(env, 'MASTER_PORT');
+  if (masterPort < 1 || masterPort > 65535) throw new WorkerEnvError(`MASTER_PORT must be a TCP port (1-65535), got ${masterPort}`);
+  const loopback = masterAddr === 'localhost' || masterAddr.startsWith('127.') || masterAddr === '::1';
+  return {
+    rank,
+    worldSize,
+    localRank: intVar(env, 'LOCAL_RANK', 0),
+    masterAddr,
+    masterPort,
+    listen: env.DTRAIN_RING_LISTEN || (loopback ? '127.0.0.1' : '0.0.0.0'),
+    advertise: env.DTRAIN_ADVERTISE || undefined,
+    host: env.DTRAIN_HOST || hostname(),
+    joinTimeoutMs: intVar(env, 'DTRAIN_JOIN_TIMEOUT_MS', 120_000),
+    timeoutMs: intVar(env, 'DTRAIN_TIMEOUT_MS', 120_000),
+  };
+}
+
+/** Runs one worker to the end; resolves when training completed and the final report is sent. */
+export async function runDistributedWorker(
+  env: WorkerEnv,
+  log: (line: string) => void = console.log,
+  onCoordinatorLost?: (e: Error) => void,
+): Promise<DoneReport> {
+  const who = `rank ${env.rank} on host ${env.host}`;
+  const control = new ControlClient(`tcp://${env.masterAddr}:${env.masterPort}`, { timeoutMs: env.joinTimeoutMs, who });
+  if (onCoordinatorLost) control.onLost(onCoordinatorLost);
+  let ring: Ring | undefined;
+  try {
+    // The ring binds first: its endpoints go into the Hello.
+    ring = await Ring.create({
+      rank: env.rank,
+      worldSize: env.worldSize,
+      host: env.host,
+      listen: env.listen,
+      advertise: env.advertise,
+      timeoutMs: env.timeoutMs,
+    });
+    const device = process.env.CUDA_VISIBLE_DEVICES !== undefined ? `cuda:${process.env.CUDA_VISIBLE_DEVICES}` : 'cpu';
+    await control.send('hello', {
+      host: env.host,
+      pid: process.pid,
+      localRank: env.localRank,
+      requestedRank: env.rank,
+      dataEndpoints: ring.endpoints,
+      device,
+    });
+    log(`${who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket ${ring.endpoints.join(' ')}`);
+    const m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
+    if (m.kind === 'error') {
+      const e = m.body as { message?: string };
+      throw new WorkerEnvError(`the coordinator refused ${who}: ${e.message ?? 'no reason given'}`);
+    }
+    if (m.kind !== 'welcome') throw new WorkerEnvError(`${who}: expected Welcome from the coordinator, got ${m.kind}`);
+    control.runId = m.runId;
+    const w = m.body as { rank?: number; worldSize?: number; generation?: number; peers?: { rank?: number; host?: string; dataEndpoints?: string[] }[]; configJson?: string };
+    if ((w.rank ?? 0) !== env.rank || (w.worldSize ?? 0) !== env.worldSize) {
+      throw new WorkerEnvError(`${who}: the coordinator assigned rank ${w.rank} of ${w.worldSize}, this worker was started as RANK ${env.rank} of WORLD_SIZE ${env.worldSize}`);
+    }
+    const config = JSON.parse(w.configJson ?? '{}') as DistributedConfig;
+    const peers: PeerInfo[] = (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])] }));
+    await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1 });
+    log(`${who}: ring of ${env.worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId})`);
+
+    const collective = new RingCollective(ring);
+    const report = (r: WorkerReport, extra: Record<string, unknown> = {}) =>
+      control.send('stepReport', { rank: env.rank, detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
+
+    const data = config.synthetic ? syntheticData(config.synthetic) : undefined;
+    const result = await runTraining({
+      settings: config.settings,
+      out: config.out,
+      resume: config.resume,
+      data,
+      collective,
+      hooks: {
+        onStart: (info) => {
+          log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
+          if (env.rank === 0) void report({ kind: 'start', info, worldSize: env.worldSize });
+        },
+        onStep: (s) => {
+          if (s.stepInEpoch === s.stepsInEpoch || s.stepInEpoch % 20 === 0) {
+            log(`${who}: epoch ${s.epoch} step ${s.stepInEpoch}/${s.stepsInEpoch} loss ${s.loss.toFixed(4)} compute ${(s.phases.compute * 1000).toFixed(0)} ms all-reduce ${(s.phases.allReduce * 1000).toFixed(0)} ms`);
+          }
+        },
+        onEpochEnd: (metrics) => {
+          log(`${who}: epoch ${metrics.epoch} done, test accuracy ${metrics.testAcc}`);
+          if (env.rank === 0) {
+            void report({ kind: 'epoch', metrics }, { epoch: metrics.epoch, step: metrics.step, loss: metrics.loss, evaluation: true, allReduceMs: metrics.phaseSec.allReduce * 1000, computeMs: metrics.phaseSec.compute * 1000, dataMs: metrics.phaseSec.data * 1000 });
+          }
+        },
+      },
+    });
+    const st = collective.stats();
+    const done: DoneReport = {
+      kind: 'done',
+      rank: env.rank,
+      host: env.host,
+      stateSha256: hashFloats(result.weights, result.bnStats, result.momentum),
+      collectiveSec: st.seconds,
+      collectiveCalls: st.calls,
+      summary: env.rank === 0 ? result.summary : undefined,
+    };
+    await report(done, { weightsSha256: done.stateSha256, step: result.summary.steps });
+    // Wait for the coordinator's STOP: exiting earlier could drop the report still in ZeroMQ's queue.
+    for (;;) {
+      const ack = await control.receive('the acknowledgement of the final report', 30_000);
+      if (ack.kind === 'command' && (ack.body as { kind?: number }).kind === 6) break;
+    }
+    log(`${who}: done, state sha256 ${done.stateSha256}`);
+    await ring.close();
+    ring = undefined;
+    await control.close();
+    return done;
+  } catch (err) {
+    const e = err as Error;
+    await control
+      .send('error', { code: 6, message: e.message ?? String(err), rank: env.rank, host: env.host })
+      .catch(() => undefined);
+    await ring?.close().catch(() => undefined);
+    await control.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+function syntheticData(s: NonNullable<DistributedConfig['synthetic']>) {
+  const opts = { height: s.size, width: s.size, channels: s.channels ?? 1, numClasses: 10 };
+  const train = makeSyntheticTestDataset({ ...opts, count: s.train, seed: s.seed ?? 1 });
+  const test = makeSyntheticTestDataset({ ...opts, count: s.test, seed: (s.seed ?? 1) + 1000 });
+  return { name: 'synthetic', train, test };
+}
+
+/** The worker process's script, for launchers: `spawn(process.execPath, ['--import', 'tsx', WORKER_ENTRY])`. */
+export const WORKER_ENTRY = fileURLToPath(new URL('./worker-main.ts', import.meta.url));

@@ -1,0 +1,52 @@
+import { describe, expect, it } from 'vitest';
+import { TrainSettingsError } from './errors.js';
+import { DEFAULTS, resolveSettings, resumeSettings } from './settings.js';
+
+describe('resolveSettings', () => {
+  it('takes the data set’s native size and the documented defaults', () => {
+    const s = resolveSettings({ dataset: 'fashion-mnist' });
+    expect(s).toMatchObject({ ...DEFAULTS, dataset: 'fashion-mnist', imageSize: 28 });
+    expect(resolveSettings({ dataset: 'cifar10' }).imageSize).toBe(32);
+  });
+
+  it('applies the tutorial preset, and explicit values override it', () => {
+    const t = resolveSettings({ preset: 'tutorial' });
+    expect(t).toMatchObject({ dataset: 'cifar10', imageSize: 96, batchSize: 64, evalBatchSize: 128, lr: 0.01, momentum: 0, epochs: 20, init: 'xavier-uniform', augment: false });
+    const o = resolveSettings({ preset: 'tutorial', epochs: 2, lr: 0.1, imageSize: 64 });
+    expect(o).toMatchObject({ dataset: 'cifar10', epochs: 2, lr: 0.1, imageSize: 64, batchSize: 64 });
+  });
+
+  it('names the setting that is wrong', () => {
+    const bad: Array<[Parameters<typeof resolveSettings>[0], RegExp]> = [
+      [{}, /no data set given/],
+      [{ dataset: 'mnist' }, /unknown data set 'mnist'/],
+      [{ dataset: 'cifar10', batchSize: 0 }, /batchSize must be a positive integer/],
+      [{ dataset: 'cifar10', lr: 0 }, /lr must be positive/],
+      [{ dataset: 'cifar10', momentum: 1 }, /momentum must be below 1/],
+      [{ dataset: 'cifar10', imageSize: 6 }, /imageSize must be at least 7/],
+      [{ dataset: 'cifar10', limitTrain: 1.5 }, /limitTrain must be a positive integer/],
+      [{ preset: 'imagenet' as 'tutorial' }, /unknown preset 'imagenet'/],
+    ];
+    for (const [input, re] of bad) expect(() => resolveSettings(input), JSON.stringify(input)).toThrow(re);
+    expect(() => resolveSettings({ dataset: 'cifar10', epochs: -1 })).toThrow(TrainSettingsError);
+  });
+
+  it('accepts an in-memory data set only under its own name', () => {
+    expect(resolveSettings({}, { name: 'synthetic-test', imageSize: 16 })).toMatchObject({ dataset: 'synthetic-test', imageSize: 16 });
+    expect(() => resolveSettings({ dataset: 'other' }, { name: 'synthetic-test', imageSize: 16 })).toThrow(/unknown data set 'other'/);
+  });
+});
+
+describe('resumeSettings', () => {
+  const saved = resolveSettings({ dataset: 'fashion-mnist', epochs: 2, seed: 5 });
+
+  it('keeps the saved run’s settings and lets epochs grow', () => {
+    expect(resumeSettings(saved, { epochs: 5 }, 'ck')).toEqual({ ...saved, epochs: 5 });
+    expect(resumeSettings(saved, { seed: 5, dataset: 'fashion-mnist' }, 'ck')).toEqual(saved);
+  });
+
+  it('refuses a trajectory setting that differs, naming it and the file', () => {
+    expect(() => resumeSettings(saved, { seed: 6 }, '/r/checkpoint-e0002.ckpt')).toThrow(/seed is 5 in \/r\/checkpoint-e0002\.ckpt/);
+    expect(() => resumeSettings(saved, { lr: 0.1 }, 'ck')).toThrow(/lr is 0\.01/);
+  });
+});

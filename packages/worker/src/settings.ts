@@ -1,0 +1,172 @@
+// Every setting of a training run, their defaults, the tutorial preset, and the checks. The CLI
+// passes only the flags the user gave; everything else comes from here, so the library, the CLI
+// and (later) the launcher cannot disagree on a default.
+
+import { DATASET_NAMES } from '@dtrain/data';
+import { TrainSettingsError } from './errors.js';
+
+export type BackendKind = 'cpu' | 'gpu';
+export const PRESETS = ['tutorial'] as const;
+export type PresetName = (typeof PRESETS)[number];
+
+export interface TrainSettings {
+  /** 'fashion-mnist' | 'cifar10', or the name of data passed in memory (tests). */
+  dataset: string;
+  preset: PresetName | null;
+  epochs: number;
+  /** Per worker; the global batch is batchSize x worldSize. */
+  batchSize: number;
+  evalBatchSize: number;
+  lr: number;
+  momentum: number;
+  weightDecay: number;
+  /** Square model input; images are resized (bilinear) from the data set's size. */
+  imageSize: number;
+  seed: number;
+  /** Use only the first N training / test images (null: all). */
+  limitTrain: number | null;
+  limitTest: number | null;
+  /** Random crop (padding 4) and horizontal flip while training. */
+  augment: boolean;
+  backend: BackendKind;
+  /** The only initialisation the model has: Xavier-uniform weights, zero biases (the tutorial's). */
+  init: 'xavier-uniform';
+  /** A `kind: 'step'` line in metrics.jsonl every this many steps. */
+  logEverySteps: number;
+  /** Checkpoints kept in the run folder (the newest ones). */
+  keepCheckpoints: number;
+  /** Data directory (null: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data). */
+  dataDir: string | null;
+}
+
+/** What a caller may give; unset fields come from the preset, then the defaults. */
+export type TrainSettingsInput = Partial<TrainSettings>;
+
+/** Native sizes of the named data sets (the default image size). */
+export const NATIVE_IMAGE_SIZE: Record<string, number> = { 'fashion-mnist': 28, cifar10: 32 };
+
+export const DEFAULTS = {
+  preset: null,
+  epochs: 10,
+  batchSize: 64,
+  evalBatchSize: 128,
+  lr: 0.01,
+  momentum: 0,
+  weightDecay: 0,
+  seed: 0,
+  limitTrain: null,
+  limitTest: null,
+  augment: false,
+  backend: 'cpu',
+  init: 'xavier-uniform',
+  logEverySteps: 50,
+  keepCheckpoints: 2,
+  dataDir: null,
+} as const satisfies Omit<TrainSettings, 'dataset' | 'imageSize'>;
+
+/** The tutorial's recipe: CIFAR-10 at 96x96, batch 64 (test 128), plain SGD lr 0.01, 20 epochs, Xavier init. */
+export const TUTORIAL_PRESET = {
+  dataset: 'cifar10',
+  imageSize: 96,
+  batchSize: 64,
+  evalBatchSize: 128,
+  lr: 0.01,
+  momentum: 0,
+  weightDecay: 0,
+  epochs: 20,
+  augment: false,
+  init: 'xavier-uniform',
+} as const satisfies Partial<TrainSettings>;
+
+/**
+ * Settings that decide the trajectory of the weights: a resumed run must keep them, or it is not
+ * the same run. (`epochs` may grow on resume; `evalBatchSize`, logging and paths may change.)
+ */
+export const TRAJECTORY_SETTINGS = [
+  'dataset',
+  'batchSize',
+  'lr',
+  'momentum',
+  'weightDecay',
+  'imageSize',
+  'seed',
+  'limitTrain',
+  'limitTest',
+  'augment',
+  'init',
+] as const satisfies readonly (keyof TrainSettings)[];
+
+function positiveInteger(name: string, v: unknown): void {
+  if (!Number.isInteger(v) || (v as number) <= 0) throw new TrainSettingsError(name, `${name} must be a positive integer, got ${String(v)}`);
+}
+
+function nonNegativeNumber(name: string, v: unknown): void {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw new TrainSettingsError(name, `${name} must be a non-negative number, got ${String(v)}`);
+}
+
+/**
+ * Fills in a full settings object: explicit values first, then the preset's, then the defaults.
+ * `inMemoryData` names data the caller supplies (tests); otherwise the data set must be a real one.
+ */
+export function resolveSettings(input: TrainSettingsInput, inMemoryData?: { name: string; imageSize: number }): TrainSettings {
+  const preset = input.preset ?? null;
+  if (preset !== null && !(PRESETS as readonly string[]).includes(preset)) {
+    throw new TrainSettingsError('preset', `unknown preset '${preset}': choose one of ${PRESETS.join(', ')}`);
+  }
+  const fromPreset: Partial<TrainSettings> = preset === 'tutorial' ? TUTORIAL_PRESET : {};
+  const defined = Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined)) as TrainSettingsInput;
+  const dataset = defined.dataset ?? fromPreset.dataset ?? inMemoryData?.name;
+  if (dataset === undefined) throw new TrainSettingsError('dataset', `no data set given: choose one of ${DATASET_NAMES.join(', ')} (or a preset)`);
+  if (inMemoryData ? dataset !== inMemoryData.name : !(DATASET_NAMES as readonly string[]).includes(dataset)) {
+    throw new TrainSettingsError('dataset', `unknown data set '${dataset}': choose one of ${DATASET_NAMES.join(', ')}`);
+  }
+  const imageSize = defined.imageSize ?? fromPreset.imageSize ?? inMemoryData?.imageSize ?? NATIVE_IMAGE_SIZE[dataset];
+  const s: TrainSettings = { ...DEFAULTS, ...fromPreset, ...defined, dataset, preset, imageSize };
+  validateSettings(s);
+  return s;
+}
+
+export function validateSettings(s: TrainSettings): void {
+  for (const k of ['epochs', 'batchSize', 'evalBatchSize', 'imageSize', 'logEverySteps', 'keepCheckpoints'] as const) positiveInteger(k, s[k]);
+  for (const k of ['lr', 'momentum', 'weightDecay'] as const) nonNegativeNumber(k, s[k]);
+  if (!(s.lr > 0)) throw new TrainSettingsError('lr', `lr must be positive, got ${s.lr}`);
+  if (s.momentum >= 1) throw new TrainSettingsError('momentum', `momentum must be below 1, got ${s.momentum}`);
+  if (!Number.isSafeInteger(s.seed) || s.seed < 0) throw new TrainSettingsError('seed', `seed must be a non-negative integer, got ${s.seed}`);
+  if (s.limitTrain !== null) positiveInteger('limitTrain', s.limitTrain);
+  if (s.limitTest !== null) positiveInteger('limitTest', s.limitTest);
+  // The model's stem (7x7 stride 2, no padding) and three stride-2 stages need at least 7 pixels.
+  if (s.imageSize < 7) throw new TrainSettingsError('imageSize', `imageSize must be at least 7 (the 7x7 stem), got ${s.imageSize}`);
+  if (s.imageSize > 512) throw new TrainSettingsError('imageSize', `imageSize must be at most 512, got ${s.imageSize}`);
+  if (s.backend !== 'cpu' && s.backend !== 'gpu') throw new TrainSettingsError('backend', `backend must be 'cpu' or 'gpu', got '${String(s.backend)}'`);
+  if (s.init !== 'xavier-uniform') throw new TrainSettingsError('init', `init must be 'xavier-uniform' (the only one the model has), got '${String(s.init)}'`);
+}
+
+/**
+ * The settings of a resumed run: the checkpoint's, with `epochs` (and paths, logging, eval batch)
+ * taken from the caller. A trajectory setting the caller gives must equal the checkpoint's.
+ */
+export function resumeSettings(saved: TrainSettings, input: TrainSettingsInput, file: string): TrainSettings {
+  for (const k of TRAJECTORY_SETTINGS) {
+    const v = input[k];
+    if (v !== undefined && v !== saved[k]) {
+      throw new TrainSettingsError(
+        k,
+        `${k} is ${JSON.stringify(saved[k])} in ${file}; a resumed run keeps the settings it started with, so leave ${k} out (or start a new run)`,
+      );
+    }
+  }
+  if (input.preset !== undefined && input.preset !== saved.preset) {
+    throw new TrainSettingsError('preset', `the run in ${file} used preset ${JSON.stringify(saved.preset)}; leave --preset out when resuming`);
+  }
+  const s: TrainSettings = {
+    ...saved,
+    epochs: input.epochs ?? saved.epochs,
+    evalBatchSize: input.evalBatchSize ?? saved.evalBatchSize,
+    logEverySteps: input.logEverySteps ?? saved.logEverySteps,
+    keepCheckpoints: input.keepCheckpoints ?? saved.keepCheckpoints,
+    backend: input.backend ?? saved.backend,
+    dataDir: input.dataDir !== undefined ? input.dataDir : saved.dataDir,
+  };
+  validateSettings(s);
+  return s;
+}

@@ -1,0 +1,177 @@
+// Training tests on synthetic data (NOT REAL DATA: learnable stripe patterns from @dtrain/data).
+// Each step of this 11M-parameter model costs ~0.4 s here even at 16x16, so runs are a few dozen
+// steps at most.
+
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { loadBackend } from '@dtrain/backend';
+import { listCheckpoints, readCheckpoint } from './checkpoint.js';
+import { createInProcessGroup } from './collective.js';
+import { RunDirError, TrainSettingsError } from './errors.js';
+import { runTraining } from './run.js';
+import { firstDifference, syntheticData, tempDir } from './testing/helpers.js';
+import { readMetrics, type EpochMetrics, type StepMetrics, type Summary } from './trainer.js';
+
+beforeAll(async () => {
+  await loadBackend('cpu');
+});
+
+describe('training on synthetic data', () => {
+  it('learns to high test accuracy within a few epochs, and writes config, metrics and summary', async () => {
+    const data = syntheticData(320, 200);
+    const out = path.join(await tempDir(), 'run');
+    const steps: number[] = [];
+    const r = await runTraining({
+      data,
+      out,
+      settings: { epochs: 4, batchSize: 32, evalBatchSize: 64, lr: 0.005, momentum: 0.9, seed: 1, logEverySteps: 4 },
+      hooks: { onStep: (s) => steps.push(s.step) },
+    });
+    expect(steps).toEqual(Array.from({ length: 40 }, (_, i) => i + 1));
+    const { summary, epochs } = r;
+    expect(epochs.map((e) => e.epoch)).toEqual([1, 2, 3, 4]);
+    // Chance is 10%; the patterns are learnable to ~100%.
+    expect(summary.finalTestAcc).toBeGreaterThanOrEqual(0.9);
+    expect(epochs[3].loss).toBeLessThan(epochs[0].loss);
+    expect(summary.bestTestAcc).toBe(Math.max(...epochs.map((e) => e.testAcc)));
+
+    const config = JSON.parse(await fs.readFile(path.join(out, 'config.json'), 'utf8'));
+    expect(config.settings).toMatchObject({ dataset: 'synthetic-test', epochs: 4, batchSize: 32, lr: 0.005, momentum: 0.9, imageSize: 16, seed: 1, init: 'xavier-uniform' });
+    expect(config.seed).toBe(1);
+    expect(config.worldSize).toBe(1);
+    expect(config.versions.tfjs).toMatch(/^\d+\.\d+\.\d+$/);
+    expect(config.versions.tensorflow).toMatch(/^\d+\.\d+/);
+    expect(config.versions.node).toBe(process.versions.node);
+    expect(config.data.train).toMatchObject({ images: 320, shape: [16, 16, 3] });
+    expect(config.model.params).toBe(11_180_810);
+
+    const lines = await readMetrics(out);
+    const epochLines = lines.filter((l): l is EpochMetrics => l.kind === 'epoch');
+    const stepLines = lines.filter((l): l is StepMetrics => l.kind === 'step');
+    expect(epochLines).toEqual(epochs);
+    expect(stepLines.map((l) => l.step)).toEqual([4, 8, 12, 16, 20, 24, 28, 32, 36, 40]);
+    // The window of a step line restarts with each epoch (10 steps each here).
+    expect(stepLines.map((l) => l.steps)).toEqual([4, 4, 2, 4, 4, 4, 4, 2, 4, 4]);
+    for (const l of stepLines) expect(l.images).toBe(l.steps * 32);
+    for (const e of epochLines) {
+      expect(e).toMatchObject({ images: 320, testImages: 200, worldSize: 1, globalBatch: 32 });
+      expect(e.imagesPerSec).toBeCloseTo(320 / e.trainSec, 0);
+      const shares = e.phaseShare;
+      expect(shares.data + shares.compute + shares.allReduce + shares.optimizer + shares.other).toBeCloseTo(1, 2);
+      expect(shares.compute).toBeGreaterThan(0.3);
+    }
+    const summaryFile = JSON.parse(await fs.readFile(path.join(out, 'summary.json'), 'utf8')) as Summary;
+    expect(summaryFile).toEqual(summary);
+    expect(summaryFile).toMatchObject({ status: 'completed', epochs: 4, steps: 40, finalTestAcc: epochs[3].testAcc, finalTrainAcc: epochs[3].trainAcc, runDir: out, resumed: false });
+    expect(summaryFile.totalSec).toBeGreaterThanOrEqual(summaryFile.trainSec);
+    // Keep the newest 2 checkpoints (the default).
+    expect((await listCheckpoints(out)).map((c) => c.epoch)).toEqual([3, 4]);
+    const ck = await readCheckpoint(path.join(out, 'checkpoint-e0004.ckpt'));
+    expect(firstDifference(ck.weights, r.weights)).toBe(-1);
+    expect(firstDifference(ck.momentum, r.momentum)).toBe(-1);
+    expect(ck.header).toMatchObject({ epoch: 4, step: 40, optimizer: { steps: 40, momentum: 0.9 }, sampler: { nextEpoch: 4, seed: 1 } });
+    expect(ck.header.history.testAcc).toEqual(epochs.map((e) => e.testAcc));
+  });
+
+  it('same seed and settings give identical weights; another seed does not', async () => {
+    const data = syntheticData(64, 20);
+    const settings = { epochs: 1, batchSize: 16, lr: 0.01, momentum: 0.9, augment: true };
+    const dir = await tempDir();
+    const a = await runTraining({ data, out: path.join(dir, 'a'), settings: { ...settings, seed: 7 } });
+    const b = await runTraining({ data, out: path.join(dir, 'b'), settings: { ...settings, seed: 7 } });
+    const c = await runTraining({ data, out: path.join(dir, 'c'), settings: { ...settings, seed: 8 } });
+    expect(firstDifference(a.weights, b.weights)).toBe(-1);
+    expect(firstDifference(a.bnStats, b.bnStats)).toBe(-1);
+    expect(firstDifference(a.momentum, b.momentum)).toBe(-1);
+    expect(a.epochs[0].loss).toBe(b.epochs[0].loss);
+    expect(firstDifference(a.weights, c.weights)).not.toBe(-1);
+  });
+
+  it('resuming after epoch 1 reproduces the uninterrupted run bitwise (momentum, augmentation)', async () => {
+    const data = syntheticData(48, 20);
+    const settings = { epochs: 2, batchSize: 16, lr: 0.01, momentum: 0.9, weightDecay: 1e-4, augment: true, seed: 3, logEverySteps: 2 };
+    const dir = await tempDir();
+    const full = await runTraining({ data, out: path.join(dir, 'full'), settings });
+
+    const cut = path.join(dir, 'cut');
+    const first = await runTraining({ data, out: cut, settings: { ...settings, epochs: 1 } });
+    expect(firstDifference(first.weights, full.weights)).not.toBe(-1);
+    // A crash mid-epoch 2 leaves a step line and a temporary behind; the resume cleans both up.
+    await fs.appendFile(path.join(cut, 'metrics.jsonl'), '{"kind":"step","epoch":2,"step":4}\n{"kind":"ep');
+    await fs.writeFile(path.join(cut, 'checkpoint-e0002.ckpt.tmp-1-dead'), 'partial');
+    const started: number[] = [];
+    const resumed = await runTraining({ data, resume: cut, settings: { epochs: 2 }, hooks: { onEpochStart: (e) => started.push(e) } });
+    expect(started).toEqual([2]);
+
+    expect(firstDifference(resumed.weights, full.weights)).toBe(-1);
+    expect(firstDifference(resumed.bnStats, full.bnStats)).toBe(-1);
+    expect(firstDifference(resumed.momentum, full.momentum)).toBe(-1);
+    expect(resumed.epochs[0]).toMatchObject({ epoch: 2, step: 6, loss: full.epochs[1].loss, testAcc: full.epochs[1].testAcc });
+    expect(resumed.summary).toMatchObject({ resumed: true, steps: 6, bestTestAcc: full.summary.bestTestAcc, finalTestAcc: full.summary.finalTestAcc });
+
+    const lines = await readMetrics(cut);
+    const strip = (l: { kind: string; epoch: number; step: number }) => `${l.kind}:${l.epoch}:${l.step}`;
+    expect(lines.map(strip)).toEqual((await readMetrics(path.join(dir, 'full'))).map(strip));
+    expect((await fs.readdir(cut)).filter((n) => n.includes('.tmp-'))).toEqual([]);
+    const config = JSON.parse(await fs.readFile(path.join(cut, 'config.json'), 'utf8'));
+    expect(config.resumes).toHaveLength(1);
+    expect(config.resumes[0]).toMatchObject({ fromEpoch: 1, fromCheckpoint: 'checkpoint-e0001.ckpt' });
+
+    // Resuming is not a way to change the run's trajectory.
+    await expect(runTraining({ data, resume: cut, settings: { epochs: 3, lr: 0.1 } })).rejects.toThrow(TrainSettingsError);
+  });
+
+  it('refuses to start a new run in a folder that already holds one', async () => {
+    const dir = await tempDir();
+    await fs.writeFile(path.join(dir, 'config.json'), '{}');
+    await expect(runTraining({ data: syntheticData(16, 4), out: dir, settings: { epochs: 1 } })).rejects.toThrow(RunDirError);
+    await expect(runTraining({ data: syntheticData(16, 4), out: dir, settings: { epochs: 1 } })).rejects.toThrow(/--resume/);
+  });
+});
+
+describe('two replicas in one process (the seam of the distributed workers)', () => {
+  it('stay bitwise identical, count every test image once, and only rank 0 writes files', async () => {
+    const data = syntheticData(40, 25);
+    const dir = await tempDir();
+    const group = createInProcessGroup(2);
+    const outs = [path.join(dir, 'r0'), path.join(dir, 'r1')];
+    const evals: number[][] = [[], []];
+    const results = await Promise.all(
+      group.map((collective, rank) =>
+        runTraining({
+          data,
+          collective,
+          out: outs[rank],
+          settings: { epochs: 1, batchSize: 8, lr: 0.01, momentum: 0.9, augment: true, seed: 4 },
+          hooks: { onEpochEnd: (m) => evals[rank].push(m.testImages, m.images) },
+        }),
+      ),
+    );
+    expect(firstDifference(results[0].weights, results[1].weights)).toBe(-1);
+    expect(firstDifference(results[0].bnStats, results[1].bnStats)).toBe(-1);
+    expect(firstDifference(results[0].momentum, results[1].momentum)).toBe(-1);
+    // 25 test images over 2 ranks (13 + 12): all of them, once; 40 train images, 20 per rank.
+    expect(evals).toEqual([[25, 40], [25, 40]]);
+    expect(results[0].summary).toMatchObject({ worldSize: 2, globalBatch: 16, steps: 3, testImages: 25 });
+    expect(results[0].epochs[0].testAcc).toBe(results[1].epochs[0].testAcc);
+    expect(results[1].runDir).toBeNull();
+    await expect(fs.access(outs[1])).rejects.toThrow();
+    const config = JSON.parse(await fs.readFile(path.join(outs[0], 'config.json'), 'utf8'));
+    expect(config).toMatchObject({ worldSize: 2, globalBatch: 16 });
+  });
+
+  it('stops with a clear error when replicas are started with different settings', async () => {
+    const data = syntheticData(16, 4);
+    const dir = await tempDir();
+    const group = createInProcessGroup(2);
+    const results = await Promise.allSettled(
+      group.map((collective, rank) =>
+        runTraining({ data, collective, out: path.join(dir, `r${rank}`), settings: { epochs: 1, batchSize: 8, seed: rank } }),
+      ),
+    );
+    expect(results.map((r) => r.status)).toEqual(['rejected', 'rejected']);
+    expect(String((results[0] as PromiseRejectedResult).reason)).toMatch(/rank 0: 1 of 2 ranks have settings, model, data sizes or world size that differ from rank 0's/);
+    expect(String((results[1] as PromiseRejectedResult).reason)).toMatch(/rank 1: its settings, model, data sizes or world size differ from rank 0's .*"seed":1/);
+  });
+});
