@@ -137,8 +137,15 @@ export class Ring {
   readonly rank: number;
   readonly worldSize: number;
   readonly host: string;
-  readonly generation: number;
-  readonly runId: string;
+  /** Set at creation, or by `connect` (a worker advertises its endpoints before it learns them). */
+  private generation_: number;
+  private runId_: string;
+  get generation(): number {
+    return this.generation_;
+  }
+  get runId(): string {
+    return this.runId_;
+  }
   readonly timeoutMs: number;
   readonly pieceBytes: number;
   /** Endpoints to advertise to the coordinator (Hello.data_endpoints). */
@@ -170,8 +177,8 @@ export class Ring {
     this.rank = opts.rank;
     this.worldSize = opts.worldSize;
     this.host = opts.host ?? hostname();
-    this.generation = opts.generation ?? 0;
-    this.runId = opts.runId ?? '';
+    this.generation_ = opts.generation ?? 0;
+    this.runId_ = opts.runId ?? '';
     this.timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.pieceBytes = opts.pieceBytes ?? DEFAULT_PIECE_BYTES;
     this.preferIpc = opts.preferIpc ?? IPC_IS_FASTER;
@@ -255,8 +262,11 @@ export class Ring {
    * Connects to the next rank and waits for the previous rank's RingHello. `peers` is the
    * coordinator's list: exactly worldSize entries, ranks 0..worldSize-1 in order.
    */
-  async connect(peers: PeerInfo[]): Promise<void> {
+  async connect(peers: PeerInfo[], ids: { runId?: string; generation?: number } = {}): Promise<void> {
     if (this.connected || this.closed) throw new RingUsageError(`rank ${this.rank}: connect() called twice or after close()`);
+    // The Welcome that carries the peer list also names the run and the generation.
+    if (ids.runId !== undefined) this.runId_ = ids.runId;
+    if (ids.generation !== undefined) this.generation_ = ids.generation;
     const n = this.worldSize;
     if (peers.length !== n || peers.some((p, i) => p.rank !== i)) {
       throw new RingSetupError(
