@@ -2,6 +2,7 @@ import { Command } from '@commander-js/extra-typings';
 import { registerData } from './commands/data.js';
 import { registerDoctor } from './commands/doctor.js';
 import { registerModel } from './commands/model.js';
+import { registerLaunch } from './commands/launch.js';
 
 export function buildProgram() {
   const program = new Command()
@@ -11,5 +12,6 @@ export function buildProgram() {
   registerDoctor(program);
   registerData(program);
   registerModel(program);
+  registerLaunch(program);
   return program;
 }

@@ -1,0 +1,158 @@
+// `dtrain launch`: a coordinator and N local workers (CPU slots or GPUs), one line per epoch for
+// the whole run, worker logs in <run>/logs/rank-<r>.log, a summary at the end.
+import fs from 'node:fs';
+import path from 'node:path';
+import { Command, Option } from '@commander-js/extra-typings';
+import { listGpus } from '@dtrain/backend';
+import { launch, type RunEvent } from '@dtrain/coordinator';
+import {
+  defaultRunDir,
+  readLatestCheckpoint,
+  resolveSettings,
+  resumeSettings,
+  WORKER_ENTRY,
+  type DistributedConfig,
+  type EpochMetrics,
+  type Summary,
+  type TrainSettingsInput,
+} from '@dtrain/worker';
+import { nonNegativeInt, nonNegativeNumber, positiveInt, UsageError } from '../errors.js';
+
+const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+
+export function formatEpochLine(m: EpochMetrics): string {
+  return [
+    `epoch ${m.epoch}/${m.epochs}`,
+    `loss ${m.loss.toFixed(4)}`,
+    `train ${pct(m.trainAcc)}`,
+    `test ${pct(m.testAcc)} (${m.testImages} images)`,
+    `${m.elapsedSec.toFixed(1)} s`,
+    `${m.imagesPerSec.toFixed(1)} img/s`,
+    `world ${m.worldSize} (global batch ${m.globalBatch})`,
+    `all-reduce ${pct(m.phaseShare.allReduce)} of train time`,
+  ].join('  ');
+}
+
+export function formatSummaryLine(s: Summary, allReduceSec: number, runDir: string): string {
+  return [
+    `done: ${s.epochs} epochs, ${s.steps} steps, test accuracy ${pct(s.finalTestAcc)} (best ${pct(s.bestTestAcc)} at epoch ${s.bestEpoch}) on ${s.testImages} images`,
+    `      ${s.worldSize} workers, global batch ${s.globalBatch}; ${s.totalSec.toFixed(1)} s (training ${s.trainSec.toFixed(1)} s), ${s.imagesPerSec.toFixed(1)} images/s` +
+      (s.trainSec > 0 ? `, all-reduce ${pct(allReduceSec / s.trainSec)} of training time` : ''),
+    `      run folder ${runDir} (worker logs in ${path.join(runDir, 'logs')})`,
+  ].join('\n');
+}
+
+function parseSynthetic(v: string): NonNullable<DistributedConfig['synthetic']> {
+  const m = /^(\d+):(\d+):(\d+)$/.exec(v);
+  if (!m) throw new UsageError(`--synthetic-test-data must be TRAIN:TEST:SIZE (e.g. 256:64:16), got '${v}'`);
+  return { train: Number(m[1]), test: Number(m[2]), size: Number(m[3]) };
+}
+
+export function registerLaunch(program: Command) {
+  program
+    .command('launch')
+    .description('Distributed training on this machine: a coordinator and one worker process per CPU slot (--workers) or GPU (--gpus)')
+    .addOption(new Option('--workers <n>', 'CPU worker processes').argParser(positiveInt('--workers')))
+    .addOption(new Option('--gpus <n>', 'GPU workers: worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i)').argParser(positiveInt('--gpus')))
+    .option('--dataset <name>', 'fashion-mnist | cifar10')
+    .option('--preset <name>', "'tutorial': the tutorial's recipe (CIFAR-10, 96x96, batch 64, lr 0.01, 20 epochs)")
+    .addOption(new Option('--epochs <n>', 'epochs').argParser(positiveInt('--epochs')))
+    .addOption(new Option('--batch-size <n>', 'batch size PER WORKER (global batch = this x workers)').argParser(positiveInt('--batch-size')))
+    .addOption(new Option('--eval-batch-size <n>', 'evaluation batch size').argParser(positiveInt('--eval-batch-size')))
+    .addOption(new Option('--lr <x>', 'learning rate (not scaled with the number of workers)').argParser(nonNegativeNumber('--lr')))
+    .addOption(new Option('--momentum <x>', 'SGD momentum').argParser(nonNegativeNumber('--momentum')))
+    .addOption(new Option('--weight-decay <x>', 'L2 weight decay').argParser(nonNegativeNumber('--weight-decay')))
+    .addOption(new Option('--image-size <px>', 'square model input (images are resized)').argParser(positiveInt('--image-size')))
+    .addOption(new Option('--seed <n>', 'seed of the initial weights and the data order').argParser(nonNegativeInt('--seed')))
+    .addOption(new Option('--limit-train <n>', 'use only the first N training images').argParser(positiveInt('--limit-train')))
+    .addOption(new Option('--limit-test <n>', 'use only the first N test images').argParser(positiveInt('--limit-test')))
+    .option('--augment', 'random crop (padding 4) and horizontal flip')
+    .addOption(new Option('--log-every <n>', 'a step line in metrics.jsonl every N steps').argParser(positiveInt('--log-every')))
+    .addOption(new Option('--keep-checkpoints <n>', 'checkpoints kept').argParser(positiveInt('--keep-checkpoints')))
+    .option('--data-dir <dir>', 'data directory (default $DTRAIN_DATA_DIR or ~/.cache/dtrain/data)')
+    .option('--out <dir>', 'run folder (default runs/<date>-<dataset>-<id>)')
+    .option('--resume <dir>', 'continue the run in this folder from its newest checkpoint (any number of workers)')
+    .addOption(new Option('--port <n>', 'coordinator control port (default: any free port)').argParser(nonNegativeInt('--port')))
+    .addOption(new Option('--join-timeout-s <s>', 'fail when workers have not joined by then').default(120).argParser(positiveInt('--join-timeout-s')))
+    .addOption(new Option('--timeout-s <s>', 'a collective fails when a neighbour is silent this long').default(120).argParser(positiveInt('--timeout-s')))
+    .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
+    .action(async (o) => {
+      if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
+      const n = (o.workers ?? o.gpus)!;
+      const gpus = o.gpus !== undefined;
+      if (gpus) {
+        const found = listGpus();
+        if (found.length < n) {
+          throw new UsageError(
+            `--gpus ${n}: nvidia-smi reports ${found.length} GPU${found.length === 1 ? '' : 's'} on this machine${found.length ? ` (${found.map((g) => g.name).join(', ')})` : ''}; ` +
+              `use --gpus ${found.length || 'N'} with fewer workers, or --workers ${n} for CPU workers`,
+          );
+        }
+      }
+      const input: TrainSettingsInput = Object.fromEntries(
+        Object.entries({
+          dataset: o.dataset,
+          preset: o.preset as TrainSettingsInput['preset'],
+          epochs: o.epochs,
+          batchSize: o.batchSize,
+          evalBatchSize: o.evalBatchSize,
+          lr: o.lr,
+          momentum: o.momentum,
+          weightDecay: o.weightDecay,
+          imageSize: o.imageSize,
+          seed: o.seed,
+          limitTrain: o.limitTrain,
+          limitTest: o.limitTest,
+          augment: o.augment,
+          logEverySteps: o.logEvery,
+          keepCheckpoints: o.keepCheckpoints,
+          dataDir: o.dataDir,
+          backend: gpus ? 'gpu' : 'cpu',
+        }).filter(([, v]) => v !== undefined),
+      );
+      // Settle every setting here, so a wrong flag fails before any process starts.
+      let runDir: string;
+      const config: DistributedConfig = { settings: input, synthetic: o.syntheticTestData };
+      if (o.resume) {
+        runDir = path.resolve(o.resume);
+        if (o.out && path.resolve(o.out) !== runDir) throw new UsageError(`--out ${o.out} and --resume ${o.resume} differ: a resumed run continues in its own folder`);
+        const ck = await readLatestCheckpoint(runDir);
+        resumeSettings(ck.header.settings, input, ck.file);
+        config.resume = runDir;
+        console.log(`resuming ${runDir} from ${path.basename(ck.file)} (epoch ${ck.header.epoch}, written by ${ck.header.worldSize} workers) with ${n}`);
+      } else {
+        const s = resolveSettings(input, o.syntheticTestData ? { name: 'synthetic', imageSize: o.syntheticTestData.size } : undefined);
+        runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
+        if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
+        config.out = runDir;
+        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${gpus ? 'GPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}, image ${s.imageSize}px`);
+      }
+
+      let summary: Summary | undefined;
+      let allReduceSec = 0;
+      const onEvent = (e: RunEvent) => {
+        if (e.kind === 'listening') console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
+        else if (e.kind === 'welcomed') console.log(`all ${e.worldSize} workers joined; ring starting`);
+        else if (e.kind === 'report' && e.rank === 0) {
+          const d = e.detail as { kind?: string; metrics?: EpochMetrics; summary?: Summary };
+          if (d.kind === 'epoch' && d.metrics) {
+            allReduceSec += d.metrics.phaseSec.allReduce;
+            console.log(formatEpochLine(d.metrics));
+          } else if (d.kind === 'done' && d.summary) summary = d.summary;
+        }
+      };
+      const result = await launch({
+        workers: n,
+        entry: WORKER_ENTRY,
+        runDir,
+        config,
+        gpus,
+        port: o.port,
+        joinTimeoutMs: o.joinTimeoutS * 1000,
+        timeoutMs: o.timeoutS * 1000,
+        onEvent,
+      });
+      if (summary) console.log(formatSummaryLine(summary, allReduceSec, runDir));
+      console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.worldSize} workers`);
+    });
+}
