@@ -1,0 +1,51 @@
+// launch() with real worker processes and sockets; the workers speak the real protocol but train
+// nothing (testing/fake-worker.ts). Training runs end to end are tested in packages/cli.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
+
+const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-coord-'));
+
+describe('launch', () => {
+  it('3 workers: torchrun env, ranks and config handed out, reports collected, logs prefixed by rank', async () => {
+    const runDir = tmp();
+    const events: RunEvent[] = [];
+    const r = await launch({ workers: 3, entry: FAKE, runDir, config: { hello: 'workers' }, onEvent: (e) => events.push(e), env: { FAKE_MODE: 'ok' } });
+    expect(r.worldSize).toBe(3);
+    expect(r.finals.map((f) => f.rank)).toEqual([0, 1, 2]);
+    expect(events.filter((e) => e.kind === 'joined')).toHaveLength(3);
+    const log1 = fs.readFileSync(path.join(runDir, 'logs', 'rank-1.log'), 'utf8');
+    expect(log1).toMatch(/^\[rank 1\] rank 1 welcomed with config \{"hello":"workers"\}$/m);
+  });
+
+  it('a worker that exits non-zero ends the run: rank, host, exit code and its last log lines', async () => {
+    const runDir = tmp();
+    const t0 = Date.now();
+    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, env: { FAKE_MODE: 'crash', FAKE_RANK: '1' } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(WorkerFailedError);
+    const e = err as WorkerFailedError;
+    expect(e.code).toBe('E_WORKER_FAILED');
+    expect(e.rank).toBe(1);
+    expect(e.exitCode).toBe(3);
+    expect(e.message).toMatch(/^rank 1 on host fakehost exited with code 3/);
+    expect(e.message).toMatch(/computing step 1\n {2}Error: out of memory in the fake forward pass/);
+    expect(e.message).toContain(path.join(runDir, 'logs', 'rank-1.log'));
+    expect(Date.now() - t0).toBeLessThan(30_000);
+  });
+
+  it('a worker that never joins: JoinTimeoutError names the missing rank, and no process is left', async () => {
+    const runDir = tmp();
+    const events: RunEvent[] = [];
+    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, joinTimeoutMs: 4000, env: { FAKE_MODE: 'silent', FAKE_RANK: '0' }, onEvent: (e) => events.push(e) }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(JoinTimeoutError);
+    expect((err as Error).message).toMatch(/only 1 of 2 workers joined .* within 4000 ms; missing ranks 0/);
+    for (const e of events) {
+      if (e.kind !== 'spawned') continue;
+      expect(() => process.kill(e.pid, 0), `pid ${e.pid} still alive`).toThrow();
+    }
+  });
+});

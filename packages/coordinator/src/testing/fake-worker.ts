@@ -1,0 +1,37 @@
+// A worker process for coordinator.test.ts that speaks the real control protocol over real
+// sockets but trains nothing (no TensorFlow), so failure handling is tested in seconds.
+// FAKE_MODE: 'ok' (join, report done, exit 0), 'crash' (rank FAKE_RANK prints and exits 3 after
+// the Welcome), 'silent' (rank FAKE_RANK never says Hello).
+import { ControlClient } from '@dtrain/transport';
+
+const rank = Number(process.env.RANK);
+const mode = process.env.FAKE_MODE ?? 'ok';
+const target = Number(process.env.FAKE_RANK ?? -1);
+
+async function main(): Promise<void> {
+  if (mode === 'silent' && rank === target) {
+    console.log('sleeping instead of joining');
+    await new Promise((r) => setTimeout(r, 60_000));
+    return;
+  }
+  const c = new ControlClient(`tcp://${process.env.MASTER_ADDR}:${process.env.MASTER_PORT}`, { timeoutMs: 20_000 });
+  await c.send('hello', { host: 'fakehost', pid: process.pid, localRank: Number(process.env.LOCAL_RANK), requestedRank: rank, dataEndpoints: [`tcp://127.0.0.1:${1000 + rank}`] });
+  const w = await c.receive('welcome');
+  if (w.kind !== 'welcome') throw new Error(`expected welcome, got ${w.kind}`);
+  c.runId = w.runId;
+  console.log(`rank ${rank} welcomed with config ${(w.body as { configJson?: string }).configJson}`);
+  if (mode === 'crash' && rank === target) {
+    console.log('computing step 1');
+    console.error('Error: out of memory in the fake forward pass');
+    process.exit(3);
+  }
+  await c.send('stepReport', { rank, detailJson: JSON.stringify({ kind: 'done', rank, stateSha256: 'same' }) });
+  await c.receive('ack');
+  await c.close();
+  process.exit(0);
+}
+
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
