@@ -1,0 +1,76 @@
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { Command } from '@commander-js/extra-typings';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { UsageError } from '../errors.js';
+import { formatEpochLine, registerTrain } from './train.js';
+
+function program(): Command {
+  const p = new Command().name('dtrain').exitOverride().configureOutput({ writeErr: () => {}, writeOut: () => {} });
+  registerTrain(p);
+  return p;
+}
+
+const run = (...args: string[]) => program().parseAsync(['node', 'dtrain', 'train', ...args]);
+
+afterEach(() => {
+  vi.restoreAllMocks();
+});
+
+describe('dtrain train: flags', () => {
+  it('says in one line what is wrong with a flag, before loading anything', async () => {
+    const cases: Array<[string[], RegExp]> = [
+      [['--dataset', 'fashion-mnist', '--batch-size', '0'], /^--batch-size must be a positive integer, got '0'$/],
+      [['--dataset', 'fashion-mnist', '--lr', '-1'], /^--lr must be a positive number, got '-1'$/],
+      [['--dataset', 'fashion-mnist', '--momentum', '1'], /^--momentum must be below 1, got '1'$/],
+      [['--dataset', 'fashion-mnist', '--epochs', 'two'], /^--epochs must be a positive integer, got 'two'$/],
+      [['--dataset', 'fashion-mnist', '--image-size', '6'], /^--image-size must be at least 7/],
+      [[], /^choose a data set: --dataset cifar10\|fashion-mnist/],
+    ];
+    for (const [args, re] of cases) {
+      const err = await run(...args).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(err, args.join(' ')).toBeInstanceOf(UsageError);
+      expect((err as Error).message, args.join(' ')).toMatch(re);
+      expect((err as Error).message).not.toContain('\n');
+    }
+    await expect(run('--dataset', 'mnist')).rejects.toThrow(/Allowed choices are cifar10, fashion-mnist/);
+  });
+
+  it('refuses to resume a folder without a checkpoint, naming it', async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dtrain-cli-'));
+    await expect(run('--resume', dir)).rejects.toThrow(new RegExp(`no checkpoint .* in ${dir}`));
+  });
+});
+
+describe('dtrain train: a tiny real run', () => {
+  it('trains on a slice of Fashion-MNIST and prints the epoch line and the summary', async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dtrain-cli-'));
+    const out = path.join(dir, 'run');
+    const lines: string[] = [];
+    vi.spyOn(console, 'log').mockImplementation((...a: unknown[]) => void lines.push(a.join(' ')));
+    vi.spyOn(process.stderr, 'write').mockImplementation(() => true);
+    await run('--dataset', 'fashion-mnist', '--epochs', '1', '--limit-train', '32', '--limit-test', '20', '--image-size', '16', '--batch-size', '16', '--out', out);
+    expect(lines[0]).toMatch(/^training on 32 images, testing on 20; epochs 1\.\.1, 2 steps per epoch; run folder /);
+    expect(lines[1]).toMatch(/^epoch 1\/1 {2}loss \d+\.\d{4} {2}train acc \d+\.\d\d% {2}test acc \d+\.\d\d% {2}test loss \d+\.\d{4} {2}\d+\.\d s {2}\d+\.\d img\/s$/);
+    expect(lines[2]).toMatch(new RegExp(`^done: 1 epochs, final test acc .* run folder ${out}$`));
+    const summary = JSON.parse(await fs.readFile(path.join(out, 'summary.json'), 'utf8'));
+    expect(summary).toMatchObject({ dataset: 'fashion-mnist', epochs: 1, steps: 2, testImages: 20 });
+  });
+});
+
+describe('formatEpochLine', () => {
+  it('prints what the tutorial’s trainer prints', () => {
+    const line = formatEpochLine({
+      kind: 'epoch', epoch: 3, epochs: 20, step: 300, loss: 0.51234, trainAcc: 0.8123, testLoss: 0.42, testAcc: 0.845, testImages: 10000,
+      elapsedSec: 123.45, trainSec: 120, evalSec: 3.45, images: 50000, imagesPerSec: 416.7,
+      phaseSec: { data: 1, compute: 100, allReduce: 0, optimizer: 18, other: 1 },
+      phaseShare: { data: 0.01, compute: 0.83, allReduce: 0, optimizer: 0.15, other: 0.01 },
+      worldSize: 1, globalBatch: 64, lr: 0.01, totalElapsedSec: 370, time: '',
+    });
+    expect(line).toBe('epoch  3/20  loss 0.5123  train acc 81.23%  test acc 84.50%  test loss 0.4200  123.5 s  416.7 img/s');
+  });
+});
