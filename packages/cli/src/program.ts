@@ -3,6 +3,8 @@ import { registerData } from './commands/data.js';
 import { registerDoctor } from './commands/doctor.js';
 import { registerModel } from './commands/model.js';
 import { registerLaunch } from './commands/launch.js';
+import { registerReport } from './commands/report.js';
+import { registerRuns } from './commands/runs.js';
 
 export function buildProgram() {
   const program = new Command()
@@ -13,5 +15,7 @@ export function buildProgram() {
   registerData(program);
   registerModel(program);
   registerLaunch(program);
+  registerReport(program);
+  registerRuns(program);
   return program;
 }
