@@ -33,11 +33,12 @@ export function formatEpochLine(m: EpochMetrics): string {
   ].join('  ');
 }
 
-export function formatSummaryLine(s: Summary, allReduceSec: number, runDir: string): string {
+/** `allReduce` covers the epochs trained by this invocation (a resume does not know the earlier ones). */
+export function formatSummaryLine(s: Summary, allReduce: { sec: number; trainSec: number }, runDir: string): string {
   return [
     `done: ${s.epochs} epochs, ${s.steps} steps, test accuracy ${pct(s.finalTestAcc)} (best ${pct(s.bestTestAcc)} at epoch ${s.bestEpoch}) on ${s.testImages} images`,
     `      ${s.worldSize} workers, global batch ${s.globalBatch}; ${s.totalSec.toFixed(1)} s (training ${s.trainSec.toFixed(1)} s), ${s.imagesPerSec.toFixed(1)} images/s` +
-      (s.trainSec > 0 ? `, all-reduce ${pct(allReduceSec / s.trainSec)} of training time` : ''),
+      (allReduce.trainSec > 0 ? `, all-reduce ${pct(allReduce.sec / allReduce.trainSec)} of training time` : ''),
     `      run folder ${runDir} (worker logs in ${path.join(runDir, 'logs')})`,
   ].join('\n');
 }
@@ -129,14 +130,15 @@ export function registerLaunch(program: Command) {
       }
 
       let summary: Summary | undefined;
-      let allReduceSec = 0;
+      const allReduce = { sec: 0, trainSec: 0 };
       const onEvent = (e: RunEvent) => {
         if (e.kind === 'listening') console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
         else if (e.kind === 'welcomed') console.log(`all ${e.worldSize} workers joined; ring starting`);
         else if (e.kind === 'report' && e.rank === 0) {
           const d = e.detail as { kind?: string; metrics?: EpochMetrics; summary?: Summary };
           if (d.kind === 'epoch' && d.metrics) {
-            allReduceSec += d.metrics.phaseSec.allReduce;
+            allReduce.sec += d.metrics.phaseSec.allReduce;
+            allReduce.trainSec += d.metrics.trainSec;
             console.log(formatEpochLine(d.metrics));
           } else if (d.kind === 'done' && d.summary) summary = d.summary;
         }
@@ -152,7 +154,7 @@ export function registerLaunch(program: Command) {
         timeoutMs: o.timeoutS * 1000,
         onEvent,
       });
-      if (summary) console.log(formatSummaryLine(summary, allReduceSec, runDir));
+      if (summary) console.log(formatSummaryLine(summary, allReduce, runDir));
       console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.worldSize} workers`);
     });
 }
