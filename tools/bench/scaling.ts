@@ -1,0 +1,657 @@
+// `pnpm bench scaling`: how throughput scales with the number of workers.
+//
+// 1. real   The real launcher (`dtrain launch --workers N`) on Fashion-MNIST, same per-worker batch,
+//           N = 1, 2, 4: images/s and each step's share of data, compute, all-reduce, optimizer,
+//           from rank 0's per-step lines in the run folder's metrics.jsonl (--log-every 1).
+// 2. comm   Communication only, on loopback: every worker sleeps --compute-ms per step (a GPU's
+//           step time: the CPU waits) and all-reduces the real gradient (11,180,810 float32) with
+//           the real ring, in real processes. Efficiency = throughput(N) / (N x throughput(1)).
+// 3. lan    The same across Linux network namespaces (one per worker, veth pairs into a bridge
+//           that lives in a namespace of its own: nothing is added to the host's network), every
+//           link shaped with tc tbf to each --rates value in both directions (a full-duplex switch
+//           port), with and without fp16 on the wire. Needs root; skipped with a message otherwise.
+//
+// For the comm modes each row also says where the all-reduce time went: the time the wire alone
+// needs at the nominal rate (2(n-1)/n of the payload per link), the CPU our ranks burnt during the
+// all-reduce as a share of the machine's cores, and how busy the whole machine was (other jobs
+// included). Results: bench-results/scaling.json and markdown tables.
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { workerEnv, type PeerInfo } from '@dtrain/transport';
+import { machine, parseArgs, REPO_ROOT, stats, writeResults, type Stats } from './_common.js';
+import type { RingInit, RingResult, StepSample, StreamInit } from './_scaling-worker.js';
+
+const WORKER = path.join(REPO_ROOT, 'tools', 'bench', '_scaling-worker.ts');
+const CLI = path.join(REPO_ROOT, 'packages', 'cli', 'src', 'main.ts');
+/** Trainable parameters of the tutorial ResNet (`pnpm cli model summary`). */
+const GRADIENT_FLOATS = 11_180_810;
+
+// ---------------------------------------------------------------- processes we started
+
+const live = new Set<ChildProcess>();
+
+function killAll(): void {
+  for (const k of live) if (k.exitCode === null && k.signalCode === null) k.kill('SIGKILL');
+}
+
+interface Proc {
+  child: ChildProcess;
+  /** Last lines of stderr, for error messages. */
+  tail: () => string;
+  exited: Promise<number | null>;
+}
+
+function start(cmd: string, args: string[], opts: { ipc: boolean; env?: NodeJS.ProcessEnv }): Proc {
+  const child = spawn(cmd, args, {
+    cwd: REPO_ROOT,
+    env: opts.env ?? process.env,
+    stdio: opts.ipc ? ['ignore', 'pipe', 'pipe', 'ipc'] : ['ignore', 'pipe', 'pipe'],
+  });
+  live.add(child);
+  let text = '';
+  const keep = (d: Buffer) => {
+    text = (text + d.toString()).slice(-4000);
+  };
+  child.stdout?.on('data', keep);
+  child.stderr?.on('data', keep);
+  const exited = new Promise<number | null>((resolve) => {
+    child.once('exit', (code, signal) => {
+      live.delete(child);
+      resolve(signal ? null : code);
+    });
+    child.once('error', (e) => {
+      keep(Buffer.from(`spawn failed: ${e.message}\n`));
+      live.delete(child);
+      resolve(-1);
+    });
+  });
+  return { child, tail: () => text.trim().split('\n').slice(-12).join('\n'), exited };
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let t: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p.finally(() => clearTimeout(t)),
+    new Promise<never>((_, reject) => {
+      t = setTimeout(() => reject(new Error(`${what} did not finish within ${ms / 1000} s`)), ms);
+    }),
+  ]);
+}
+
+// ---------------------------------------------------------------- machine CPU sampling
+
+/** Samples /proc/stat (via os.cpus) so a row can say how busy the machine was in its timed window. */
+class CpuSampler {
+  private samples: { t: number; busy: number; total: number }[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  start(): void {
+    this.samples = [];
+    const take = () => {
+      let busy = 0;
+      let total = 0;
+      for (const c of os.cpus()) {
+        const s = c.times.user + c.times.nice + c.times.sys + c.times.irq;
+        busy += s;
+        total += s + c.times.idle;
+      }
+      this.samples.push({ t: Date.now(), busy, total });
+    };
+    take();
+    this.timer = setInterval(take, 200);
+  }
+  stop(): void {
+    clearInterval(this.timer);
+  }
+  /** Busy share of all cores between two wall-clock times (ms since the epoch), or NaN. */
+  busyBetween(t0: number, t1: number): number {
+    const a = [...this.samples].reverse().find((s) => s.t <= t0) ?? this.samples[0];
+    const b = this.samples.find((s) => s.t >= t1) ?? this.samples[this.samples.length - 1];
+    if (!a || !b || b.total <= a.total) return NaN;
+    return (b.busy - a.busy) / (b.total - a.total);
+  }
+}
+
+// ---------------------------------------------------------------- network namespaces
+
+const NS_SUBNET = '10.250.77';
+const addrOf = (i: number) => `${NS_SUBNET}.${10 + i}`;
+
+/**
+ * One namespace per worker plus a hub namespace holding a bridge; veth pairs are created with
+ * both ends inside namespaces, so the host's own network is never touched. Addresses exist only
+ * inside these namespaces.
+ */
+class Lan {
+  readonly prefix = `dtsc${process.pid}`;
+  readonly hub = `${this.prefix}-hub`;
+  private created: string[] = [];
+  workers = 0;
+  ws(i: number): string {
+    return `${this.prefix}-w${i}`;
+  }
+
+  private ip(args: string[]): void {
+    execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
+  }
+
+  private addNs(name: string): void {
+    this.ip(['netns', 'add', name]);
+    this.created.push(name);
+    this.ip(['-n', name, 'link', 'set', 'lo', 'up']);
+  }
+
+  /** Namespaces of earlier runs of this benchmark that died without cleaning up. */
+  static removeStale(): string[] {
+    let list = '';
+    try {
+      list = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8', timeout: 10_000 });
+    } catch {
+      return [];
+    }
+    const removed: string[] = [];
+    for (const line of list.split('\n')) {
+      const m = /^(dtsc(\d+)-\S+)/.exec(line.trim());
+      if (!m) continue;
+      const pid = Number(m[2]);
+      let alive = true;
+      try {
+        process.kill(pid, 0);
+      } catch {
+        alive = false;
+      }
+      if (alive) continue;
+      try {
+        execFileSync('ip', ['netns', 'del', m[1]], { stdio: 'ignore', timeout: 10_000 });
+        removed.push(m[1]);
+      } catch {
+        /* someone else removed it */
+      }
+    }
+    return removed;
+  }
+
+  setup(n: number): void {
+    try {
+      this.addNs(this.hub);
+      this.ip(['-n', this.hub, 'link', 'add', 'br0', 'type', 'bridge']);
+      this.ip(['-n', this.hub, 'link', 'set', 'br0', 'up']);
+      for (let i = 0; i < n; i++) {
+        const ns = this.ws(i);
+        this.addNs(ns);
+        this.ip(['-n', this.hub, 'link', 'add', `v${i}`, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns]);
+        this.ip(['-n', this.hub, 'link', 'set', `v${i}`, 'master', 'br0']);
+        this.ip(['-n', this.hub, 'link', 'set', `v${i}`, 'up']);
+        this.ip(['-n', ns, 'addr', 'add', `${addrOf(i)}/24`, 'dev', 'eth0']);
+        this.ip(['-n', ns, 'link', 'set', 'eth0', 'up']);
+      }
+      this.workers = n;
+    } catch (e) {
+      this.teardown();
+      throw new Error(`could not build the namespaces: ${stderrOf(e)}`);
+    }
+  }
+
+  /** tbf on both ends of every worker's link: rate in each direction, as a switch port. */
+  shape(rateBits: number): void {
+    // A burst of 2 ms of traffic (at least 256 KiB: veth hands tbf GSO packets up to 64 KiB).
+    const burst = Math.max(256 * 1024, Math.round((rateBits / 8) * 0.002));
+    const args = (dev: string) => ['qdisc', 'replace', 'dev', dev, 'root', 'tbf', 'rate', `${rateBits}bit`, 'burst', String(burst), 'latency', '20ms'];
+    for (let i = 0; i < this.workers; i++) {
+      execFileSync('tc', ['-n', this.ws(i), ...args('eth0')], { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
+      execFileSync('tc', ['-n', this.hub, ...args(`v${i}`)], { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
+    }
+  }
+
+  teardown(): void {
+    for (const ns of this.created.reverse()) {
+      try {
+        execFileSync('ip', ['netns', 'del', ns], { stdio: 'ignore', timeout: 10_000 });
+      } catch {
+        /* already gone */
+      }
+    }
+    this.created = [];
+    this.workers = 0;
+  }
+}
+
+function stderrOf(e: unknown): string {
+  const s = (e as { stderr?: Buffer }).stderr?.toString().trim();
+  return s || (e instanceof Error ? e.message : String(e));
+}
+
+let lan: Lan | undefined;
+
+function cleanupAndExit(signal: string): void {
+  console.error(`\n${signal}: stopping bench workers and removing namespaces`);
+  killAll();
+  lan?.teardown();
+  process.exit(130);
+}
+
+// ---------------------------------------------------------------- communication-only runs
+
+interface Placement {
+  /** Network namespace to run in, or none (loopback). */
+  ns?: string;
+  listen: string;
+  host: string;
+  ipc: boolean;
+}
+
+interface CommOptions {
+  floats: number;
+  computeMs: number;
+  warmup: number;
+  steps: number;
+  fp16: boolean;
+  timeoutMs: number;
+}
+
+interface RingRun {
+  results: RingResult[];
+  /** Machine-wide busy share of all cores during rank 0's timed steps (other jobs included). */
+  machineBusy: number;
+}
+
+function startWorker(p: Placement): Proc {
+  const node = [process.execPath, '--import', 'tsx', WORKER];
+  // `ip netns exec` execs node, which keeps the IPC channel's descriptor and environment.
+  return p.ns ? start('ip', ['netns', 'exec', p.ns, ...node], { ipc: true, env: workerEnv() }) : start(node[0], node.slice(1), { ipc: true, env: workerEnv() });
+}
+
+async function runRing(world: number, o: CommOptions, place: (rank: number) => Placement, sampler: CpuSampler): Promise<RingRun> {
+  const procs = Array.from({ length: world }, (_, r) => startWorker(place(r)));
+  const endpoints: string[][] = new Array(world);
+  const results: (RingResult & { timedEndEpoch: number })[] = new Array(world);
+  let got = 0;
+  const all = Promise.all(
+    procs.map(
+      (p, rank) =>
+        new Promise<void>((resolve, reject) => {
+          p.child.on('message', (m: { type: string; endpoints?: string[] }) => {
+            if (m.type === 'endpoints' && m.endpoints) {
+              endpoints[rank] = m.endpoints;
+              if (++got === world) {
+                const peers: PeerInfo[] = endpoints.map((e, r) => ({ rank: r, host: place(r).host, endpoints: e }));
+                for (const q of procs) q.child.send({ type: 'peers', peers });
+              }
+            } else if (m.type === 'result') results[rank] = { ...(m as unknown as RingResult), timedEndEpoch: Date.now() };
+          });
+          const pl = place(rank);
+          const init: RingInit = {
+            role: 'ring', rank, world, host: pl.host, listen: pl.listen, port: 0, ipc: pl.ipc,
+            floats: o.floats, computeMs: o.computeMs, warmup: o.warmup, steps: o.steps, fp16: o.fp16, timeoutMs: o.timeoutMs,
+          };
+          p.child.send(init);
+          void p.exited.then((code) => {
+            if (code === 0 && results[rank]) resolve();
+            else reject(new Error(`bench worker rank ${rank}${pl.ns ? ` in namespace ${pl.ns}` : ''} exited with ${code ?? 'a signal'}:\n${p.tail()}`));
+          });
+        }),
+    ),
+  );
+  // Startup (tsx, zeromq) of up to 8 processes on 2 cores, then the steps, then the close.
+  const budget = 60_000 + (o.warmup + o.steps + 1) * (o.computeMs + 5_000);
+  try {
+    await withTimeout(all, budget, `the ${world}-worker ring`);
+  } finally {
+    for (const p of procs) if (p.child.exitCode === null) p.child.kill('SIGKILL');
+  }
+  const r0 = results[0];
+  const machineBusy = sampler.busyBetween(r0.timedEndEpoch - r0.timedWallMs, r0.timedEndEpoch);
+  return { results, machineBusy };
+}
+
+interface CommRow {
+  world: number;
+  link: string;
+  rateBits: number | null;
+  fp16: boolean;
+  computeMs: number;
+  /** Images per worker-step assumed for images/s (the real per-worker batch). */
+  batch: number;
+  stepMs: Stats;
+  imagesPerSec: number;
+  imagesPerSecPerStep: Stats;
+  efficiency: number;
+  allReduceMs: Stats;
+  /** Time the wire alone needs at the nominal rate: 2(n-1)/n of the payload through one link. */
+  wireMs: number | null;
+  /** computeMs / (computeMs + wireMs): the best a step that does not overlap the two can reach. */
+  noOverlapBound: number | null;
+  /** CPU our ranks used during the all-reduce, as a share of all the machine's cores. */
+  ringCpuShare: number;
+  /** CPU ms per rank per all-reduce (JavaScript + ZeroMQ I/O threads). */
+  cpuMsPerRankAllReduce: number;
+  /** Busy share of all cores during the timed steps (other jobs included). */
+  machineBusy: number;
+  bytesSentPerRankPerStep: number;
+}
+
+function commRow(run: RingRun, world: number, o: CommOptions, batch: number, link: string, rateBits: number | null, baseline: number | null): CommRow {
+  const r0 = run.results[0];
+  const steps = r0.samples.length;
+  const stepMs = stats(r0.samples.map((s) => s.stepMs));
+  const imagesPerSec = (world * batch * steps) / (r0.timedWallMs / 1000);
+  const arMs = r0.samples.map((s) => s.allReduceMs);
+  const cpu = run.results.reduce((a, r) => a + r.samples.reduce((b, s: StepSample) => b + s.allReduceCpuMs, 0), 0);
+  const arSum = arMs.reduce((a, b) => a + b, 0);
+  const payload = o.floats * (o.fp16 ? 2 : 4);
+  const wireMs = rateBits && world > 1 ? (((2 * (world - 1)) / world) * payload * 8 * 1000) / rateBits : rateBits ? 0 : null;
+  return {
+    world, link, rateBits, fp16: o.fp16, computeMs: o.computeMs, batch, stepMs, imagesPerSec,
+    imagesPerSecPerStep: stats(r0.samples.map((s) => (world * batch) / (s.stepMs / 1000))),
+    efficiency: baseline ? imagesPerSec / (world * baseline) : 1,
+    allReduceMs: stats(arMs),
+    wireMs,
+    noOverlapBound: wireMs === null ? null : o.computeMs / (o.computeMs + wireMs),
+    ringCpuShare: world > 1 && arSum > 0 ? cpu / (os.cpus().length * arSum) : 0,
+    cpuMsPerRankAllReduce: cpu / (world * steps),
+    machineBusy: run.machineBusy,
+    bytesSentPerRankPerStep: Math.round(r0.bytesSent / (o.warmup + steps + 1)),
+  };
+}
+
+/** A plain TCP stream from worker namespace 0 to 1: what the shaped link carries here. */
+async function linkCheck(l: Lan, bytes: number): Promise<{ bytes: number; ms: number; gbitPerSec: number }> {
+  const port = 29_555;
+  const sink = startWorker({ ns: l.ws(1), listen: addrOf(1), host: 'w1', ipc: false });
+  const source = startWorker({ ns: l.ws(0), listen: addrOf(0), host: 'w0', ipc: false });
+  const timeoutMs = 60_000;
+  try {
+    const listening = new Promise<void>((res) => sink.child.on('message', (m: { type: string }) => m.type === 'listening' && res()));
+    const done = new Promise<{ bytes: number; ms: number }>((res) => sink.child.on('message', (m: { type: string; bytes?: number; ms?: number }) => m.type === 'stream' && res({ bytes: m.bytes!, ms: m.ms! })));
+    sink.child.send({ role: 'sink', addr: addrOf(1), port, bytes, timeoutMs } satisfies StreamInit);
+    await withTimeout(listening, timeoutMs, 'link check (sink start)');
+    source.child.send({ role: 'source', addr: addrOf(1), port, bytes, timeoutMs } satisfies StreamInit);
+    const r = await withTimeout(done, timeoutMs, 'link check');
+    await withTimeout(Promise.all([sink.exited, source.exited]), 10_000, 'link check exit');
+    return { ...r, gbitPerSec: (r.bytes * 8) / (r.ms / 1000) / 1e9 };
+  } finally {
+    for (const p of [sink, source]) if (p.child.exitCode === null) p.child.kill('SIGKILL');
+  }
+}
+
+// ---------------------------------------------------------------- real launcher runs
+
+interface RealRow {
+  world: number;
+  batch: number;
+  imageSize: number;
+  stepSec: Stats;
+  imagesPerSec: number;
+  imagesPerSecPerStep: Stats;
+  speedup: number;
+  efficiency: number;
+  /** Rank 0's share of step time per phase, over the timed steps. */
+  share: { data: number; compute: number; allReduce: number; optimizer: number; other: number };
+  /** Rank 0's mean seconds per step in each phase. */
+  phaseSec: { data: number; compute: number; allReduce: number; optimizer: number };
+  command: string;
+}
+
+interface StepLine {
+  kind: 'step';
+  step: number;
+  images: number;
+  imagesPerSec: number;
+  phaseSec: { data: number; compute: number; allReduce: number; optimizer: number };
+}
+
+async function realRun(world: number, o: { dataset: string; batch: number; imageSize: number; warmup: number; steps: number; timeoutS: number }, baseline: number | null): Promise<RealRow> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-scaling-'));
+  const out = path.join(dir, 'run');
+  const total = o.warmup + o.steps;
+  const args = [
+    'launch', '--workers', String(world), '--dataset', o.dataset, '--epochs', '1', '--batch-size', String(o.batch),
+    '--image-size', String(o.imageSize), '--limit-train', String(world * o.batch * total), '--limit-test', String(8 * world),
+    '--log-every', '1', '--join-timeout-s', '120', '--timeout-s', '120', '--out', out,
+  ];
+  const command = `pnpm cli ${args.join(' ').replace(out, '<tmp>')}`;
+  try {
+    const p = start(process.execPath, ['--import', 'tsx', CLI, ...args], { ipc: false });
+    let code: number | null;
+    try {
+      code = await withTimeout(p.exited, o.timeoutS * 1000, `dtrain launch --workers ${world}`);
+    } catch (e) {
+      if (p.child.exitCode === null) p.child.kill('SIGINT');
+      await withTimeout(p.exited, 15_000, 'the launcher after SIGINT').catch(() => p.child.kill('SIGKILL'));
+      throw e;
+    }
+    if (code !== 0) throw new Error(`dtrain launch --workers ${world} exited with ${code ?? 'a signal'}:\n${p.tail()}`);
+    const lines = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as { kind: string });
+    const steps = (lines.filter((l) => l.kind === 'step') as StepLine[]).sort((a, b) => a.step - b.step).slice(o.warmup);
+    if (steps.length < 1) throw new Error(`${out}/metrics.jsonl has no step lines after ${o.warmup} warm-up steps`);
+    // Each line is one step of rank 0 (--log-every 1); its window is the step plus the line's write.
+    const stepSec = steps.map((s) => s.images / s.imagesPerSec);
+    const sum = (f: (s: StepLine) => number) => steps.reduce((a, s) => a + f(s), 0);
+    const wall = stepSec.reduce((a, b) => a + b, 0);
+    const ph = { data: sum((s) => s.phaseSec.data), compute: sum((s) => s.phaseSec.compute), allReduce: sum((s) => s.phaseSec.allReduce), optimizer: sum((s) => s.phaseSec.optimizer) };
+    const imagesPerSec = (world * o.batch * steps.length) / wall;
+    return {
+      world, batch: o.batch, imageSize: o.imageSize, stepSec: stats(stepSec), imagesPerSec,
+      imagesPerSecPerStep: stats(stepSec.map((s) => (world * o.batch) / s)),
+      speedup: baseline ? imagesPerSec / baseline : 1,
+      efficiency: baseline ? imagesPerSec / (world * baseline) : 1,
+      share: {
+        data: ph.data / wall, compute: ph.compute / wall, allReduce: ph.allReduce / wall, optimizer: ph.optimizer / wall,
+        other: Math.max(0, 1 - (ph.data + ph.compute + ph.allReduce + ph.optimizer) / wall),
+      },
+      phaseSec: { data: ph.data / steps.length, compute: ph.compute / steps.length, allReduce: ph.allReduce / steps.length, optimizer: ph.optimizer / steps.length },
+      command,
+    };
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+// ---------------------------------------------------------------- output
+
+const pct = (x: number | null) => (x === null || !Number.isFinite(x) ? 'n/a' : `${(100 * x).toFixed(1)}%`);
+const f = (x: number, d = 1) => x.toFixed(d);
+const spread = (s: Stats, d = 1) => `${f(s.median, d)} (${f(s.min, d)}-${f(s.max, d)}, sd ${f(s.stdev, d)})`;
+
+function realTable(rows: RealRow[]): string {
+  const out = [
+    '| workers | per-worker batch | images/s | img/s per step: median (min-max, sd) | s/step median | speedup | efficiency | data | compute | all-reduce | optimizer | other |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+  ];
+  for (const r of rows) {
+    out.push(`| ${r.world} | ${r.batch} (${r.imageSize}px) | ${f(r.imagesPerSec)} | ${spread(r.imagesPerSecPerStep)} | ${f(r.stepSec.median, 3)} | ${f(r.speedup, 2)}x | ${pct(r.efficiency)} | ${pct(r.share.data)} | ${pct(r.share.compute)} | ${pct(r.share.allReduce)} | ${pct(r.share.optimizer)} | ${pct(r.share.other)} |`);
+  }
+  return out.join('\n');
+}
+
+function commTable(rows: CommRow[]): string {
+  const out = [
+    '| workers | link | wire dtype | step ms: median (min-max, sd) | images/s | efficiency | all-reduce ms median | wire-only ms | no-overlap bound | ring CPU during all-reduce (of all cores) | CPU ms per rank per all-reduce | machine busy |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+  ];
+  for (const r of rows) {
+    out.push(`| ${r.world} | ${r.link} | ${r.fp16 ? 'fp16' : 'fp32'} | ${spread(r.stepMs)} | ${f(r.imagesPerSec)} | ${pct(r.efficiency)} | ${f(r.allReduceMs.median)} | ${r.wireMs === null ? 'n/a' : f(r.wireMs)} | ${pct(r.noOverlapBound)} | ${pct(r.ringCpuShare)} | ${f(r.cpuMsPerRankAllReduce)} | ${pct(r.machineBusy)} |`);
+  }
+  return out.join('\n');
+}
+
+function parseRate(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)(k|m|g)?bit$/i.exec(v.trim());
+  if (!m) throw new Error(`--rates takes values like 10gbit,1gbit, got '${v}'`);
+  return Number(m[1]) * ({ k: 1e3, m: 1e6, g: 1e9 }[(m[2] ?? '').toLowerCase() as 'k' | 'm' | 'g'] ?? 1);
+}
+
+const ints = (v: string, flag: string) =>
+  v.split(',').map((x) => {
+    const n = Number(x);
+    if (!Number.isInteger(n) || n < 1) throw new Error(`--${flag} takes positive integers separated by commas, got '${v}'`);
+    return n;
+  });
+
+// ---------------------------------------------------------------- main
+
+export async function main(args: string[]): Promise<void> {
+  const o = parseArgs(args, {
+    modes: 'real,comm,lan',
+    workers: '1,2,4',
+    'comm-workers': '1,2,4,8',
+    'lan-workers': '2,4,8',
+    rates: '10gbit,1gbit',
+    fp16: 'both',
+    'compute-ms': '100',
+    batch: '32',
+    'image-size': '28',
+    dataset: 'fashion-mnist',
+    warmup: '2',
+    steps: '6',
+    'comm-warmup': '2',
+    'comm-steps': '8',
+    floats: String(GRADIENT_FLOATS),
+    'link-check-mb': '200',
+    'timeout-s': '300',
+  });
+  const modes = new Set(o.modes.split(','));
+  for (const m of modes) if (!['real', 'comm', 'lan'].includes(m)) throw new Error(`--modes takes real, comm and/or lan, got '${m}'`);
+  if (!['both', 'on', 'off'].includes(o.fp16)) throw new Error(`--fp16 takes both, on or off, got '${o.fp16}'`);
+  const cores = os.cpus().length;
+  const batch = Number(o.batch);
+  const command = `pnpm bench scaling ${args.join(' ')}`.trim();
+  const result: Record<string, unknown> = { bench: 'scaling', command, date: new Date().toISOString(), machine: machine(), options: o };
+  const notes: string[] = [];
+  const save = () => writeResults('scaling', { ...result, notes, machineAtEnd: machine() });
+
+  process.once('SIGINT', () => cleanupAndExit('SIGINT'));
+  process.once('SIGTERM', () => cleanupAndExit('SIGTERM'));
+  process.once('exit', () => {
+    killAll();
+    lan?.teardown();
+  });
+
+  const m = machine();
+  console.log(`# pnpm bench scaling\n\ncommand: \`${command}\`\nmachine: ${m.cpus} x ${m.cpuModel}, ${m.memoryGiB} GiB, ${m.platform}, Node ${m.node}, load average ${m.loadAverage.join(' ')} at the start`);
+
+  // ------------------------------------------------------------ 1. real launcher
+  if (modes.has('real')) {
+    const worlds = ints(o.workers, 'workers');
+    const ro = { dataset: o.dataset, batch, imageSize: Number(o['image-size']), warmup: Number(o.warmup), steps: Number(o.steps), timeoutS: Number(o['timeout-s']) };
+    console.log(`\n## Real training (dtrain launch, ${ro.dataset}, batch ${batch} per worker, ${ro.imageSize}px, ${ro.warmup} warm-up + ${ro.steps} timed steps per run)\n`);
+    const rows: RealRow[] = [];
+    let base: number | null = null;
+    for (const w of worlds) {
+      process.stdout.write(`launching ${w} worker${w > 1 ? 's' : ''}... `);
+      const t = Date.now();
+      const r = await realRun(w, ro, base);
+      if (w === 1) base = r.imagesPerSec;
+      if (base !== null && w !== 1) Object.assign(r, { speedup: r.imagesPerSec / base, efficiency: r.imagesPerSec / (w * base) });
+      rows.push(r);
+      console.log(`${f(r.imagesPerSec)} images/s (${f((Date.now() - t) / 1000)} s with startup)`);
+    }
+    if (worlds[0] !== 1) notes.push('real mode: no 1-worker run, so speedup and efficiency are relative to nothing (shown as 1).');
+    const note = `On ${cores} core${cores === 1 ? '' : 's'} compute cannot scale: ${Math.max(...worlds)} CPU workers share the same ${cores} cores (TensorFlow's threads in every process), so images/s stays flat or falls with N; the all-reduce share shows the communication that data parallelism adds. Real scaling needs a core (or GPU) per worker.`;
+    if (Math.max(...worlds) > cores / 2) notes.push(note);
+    result.real = { options: ro, rows };
+    save();
+    console.log(`\n${realTable(rows)}\n\nShares are of rank 0's step time (other = the rest: bookkeeping, the metrics line). ${Math.max(...worlds) > cores / 2 ? note : ''}`);
+  }
+
+  // ------------------------------------------------------------ 2. communication only, loopback
+  const co: CommOptions = {
+    floats: Number(o.floats), computeMs: Number(o['compute-ms']), warmup: Number(o['comm-warmup']), steps: Number(o['comm-steps']),
+    fp16: false, timeoutMs: 60_000,
+  };
+  const sampler = new CpuSampler();
+  sampler.start();
+  let baseline: number | null = null;
+  const commRows: CommRow[] = [];
+  const loop = (r: number): Placement => ({ listen: '127.0.0.1', host: `loopback-${r}`, ipc: false });
+  try {
+    if (modes.has('comm') || modes.has('lan')) {
+      const worlds = modes.has('comm') ? ints(o['comm-workers'], 'comm-workers') : [1];
+      if (!worlds.includes(1)) worlds.unshift(1);
+      console.log(`\n## Communication only, loopback TCP (compute = sleep ${co.computeMs} ms, all-reduce of ${co.floats} float32 = ${f((co.floats * 4) / 1e6)} MB, mean of ${co.steps} steps after ${co.warmup} warm-up, ${batch} images per worker-step)\n`);
+      for (const w of worlds.sort((a, b) => a - b)) {
+        process.stdout.write(`${w} worker${w > 1 ? 's' : ''}... `);
+        const run = await runRing(w, co, loop, sampler);
+        const row = commRow(run, w, co, batch, 'loopback tcp', null, baseline);
+        if (w === 1) baseline = row.imagesPerSec;
+        commRows.push(row);
+        console.log(`${f(row.imagesPerSec)} images/s, efficiency ${pct(row.efficiency)}, all-reduce ${f(row.allReduceMs.median)} ms`);
+      }
+      result.comm = { options: co, transport: 'tcp over 127.0.0.1 (ipc:// off, so every byte goes through the TCP stack)', rows: commRows };
+      save();
+      console.log(`\n${commTable(commRows)}`);
+    }
+
+    // ---------------------------------------------------------- 3. LAN model
+    if (modes.has('lan')) {
+      const worlds = ints(o['lan-workers'], 'lan-workers').sort((a, b) => a - b);
+      const rates = o.rates.split(',').map((r) => ({ name: r, bits: parseRate(r) }));
+      const dtypes = o.fp16 === 'both' ? [false, true] : [o.fp16 === 'on'];
+      console.log(`\n## LAN model: one network namespace per worker, links shaped with tc tbf (${rates.map((r) => r.name).join(', ')}, each direction), ${dtypes.map((d) => (d ? 'fp16' : 'fp32')).join(' and ')} on the wire\n`);
+      let skip: string | undefined;
+      if (process.getuid?.() !== 0) skip = 'not root: network namespaces and tc need root (run as root, or with sudo)';
+      else {
+        const stale = Lan.removeStale();
+        if (stale.length) console.log(`removed namespaces left by an earlier run: ${stale.join(', ')}`);
+        lan = new Lan();
+        try {
+          lan.setup(Math.max(2, ...worlds));
+        } catch (e) {
+          skip = (e as Error).message;
+          lan = undefined;
+        }
+      }
+      if (skip) {
+        console.log(`SKIPPED the LAN model: ${skip}`);
+        result.lan = { skipped: skip };
+        save();
+      } else {
+        const l = lan!;
+        const lanRows: CommRow[] = [];
+        const checks: Record<string, unknown> = {};
+        try {
+          for (const rate of rates) {
+            l.shape(rate.bits);
+            const chk = await linkCheck(l, Number(o['link-check-mb']) * 1e6);
+            checks[rate.name] = chk;
+            console.log(`${rate.name}: one TCP stream between two namespaces carries ${f(chk.gbitPerSec, 2)} Gbit/s here`);
+            for (const fp16 of dtypes) {
+              for (const w of worlds) {
+                process.stdout.write(`  ${w} workers, ${rate.name}, ${fp16 ? 'fp16' : 'fp32'}... `);
+                const run = await runRing(w, { ...co, fp16 }, (r) => ({ ns: l.ws(r), listen: addrOf(r), host: `ns-w${r}`, ipc: false }), sampler);
+                const row = commRow(run, w, { ...co, fp16 }, batch, `${rate.name} (tbf)`, rate.bits, baseline);
+                lanRows.push(row);
+                console.log(`${f(row.imagesPerSec)} images/s, efficiency ${pct(row.efficiency)}, all-reduce ${f(row.allReduceMs.median)} ms (wire alone ${f(row.wireMs ?? 0)} ms)`);
+                result.lan = { topology: `${l.workers} namespaces with ${NS_SUBNET}.0/24 addresses, veth into a bridge in namespace ${l.hub}; tbf on both ends of every veth`, linkChecks: checks, rows: lanRows };
+                save();
+              }
+            }
+          }
+        } finally {
+          l.teardown();
+          lan = undefined;
+        }
+        console.log(`\n${commTable(lanRows)}`);
+        const best8 = lanRows.filter((r) => r.world === 8 && r.rateBits === 10e9);
+        if (best8.length) {
+          const best = best8.reduce((a, b) => (b.efficiency > a.efficiency ? b : a));
+          notes.push(`8 workers on 10 Gbit/s: best efficiency ${pct(best.efficiency)} (${best.fp16 ? 'fp16' : 'fp32'}); target 90%. A step that all-reduces after compute (no overlap) can reach at most ${pct(best.noOverlapBound)} with ${co.computeMs} ms compute at this rate.`);
+        }
+      }
+    }
+  } finally {
+    sampler.stop();
+  }
+
+  if (commRows.length) {
+    notes.push(
+      'Reading the comm tables: wire-only ms is what the link alone needs (2(n-1)/n of the payload through each link at the nominal rate); no-overlap bound = compute / (compute + wire-only), ' +
+        'the best efficiency of a trainer that all-reduces after the backward pass (ours does); ring CPU = CPU time of all ranks during the all-reduce / (cores x all-reduce time): near 100% means the ' +
+        `${cores} cores, not the wire, set the pace; machine busy includes other jobs on the machine.`,
+    );
+  }
+  const file = save();
+  if (notes.length) console.log(`\n${notes.map((n) => `- ${n}`).join('\n')}`);
+  console.log(`\nwrote ${file}`);
+}
