@@ -11,6 +11,7 @@
 //
 // The parent talks to it over the IPC channel only (works through `ip netns exec`, which execs
 // node with the channel's file descriptor and environment intact). Every wait has a timeout.
+import fs from 'node:fs';
 import net from 'node:net';
 import { Ring, type PeerInfo } from '@dtrain/transport';
 
@@ -39,6 +40,15 @@ export interface StepSample {
   allReduceCpuMs: number;
   /** CPU time of this process during the whole step, ms. */
   stepCpuMs: number;
+  /**
+   * The JavaScript thread during the all-reduce, from /proc/self/task/<tid>/schedstat (ms): on a
+   * core, runnable but waiting for one (CPU-starved), and the rest of the wall time (blocked:
+   * waiting on the wire or on a peer). NaN where schedstat is not available.
+   */
+  jsRunMs: number;
+  jsQueueMs: number;
+  /** All threads of the process (JS, ZeroMQ I/O, V8, libuv): time runnable but waiting for a core, ms. */
+  allQueueMs: number;
 }
 
 export interface RingResult {
@@ -61,6 +71,27 @@ export interface StreamInit {
 type FromParent = RingInit | StreamInit | { type: 'peers'; peers: PeerInfo[] };
 
 const now = () => performance.now();
+
+/** [run ns, run-queue wait ns] of one thread, or of all threads of this process summed. */
+function schedstat(tid?: number): [number, number] {
+  try {
+    const tids = tid !== undefined ? [String(tid)] : fs.readdirSync('/proc/self/task');
+    let run = 0;
+    let wait = 0;
+    for (const t of tids) {
+      try {
+        const [a, b] = fs.readFileSync(`/proc/self/task/${t}/schedstat`, 'utf8').split(' ').map(Number);
+        run += a;
+        wait += b;
+      } catch {
+        /* the thread ended between readdir and read */
+      }
+    }
+    return [run, wait];
+  } catch {
+    return [NaN, NaN];
+  }
+}
 const cpuMs = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1000;
@@ -105,12 +136,21 @@ async function ringRole(o: RingInit): Promise<void> {
       const t0 = now();
       const c0 = cpuMs();
       if (o.computeMs > 0) await new Promise((r) => setTimeout(r, o.computeMs));
+      const js1 = schedstat(process.pid);
+      const all1 = schedstat();
       const t1 = now();
       const c1 = cpuMs();
       await ring.allReduce(grad, { average: true, fp16: o.fp16 });
       const t2 = now();
       const c2 = cpuMs();
-      if (s >= o.warmup) samples.push({ stepMs: t2 - t0, allReduceMs: t2 - t1, allReduceCpuMs: c2 - c1, stepCpuMs: c2 - c0 });
+      const js2 = schedstat(process.pid);
+      const all2 = schedstat();
+      if (s >= o.warmup) {
+        samples.push({
+          stepMs: t2 - t0, allReduceMs: t2 - t1, allReduceCpuMs: c2 - c1, stepCpuMs: c2 - c0,
+          jsRunMs: (js2[0] - js1[0]) / 1e6, jsQueueMs: (js2[1] - js1[1]) / 1e6, allQueueMs: (all2[1] - all1[1]) / 1e6,
+        });
+      }
     }
     const timedWallMs = now() - timedStart;
     const bytesSent = ring.stats().bytesSent;
