@@ -3,6 +3,7 @@ import { registerData } from './commands/data.js';
 import { registerDoctor } from './commands/doctor.js';
 import { registerModel } from './commands/model.js';
 import { registerLaunch } from './commands/launch.js';
+import { registerTrain } from './commands/train.js';
 import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
 
@@ -14,6 +15,7 @@ export function buildProgram() {
   registerDoctor(program);
   registerData(program);
   registerModel(program);
+  registerTrain(program);
   registerLaunch(program);
   registerReport(program);
   registerRuns(program);
