@@ -2,6 +2,7 @@
 // TensorFlow backend, synthetic 12x12 images (an 11M-parameter step still costs ~0.3 s here).
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -24,7 +25,7 @@ function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr:
 }
 
 // Same flags for the uninterrupted run and the stopped-and-resumed one.
-const RUN = ['--workers', '2', '--synthetic-test-data', '96:64:12', '--batch-size', '8', '--lr', '0.02', '--seed', '3'];
+const RUN = ['--workers', '2', '--synthetic-test-data', '96:64:12', '--batch-size', '8', '--lr', '0.02', '--seed', '3', '--metrics-port', '0'];
 const stateOf = (stdout: string) => /replicas identical: state sha256 ([0-9a-f]{16}) on all 2 workers/.exec(stdout)?.[1];
 
 describe('pnpm cli launch --workers 2', () => {
@@ -57,12 +58,27 @@ describe('pnpm cli launch --workers 2', () => {
     const first = await cli('launch', ...RUN, '--epochs', '1', '--out', out);
     expect(first.code).toBe(0);
     // In-memory test data is not in the checkpoint: name it again, as a user names the data dir.
-    const second = await cli('launch', '--workers', '2', '--synthetic-test-data', '96:64:12', '--resume', out, '--epochs', '2');
+    const second = await cli('launch', '--workers', '2', '--synthetic-test-data', '96:64:12', '--resume', out, '--epochs', '2', '--metrics-port', '0');
     expect(second.stderr).toBe('');
     expect(second.code).toBe(0);
     expect(second.stdout).toMatch(/^resuming .* \(epoch 1, written by 2 workers\) with 2$/m);
     expect(second.stdout.split('\n').filter((l) => l.startsWith('epoch '))).toEqual([expect.stringMatching(/^epoch 2\/2 /)]);
     expect(stateOf(second.stdout)).toBe(uninterrupted);
+  });
+
+  it('a --metrics-port in use is one line naming the port and the flag, before any worker starts', async () => {
+    const busy = net.createServer();
+    await new Promise<void>((resolve) => busy.listen(0, '0.0.0.0', resolve));
+    const port = (busy.address() as net.AddressInfo).port;
+    try {
+      const out = path.join(tmp(), 'never');
+      const r = await cli('launch', '--workers', '2', '--synthetic-test-data', '16:8:12', '--out', out, '--metrics-port', String(port));
+      expect(r.code).toBe(2);
+      expect(r.stderr).toBe(`error: cannot serve metrics on 0.0.0.0:${port} (the port is in use); choose another --metrics-port, or --metrics-port 0 to serve none\n`);
+      expect(fs.existsSync(path.join(out, 'logs'))).toBe(false);
+    } finally {
+      busy.close();
+    }
   });
 
   it('--gpus on a machine without enough GPUs fails before anything starts', async () => {

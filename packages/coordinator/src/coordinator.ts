@@ -8,7 +8,8 @@ import fs from 'node:fs';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { ControlServer, workerEnv, type ControlEnvelope } from '@dtrain/transport';
+import { ControlServer, transportCounters, workerEnv, type ControlEnvelope } from '@dtrain/transport';
+import { startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
 
 export class CoordinatorError extends Error {
   override get name(): string {
@@ -48,6 +49,7 @@ export class ReplicaDivergedError extends CoordinatorError {
 
 export type RunEvent =
   | { kind: 'listening'; endpoint: string; runId: string; logDir: string }
+  | { kind: 'metrics'; url: string; port: number }
   | { kind: 'spawned'; rank: number; pid: number; logFile: string }
   | { kind: 'joined'; rank: number; host: string; device: string; joined: number; expected: number }
   | { kind: 'welcomed'; worldSize: number }
@@ -74,6 +76,14 @@ export interface LaunchOptions {
   /** Extra environment for the workers. */
   env?: NodeJS.ProcessEnv;
   onEvent?: (e: RunEvent) => void;
+  /** Serve Prometheus metrics (GET /metrics, /healthz) on this port; 0 or absent: none. */
+  metricsPort?: number;
+  /** Address the metrics server binds (default 0.0.0.0, so a Prometheus elsewhere can scrape it). */
+  metricsHost?: string;
+  /** Keep serving metrics this long after the run ended, so a last scrape sees the final figures (default 0). */
+  metricsLingerMs?: number;
+  /** The exporter to feed (default: a new TrainingMetrics); tests pass one to look at it. */
+  metrics?: TrainingMetrics;
   /** Lines of a failed worker's log to show (default 15). */
   tailLines?: number;
 }
@@ -108,15 +118,43 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const joinTimeoutMs = o.joinTimeoutMs ?? 120_000;
   const runId = randomBytes(8).toString('hex');
   const emit = o.onEvent ?? (() => undefined);
+
+  // Metrics first: a port in use fails the launch before any process starts.
+  const metrics = o.metrics ?? new TrainingMetrics();
+  const metricsServer: MetricsServer | null = o.metricsPort ? await startMetricsServer(metrics, { port: o.metricsPort, host: o.metricsHost }) : null;
+  if (metricsServer) emit({ kind: 'metrics', url: metricsServer.url, port: metricsServer.port });
+  metrics.setWorkers(0, n);
+  let rejectedSeen = transportCounters().rejected;
+  const countRejected = () => {
+    const now = transportCounters().rejected;
+    if (now > rejectedSeen) metrics.countMalformedMessages(now - rejectedSeen);
+    rejectedSeen = now;
+  };
+  const rejectedTimer = setInterval(countRejected, 1000);
+  rejectedTimer.unref();
+  const stopMetrics = async () => {
+    clearInterval(rejectedTimer);
+    countRejected();
+    if (!metricsServer) return;
+    if (o.metricsLingerMs) await new Promise((r) => setTimeout(r, o.metricsLingerMs));
+    await metricsServer.close();
+  };
+
   const logDir = path.join(o.runDir, 'logs');
   fs.mkdirSync(logDir, { recursive: true });
 
   const listen = o.listen ?? '127.0.0.1';
-  const server = await ControlServer.bind({ listen, port: o.port ?? 0, runId, timeoutMs: o.timeoutMs ?? 120_000 });
+  const server = await ControlServer.bind({ listen, port: o.port ?? 0, runId, timeoutMs: o.timeoutMs ?? 120_000 }).catch(async (err: unknown) => {
+    await stopMetrics();
+    throw err;
+  });
   emit({ kind: 'listening', endpoint: server.endpoint, runId, logDir });
   const masterAddr = listen === '0.0.0.0' ? hostname() : listen;
 
   const slots: Slot[] = [];
+  const reports: LaunchResult['reports'] = [];
+  const joined = new Map<number, { peer: Buffer; host: string; endpoints: string[] }>();
+  let connected = 0;
   let failure: { slot: Slot; code: number | null; signal: NodeJS.Signals | null } | undefined;
   let failed!: (s: Slot, code: number | null, signal: NodeJS.Signals | null) => void;
   const firstFailure = new Promise<void>((resolve) => {
@@ -163,6 +201,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         slot.error = `could not start ${process.execPath}: ${e.message}`;
       });
       child.on('close', (code, signal) => {
+        if (joined.has(rank)) metrics.setWorkers(--connected, n);
         void streamsDone.then(async () => {
           // The final report travels over the control socket, the exit over a pipe: give the
           // report a moment to arrive before calling a clean exit a failure.
@@ -176,8 +215,6 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     emit({ kind: 'spawned', rank, pid: child.pid ?? -1, logFile });
   }
 
-  const reports: LaunchResult['reports'] = [];
-  const joined = new Map<number, { peer: Buffer; host: string; endpoints: string[] }>();
   let welcomed = false;
   let allJoined!: () => void;
   const everyoneJoined = new Promise<void>((resolve) => (allJoined = resolve));
@@ -197,21 +234,24 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       if (!h.host || !(h.dataEndpoints ?? []).length) return refuse('a Hello needs a host and the ring endpoints');
       joined.set(rank, { peer: e.peer, host: h.host, endpoints: h.dataEndpoints ?? [] });
       if (slots[rank]) slots[rank].host = h.host;
+      metrics.setWorkers(++connected, n);
       emit({ kind: 'joined', rank, host: h.host, device: h.device ?? '', joined: joined.size, expected: n });
       if (joined.size === n) allJoined();
     } else if (m.kind === 'stepReport') {
-      const r = m.body as { rank?: number; detailJson?: string };
+      const r = m.body as StepReportBody;
       // The connection says who sent it, not the message (proto3 also omits rank 0).
       const rank = rankOf(e.peer);
       if (rank < 0) return;
+      if (!r.detailJson) return observeStep(metrics, rank, r.host || joined.get(rank)!.host, r);
       let detail: Record<string, unknown>;
       try {
-        detail = JSON.parse(r.detailJson ?? '') as Record<string, unknown>;
-        if (typeof detail !== 'object' || detail === null) return;
+        detail = JSON.parse(r.detailJson) as Record<string, unknown>;
+        if (typeof detail !== 'object' || detail === null) return metrics.countMalformedMessages();
       } catch {
-        return;
+        return metrics.countMalformedMessages();
       }
       reports.push({ rank, detail });
+      if (rank === 0) observeRank0(metrics, detail, n);
       if (detail.kind === 'done' && slots[rank]) {
         slots[rank].final = detail;
         // The acknowledgement lets the worker exit knowing its report arrived.
@@ -236,6 +276,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const failWith = async (err: Error): Promise<never> => {
     await killAll();
     await server.close();
+    await stopMetrics();
     throw err;
   };
   const workerFailure = () => {
@@ -274,6 +315,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const outcome = await Promise.race([all.then(() => 'exited' as const), firstFailure.then(() => 'failed' as const)]);
   if (outcome === 'failed' || failure) return failWith(workerFailure());
   await server.close();
+  await stopMetrics();
 
   const finals = slots.map((s) => s.final!);
   const hashes = new Set(finals.map((f) => f.stateSha256));
@@ -281,4 +323,72 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     throw new ReplicaDivergedError(`the workers finished with different weights: ${finals.map((f, r) => `rank ${r} ${String(f.stateSha256).slice(0, 12)}`).join(', ')}`);
   }
   return { runId, worldSize: n, finals, reports, wallSec: (performance.now() - t0) / 1000 };
+}
+
+/** The StepReport fields the coordinator reads (proto3: absent fields are undefined). */
+interface StepReportBody {
+  epoch?: number;
+  step?: number;
+  loss?: number;
+  examples?: number;
+  dataMs?: number;
+  computeMs?: number;
+  allReduceMs?: number;
+  optimizerMs?: number;
+  allReduceBytes?: number;
+  host?: string;
+  rssBytes?: number;
+  cpuSec?: number;
+  stepMs?: number;
+  detailJson?: string;
+}
+
+/** A worker's per-step report into the exporter; one with impossible figures counts as malformed. */
+function observeStep(metrics: TrainingMetrics, rank: number, host: string, r: StepReportBody): void {
+  const ms = (x: number | undefined) => (x ?? 0) / 1000;
+  try {
+    metrics.observeStep({
+      rank,
+      host,
+      epoch: r.epoch ?? 0,
+      step: r.step ?? 0,
+      images: r.examples ?? 0,
+      loss: r.loss ?? 0,
+      phaseSec: { data: ms(r.dataMs), compute: ms(r.computeMs), allReduce: ms(r.allReduceMs), optimizer: ms(r.optimizerMs) },
+      allReduceBytes: r.allReduceBytes ?? 0,
+      stepSec: r.stepMs !== undefined ? r.stepMs / 1000 : undefined,
+      rssBytes: r.rssBytes,
+      cpuSec: r.cpuSec,
+    });
+  } catch {
+    metrics.countMalformedMessages();
+  }
+}
+
+const num = (x: unknown, fallback = 0): number => (typeof x === 'number' && Number.isFinite(x) ? x : fallback);
+const str = (x: unknown): string => (typeof x === 'string' && x ? x : 'unknown');
+
+/** Rank 0's start, checkpoint and epoch reports (the worker's JSON, see @dtrain/worker's WorkerReport). */
+function observeRank0(metrics: TrainingMetrics, d: Record<string, unknown>, worldSize: number): void {
+  if (d.kind === 'start') {
+    const info = (d.info ?? {}) as Record<string, unknown>;
+    const v = (d.versions ?? {}) as Record<string, unknown>;
+    metrics.setBuildInfo({ version: str(v.dtrain), tfjs: str(v.tfjs), tensorflow: str(v.tensorflow), node: str(v.node), backend: str(d.backend), worldSize });
+    metrics.setRun({ epochs: num(info.epochs), lr: num(d.lr), startEpoch: num(info.startEpoch, 1) });
+  } else if (d.kind === 'checkpoint') {
+    metrics.observeCheckpoint(new Date(num(d.unixMs, Date.now())));
+  } else if (d.kind === 'epoch' && typeof d.metrics === 'object' && d.metrics !== null) {
+    const e = d.metrics as Record<string, unknown>;
+    metrics.observeEpoch({
+      epoch: num(e.epoch),
+      epochs: num(e.epochs),
+      loss: num(e.loss, NaN),
+      trainAcc: num(e.trainAcc),
+      testLoss: num(e.testLoss, NaN),
+      testAcc: num(e.testAcc),
+      elapsedSec: num(e.elapsedSec),
+      imagesPerSec: num(e.imagesPerSec),
+      lr: num(e.lr),
+    });
+  }
 }

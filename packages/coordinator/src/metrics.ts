@@ -197,7 +197,8 @@ export interface MetricsServer {
 export class MetricsPortError extends Error {
   readonly code = 'E_METRICS_PORT' as const;
   constructor(host: string, port: number, cause: NodeJS.ErrnoException) {
-    super(`cannot serve metrics on ${host}:${port} (${cause.code ?? cause.message}); choose another --metrics-port, or 0 to serve none`, { cause });
+    const why = cause.code === 'EADDRINUSE' ? 'the port is in use' : (cause.code ?? cause.message);
+    super(`cannot serve metrics on ${host}:${port} (${why}); choose another --metrics-port, or --metrics-port 0 to serve none`, { cause });
     this.name = 'MetricsPortError';
   }
 }

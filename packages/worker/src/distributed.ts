@@ -12,7 +12,9 @@
 //   DTRAIN_HOST                name of this machine in messages (default os.hostname())
 //   DTRAIN_JOIN_TIMEOUT_MS     how long to wait for the coordinator's Welcome (default 120000)
 //   DTRAIN_TIMEOUT_MS          a ring collective fails when a neighbour is silent this long (default 120000)
+import fs from 'node:fs';
 import { hostname } from 'node:os';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset } from '@dtrain/data';
 import { ControlClient, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
@@ -47,7 +49,18 @@ export interface DoneReport {
   summary?: Summary;
 }
 
-export type WorkerReport = { kind: 'start'; info: StartInfo; worldSize: number } | { kind: 'epoch'; metrics: EpochMetrics } | DoneReport;
+/** Rank 0's start report: what the coordinator's exporter shows as build info and run settings. */
+export interface StartReport {
+  kind: 'start';
+  info: StartInfo;
+  worldSize: number;
+  /** From the run's config.json: the resolved learning rate and backend, and the versions. */
+  lr?: number;
+  backend?: string;
+  versions?: Record<string, string>;
+}
+
+export type WorkerReport = StartReport | { kind: 'epoch'; metrics: EpochMetrics } | { kind: 'checkpoint'; file: string; unixMs: number } | DoneReport;
 
 /** A worker started with a missing or wrong environment variable. */
 export class WorkerEnvError extends Error {
@@ -149,9 +162,12 @@ export async function runDistributedWorker(
     await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1 });
     log(`${who}: ring of ${env.worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId})`);
 
-    const collective = new RingCollective(ring);
+    // The gradient all-reduce is the last 'mean' before each step's onStep.
+    let gradientBytes = 0;
+    const collective = new RingCollective(ring, { afterOp: (op, buf) => void (op === 'mean' && (gradientBytes = buf.byteLength)) });
     const report = (r: WorkerReport, extra: Record<string, unknown> = {}) =>
       control.send('stepReport', { rank: env.rank, detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
+    let stepStart = performance.now();
 
     const data = config.synthetic ? syntheticData(config.synthetic) : undefined;
     const result = await runTraining({
@@ -163,9 +179,38 @@ export async function runDistributedWorker(
       hooks: {
         onStart: (info) => {
           log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
-          if (env.rank === 0) void report({ kind: 'start', info, worldSize: env.worldSize });
+          if (env.rank === 0) void report({ kind: 'start', info, worldSize: env.worldSize, ...runFacts(info.runDir) });
+        },
+        onEpochStart: () => {
+          stepStart = performance.now();
+        },
+        onCheckpoint: (file) => {
+          if (env.rank === 0) void report({ kind: 'checkpoint', file, unixMs: Date.now() });
         },
         onStep: (s) => {
+          const now = performance.now();
+          const cpu = process.cpuUsage();
+          // Every rank, every step: the figures of the coordinator's Prometheus exporter.
+          void control
+            .send('stepReport', {
+              rank: env.rank,
+              epoch: s.epoch,
+              step: s.step,
+              loss: s.loss,
+              examples: s.n,
+              correct: s.correct,
+              dataMs: s.phases.data * 1000,
+              computeMs: s.phases.compute * 1000,
+              allReduceMs: s.phases.allReduce * 1000,
+              optimizerMs: s.phases.optimizer * 1000,
+              allReduceBytes: gradientBytes,
+              host: env.host,
+              rssBytes: process.memoryUsage.rss(),
+              cpuSec: (cpu.user + cpu.system) / 1e6,
+              stepMs: now - stepStart,
+            })
+            .catch(() => undefined);
+          stepStart = now;
           if (s.stepInEpoch === s.stepsInEpoch || s.stepInEpoch % 20 === 0) {
             log(`${who}: epoch ${s.epoch} step ${s.stepInEpoch}/${s.stepsInEpoch} loss ${s.loss.toFixed(4)} compute ${(s.phases.compute * 1000).toFixed(0)} ms all-reduce ${(s.phases.allReduce * 1000).toFixed(0)} ms`);
           }
@@ -207,6 +252,17 @@ export async function runDistributedWorker(
     await ring?.close().catch(() => undefined);
     await control.close().catch(() => undefined);
     throw err;
+  }
+}
+
+/** Learning rate, backend and versions from rank 0's config.json (written before onStart). */
+function runFacts(runDir: string | null): Pick<StartReport, 'lr' | 'backend' | 'versions'> {
+  if (!runDir) return {};
+  try {
+    const c = JSON.parse(fs.readFileSync(path.join(runDir, 'config.json'), 'utf8')) as { settings?: { lr?: number; backend?: string }; versions?: Record<string, string> };
+    return { lr: c.settings?.lr, backend: c.settings?.backend, versions: c.versions };
+  } catch {
+    return {};
   }
 }
 

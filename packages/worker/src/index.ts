@@ -32,4 +32,4 @@ export { TrainError, TrainSettingsError, CheckpointError, NoCheckpointError, Rep
 export { RingCollective, hashFloats } from './ring-collective.js';
 export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
 export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY } from './distributed.js';
-export type { DistributedConfig, DoneReport, WorkerReport, WorkerEnv } from './distributed.js';
+export type { DistributedConfig, DoneReport, StartReport, WorkerReport, WorkerEnv } from './distributed.js';

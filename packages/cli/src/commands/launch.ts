@@ -5,6 +5,7 @@ import path from 'node:path';
 import { Command, Option } from '@commander-js/extra-typings';
 import { listGpus } from '@dtrain/backend';
 import { launch, type RunEvent } from '@dtrain/coordinator';
+import { DEFAULT_METRICS_PORT } from '@dtrain/core';
 import {
   defaultRunDir,
   readLatestCheckpoint,
@@ -43,6 +44,14 @@ export function formatSummaryLine(s: Summary, allReduce: { sec: number; trainSec
   ].join('\n');
 }
 
+function portNumber(flag: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0 || n > 65535) throw new UsageError(`${flag} must be a TCP port (0-65535), got '${v}'`);
+    return n;
+  };
+}
+
 function parseSynthetic(v: string): NonNullable<DistributedConfig['synthetic']> {
   const m = /^(\d+):(\d+):(\d+)$/.exec(v);
   if (!m) throw new UsageError(`--synthetic-test-data must be TRAIN:TEST:SIZE (e.g. 256:64:16), got '${v}'`);
@@ -76,6 +85,8 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--port <n>', 'coordinator control port (default: any free port)').argParser(nonNegativeInt('--port')))
     .addOption(new Option('--join-timeout-s <s>', 'fail when workers have not joined by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', 'a collective fails when a neighbour is silent this long').default(120).argParser(positiveInt('--timeout-s')))
+    .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
+    .addOption(new Option('--metrics-linger-s <s>', 'keep serving metrics this long after the run ended, for a last scrape').default(0).argParser(nonNegativeNumber('--metrics-linger-s')))
     .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
     .action(async (o) => {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
@@ -132,7 +143,8 @@ export function registerLaunch(program: Command) {
       let summary: Summary | undefined;
       const allReduce = { sec: 0, trainSec: 0 };
       const onEvent = (e: RunEvent) => {
-        if (e.kind === 'listening') console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
+        if (e.kind === 'metrics') console.log(`metrics: ${e.url} (Prometheus; --metrics-port ${e.port}, 0 to serve none)`);
+        else if (e.kind === 'listening') console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
         else if (e.kind === 'welcomed') console.log(`all ${e.worldSize} workers joined; ring starting`);
         else if (e.kind === 'report' && e.rank === 0) {
           const d = e.detail as { kind?: string; metrics?: EpochMetrics; summary?: Summary };
@@ -153,6 +165,8 @@ export function registerLaunch(program: Command) {
         joinTimeoutMs: o.joinTimeoutS * 1000,
         timeoutMs: o.timeoutS * 1000,
         onEvent,
+        metricsPort: o.metricsPort,
+        metricsLingerMs: o.metricsLingerS * 1000,
       });
       if (summary) console.log(formatSummaryLine(summary, allReduce, runDir));
       console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.worldSize} workers`);
