@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildCharts, phaseBreakdown, writeReport } from './commands/report.js';
+import { buildCharts, phaseBreakdown, writeReport } from './report.js';
 import { collectRuns, formatRunTable } from './commands/runs.js';
 import { readRun } from './run-files.js';
 import { writeRunFixture } from './testing/run-fixture.js';
