@@ -487,11 +487,11 @@ function realTable(rows: RealRow[]): string {
 
 function commTable(rows: CommRow[]): string {
   const out = [
-    '| workers | link | wire dtype | step ms: median (min-max, sd) | images/s | efficiency | all-reduce ms median | wire-only ms | no-overlap bound | ring CPU during all-reduce (of all cores) | JS thread in all-reduce: on core / waiting for core / blocked on wire or peer | machine busy |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    '| workers | link | wire dtype | step ms: median (min-max, sd) | images/s | efficiency | all-reduce ms median | wire-only ms | link use (wire-only / all-reduce) | no-overlap bound | ring CPU during all-reduce (of all cores) | JS thread in all-reduce: on core / waiting for core / blocked on wire or peer | machine busy |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ];
   for (const r of rows) {
-    out.push(`| ${r.world} | ${r.link} | ${r.fp16 ? 'fp16' : 'fp32'} | ${spread(r.stepMs)} | ${f(r.imagesPerSec)} | ${pct(r.efficiency)} | ${f(r.allReduceMs.median)} | ${r.wireMs === null ? 'n/a' : f(r.wireMs)} | ${pct(r.noOverlapBound)} | ${pct(r.ringCpuShare)} | ${r.world > 1 ? `${pct(r.jsThread.running)} / ${pct(r.jsThread.waitingForCore)} / ${pct(r.jsThread.blocked)}` : 'n/a'} | ${pct(r.machineBusy)} |`);
+    out.push(`| ${r.world} | ${r.link} | ${r.fp16 ? 'fp16' : 'fp32'} | ${spread(r.stepMs)} | ${f(r.imagesPerSec)} | ${pct(r.efficiency)} | ${f(r.allReduceMs.median)} | ${r.wireMs === null ? 'n/a' : f(r.wireMs)} | ${r.wireMs ? pct(r.wireMs / r.allReduceMs.median) : 'n/a'} | ${pct(r.noOverlapBound)} | ${pct(r.ringCpuShare)} | ${r.world > 1 ? `${pct(r.jsThread.running)} / ${pct(r.jsThread.waitingForCore)} / ${pct(r.jsThread.blocked)}` : 'n/a'} | ${pct(r.machineBusy)} |`);
   }
   return out.join('\n');
 }
@@ -653,6 +653,14 @@ export async function main(args: string[]): Promise<void> {
           lan = undefined;
         }
         console.log(`\n${commTable(lanRows)}`);
+        const pairs = lanRows.filter((r) => r.fp16).map((h) => [lanRows.find((r) => !r.fp16 && r.world === h.world && r.rateBits === h.rateBits), h] as const).filter(([a]) => a !== undefined);
+        const slower = pairs.filter(([a, h]) => h.imagesPerSec < a!.imagesPerSec).length;
+        if (pairs.length) {
+          notes.push(
+            `fp16 on the wire was slower than fp32 in ${slower} of ${pairs.length} (workers, rate) pairs` +
+              (slower ? ': the float32 <-> binary16 conversion at every hop runs in JavaScript and costs more CPU than halving the bytes saves, when the cores (not the wire) are the bottleneck.' : '.'),
+          );
+        }
         const best8 = lanRows.filter((r) => r.world === 8 && r.rateBits === 10e9);
         if (best8.length) {
           const best = best8.reduce((a, b) => (b.efficiency > a.efficiency ? b : a));
