@@ -15,9 +15,9 @@ import {
   type DistributedConfig,
   type EpochMetrics,
   type Summary,
-  type TrainSettingsInput,
 } from '@dtrain/worker';
 import { nonNegativeInt, nonNegativeNumber, positiveInt, UsageError } from '../errors.js';
+import { addTrainOptions, settingsFromFlags } from './train-options.js';
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 
@@ -59,29 +59,13 @@ function parseSynthetic(v: string): NonNullable<DistributedConfig['synthetic']> 
 }
 
 export function registerLaunch(program: Command) {
-  program
-    .command('launch')
-    .description('Distributed training on this machine: a coordinator and one worker process per CPU slot (--workers) or GPU (--gpus)')
-    .addOption(new Option('--workers <n>', 'CPU worker processes').argParser(positiveInt('--workers')))
-    .addOption(new Option('--gpus <n>', 'GPU workers: worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i)').argParser(positiveInt('--gpus')))
-    .option('--dataset <name>', 'fashion-mnist | cifar10')
-    .option('--preset <name>', "'tutorial': the tutorial's recipe (CIFAR-10, 96x96, batch 64, lr 0.01, 20 epochs)")
-    .addOption(new Option('--epochs <n>', 'epochs').argParser(positiveInt('--epochs')))
-    .addOption(new Option('--batch-size <n>', 'batch size PER WORKER (global batch = this x workers)').argParser(positiveInt('--batch-size')))
-    .addOption(new Option('--eval-batch-size <n>', 'evaluation batch size').argParser(positiveInt('--eval-batch-size')))
-    .addOption(new Option('--lr <x>', 'learning rate (not scaled with the number of workers)').argParser(nonNegativeNumber('--lr')))
-    .addOption(new Option('--momentum <x>', 'SGD momentum').argParser(nonNegativeNumber('--momentum')))
-    .addOption(new Option('--weight-decay <x>', 'L2 weight decay').argParser(nonNegativeNumber('--weight-decay')))
-    .addOption(new Option('--image-size <px>', 'square model input (images are resized)').argParser(positiveInt('--image-size')))
-    .addOption(new Option('--seed <n>', 'seed of the initial weights and the data order').argParser(nonNegativeInt('--seed')))
-    .addOption(new Option('--limit-train <n>', 'use only the first N training images').argParser(positiveInt('--limit-train')))
-    .addOption(new Option('--limit-test <n>', 'use only the first N test images').argParser(positiveInt('--limit-test')))
-    .option('--augment', 'random crop (padding 4) and horizontal flip')
-    .addOption(new Option('--log-every <n>', 'a step line in metrics.jsonl every N steps').argParser(positiveInt('--log-every')))
-    .addOption(new Option('--keep-checkpoints <n>', 'checkpoints kept').argParser(positiveInt('--keep-checkpoints')))
-    .option('--data-dir <dir>', 'data directory (default $DTRAIN_DATA_DIR or ~/.cache/dtrain/data)')
-    .option('--out <dir>', 'run folder (default runs/<date>-<dataset>-<id>)')
-    .option('--resume <dir>', 'continue the run in this folder from its newest checkpoint (any number of workers)')
+  addTrainOptions(
+    program
+      .command('launch')
+      .description('Distributed training on this machine: a coordinator and one worker process per CPU slot (--workers) or GPU (--gpus)')
+      .addOption(new Option('--workers <n>', 'CPU worker processes').argParser(positiveInt('--workers')))
+      .addOption(new Option('--gpus <n>', 'GPU workers: worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i)').argParser(positiveInt('--gpus'))),
+  )
     .addOption(new Option('--port <n>', 'coordinator control port (default: any free port)').argParser(nonNegativeInt('--port')))
     .addOption(new Option('--join-timeout-s <s>', 'fail when workers have not joined by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', 'a collective fails when a neighbour is silent this long').default(120).argParser(positiveInt('--timeout-s')))
@@ -101,27 +85,7 @@ export function registerLaunch(program: Command) {
           );
         }
       }
-      const input: TrainSettingsInput = Object.fromEntries(
-        Object.entries({
-          dataset: o.dataset,
-          preset: o.preset as TrainSettingsInput['preset'],
-          epochs: o.epochs,
-          batchSize: o.batchSize,
-          evalBatchSize: o.evalBatchSize,
-          lr: o.lr,
-          momentum: o.momentum,
-          weightDecay: o.weightDecay,
-          imageSize: o.imageSize,
-          seed: o.seed,
-          limitTrain: o.limitTrain,
-          limitTest: o.limitTest,
-          augment: o.augment,
-          logEverySteps: o.logEvery,
-          keepCheckpoints: o.keepCheckpoints,
-          dataDir: o.dataDir,
-          backend: gpus ? 'gpu' : 'cpu',
-        }).filter(([, v]) => v !== undefined),
-      );
+      const input = settingsFromFlags(o, gpus ? 'gpu' : 'cpu');
       // Settle every setting here, so a wrong flag fails before any process starts.
       let runDir: string;
       const config: DistributedConfig = { settings: input, synthetic: o.syntheticTestData };

@@ -3,53 +3,14 @@ import { Command, Option } from '@commander-js/extra-typings';
 import cliProgress from 'cli-progress';
 import { DATASET_NAMES } from '@dtrain/data';
 import {
-  PRESETS,
-  DEFAULTS,
-  TrainSettingsError,
   runTraining,
   type EpochMetrics,
   type StartInfo,
   type StepInfo,
   type TrainerHooks,
-  type TrainSettingsInput,
 } from '@dtrain/worker';
-import { UsageError, nonNegativeInt, nonNegativeNumber, positiveInt } from '../errors.js';
-
-/** Setting name -> the flag a user types, so errors name what they can change. */
-const FLAGS: Record<string, string> = {
-  dataset: '--dataset',
-  preset: '--preset',
-  epochs: '--epochs',
-  batchSize: '--batch-size',
-  evalBatchSize: '--eval-batch-size',
-  lr: '--lr',
-  momentum: '--momentum',
-  weightDecay: '--weight-decay',
-  imageSize: '--image-size',
-  seed: '--seed',
-  limitTrain: '--limit-train',
-  limitTest: '--limit-test',
-  augment: '--augment',
-  backend: '--backend',
-  logEverySteps: '--log-every',
-  keepCheckpoints: '--keep-checkpoints',
-  dataDir: '--data-dir',
-  out: '--out',
-};
-
-function positiveNumber(flag: string) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isFinite(n) || n <= 0) throw new UsageError(`${flag} must be a positive number, got '${value}'`);
-    return n;
-  };
-}
-
-function momentumValue(value: string): number {
-  const n = nonNegativeNumber('--momentum')(value);
-  if (n >= 1) throw new UsageError(`--momentum must be below 1, got '${value}'`);
-  return n;
-}
+import { UsageError } from '../errors.js';
+import { addTrainOptions, settingsFromFlags, toUsage } from './train-options.js';
 
 const pct = (x: number) => `${(100 * x).toFixed(2)}%`;
 
@@ -124,63 +85,21 @@ export function epochProgress(out: NodeJS.WriteStream = process.stderr): Trainer
   };
 }
 
-function toUsage(err: unknown): never {
-  if (err instanceof TrainSettingsError) {
-    const flag = FLAGS[err.setting] ?? err.setting;
-    throw new UsageError(err.message.replace(new RegExp(`^${err.setting}\\b`), flag).replace(new RegExp(`\\b(leave) ${err.setting}\\b`), `$1 ${flag}`));
-  }
-  throw err;
-}
-
 export function registerTrain(program: Command): void {
-  program
-    .command('train')
-    .description(
-      'Train the ResNet in this process (one worker). Writes config.json, metrics.jsonl, a checkpoint per epoch and ' +
-        'summary.json into the run folder. Fashion-MNIST needs no download; CIFAR-10 needs `dtrain data download cifar10`.',
-    )
-    .addOption(new Option('--dataset <name>', 'data set').choices(DATASET_NAMES))
-    .addOption(new Option('--preset <name>', 'tutorial: CIFAR-10, 96x96, batch 64 (test 128), plain SGD lr 0.01, 20 epochs, Xavier init; flags override it').choices(PRESETS))
-    .option('--epochs <n>', `epochs to train (default ${DEFAULTS.epochs}); with --resume, the new total`, positiveInt('--epochs'))
-    .option('--batch-size <n>', `images per step, per worker (default ${DEFAULTS.batchSize})`, positiveInt('--batch-size'))
-    .option('--eval-batch-size <n>', `images per evaluation batch (default ${DEFAULTS.evalBatchSize})`, positiveInt('--eval-batch-size'))
-    .option('--lr <x>', `SGD learning rate (default ${DEFAULTS.lr})`, positiveNumber('--lr'))
-    .option('--momentum <x>', `SGD momentum, PyTorch semantics (default ${DEFAULTS.momentum})`, momentumValue)
-    .option('--weight-decay <x>', `L2 weight decay, PyTorch semantics (default ${DEFAULTS.weightDecay})`, nonNegativeNumber('--weight-decay'))
-    .option('--image-size <s>', 'model input size in pixels (default: the data set’s, 28 Fashion-MNIST, 32 CIFAR-10)', positiveInt('--image-size'))
-    .option('--seed <s>', `seed of the initial weights, shuffling and augmentation (default ${DEFAULTS.seed})`, nonNegativeInt('--seed'))
-    .option('--out <dir>', 'run folder (default: a new runs/<date>-<dataset>-<id> in the current folder)')
-    .option('--resume <dir>', 'continue the run in this folder from its newest checkpoint')
-    .option('--limit-train <n>', 'train on the first N training images only', positiveInt('--limit-train'))
-    .option('--limit-test <n>', 'evaluate on the first N test images only', positiveInt('--limit-test'))
-    .option('--data-dir <dir>', 'data directory (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
-    .option('--augment', 'random crop (padding 4) and horizontal flip while training (off by default, as in the tutorial)')
+  addTrainOptions(
+    program
+      .command('train')
+      .description(
+        'Train the ResNet in this process (one worker). Writes config.json, metrics.jsonl, a checkpoint per epoch and ' +
+          'summary.json into the run folder. Fashion-MNIST needs no download; CIFAR-10 needs `dtrain data download cifar10`.',
+      ),
+  )
     .addOption(new Option('--backend <kind>', 'native TensorFlow backend (default cpu)').choices(['cpu', 'gpu'] as const))
-    .option('--log-every <steps>', `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps})`, positiveInt('--log-every'))
-    .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'))
     .action(async (opts) => {
       if (!opts.resume && !opts.dataset && !opts.preset) {
         throw new UsageError(`choose a data set: --dataset ${DATASET_NAMES.join('|')} (or --preset tutorial), or --resume DIR`);
       }
-      const settings: TrainSettingsInput = {
-        dataset: opts.dataset,
-        preset: opts.preset,
-        epochs: opts.epochs,
-        batchSize: opts.batchSize,
-        evalBatchSize: opts.evalBatchSize,
-        lr: opts.lr,
-        momentum: opts.momentum,
-        weightDecay: opts.weightDecay,
-        imageSize: opts.imageSize,
-        seed: opts.seed,
-        limitTrain: opts.limitTrain,
-        limitTest: opts.limitTest,
-        augment: opts.augment,
-        backend: opts.backend,
-        logEverySteps: opts.logEvery,
-        keepCheckpoints: opts.keepCheckpoints,
-        dataDir: opts.dataDir !== undefined ? path.resolve(opts.dataDir) : undefined,
-      };
+      const settings = settingsFromFlags(opts, opts.backend);
       const progress = epochProgress();
       let runDir: string | null = null;
       const onSignal = (sig: NodeJS.Signals) => {

@@ -1,0 +1,120 @@
+// The training flags `train` and `launch` share, defined once: same names, parsers, checks and
+// help texts, and one mapping from parsed flags to the trainer's settings.
+import path from 'node:path';
+import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
+import { DATASET_NAMES } from '@dtrain/data';
+import { DEFAULTS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
+import { UsageError, nonNegativeInt, nonNegativeNumber, positiveInt } from '../errors.js';
+
+/** Setting name -> the flag a user types, so errors name what they can change. */
+export const FLAGS: Record<string, string> = {
+  dataset: '--dataset',
+  preset: '--preset',
+  epochs: '--epochs',
+  batchSize: '--batch-size',
+  evalBatchSize: '--eval-batch-size',
+  lr: '--lr',
+  momentum: '--momentum',
+  weightDecay: '--weight-decay',
+  imageSize: '--image-size',
+  seed: '--seed',
+  limitTrain: '--limit-train',
+  limitTest: '--limit-test',
+  augment: '--augment',
+  backend: '--backend',
+  logEverySteps: '--log-every',
+  keepCheckpoints: '--keep-checkpoints',
+  dataDir: '--data-dir',
+  out: '--out',
+};
+
+export function positiveNumber(flag: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isFinite(n) || n <= 0) throw new UsageError(`${flag} must be a positive number, got '${value}'`);
+    return n;
+  };
+}
+
+function momentumValue(value: string): number {
+  const n = nonNegativeNumber('--momentum')(value);
+  if (n >= 1) throw new UsageError(`--momentum must be below 1, got '${value}'`);
+  return n;
+}
+
+/** Adds every training flag (not --backend: `train` takes it, `launch` derives it from --gpus). */
+export function addTrainOptions<A extends unknown[], O extends OptionValues, G extends OptionValues>(cmd: Command<A, O, G>) {
+  return cmd
+    .addOption(new Option('--dataset <name>', 'data set').choices(DATASET_NAMES))
+    .addOption(new Option('--preset <name>', 'tutorial: CIFAR-10, 96x96, batch 64 (test 128), plain SGD lr 0.01, 20 epochs, Xavier init; flags override it').choices(PRESETS))
+    .option('--epochs <n>', `epochs to train (default ${DEFAULTS.epochs}); with --resume, the new total`, positiveInt('--epochs'))
+    .option('--batch-size <n>', `images per step, per worker (default ${DEFAULTS.batchSize}; global batch = this x workers)`, positiveInt('--batch-size'))
+    .option('--eval-batch-size <n>', `images per evaluation batch (default ${DEFAULTS.evalBatchSize})`, positiveInt('--eval-batch-size'))
+    .option('--lr <x>', `SGD learning rate, not scaled with the number of workers (default ${DEFAULTS.lr})`, positiveNumber('--lr'))
+    .option('--momentum <x>', `SGD momentum, PyTorch semantics (default ${DEFAULTS.momentum})`, momentumValue)
+    .option('--weight-decay <x>', `L2 weight decay, PyTorch semantics (default ${DEFAULTS.weightDecay})`, nonNegativeNumber('--weight-decay'))
+    .option('--image-size <s>', 'model input size in pixels (default: the data set’s, 28 Fashion-MNIST, 32 CIFAR-10)', positiveInt('--image-size'))
+    .option('--seed <s>', `seed of the initial weights, shuffling and augmentation (default ${DEFAULTS.seed})`, nonNegativeInt('--seed'))
+    .option('--out <dir>', 'run folder (default: a new runs/<date>-<dataset>-<id> in the current folder)')
+    .option('--resume <dir>', 'continue the run in this folder from its newest checkpoint')
+    .option('--limit-train <n>', 'train on the first N training images only', positiveInt('--limit-train'))
+    .option('--limit-test <n>', 'evaluate on the first N test images only', positiveInt('--limit-test'))
+    .option('--data-dir <dir>', 'data directory (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
+    .option('--augment', 'random crop (padding 4) and horizontal flip while training (off by default, as in the tutorial)')
+    .option('--log-every <steps>', `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps})`, positiveInt('--log-every'))
+    .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'));
+}
+
+/** What addTrainOptions parsed. */
+export interface TrainFlags {
+  dataset?: string;
+  preset?: string;
+  epochs?: number;
+  batchSize?: number;
+  evalBatchSize?: number;
+  lr?: number;
+  momentum?: number;
+  weightDecay?: number;
+  imageSize?: number;
+  seed?: number;
+  limitTrain?: number;
+  limitTest?: number;
+  augment?: true;
+  logEvery?: number;
+  keepCheckpoints?: number;
+  dataDir?: string;
+}
+
+/** The trainer's settings from the flags; unset flags are left out (preset, then defaults, fill them). */
+export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['backend']): TrainSettingsInput {
+  const all: TrainSettingsInput = {
+    dataset: o.dataset as TrainSettingsInput['dataset'],
+    preset: o.preset as TrainSettingsInput['preset'],
+    epochs: o.epochs,
+    batchSize: o.batchSize,
+    evalBatchSize: o.evalBatchSize,
+    lr: o.lr,
+    momentum: o.momentum,
+    weightDecay: o.weightDecay,
+    imageSize: o.imageSize,
+    seed: o.seed,
+    limitTrain: o.limitTrain,
+    limitTest: o.limitTest,
+    augment: o.augment,
+    backend,
+    logEverySteps: o.logEvery,
+    keepCheckpoints: o.keepCheckpoints,
+    // Workers and resumes may run from another folder: the data directory is absolute from here on.
+    dataDir: o.dataDir !== undefined ? path.resolve(o.dataDir) : undefined,
+  };
+  return Object.fromEntries(Object.entries(all).filter(([, v]) => v !== undefined)) as TrainSettingsInput;
+}
+
+/** A settings error from the trainer, rephrased with the flag the user typed. */
+export function toUsage(err: unknown): never {
+  if (err instanceof TrainSettingsError) {
+    const flag = FLAGS[err.setting] ?? err.setting;
+    throw new UsageError(err.message.replace(new RegExp(`^${err.setting}\\b`), flag).replace(new RegExp(`\\b(leave) ${err.setting}\\b`), `$1 ${flag}`));
+  }
+  throw err;
+}
