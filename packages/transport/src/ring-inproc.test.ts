@@ -22,6 +22,25 @@ async function ringOf(n: number, opts: { timeoutMs?: number; runId?: string; pie
 }
 
 describe('ring in one process', () => {
+  it('rings bound before their ranks were known take rank and world size from connect() (the Welcome)', async () => {
+    // As `dtrain join` workers do: bind first (the endpoints go into the Hello), learn the rank later.
+    const rings = await Promise.all([0, 1, 2].map(() => Ring.create({ rank: 0, worldSize: 1, timeoutMs: 5000 })));
+    cleanup.push(() => Promise.all(rings.map((r) => r.close())));
+    // The coordinator's assignment, deliberately not the creation order.
+    const order = [2, 0, 1];
+    const peers: PeerInfo[] = order.map((_, rank) => ({ rank, host: rings[order.indexOf(rank)].host, endpoints: rings[order.indexOf(rank)].endpoints }));
+    await Promise.all(rings.map((r, i) => r.connect(peers, { runId: 'late', generation: 1, rank: order[i], worldSize: 3 })));
+    expect(rings.map((r) => [r.rank, r.worldSize])).toEqual([[2, 3], [0, 3], [1, 3]]);
+    const spec = { len: 1000, seed: 3 };
+    const data = rings.map((r) => makeData(spec, r.rank));
+    const want = ringReference([0, 1, 2].map((rank) => makeData(spec, rank)));
+    await Promise.all(rings.map((r, i) => r.allReduce(data[i])));
+    for (const d of data) expect(d).toEqual(want);
+    const bad = await Ring.create({ rank: 0, worldSize: 1 });
+    cleanup.push(() => bad.close());
+    await expect(bad.connect(peers, { rank: 3, worldSize: 3 })).rejects.toThrow(RingUsageError);
+  });
+
   it('refuses a previous rank that speaks another protocol version, naming it', async () => {
     const ring = await Ring.create({ rank: 1, worldSize: 2, runId: 'v', timeoutMs: 5000 });
     cleanup.push(() => ring.close());

@@ -134,8 +134,15 @@ interface Expected {
  * order with the same sizes and options on every rank.
  */
 export class Ring {
-  readonly rank: number;
-  readonly worldSize: number;
+  private rank_: number;
+  private worldSize_: number;
+  /** This ring's rank; a ring bound before its rank was known takes it from connect(). */
+  get rank(): number {
+    return this.rank_;
+  }
+  get worldSize(): number {
+    return this.worldSize_;
+  }
   readonly host: string;
   /** Set at creation, or by `connect` (a worker advertises its endpoints before it learns them). */
   private generation_: number;
@@ -174,8 +181,8 @@ export class Ring {
   private onPrevGone: (() => void) | undefined;
 
   private constructor(opts: RingOptions, router: zmq.Router, endpoints: string[], ipcPath: string | undefined) {
-    this.rank = opts.rank;
-    this.worldSize = opts.worldSize;
+    this.rank_ = opts.rank;
+    this.worldSize_ = opts.worldSize;
     this.host = opts.host ?? hostname();
     this.generation_ = opts.generation ?? 0;
     this.runId_ = opts.runId ?? '';
@@ -262,8 +269,16 @@ export class Ring {
    * Connects to the next rank and waits for the previous rank's RingHello. `peers` is the
    * coordinator's list: exactly worldSize entries, ranks 0..worldSize-1 in order.
    */
-  async connect(peers: PeerInfo[], ids: { runId?: string; generation?: number } = {}): Promise<void> {
+  async connect(peers: PeerInfo[], ids: { runId?: string; generation?: number; rank?: number; worldSize?: number } = {}): Promise<void> {
     if (this.connected || this.closed) throw new RingUsageError(`rank ${this.rank}: connect() called twice or after close()`);
+    // A worker that joined without a rank (`dtrain join`) learns it from the Welcome.
+    if (ids.worldSize !== undefined || ids.rank !== undefined) {
+      const n = ids.worldSize ?? this.worldSize_;
+      const r = ids.rank ?? this.rank_;
+      if (!Number.isInteger(n) || n < 1 || !Number.isInteger(r) || r < 0 || r >= n) throw new RingUsageError(`rank must be an integer in 0..${n - 1}, got ${r}`);
+      this.rank_ = r;
+      this.worldSize_ = n;
+    }
     // The Welcome that carries the peer list also names the run and the generation.
     if (ids.runId !== undefined) this.runId_ = ids.runId;
     if (ids.generation !== undefined) this.generation_ = ids.generation;
