@@ -28,6 +28,9 @@ export interface ControlEnvelope {
   message: Message;
 }
 
+/** A message with the raw frames that followed its envelope (FileChunk data). */
+export type ControlMessage = Message & { payload: Buffer[] };
+
 export interface ControlServerOptions {
   /** Address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces). */
   listen?: string;
@@ -117,9 +120,9 @@ export class ControlServer {
     }
   }
 
-  /** Sends one message to one worker (sends are queued: zeromq allows one at a time). */
-  send<K extends BodyKind>(peer: Buffer, kind: K, body: Bodies[K]): Promise<void> {
-    const frames = [peer, encodeMessage(kind, body, this.runId)];
+  /** Sends one message to one worker (sends are queued: zeromq allows one at a time); `payload` frames follow the envelope. */
+  send<K extends BodyKind>(peer: Buffer, kind: K, body: Bodies[K], payload: Buffer[] = []): Promise<void> {
+    const frames = [peer, encodeMessage(kind, body, this.runId), ...payload];
     const p = this.sendChain.then(() => this.router.send(frames));
     this.sendChain = p.catch(() => undefined);
     return p;
@@ -186,7 +189,7 @@ export class ControlClient {
    * The next valid message, or ControlTimeoutError after `timeoutMs` naming `during`. Garbage and
    * messages of another run or protocol version are dropped (and counted) without ending the wait.
    */
-  async receive(during: string, timeoutMs = this.timeoutMs): Promise<Message> {
+  async receive(during: string, timeoutMs = this.timeoutMs): Promise<ControlMessage> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       const left = deadline - Date.now();
@@ -210,7 +213,7 @@ export class ControlClient {
         countRejected('foreign run');
         continue;
       }
-      return m;
+      return { ...m, payload: frames.slice(1) };
     }
     throw new ControlTimeoutError(
       `${this.who} heard nothing from the coordinator at ${this.endpoint} for ${timeoutMs} ms during ${during}: ` +

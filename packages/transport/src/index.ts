@@ -38,6 +38,7 @@ export {
   ControlTimeoutError,
   ControlLostError,
   type ControlEnvelope,
+  type ControlMessage,
   type ControlServerOptions,
   type ControlClientOptions,
 } from './control.js';
