@@ -3,7 +3,41 @@
 // (Hello, Welcome, Error, Heartbeat, StepReport, Command); gradients never travel here.
 import * as zmq from 'zeromq';
 import { RingSetupError, TransportError } from './errors.js';
-import { countRejected, decodeMessage, encodeMessage, PROTOCOL_VERSION, type Bodies, type BodyKind, type Message } from './protocol.js';
+import {
+  countAuthRefused,
+  countRejected,
+  decodeMessage,
+  encodeMessage,
+  logRejection,
+  MAX_ENVELOPE_BYTES,
+  peerLabel,
+  PROTOCOL_VERSION,
+  type Bodies,
+  type BodyKind,
+  type Message,
+} from './protocol.js';
+import {
+  clientSocketOptions,
+  isLoopback,
+  registerZapDomain,
+  serverAllowList,
+  serverSocketOptions,
+  watchHandshakeFailures,
+  type Security,
+  type ZapRegistration,
+} from './security.js';
+
+/**
+ * Inbound limits of the control socket, per worker connection: frames over CONTROL_MAX_FRAME_BYTES
+ * drop the connection (workers send small messages: Hello, Heartbeat, StepReport, FileRequest,
+ * Error), and at most CONTROL_RECEIVE_HWM messages wait unread before libzmq stops reading it.
+ * Together: at most 256 MiB queued per connection.
+ */
+export const CONTROL_MAX_FRAME_BYTES = 4 * 1024 * 1024;
+export const CONTROL_RECEIVE_HWM = 64;
+
+/** What a worker may send to the coordinator; anything else on the control socket is dropped. */
+const FROM_WORKERS: ReadonlySet<BodyKind> = new Set<BodyKind>(['hello', 'heartbeat', 'stepReport', 'fileRequest', 'error']);
 
 /** A wait on the control channel ran past its timeout (coordinator unreachable, workers missing). */
 export class ControlTimeoutError extends TransportError {
@@ -39,6 +73,8 @@ export interface ControlServerOptions {
   runId?: string;
   /** Liveness of each connection (ZMTP heartbeats) and send timeout (default 30 s). */
   timeoutMs?: number;
+  /** CURVE with an allow-list of worker keys, or none (absent: none, warned about off loopback). */
+  security?: Security;
 }
 
 /**
@@ -54,9 +90,13 @@ export class ControlServer {
   private backlog: ControlEnvelope[] = [];
   private sendChain: Promise<void> = Promise.resolve();
   private closed = false;
+  private readonly zapReg: ZapRegistration | undefined;
+  private readonly counts: { rejected: number; authRefused: number };
 
-  private constructor(router: zmq.Router, endpoint: string, runId: string) {
+  private constructor(router: zmq.Router, endpoint: string, runId: string, zapReg: ZapRegistration | undefined, counts: { rejected: number; authRefused: number }) {
     this.router = router;
+    this.zapReg = zapReg;
+    this.counts = counts;
     this.endpoint = endpoint;
     this.port = Number(endpoint.slice(endpoint.lastIndexOf(':') + 1));
     this.runId = runId;
@@ -65,17 +105,55 @@ export class ControlServer {
 
   static async bind(opts: ControlServerOptions = {}): Promise<ControlServer> {
     const timeoutMs = opts.timeoutMs ?? 30_000;
-    const router = new zmq.Router({ linger: 0, sendTimeout: timeoutMs, ...heartbeats(timeoutMs) });
-    const address = `tcp://${opts.listen ?? '127.0.0.1'}:${opts.port ?? 0}`;
+    const listen = opts.listen ?? '127.0.0.1';
+    const allowed = serverAllowList(opts.security, 'the coordinator\'s control socket');
+    const counts = { rejected: 0, authRefused: 0 };
+    const onRefused = (reason: string, address: string) => {
+      counts.authRefused++;
+      countAuthRefused(reason);
+      logRejection(`address ${address}`, reason, 'the control socket refused a connection from');
+    };
+    const zapReg = allowed === undefined ? undefined : await registerZapDomain(allowed, 'control', onRefused);
+    let router: zmq.Router;
+    try {
+      router = new zmq.Router({
+        linger: 0,
+        sendTimeout: timeoutMs,
+        maxMessageSize: CONTROL_MAX_FRAME_BYTES,
+        receiveHighWaterMark: CONTROL_RECEIVE_HWM,
+        ...heartbeats(timeoutMs),
+        ...serverSocketOptions(opts.security, zapReg?.domain),
+      });
+    } catch (e) {
+      zapReg?.release();
+      throw e;
+    }
+    if (zapReg !== undefined) watchHandshakeFailures(router, onRefused);
+    else if (!isLoopback(listen)) {
+      logRejection('the control socket', `listening on ${listen} without CURVE: anyone who can reach this port can connect`, 'warning for');
+    }
+    const address = `tcp://${listen}:${opts.port ?? 0}`;
     try {
       await router.bind(address);
     } catch (e) {
       router.close();
+      zapReg?.release();
       throw new RingSetupError(
         `the coordinator could not listen on ${address} (${(e as Error).message}): choose another --port or address`,
       );
     }
-    return new ControlServer(router, router.lastEndpoint ?? address, opts.runId ?? '');
+    return new ControlServer(router, router.lastEndpoint ?? address, opts.runId ?? '', zapReg, counts);
+  }
+
+  /** Messages this server dropped, and connections it refused at the CURVE handshake. */
+  stats(): { rejected: number; authRefused: number } {
+    return { ...this.counts };
+  }
+
+  private reject(reason: string, peer: Buffer | undefined): void {
+    this.counts.rejected++;
+    countRejected(reason);
+    logRejection(peerLabel(peer), reason, 'the control socket rejected a message from');
   }
 
   /** Messages received before a handler was set are delivered to it at once, in order. */
@@ -96,8 +174,18 @@ export class ControlServer {
         continue;
       }
       const [peer, frame0] = frames;
+      if (frames.length !== 2) {
+        // Control messages are one envelope; extra frames are garbage (count them once).
+        this.reject(frames.length < 2 ? 'no frame' : 'unexpected extra frames', peer);
+        continue;
+      }
       const r = decodeMessage(frame0);
-      if (!r.ok || peer === undefined) continue;
+      if (!r.ok) {
+        // decodeMessage counted it process-wide already.
+        this.counts.rejected++;
+        logRejection(peerLabel(peer), r.reason, 'the control socket rejected a message from');
+        continue;
+      }
       const m = r.message;
       if (m.protocolVersion !== PROTOCOL_VERSION) {
         if (m.kind === 'hello') {
@@ -107,11 +195,15 @@ export class ControlServer {
             rank: -1,
           }).catch(() => undefined);
         }
-        countRejected('protocol version');
+        this.reject('protocol version', peer);
+        continue;
+      }
+      if (!FROM_WORKERS.has(m.kind)) {
+        this.reject(`unexpected ${m.kind} from a worker`, peer);
         continue;
       }
       if (m.kind !== 'hello' && this.runId !== '' && m.runId !== this.runId) {
-        countRejected('foreign run');
+        this.reject('foreign run', peer);
         continue;
       }
       const e = { peer, message: m };
@@ -133,6 +225,7 @@ export class ControlServer {
     this.closed = true;
     await this.sendChain;
     this.router.close();
+    this.zapReg?.release();
   }
 }
 
@@ -142,6 +235,8 @@ export interface ControlClientOptions {
   runId?: string;
   /** Used in error messages: who is connecting (e.g. "rank 1 on host a"). */
   who?: string;
+  /** CURVE (with the coordinator's public key as serverPublicKey) or none. */
+  security?: Security;
 }
 
 /** A worker's end: connects to the coordinator's control socket. */
@@ -161,7 +256,15 @@ export class ControlClient {
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     this.runId = opts.runId ?? '';
     this.who = opts.who ?? 'this worker';
-    this.dealer = new zmq.Dealer({ linger: 0, sendTimeout: this.timeoutMs, sendHighWaterMark: 0, ...heartbeats(this.timeoutMs) });
+    this.dealer = new zmq.Dealer({
+      linger: 0,
+      sendTimeout: this.timeoutMs,
+      sendHighWaterMark: 0,
+      // Only the coordinator talks to this socket; FileChunks are its largest messages.
+      maxMessageSize: 2 * MAX_ENVELOPE_BYTES,
+      ...heartbeats(this.timeoutMs),
+      ...clientSocketOptions(opts.security, opts.security?.kind === 'curve' ? opts.security.serverPublicKey : undefined, this.who),
+    });
     this.dealer.events.on('connect', () => {
       this.connected = true;
     });

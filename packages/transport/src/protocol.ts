@@ -56,23 +56,107 @@ export interface Message<K extends BodyKind = BodyKind> {
   body: Bodies[K];
 }
 
-// Counters of every message this process decoded from the network, by outcome. Global because
-// issue 7 wants one metric per process; each Ring also keeps its own.
-const counters = { accepted: 0, rejected: 0, byReason: new Map<string, number>() };
+// Counters of every message this process decoded from the network, by outcome, and of
+// connections refused at the CURVE handshake. Global because issue 7 wants one metric per process;
+// each Ring and ControlServer also keeps its own.
+const counters = {
+  accepted: 0,
+  rejected: 0,
+  byReason: new Map<string, number>(),
+  authRefused: 0,
+  authByReason: new Map<string, number>(),
+};
+
+/** Distinct reasons kept in the counters; a flood of novel reason strings cannot grow the map. */
+const MAX_REASONS = 256;
+
+function bump(map: Map<string, number>, reason: string): void {
+  const key = map.has(reason) || map.size < MAX_REASONS ? reason : 'other';
+  map.set(key, (map.get(key) ?? 0) + 1);
+}
+
+export interface TransportCounters {
+  /** Messages from the network that decoded and verified. */
+  accepted: number;
+  /** Messages dropped as malformed, foreign, stale or unexpected (dtrain_malformed_messages_rejected_total). */
+  rejected: number;
+  byReason: Record<string, number>;
+  /** Connections refused at the CURVE handshake (no CURVE, wrong server key, key not allowed). */
+  authRefused: number;
+  authByReason: Record<string, number>;
+}
 
 /** Snapshot of this process's protocol counters: messages accepted, rejected, and why. */
-export function transportCounters(): { accepted: number; rejected: number; byReason: Record<string, number> } {
-  return { accepted: counters.accepted, rejected: counters.rejected, byReason: Object.fromEntries(counters.byReason) };
+export function transportCounters(): TransportCounters {
+  return {
+    accepted: counters.accepted,
+    rejected: counters.rejected,
+    byReason: Object.fromEntries(counters.byReason),
+    authRefused: counters.authRefused,
+    authByReason: Object.fromEntries(counters.authByReason),
+  };
 }
 
 /** Count a message rejected for `reason` (used by receivers for their own semantic checks too). */
 export function countRejected(reason: string): void {
   counters.rejected++;
-  counters.byReason.set(reason, (counters.byReason.get(reason) ?? 0) + 1);
+  bump(counters.byReason, reason);
 }
 
 export function countAccepted(): void {
   counters.accepted++;
+}
+
+/** Count a connection refused at the handshake. */
+export function countAuthRefused(reason: string): void {
+  counters.authRefused++;
+  // Reasons name the refused key: keep the counter's keys generic.
+  bump(counters.authByReason, reason.startsWith('client key ') ? 'key not allowed' : reason);
+}
+
+// Rejections are logged once per peer, then at most once per LOG_INTERVAL_MS per peer with the
+// count since, so a flood cannot fill the log. Peers beyond MAX_LOGGED_PEERS share one entry.
+const LOG_INTERVAL_MS = 60_000;
+const MAX_LOGGED_PEERS = 256;
+type Logger = (line: string) => void;
+const defaultLogger: Logger = (line) => {
+  process.stderr.write(`dtrain transport: ${line}\n`);
+};
+let logger: Logger = defaultLogger;
+const logState = new Map<string, { last: number; suppressed: number }>();
+
+/** Where rejection and refusal lines go (default: stderr). `undefined` restores the default. */
+export function setTransportLogger(fn: Logger | undefined): void {
+  logger = fn ?? defaultLogger;
+}
+
+/** Logs a rejected message or refused connection from `peer`, rate-limited per peer. */
+export function logRejection(peer: string, reason: string, verb = 'rejected a message from'): void {
+  const now = Date.now();
+  let key = peer;
+  if (!logState.has(key) && logState.size >= MAX_LOGGED_PEERS) key = '(other peers)';
+  const st = logState.get(key);
+  if (st === undefined) {
+    logState.set(key, { last: now, suppressed: 0 });
+    logger(`${verb} ${key}: ${reason} (further ones from this peer: at most one line per ${LOG_INTERVAL_MS / 1000} s)`);
+    return;
+  }
+  if (now - st.last < LOG_INTERVAL_MS) {
+    st.suppressed++;
+    return;
+  }
+  logger(`${verb} ${key}: ${reason} (${st.suppressed} more since the last line)`);
+  st.last = now;
+  st.suppressed = 0;
+}
+
+/** A printable name for bytes chosen by a peer (a ZeroMQ routing id): never raw control bytes. */
+export function peerLabel(id: Uint8Array | undefined): string {
+  if (id === undefined || id.length === 0) return '(no routing id)';
+  const b = Buffer.from(id.buffer, id.byteOffset, Math.min(id.byteLength, 48));
+  const printable = b.every((c) => c >= 0x20 && c < 0x7f);
+  const text = printable ? JSON.stringify(b.toString('latin1')) : `0x${b.toString('hex')}`;
+  return `routing id ${text}${id.byteLength > 48 ? '...' : ''}`;
 }
 
 /** Encodes an envelope with our protocol version. */

@@ -12,7 +12,17 @@ import {
   TransportError,
 } from './errors.js';
 import { accumulateHalf, encodeHalf, floatToHalf, HALF_TO_FLOAT } from './fp16.js';
-import { dtrain, decodeMessage, encodeMessage, countRejected, PROTOCOL_VERSION, type Message } from './protocol.js';
+import { dtrain, dtypeSize, decodeMessage, encodeMessage, countRejected, countAuthRefused, logRejection, peerLabel, PROTOCOL_VERSION, type Message } from './protocol.js';
+import {
+  clientSocketOptions,
+  isLoopback,
+  registerZapDomain,
+  serverAllowList,
+  serverSocketOptions,
+  watchHandshakeFailures,
+  type Security,
+  type ZapRegistration,
+} from './security.js';
 import { addInto, divideInto } from './sum.js';
 
 const Phase = dtrain.RingChunk.Phase;
@@ -24,6 +34,8 @@ export interface PeerInfo {
   host: string;
   /** Where its data socket listens: `tcp://addr:port` and optionally `ipc://path`. */
   endpoints: string[];
+  /** Its CURVE public key (Z85; Welcome.peers[].curve_public_key) when the ring uses CURVE. */
+  publicKey?: string;
 }
 
 export interface RingOptions {
@@ -49,6 +61,12 @@ export interface RingOptions {
   timeoutMs?: number;
   /** Pipelining granularity: bytes per message on the wire (default 4 MiB). */
   pieceBytes?: number;
+  /**
+   * CURVE (encrypted; only allow-listed client keys may connect to the data socket, and the link
+   * to the next rank checks that rank's public key) or none. Absent means none, and a warning is
+   * logged when the socket listens on a non-loopback address.
+   */
+  security?: Security;
 }
 
 export interface AllReduceOptions {
@@ -68,6 +86,8 @@ export interface RingStats {
   messagesReceived: number;
   /** Messages dropped by this ring (bad, stale, foreign), by reason. */
   rejected: Record<string, number>;
+  /** Connections to the data socket refused at the CURVE handshake. */
+  authRefused: number;
 }
 
 /**
@@ -78,6 +98,18 @@ export const IPC_IS_FASTER = true;
 
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_PIECE_BYTES = 4 << 20;
+
+/**
+ * Inbound limits of the data socket, per connection: a frame larger than this is a protocol
+ * violation (libzmq drops the connection), and at most RING_QUEUE_BYTES / maxFrame messages wait
+ * unread (then libzmq stops reading that connection, so TCP pushes back on the sender).
+ */
+export function ringInboundLimits(pieceBytes: number): { maxMessageSize: number; receiveHighWaterMark: number } {
+  const maxMessageSize = Math.max(pieceBytes, 64 * 1024);
+  return { maxMessageSize, receiveHighWaterMark: Math.min(4096, Math.max(16, Math.floor(RING_QUEUE_BYTES / maxMessageSize))) };
+}
+/** Bytes of messages that may wait unread per inbound connection of a data socket (about). */
+export const RING_QUEUE_BYTES = 256 * 1024 * 1024;
 
 /**
  * ZMTP heartbeats: ZeroMQ's I/O thread answers them even while JavaScript is busy, so they tell a
@@ -174,13 +206,16 @@ export class Ring {
   private prevSeen = false;
   private pendingReceive: Promise<Buffer[]> | undefined;
   private readonly stats_: RingStats = {
-    ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {},
+    ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {}, authRefused: 0,
   };
   private prevIdentity: Buffer = Buffer.alloc(0);
+  private readonly auth: { refused: number };
   private recvTimeout = -1;
   private onPrevGone: (() => void) | undefined;
+  private readonly security: Security | undefined;
+  private readonly zapReg: ZapRegistration | undefined;
 
-  private constructor(opts: RingOptions, router: zmq.Router, endpoints: string[], ipcPath: string | undefined) {
+  private constructor(opts: RingOptions, router: zmq.Router, endpoints: string[], ipcPath: string | undefined, zapReg: ZapRegistration | undefined, auth: { refused: number }) {
     this.rank_ = opts.rank;
     this.worldSize_ = opts.worldSize;
     this.host = opts.host ?? hostname();
@@ -192,6 +227,9 @@ export class Ring {
     this.router = router;
     this.endpoints = endpoints;
     this.ipcPath = ipcPath;
+    this.security = opts.security;
+    this.zapReg = zapReg;
+    this.auth = auth;
     // Count inbound connections from the start, so the count is exact.
     router.events.on('accept', () => {
       this.liveInbound++;
@@ -223,13 +261,34 @@ export class Ring {
     if (!(pieceBytes >= 64 && pieceBytes % 4 === 0)) {
       throw new RingUsageError(`pieceBytes must be a multiple of 4 and >= 64, got ${pieceBytes}`);
     }
-    const router = new zmq.Router({
-      linger: 0,
-      receiveHighWaterMark: 0, // bounded by the op's size; a full queue would stall the ring
-      sendTimeout: timeoutMs,
-      ...heartbeats(timeoutMs),
-    });
     const listen = opts.listen ?? '127.0.0.1';
+    const allowed = serverAllowList(opts.security, `rank ${rank}'s data socket`);
+    const auth = { refused: 0 };
+    const onRefused = (reason: string, address: string) => {
+      auth.refused++;
+      countAuthRefused(reason);
+      logRejection(`address ${address}`, reason, `rank ${rank}'s data socket refused a connection from`);
+    };
+    const zapReg = allowed === undefined ? undefined : await registerZapDomain(allowed, `rank ${rank}`, onRefused);
+    let router: zmq.Router;
+    try {
+      router = new zmq.Router({
+        linger: 0,
+        // Bounded per connection (see ringInboundLimits); a legitimate previous rank is only slowed
+        // by it, never stalled: this rank reads its queue throughout every collective.
+        ...ringInboundLimits(pieceBytes),
+        sendTimeout: timeoutMs,
+        ...heartbeats(timeoutMs),
+        ...serverSocketOptions(opts.security, zapReg?.domain),
+      });
+    } catch (e) {
+      zapReg?.release();
+      throw e;
+    }
+    if (zapReg !== undefined) watchHandshakeFailures(router, onRefused);
+    else if (!isLoopback(listen)) {
+      logRejection(`rank ${rank}'s data socket`, `listening on ${listen} without CURVE: anyone who can reach this port can connect`, 'warning for');
+    }
     const endpoints: string[] = [];
     let ipcPath: string | undefined;
     try {
@@ -245,12 +304,18 @@ export class Ring {
       }
     } catch (e) {
       router.close();
+      zapReg?.release();
       throw new RingSetupError(
         `rank ${rank} could not bind its data socket on ${listen}:${opts.port ?? 0}: ${(e as Error).message}. ` +
           `Choose a free port or another address.`,
       );
     }
-    return new Ring(opts, router, endpoints, ipcPath);
+    return new Ring(opts, router, endpoints, ipcPath, zapReg, auth);
+  }
+
+  /** This rank's CURVE public key (for Hello.curve_public_key), or undefined without CURVE. */
+  get publicKey(): string | undefined {
+    return this.security?.kind === 'curve' ? this.security.publicKey : undefined;
   }
 
   private get prev(): PeerInfo {
@@ -288,7 +353,7 @@ export class Ring {
         `rank ${this.rank}: peer list must have ${n} entries with ranks 0..${n - 1} in order, got ranks [${peers.map((p) => p.rank).join(',')}]`,
       );
     }
-    this.peers = peers.map((p) => ({ rank: p.rank, host: p.host, endpoints: [...p.endpoints] }));
+    this.peers = peers.map((p) => ({ rank: p.rank, host: p.host, endpoints: [...p.endpoints], publicKey: p.publicKey }));
     this.connected = true;
     if (n === 1) return;
 
@@ -299,13 +364,28 @@ export class Ring {
     if (endpoint === undefined) {
       throw new RingSetupError(`rank ${this.rank}: rank ${next.rank} on ${next.host} advertised no usable endpoint (${next.endpoints.join(', ') || 'none'})`);
     }
+    let curve: Record<string, unknown>;
+    try {
+      curve = clientSocketOptions(
+        this.security,
+        next.publicKey || (this.security?.kind === 'curve' ? this.security.serverPublicKey : undefined),
+        `rank ${this.rank}'s link to rank ${next.rank} on ${next.host}`,
+      );
+    } catch (e) {
+      this.fail(e as TransportError, false);
+      throw e;
+    }
     const dealer = new zmq.Dealer({
       linger: 0,
       routingId: this.identity(this.rank).toString(),
       sendHighWaterMark: 0,
       sendTimeout: this.timeoutMs,
       receiveTimeout: this.timeoutMs,
+      // Only RingHello answers and RingClose acks come back on this link: small.
+      maxMessageSize: 64 * 1024,
+      receiveHighWaterMark: 64,
       ...heartbeats(this.timeoutMs),
+      ...curve,
     });
     this.dealer = dealer;
     let nextConnected = false;
@@ -356,7 +436,7 @@ export class Ring {
       const d = decodeMessage(frames[0]);
       if (d.ok && d.message.kind === 'ringHello' && d.message.protocolVersion === PROTOCOL_VERSION &&
           ((d.message.body as dtrain.RingHello.$Properties).rank ?? 0) === next.rank) return;
-      this.reject(d.ok ? `unexpected ${d.message.kind} from next rank` : d.reason);
+      this.reject(d.ok ? `unexpected ${d.message.kind} from next rank` : d.reason, `rank ${next.rank} on host ${next.host}`);
     }
   }
 
@@ -383,9 +463,15 @@ export class Ring {
     return null;
   }
 
-  private reject(reason: string): void {
+  private reject(reason: string, from?: string): void {
     countRejected(reason);
-    this.stats_.rejected[reason] = (this.stats_.rejected[reason] ?? 0) + 1;
+    const key = reason in this.stats_.rejected || Object.keys(this.stats_.rejected).length < 64 ? reason : 'other';
+    this.stats_.rejected[key] = (this.stats_.rejected[key] ?? 0) + 1;
+    logRejection(from ?? this.prevName(), reason, `rank ${this.rank} rejected a message from`);
+  }
+
+  private prevName(): string {
+    return this.peers.length === 0 ? 'its previous rank' : `rank ${this.prev.rank} on host ${this.prev.host}`;
   }
 
   /** Marks the ring broken, wakes any waiting collective and tells the next rank (once). */
@@ -439,7 +525,7 @@ export class Ring {
    * applies `check` (null = accept). Invalid messages are counted and skipped; the deadline
    * (timeoutMs after the last valid message) is not extended by them.
    */
-  private async receiveValid(during: string, check: (m: Message) => string | null): Promise<Message & { frames: Buffer[] }> {
+  private async receiveValid(during: string, check: (m: Message, frames: Buffer[]) => string | null): Promise<Message & { frames: Buffer[] }> {
     const deadline = Date.now() + this.timeoutMs;
     for (;;) {
       if (this.broken !== undefined) throw this.broken;
@@ -465,7 +551,7 @@ export class Ring {
       }
       this.stats_.messagesReceived++;
       if (frames.length < 2 || !frames[0].equals(this.prevIdentity)) {
-        this.reject('unknown sender');
+        this.reject('unknown sender', peerLabel(frames[0]));
         continue;
       }
       const decoded = decodeMessage(frames[1]);
@@ -490,9 +576,14 @@ export class Ring {
         throw err;
       }
       if (m.kind === 'ringClose' && !this.closing) {
+        const c = m.body as dtrain.RingClose.$Properties;
+        if (m.protocolVersion !== PROTOCOL_VERSION || (c.generation ?? 0) !== this.generation || (c.rank ?? 0) !== this.prev.rank || c.ack === true) {
+          this.reject('stale ringClose');
+          continue;
+        }
         throw this.fatal(new PeerLostError(this.prev.rank, this.prev.host, 'it closed its ring while this rank still expected data (collectives called differently on different ranks?)', this.rank));
       }
-      const why = check(m);
+      const why = check(m, frames);
       if (why !== null) {
         this.reject(why);
         if (this.broken !== undefined) throw this.broken;
@@ -629,7 +720,7 @@ export class Ring {
       for (let p = 0; p < pieces; p++) {
         const h = header(p);
         const exp: Expected = { phase: Phase.BROADCAST, step: 0, chunk: 0, piece: p, offset: h.offset, count: h.count };
-        const m = await this.receiveValid(`broadcast op ${opId}`, (msg) => this.chunkCheck(msg, opId, exp, DType.F32));
+        const m = await this.receiveValid(`broadcast op ${opId}`, (msg, fr) => this.chunkCheck(msg, fr, opId, exp, DType.F32));
         const payload = m.frames[2];
         data.set(asF32(payload), h.offset);
         if (forward) this.enqueueSend([encodeMessage('ringChunk', h, this.runId), payload]);
@@ -638,7 +729,7 @@ export class Ring {
     await this.flushSends();
   }
 
-  private chunkCheck(m: Message, opId: number, exp: Expected, dtype: dtrain.RingChunk.DType): string | null {
+  private chunkCheck(m: Message, frames: Buffer[], opId: number, exp: Expected, dtype: dtrain.RingChunk.DType): string | null {
     if (m.protocolVersion !== PROTOCOL_VERSION) return 'protocol version';
     if (m.kind !== 'ringChunk') return `unexpected ${m.kind}`;
     const c = m.body as dtrain.RingChunk.$Properties;
@@ -652,6 +743,9 @@ export class Ring {
       (c.piece ?? 0) !== exp.piece || (c.offset ?? 0) !== exp.offset || (c.count ?? 0) !== exp.count
     ) return 'unexpected chunk header';
     if ((c.dtype ?? 0) !== dtype) return 'wrong dtype';
+    // A truncated or padded payload under a right header is dropped like any other bad message:
+    // the genuine piece may still come, and if not the timeout names the previous rank.
+    if (frames.length !== 3 || frames[2].byteLength !== exp.count * dtypeSize(dtype)) return 'bad payload length';
     return null;
   }
 
@@ -703,12 +797,8 @@ export class Ring {
         const off = start + p * pieceElems;
         const cnt = Math.min(pieceElems, start + count - off);
         const exp: Expected = { phase: Phase.REDUCE_SCATTER, step: s, chunk: c, piece: p, offset: off, count: cnt };
-        const m = await this.receiveValid(during('reduce-scatter', s), (msg) => this.chunkCheck(msg, opId, exp, dtype));
+        const m = await this.receiveValid(during('reduce-scatter', s), (msg, fr) => this.chunkCheck(msg, fr, opId, exp, dtype));
         const payload = m.frames[2];
-        if (payload === undefined || payload.byteLength !== cnt * esize || m.frames.length !== 3) {
-          this.reject('bad payload length');
-          throw this.fatal(new PeerLostError(this.prev.rank, this.prev.host, `sent a malformed chunk (op ${opId})`, r));
-        }
         const local = data.subarray(off, off + cnt);
         if (!fp16) {
           const acc = asF32(payload);
@@ -750,12 +840,8 @@ export class Ring {
         const off = start + p * pieceElems;
         const cnt = Math.min(pieceElems, start + count - off);
         const exp: Expected = { phase: Phase.ALL_GATHER, step: s, chunk: c, piece: p, offset: off, count: cnt };
-        const m = await this.receiveValid(during('all-gather', s), (msg) => this.chunkCheck(msg, opId, exp, dtype));
+        const m = await this.receiveValid(during('all-gather', s), (msg, fr) => this.chunkCheck(msg, fr, opId, exp, dtype));
         const payload = m.frames[2];
-        if (payload === undefined || payload.byteLength !== cnt * esize || m.frames.length !== 3) {
-          this.reject('bad payload length');
-          throw this.fatal(new PeerLostError(this.prev.rank, this.prev.host, `sent a malformed chunk (op ${opId})`, r));
-        }
         const local = data.subarray(off, off + cnt);
         if (!fp16) local.set(asF32(payload));
         else {
@@ -772,7 +858,7 @@ export class Ring {
 
   /** Counters of this ring (messages, bytes, rejections by reason). */
   stats(): RingStats {
-    return { ...this.stats_, rejected: { ...this.stats_.rejected } };
+    return { ...this.stats_, rejected: { ...this.stats_.rejected }, authRefused: this.auth.refused };
   }
 
   /** The error that broke this ring, if any. */
@@ -800,6 +886,7 @@ export class Ring {
     this.failWaiters = [];
     this.dealer?.close();
     this.router.close();
+    this.zapReg?.release();
     if (this.ipcPath !== undefined) rmSync(this.ipcPath, { force: true });
   }
 
@@ -828,7 +915,7 @@ export class Ring {
       for (;;) {
         const frames = await this.router.receive();
         if (frames.length < 2 || !frames[0].equals(this.prevIdentity)) {
-          this.reject('unknown sender');
+          this.reject('unknown sender', peerLabel(frames[0]));
           continue;
         }
         const d = decodeMessage(frames[1]);
