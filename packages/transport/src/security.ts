@@ -179,24 +179,38 @@ async function zapLoop(socket: zmq.Reply): Promise<void> {
   }
 }
 
+let zapStarting: Promise<void> | undefined;
+
 async function ensureZapHandler(): Promise<void> {
   if (zap !== undefined) return;
-  const socket = new zmq.Reply({ linger: 0 });
-  try {
-    await socket.bind(ZAP_ENDPOINT);
-  } catch (e) {
-    socket.close();
-    throw new SecurityError(
-      `could not start the ZAP authentication handler (${(e as Error).message}): another ZAP handler is bound in this process`,
-    );
+  // Several servers may be created at once: one start for all of them.
+  zapStarting ??= startZapHandler().finally(() => {
+    zapStarting = undefined;
+  });
+  return zapStarting;
+}
+
+async function startZapHandler(): Promise<void> {
+  // Closing the previous handler frees the inproc address asynchronously: retry briefly.
+  const deadline = Date.now() + 2000;
+  for (;;) {
+    const socket = new zmq.Reply({ linger: 0 });
+    try {
+      await socket.bind(ZAP_ENDPOINT);
+      zap = { socket, done: zapLoop(socket) };
+      return;
+    } catch (e) {
+      socket.close();
+      if ((e as { code?: string }).code === 'EADDRINUSE' && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 20));
+        continue;
+      }
+      throw new SecurityError(
+        `could not start the ZAP authentication handler on ${ZAP_ENDPOINT} (${(e as Error).message}): ` +
+          'something else in this process handles ZAP; dtrain needs its own',
+      );
+    }
   }
-  if (zap !== undefined) {
-    // Someone else won the race while we were binding (cannot happen: bind of the same inproc
-    // address fails), kept for safety.
-    socket.close();
-    return;
-  }
-  zap = { socket, done: zapLoop(socket) };
 }
 
 /** Handle of a server socket's ZAP domain; release() when the socket closes. */
