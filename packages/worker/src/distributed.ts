@@ -2,22 +2,30 @@
 // with the unchanged Trainer over a RingCollective, report to the coordinator, leave.
 //
 // Configured like torchrun's workers, so any launcher (ours, a batch system, a shell) can start it:
-//   RANK, WORLD_SIZE           this worker's rank and the number of workers (required)
+//   RANK, WORLD_SIZE           this worker's rank and the number of workers; RANK unset: the
+//                              coordinator assigns it (`dtrain join`: Hello.requested_rank -1);
+//                              WORLD_SIZE unset: learned from the Welcome
 //   LOCAL_RANK                 index on this machine (default 0; names the device)
+//   LOCAL_WORLD_SIZE           workers on this machine (default 1; a coordinator waiting for
+//                              other machines knows a host is complete when that many joined)
 //   MASTER_ADDR, MASTER_PORT   the coordinator's control socket (required)
 //   DTRAIN_RING_LISTEN         address the ring's data socket binds (default: 127.0.0.1 when
 //                              MASTER_ADDR is a loopback address, else 0.0.0.0)
 //   DTRAIN_ADVERTISE           address the other workers use to reach this one (default: the
 //                              listen address, or the host name for 0.0.0.0)
+//   DTRAIN_RING_PORT           TCP port of the ring's data socket (default 0: any free port)
 //   DTRAIN_HOST                name of this machine in messages (default os.hostname())
+//   DTRAIN_DATA_DIR            data directory of a worker without RANK (on another machine than
+//                              the coordinator): data sets the coordinator offers are cached here
 //   DTRAIN_JOIN_TIMEOUT_MS     how long to wait for the coordinator's Welcome (default 120000)
 //   DTRAIN_TIMEOUT_MS          a ring collective fails when a neighbour is silent this long (default 120000)
 import fs from 'node:fs';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { makeSyntheticTestDataset } from '@dtrain/data';
+import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
 import { ControlClient, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
+import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
 import { hashFloats, RingCollective } from './ring-collective.js';
 import { runTraining } from './run.js';
 import type { TrainSettingsInput } from './settings.js';
@@ -33,6 +41,8 @@ export interface DistributedConfig {
   resume?: string;
   /** FOR TESTS ONLY: train on synthetic patterns instead of a named data set (same bytes on every rank). */
   synthetic?: { train: number; test: number; size: number; channels?: number; seed?: number };
+  /** Data set files the coordinator sends to workers on other machines that lack them (added by the coordinator). */
+  offeredFiles?: OfferedFile[];
 }
 
 /** A `kind: 'done'` report: every rank sends one after training completed. */
@@ -68,9 +78,13 @@ export class WorkerEnvError extends Error {
 }
 
 export interface WorkerEnv {
+  /** -1: the coordinator assigns it (RANK unset). */
   rank: number;
+  /** 0: unknown until the Welcome (RANK unset). */
   worldSize: number;
   localRank: number;
+  localWorldSize: number;
+  ringPort: number;
   masterAddr: string;
   masterPort: number;
   listen: string;
@@ -85,7 +99,7 @@ function intVar(env: NodeJS.ProcessEnv, name: string, fallback?: number): number
   const raw = env[name];
   if (raw === undefined || raw === '') {
     if (fallback !== undefined) return fallback;
-    throw new WorkerEnvError(`${name} is not set: a dtrain worker needs RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (start it with \`pnpm cli launch\`, or set them as for torchrun)`);
+    throw new WorkerEnvError(`${name} is not set: a dtrain worker needs MASTER_ADDR and MASTER_PORT, and RANK and WORLD_SIZE as for torchrun unless the coordinator assigns them (start it with \`pnpm cli launch\` or \`pnpm cli join\`)`);
   }
   const n = Number(raw);
   if (!Number.isInteger(n) || n < 0) throw new WorkerEnvError(`${name} must be a non-negative integer, got '${raw}'`);
@@ -93,10 +107,14 @@ function intVar(env: NodeJS.ProcessEnv, name: string, fallback?: number): number
 }
 
 export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
-  const rank = intVar(env, 'RANK');
-  const worldSize = intVar(env, 'WORLD_SIZE');
-  if (worldSize < 1) throw new WorkerEnvError(`WORLD_SIZE must be at least 1, got ${worldSize}`);
-  if (rank >= worldSize) throw new WorkerEnvError(`RANK ${rank} is not below WORLD_SIZE ${worldSize}`);
+  const assigned = env.RANK === undefined || env.RANK === '';
+  const rank = assigned ? -1 : intVar(env, 'RANK');
+  // WORLD_SIZE unset: learned from the Welcome (a coordinator waiting for other machines does not know it yet).
+  const worldSize = intVar(env, 'WORLD_SIZE', 0);
+  if (env.WORLD_SIZE && worldSize < 1) throw new WorkerEnvError(`WORLD_SIZE must be at least 1, got ${worldSize}`);
+  if (!assigned && worldSize > 0 && rank >= worldSize) throw new WorkerEnvError(`RANK ${rank} is not below WORLD_SIZE ${worldSize}`);
+  const ringPort = intVar(env, 'DTRAIN_RING_PORT', 0);
+  if (ringPort > 65535) throw new WorkerEnvError(`DTRAIN_RING_PORT must be a TCP port (0-65535), got ${ringPort}`);
   const masterAddr = env.MASTER_ADDR;
   if (!masterAddr) throw new WorkerEnvError('MASTER_ADDR is not set: the address of the coordinator (e.g. 127.0.0.1)');
   const masterPort = intVar(env, 'MASTER_PORT');
@@ -106,6 +124,8 @@ export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
     rank,
     worldSize,
     localRank: intVar(env, 'LOCAL_RANK', 0),
+    localWorldSize: Math.max(1, intVar(env, 'LOCAL_WORLD_SIZE', 1)),
+    ringPort,
     masterAddr,
     masterPort,
     listen: env.DTRAIN_RING_LISTEN || (loopback ? '127.0.0.1' : '0.0.0.0'),
@@ -122,17 +142,20 @@ export async function runDistributedWorker(
   log: (line: string) => void = console.log,
   onCoordinatorLost?: (e: Error) => void,
 ): Promise<DoneReport> {
-  const who = `rank ${env.rank} on host ${env.host}`;
+  let who = env.rank >= 0 ? `rank ${env.rank} on host ${env.host}` : `local rank ${env.localRank} on host ${env.host}`;
   const control = new ControlClient(`tcp://${env.masterAddr}:${env.masterPort}`, { timeoutMs: env.joinTimeoutMs, who });
   if (onCoordinatorLost) control.onLost(onCoordinatorLost);
+  const remote = env.rank < 0;
   let ring: Ring | undefined;
   try {
     // The ring binds first: its endpoints go into the Hello.
+    // A worker without RANK binds a ring of one and takes its rank and world size from the Welcome.
     ring = await Ring.create({
-      rank: env.rank,
-      worldSize: env.worldSize,
+      rank: Math.max(0, env.rank),
+      worldSize: env.worldSize > 0 ? env.worldSize : Math.max(0, env.rank) + 1,
       host: env.host,
       listen: env.listen,
+      port: env.ringPort,
       advertise: env.advertise,
       timeoutMs: env.timeoutMs,
     });
@@ -141,6 +164,7 @@ export async function runDistributedWorker(
       host: env.host,
       pid: process.pid,
       localRank: env.localRank,
+      localWorldSize: env.localWorldSize,
       requestedRank: env.rank,
       dataEndpoints: ring.endpoints,
       device,
@@ -154,13 +178,32 @@ export async function runDistributedWorker(
     if (m.kind !== 'welcome') throw new WorkerEnvError(`${who}: expected Welcome from the coordinator, got ${m.kind}`);
     control.runId = m.runId;
     const w = m.body as { rank?: number; worldSize?: number; generation?: number; peers?: { rank?: number; host?: string; dataEndpoints?: string[] }[]; configJson?: string };
-    if ((w.rank ?? 0) !== env.rank || (w.worldSize ?? 0) !== env.worldSize) {
+    const rank = w.rank ?? 0;
+    const worldSize = w.worldSize ?? 0;
+    if (env.rank >= 0 && (rank !== env.rank || (env.worldSize > 0 && worldSize !== env.worldSize))) {
       throw new WorkerEnvError(`${who}: the coordinator assigned rank ${w.rank} of ${w.worldSize}, this worker was started as RANK ${env.rank} of WORLD_SIZE ${env.worldSize}`);
     }
+    if (env.rank < 0) log(`${who}: the coordinator assigned rank ${rank} of ${worldSize}`);
+    env = { ...env, rank, worldSize };
+    who = `rank ${rank} on host ${env.host}`;
     const config = JSON.parse(w.configJson ?? '{}') as DistributedConfig;
     const peers: PeerInfo[] = (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])] }));
-    await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1 });
-    log(`${who}: ring of ${env.worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId})`);
+    // The connectivity preflight: connect() returns only when both ring links answered, and names
+    // both hosts and the endpoint when one does not.
+    await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1, rank, worldSize });
+    log(`${who}: ring of ${worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId})`);
+
+    // A worker on another machine (started without RANK, by `dtrain join`) uses its own data
+    // directory, and receives there the files the coordinator offers that it lacks.
+    let settings = config.settings;
+    if (remote) {
+      const dataDir = resolveDataDir(process.env.DTRAIN_DATA_DIR || undefined);
+      settings = { ...settings, dataDir };
+      if (config.offeredFiles?.length) {
+        const got = await fetchOfferedFiles(control, config.offeredFiles, dataDir, { timeoutMs: env.timeoutMs, log, who });
+        log(`${who}: data files in ${dataDir}: ${got.cached.length} cached, ${got.fetched.length} received from the coordinator`);
+      }
+    }
 
     // The gradient all-reduce is the last 'mean' before each step's onStep.
     let gradientBytes = 0;
@@ -171,7 +214,7 @@ export async function runDistributedWorker(
 
     const data = config.synthetic ? syntheticData(config.synthetic) : undefined;
     const result = await runTraining({
-      settings: config.settings,
+      settings,
       out: config.out,
       resume: config.resume,
       data,

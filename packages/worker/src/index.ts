@@ -33,3 +33,5 @@ export { RingCollective, hashFloats } from './ring-collective.js';
 export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
 export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY } from './distributed.js';
 export type { DistributedConfig, DoneReport, StartReport, WorkerReport, WorkerEnv } from './distributed.js';
+export { fetchOfferedFiles, isCached, sha256File, DataTransferError } from './dataset-fetch.js';
+export type { OfferedFile } from './dataset-fetch.js';
