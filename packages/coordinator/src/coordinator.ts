@@ -28,10 +28,12 @@ export class WorkerFailedError extends CoordinatorError {
     readonly reason: string | undefined,
     readonly logTail: string[],
     readonly logFile: string,
+    /** How to name it when it has no rank yet (it failed before the Welcome), e.g. "local rank 1". */
+    who?: string,
   ) {
-    const how = signal ? `was killed by ${signal}` : `exited with code ${exitCode}`;
+    const how = signal ? `was killed by ${signal}` : exitCode === null ? 'failed' : `exited with code ${exitCode}`;
     super(
-      `rank ${rank} on host ${host} ${how}${reason ? `: ${reason}` : ''}. ` +
+      `${who ?? `rank ${rank}`} on host ${host} ${how}${reason ? `: ${reason}` : ''}. ` +
         `Last lines of its log (${logFile}):\n${logTail.map((l) => `  ${l}`).join('\n') || '  (empty)'}`,
     );
   }
@@ -47,28 +49,63 @@ export class ReplicaDivergedError extends CoordinatorError {
   readonly code = 'E_REPLICAS_DIVERGED' as const;
 }
 
+/** Files offered to other machines could not be read. */
+export class OfferedFileError extends CoordinatorError {
+  readonly code = 'E_OFFERED_FILE' as const;
+}
+
+/**
+ * Hello.requested_rank of a `dtrain join` process itself (not a worker): it registers its host and
+ * how many workers it will start, and receives Command START (which carries the run id), so it can
+ * later report its workers' exits (Error, message = JSON AgentExitReport) and hear about the end.
+ */
+export const NODE_AGENT_RANK = -2;
+
+/** What a `dtrain join` process reports when one of its workers exits non-zero. */
+export interface AgentExitReport {
+  localRank: number;
+  exitCode: number | null;
+  signal: string | null;
+  reason?: string;
+  logTail: string[];
+  logFile: string;
+}
+
 export type RunEvent =
   | { kind: 'listening'; endpoint: string; runId: string; logDir: string }
   | { kind: 'metrics'; url: string; port: number }
   | { kind: 'spawned'; rank: number; pid: number; logFile: string }
+  | { kind: 'node'; host: string; workers: number; nodes: number; expectedNodes: number }
   | { kind: 'joined'; rank: number; host: string; device: string; joined: number; expected: number }
-  | { kind: 'welcomed'; worldSize: number }
+  | { kind: 'offered'; files: { name: string; size: number; sha256: string }[] }
+  | { kind: 'welcomed'; worldSize: number; hosts: { host: string; ranks: number[] }[] }
   | { kind: 'report'; rank: number; detail: Record<string, unknown> };
 
 export interface LaunchOptions {
-  /** Worker processes to start on this machine. */
+  /** Worker processes to start on this machine (ranks 0..workers-1). */
   workers: number;
+  /** Machines in the run, this one included (default 1); the others' workers come with `dtrain join`. */
+  nodes?: number;
   /** The worker script (run as `node --import tsx <entry>`), e.g. @dtrain/worker's WORKER_ENTRY. */
   entry: string;
   /** Run folder: worker logs go to `<runDir>/logs/rank-<r>.log`. */
   runDir: string;
-  /** Sent to every worker as Welcome.config_json (opaque here). */
+  /** Sent to every worker as Welcome.config_json (opaque here; an object gets `offeredFiles` added). */
   config: unknown;
   /** Worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i). */
   gpus?: boolean;
   /** Control socket address and port (default 127.0.0.1, any free port). */
   listen?: string;
   port?: number;
+  /**
+   * Address of this machine that the other machines reach: MASTER_ADDR and the ring address of the
+   * local workers (default: `listen`, or the host name when listening on 0.0.0.0).
+   */
+  advertise?: string;
+  /** Local worker i binds its ring socket on port ringPortBase + i (default: any free port). */
+  ringPortBase?: number;
+  /** Data set files sent to workers of other machines that lack them: names relative to `root`. */
+  offerFiles?: { root: string; names: string[] };
   /** Workers that have not joined by then fail the run (default 120 s). */
   joinTimeoutMs?: number;
   /** Ring collective timeout of the workers (DTRAIN_TIMEOUT_MS, default 120 s). */
@@ -95,6 +132,8 @@ export interface LaunchResult {
   finals: Record<string, unknown>[];
   /** Every report from workers (rank 0's start and epochs, everyone's done), in arrival order. */
   reports: { rank: number; detail: Record<string, unknown> }[];
+  /** Host of each rank. */
+  hosts: string[];
   wallSec: number;
 }
 
@@ -104,26 +143,76 @@ interface Slot {
   logFile: string;
   tail: string[];
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+/** A worker that said Hello: one of ours (local, requested its RANK) or one of another machine's. */
+interface Member {
+  peer: Buffer;
   host: string;
+  localRank: number;
+  local: boolean;
+  endpoints: string[];
+  device: string;
+  /** Local workers: their RANK; others: assigned at the Welcome. */
+  rank: number;
   error?: string;
   final?: Record<string, unknown>;
 }
 
-/** Starts `workers` local workers and runs them to the end. Rejects with a CoordinatorError on failure. */
+/** Another machine, known from its `join` process's registration or its first worker's Hello. */
+interface Node {
+  host: string;
+  expected: number;
+  agent?: Buffer;
+}
+
+const FILE_CHUNK_BYTES = 4 << 20;
+
+async function sha256Of(file: string): Promise<string> {
+  const { createHash } = await import('node:crypto');
+  const h = createHash('sha256');
+  for await (const c of fs.createReadStream(file)) h.update(c as Buffer);
+  return h.digest('hex');
+}
+
+/**
+ * Starts `workers` local workers (and, with `nodes` > 1, waits for the workers of the other
+ * machines) and runs them to the end. Rejects with a CoordinatorError on failure.
+ */
 export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const t0 = performance.now();
   const n = o.workers;
+  const nodesExpected = o.nodes ?? 1;
   if (!Number.isInteger(n) || n < 1) throw new RangeError(`workers must be a positive integer, got ${n}`);
+  if (!Number.isInteger(nodesExpected) || nodesExpected < 1) throw new RangeError(`nodes must be a positive integer, got ${nodesExpected}`);
+  const multi = nodesExpected > 1;
   const tailLines = o.tailLines ?? 15;
   const joinTimeoutMs = o.joinTimeoutMs ?? 120_000;
+  const timeoutMs = o.timeoutMs ?? 120_000;
   const runId = randomBytes(8).toString('hex');
   const emit = o.onEvent ?? (() => undefined);
+  const localHost = o.env?.DTRAIN_HOST || process.env.DTRAIN_HOST || hostname();
+
+  // Files to offer: checked and hashed before anything starts, so a missing file is one clear error.
+  const offered = new Map<string, { name: string; file: string; size: number; sha256: string }>();
+  if (multi && o.offerFiles) {
+    for (const name of o.offerFiles.names) {
+      const file = path.join(o.offerFiles.root, name);
+      let size: number;
+      try {
+        size = fs.statSync(file).size;
+      } catch (e) {
+        throw new OfferedFileError(`cannot offer ${file} to the other machines: ${(e as Error).message}`);
+      }
+      offered.set(name, { name, file, size, sha256: await sha256Of(file) });
+    }
+    emit({ kind: 'offered', files: [...offered.values()].map(({ name, size, sha256 }) => ({ name, size, sha256 })) });
+  }
 
   // Metrics first: a port in use fails the launch before any process starts.
   const metrics = o.metrics ?? new TrainingMetrics();
   const metricsServer: MetricsServer | null = o.metricsPort ? await startMetricsServer(metrics, { port: o.metricsPort, host: o.metricsHost }) : null;
   if (metricsServer) emit({ kind: 'metrics', url: metricsServer.url, port: metricsServer.port });
-  metrics.setWorkers(0, n);
   let rejectedSeen = transportCounters().rejected;
   const countRejected = () => {
     const now = transportCounters().rejected;
@@ -144,26 +233,47 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   fs.mkdirSync(logDir, { recursive: true });
 
   const listen = o.listen ?? '127.0.0.1';
-  const server = await ControlServer.bind({ listen, port: o.port ?? 0, runId, timeoutMs: o.timeoutMs ?? 120_000 }).catch(async (err: unknown) => {
+  const server = await ControlServer.bind({ listen, port: o.port ?? 0, runId, timeoutMs }).catch(async (err: unknown) => {
     await stopMetrics();
     throw err;
   });
   emit({ kind: 'listening', endpoint: server.endpoint, runId, logDir });
-  const masterAddr = listen === '0.0.0.0' ? hostname() : listen;
+  const advertise = o.advertise ?? (listen === '0.0.0.0' ? undefined : listen);
+  const masterAddr = advertise ?? hostname();
 
   const slots: Slot[] = [];
   const reports: LaunchResult['reports'] = [];
-  const joined = new Map<number, { peer: Buffer; host: string; endpoints: string[] }>();
-  let connected = 0;
-  let failure: { slot: Slot; code: number | null; signal: NodeJS.Signals | null } | undefined;
-  let failed!: (s: Slot, code: number | null, signal: NodeJS.Signals | null) => void;
+  const members = new Map<string, Member>(); // by peer (hex routing id)
+  const nodes = new Map<string, Node>(); // other machines, by host
+  const agents = new Map<string, string>(); // agent peer (hex) -> host
+  let welcomed = false;
+  let worldSize = 0;
+  const byRank: Member[] = [];
+  const localJoined = () => [...members.values()].filter((m) => m.local).length;
+  const joinedOn = (host: string) => [...members.values()].filter((m) => !m.local && m.host === host).length;
+  const expectedWorld = () => n + [...nodes.values()].reduce((a, x) => a + x.expected, 0);
+  metrics.setWorkers(0, n);
+  let localExits = 0;
+
+  let failure: Error | undefined;
+  let failed!: (e: Error) => void;
   const firstFailure = new Promise<void>((resolve) => {
-    failed = (slot, code, signal) => {
+    failed = (e) => {
       if (failure) return;
-      failure = { slot, code, signal };
+      failure = e;
       resolve();
     };
   });
+  let allJoined!: () => void;
+  const everyoneJoined = new Promise<void>((resolve) => (allJoined = resolve));
+  let remoteFinished!: () => void;
+  const remoteDone = new Promise<void>((resolve) => (remoteFinished = resolve));
+  const checkJoined = () => {
+    if (welcomed || localJoined() < n || nodes.size < nodesExpected - 1) return;
+    for (const node of nodes.values()) if (joinedOn(node.host) < node.expected) return;
+    allJoined();
+  };
+
   for (let rank = 0; rank < n; rank++) {
     const env: NodeJS.ProcessEnv = {
       ...process.env,
@@ -175,13 +285,21 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       MASTER_ADDR: masterAddr,
       MASTER_PORT: String(server.port),
       DTRAIN_JOIN_TIMEOUT_MS: String(joinTimeoutMs),
-      DTRAIN_TIMEOUT_MS: String(o.timeoutMs ?? 120_000),
+      DTRAIN_TIMEOUT_MS: String(timeoutMs),
     };
+    if (multi) {
+      // The world size is known only when the other machines have joined: the Welcome says it.
+      delete env.WORLD_SIZE;
+      env.DTRAIN_RING_LISTEN = listen;
+      if (advertise) env.DTRAIN_ADVERTISE = advertise;
+      env.DTRAIN_HOST = localHost;
+    }
+    if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + rank);
     if (o.gpus) env.CUDA_VISIBLE_DEVICES = String(rank);
     const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     const logFile = path.join(logDir, `rank-${rank}.log`);
     const log = fs.createWriteStream(logFile, { flags: 'a' });
-    const slot: Slot = { rank, child, logFile, tail: [], host: hostname(), exited: undefined as never };
+    const slot: Slot = { rank, child, logFile, tail: [], exited: undefined as never };
     let open = 2;
     const streamsDone = new Promise<void>((resolve) => {
       for (const stream of [child.stdout!, child.stderr!]) {
@@ -196,17 +314,23 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         });
       }
     });
+    let spawnError: string | undefined;
     slot.exited = new Promise((resolve) => {
       child.on('error', (e) => {
-        slot.error = `could not start ${process.execPath}: ${e.message}`;
+        spawnError = `could not start ${process.execPath}: ${e.message}`;
       });
       child.on('close', (code, signal) => {
-        if (joined.has(rank)) metrics.setWorkers(--connected, n);
+        if ([...members.values()].some((x) => x.local && x.rank === rank)) metrics.setWorkers(members.size - ++localExits, welcomed ? worldSize : expectedWorld());
         void streamsDone.then(async () => {
           // The final report travels over the control socket, the exit over a pipe: give the
           // report a moment to arrive before calling a clean exit a failure.
-          for (let i = 0; i < 40 && code === 0 && slot.final === undefined; i++) await new Promise((r) => setTimeout(r, 50));
-          if (code !== 0 || slot.final === undefined) failed(slot, code, signal);
+          const mm = () => [...members.values()].find((x) => x.local && x.rank === rank);
+          for (let i = 0; i < 40 && code === 0 && mm()?.final === undefined; i++) await new Promise((r) => setTimeout(r, 50));
+          const member = mm();
+          if (code !== 0 || member?.final === undefined) {
+            const reason = spawnError ?? member?.error ?? (code === 0 ? 'it exited before sending its final report' : undefined);
+            failed(new WorkerFailedError(rank, member?.host ?? localHost, code, signal, reason, slot.tail, slot.logFile));
+          }
           resolve({ code, signal });
         });
       });
@@ -215,34 +339,61 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     emit({ kind: 'spawned', rank, pid: child.pid ?? -1, logFile });
   }
 
-  let welcomed = false;
-  let allJoined!: () => void;
-  const everyoneJoined = new Promise<void>((resolve) => (allJoined = resolve));
-  const rankOf = (peer: Buffer) => {
-    for (const [r, j] of joined) if (j.peer.equals(peer)) return r;
-    return -1;
-  };
+  let remoteGrace: NodeJS.Timeout | undefined;
   server.onMessage((e: ControlEnvelope) => {
     const m = e.message;
+    const key = e.peer.toString('hex');
     if (m.kind === 'hello') {
-      const h = m.body as { host?: string; requestedRank?: number; dataEndpoints?: string[]; device?: string };
-      const rank = h.requestedRank ?? 0; // proto3 omits 0
-      const refuse = (why: string) => void server.send(e.peer, 'error', { code: 3, message: why, rank, host: h.host ?? '' }).catch(() => undefined);
-      if (welcomed) return refuse(`the run already started with ${n} workers`);
-      if (!Number.isInteger(rank) || rank < 0 || rank >= n) return refuse(`RANK ${rank} is not in 0..${n - 1}`);
-      if (joined.has(rank)) return refuse(`rank ${rank} already joined from host ${joined.get(rank)!.host}`);
-      if (!h.host || !(h.dataEndpoints ?? []).length) return refuse('a Hello needs a host and the ring endpoints');
-      joined.set(rank, { peer: e.peer, host: h.host, endpoints: h.dataEndpoints ?? [] });
-      if (slots[rank]) slots[rank].host = h.host;
-      metrics.setWorkers(++connected, n);
-      emit({ kind: 'joined', rank, host: h.host, device: h.device ?? '', joined: joined.size, expected: n });
-      if (joined.size === n) allJoined();
+      const h = m.body as { host?: string; localRank?: number; localWorldSize?: number; requestedRank?: number; dataEndpoints?: string[]; device?: string };
+      const requested = h.requestedRank ?? 0; // proto3 omits 0
+      const host = h.host ?? '';
+      const localRank = h.localRank ?? 0;
+      const refuse = (why: string) => void server.send(e.peer, 'error', { code: 3, message: why, rank: requested, host }).catch(() => undefined);
+      if (welcomed) return refuse(`the run already started with ${worldSize} workers`);
+      if (!host) return refuse('a Hello needs a host');
+      const sameName = `host ${host} has the same name as the coordinator's machine: give every machine its own name (pnpm cli join --host NAME, or DTRAIN_HOST)`;
+      if (requested === NODE_AGENT_RANK || requested === -1) {
+        if (!multi) return refuse(`this coordinator runs on one machine (${n} workers); start it with --nodes M --listen ADDR:PORT to accept workers of other machines`);
+        if (host === localHost) return refuse(sameName);
+        let node = nodes.get(host);
+        if (!node) {
+          if (nodes.size >= nodesExpected - 1) {
+            return refuse(`the run expects ${nodesExpected} machines and all have joined (this one${[...nodes.keys()].map((x) => `, ${x}`).join('')}); host ${host} is one too many`);
+          }
+          const expected = h.localWorldSize ?? 0;
+          if (expected < 1) return refuse(`host ${host} did not say how many workers it starts (LOCAL_WORLD_SIZE): start them with pnpm cli join`);
+          node = { host, expected };
+          nodes.set(host, node);
+          emit({ kind: 'node', host, workers: expected, nodes: nodes.size + 1, expectedNodes: nodesExpected });
+          metrics.setWorkers(members.size, expectedWorld());
+        }
+        if (requested === NODE_AGENT_RANK) {
+          node.agent = e.peer;
+          agents.set(key, host);
+          // The reply carries the run id, so the join process's later reports are accepted.
+          void server.send(e.peer, 'command', { kind: 1, reason: 'registered' }).catch(() => undefined);
+          return checkJoined();
+        }
+        if ([...members.values()].some((x) => x.host === host && x.localRank === localRank)) return refuse(`local rank ${localRank} of host ${host} already joined`);
+        if (joinedOn(host) >= node.expected) return refuse(`host ${host} registered ${node.expected} workers, and all of them have joined`);
+      } else {
+        if (!Number.isInteger(requested) || requested < 0 || requested >= n) return refuse(`RANK ${requested} is not in 0..${n - 1}`);
+        const taken = [...members.values()].find((x) => x.local && x.rank === requested);
+        if (taken) return refuse(`rank ${requested} already joined from host ${taken.host}`);
+      }
+      if (!(h.dataEndpoints ?? []).length) return refuse('a Hello needs the ring endpoints');
+      const member: Member = { peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', rank: requested };
+      members.set(key, member);
+      metrics.setWorkers(members.size, expectedWorld());
+      emit({ kind: 'joined', rank: requested, host, device: member.device, joined: members.size, expected: expectedWorld() });
+      checkJoined();
     } else if (m.kind === 'stepReport') {
       const r = m.body as StepReportBody;
       // The connection says who sent it, not the message (proto3 also omits rank 0).
-      const rank = rankOf(e.peer);
-      if (rank < 0) return;
-      if (!r.detailJson) return observeStep(metrics, rank, r.host || joined.get(rank)!.host, r);
+      const member = members.get(key);
+      if (!member || !welcomed) return;
+      const rank = member.rank;
+      if (!r.detailJson) return observeStep(metrics, rank, r.host || member.host, r);
       let detail: Record<string, unknown>;
       try {
         detail = JSON.parse(r.detailJson) as Record<string, unknown>;
@@ -251,17 +402,70 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         return metrics.countMalformedMessages();
       }
       reports.push({ rank, detail });
-      if (rank === 0) observeRank0(metrics, detail, n);
-      if (detail.kind === 'done' && slots[rank]) {
-        slots[rank].final = detail;
+      if (rank === 0) observeRank0(metrics, detail, worldSize);
+      if (detail.kind === 'done') {
+        member.final = detail;
         // The acknowledgement lets the worker exit knowing its report arrived.
         void server.send(e.peer, 'command', { kind: 6, reason: 'done' }).catch(() => undefined);
+        if (byRank.every((x) => x.local || x.final !== undefined)) remoteFinished();
       }
       emit({ kind: 'report', rank, detail });
     } else if (m.kind === 'error') {
-      const err = m.body as { rank?: number; message?: string };
-      const slot = slots[rankOf(e.peer)];
-      if (slot && slot.error === undefined) slot.error = err.message;
+      const err = m.body as { rank?: number; message?: string; host?: string; logTail?: string[] };
+      const agentHost = agents.get(key);
+      if (agentHost !== undefined) {
+        // A join process reports one of its workers' exit (AgentExitReport as JSON).
+        let x: AgentExitReport;
+        try {
+          x = JSON.parse(err.message ?? '') as AgentExitReport;
+        } catch {
+          return metrics.countMalformedMessages();
+        }
+        const w = [...members.values()].find((mm) => mm.host === agentHost && mm.localRank === x.localRank && !mm.local);
+        const rank = w && welcomed ? w.rank : -1;
+        failed(
+          new WorkerFailedError(rank, agentHost, x.exitCode, (x.signal as NodeJS.Signals | null) ?? null, w?.error ?? x.reason, x.logTail ?? [], `${x.logFile} on host ${agentHost}`, rank < 0 ? `local rank ${x.localRank}` : undefined),
+        );
+        return;
+      }
+      const member = members.get(key);
+      if (!member) return;
+      if (member.error === undefined) member.error = err.message;
+      if (!member.local && !remoteGrace) {
+        // A worker of another machine: its join process reports the exit code and log tail
+        // shortly; without it (that process is gone too) fail with what the worker said.
+        remoteGrace = setTimeout(() => {
+          failed(new WorkerFailedError(welcomed ? member.rank : -1, member.host, null, null, member.error, err.logTail ?? [], `its log on host ${member.host}`, welcomed ? undefined : `local rank ${member.localRank}`));
+        }, 3000);
+      }
+    } else if (m.kind === 'fileRequest') {
+      const req = m.body as { name?: string; offset?: number | { toNumber(): number } };
+      if (!members.has(key)) return;
+      const name = req.name ?? '';
+      const offset = typeof req.offset === 'number' ? req.offset : (req.offset?.toNumber() ?? 0);
+      const f = offered.get(name);
+      if (!f || offset > f.size) {
+        void server.send(e.peer, 'error', { code: 3, message: f ? `offset ${offset} is beyond the ${f.size} bytes of ${name}` : `this coordinator does not offer '${name}'`, rank: -1, host: localHost }).catch(() => undefined);
+        return;
+      }
+      void (async () => {
+        const fh = await fs.promises.open(f.file, 'r');
+        try {
+          const len = Math.min(FILE_CHUNK_BYTES, f.size - offset);
+          const buf = Buffer.allocUnsafe(len);
+          let got = 0;
+          while (got < len) {
+            const { bytesRead } = await fh.read(buf, got, len - got, offset + got);
+            if (bytesRead === 0) break;
+            got += bytesRead;
+          }
+          await server.send(e.peer, 'fileChunk', { name, offset, totalSize: f.size, sha256: f.sha256 }, [buf.subarray(0, got)]);
+        } finally {
+          await fh.close();
+        }
+      })().catch((err: unknown) => {
+        void server.send(e.peer, 'error', { code: 3, message: `the coordinator could not read ${f.file}: ${(err as Error).message}`, rank: -1, host: localHost }).catch(() => undefined);
+      });
     }
   });
 
@@ -274,14 +478,15 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     clearTimeout(grace);
   };
   const failWith = async (err: Error): Promise<never> => {
+    clearTimeout(remoteGrace);
+    // The join processes stop their workers and exit non-zero with this message.
+    for (const node of nodes.values()) {
+      if (node.agent) void server.send(node.agent, 'error', { code: 7, message: err.message, rank: -1, host: localHost }).catch(() => undefined);
+    }
     await killAll();
     await server.close();
     await stopMetrics();
     throw err;
-  };
-  const workerFailure = () => {
-    const f = failure!;
-    return new WorkerFailedError(f.slot.rank, f.slot.host, f.code, f.signal, f.slot.error ?? (f.code === 0 ? 'it exited before sending its final report' : undefined), f.slot.tail, f.slot.logFile);
   };
 
   // Rendezvous, with a deadline.
@@ -289,40 +494,76 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const joinDeadline = new Promise<'timeout'>((resolve) => (joinTimer = setTimeout(() => resolve('timeout'), joinTimeoutMs)));
   const first = await Promise.race([everyoneJoined.then(() => 'joined' as const), firstFailure.then(() => 'failed' as const), joinDeadline]);
   clearTimeout(joinTimer);
-  if (first === 'failed') return failWith(workerFailure());
-  if (first === 'timeout') {
-    const missing = Array.from({ length: n }, (_, r) => r).filter((r) => !joined.has(r));
-    return failWith(
-      new JoinTimeoutError(
-        `only ${joined.size} of ${n} workers joined the coordinator at ${server.endpoint} within ${joinTimeoutMs} ms; missing ranks ${missing.join(', ')} ` +
-          `(their logs: ${missing.map((r) => slots[r].logFile).join(', ')})`,
-      ),
-    );
-  }
+  if (first === 'failed') return failWith(failure!);
+  if (first === 'timeout') return failWith(new JoinTimeoutError(joinTimeoutMessage()));
 
-  const peers = Array.from({ length: n }, (_, r) => ({ rank: r, host: joined.get(r)!.host, dataEndpoints: joined.get(r)!.endpoints }));
-  const configJson = JSON.stringify(o.config);
+  // Ranks: this machine's workers first (their RANK), then the other machines' by host name, each by local rank.
+  const local = [...members.values()].filter((x) => x.local).sort((a, b) => a.rank - b.rank);
+  const remote = [...members.values()].filter((x) => !x.local).sort((a, b) => (a.host < b.host ? -1 : a.host > b.host ? 1 : a.localRank - b.localRank));
+  byRank.push(...local, ...remote);
+  worldSize = byRank.length;
+  byRank.forEach((x, r) => (x.rank = r));
+  const peers = byRank.map((x) => ({ rank: x.rank, host: x.host, dataEndpoints: x.endpoints }));
+  const config = offered.size && typeof o.config === 'object' && o.config !== null ? { ...o.config, offeredFiles: [...offered.values()].map(({ name, size, sha256 }) => ({ name, size, sha256 })) } : o.config;
+  const configJson = JSON.stringify(config);
   welcomed = true;
-  await Promise.all(
-    peers.map((p) =>
-      server.send(joined.get(p.rank)!.peer, 'welcome', { rank: p.rank, worldSize: n, generation: 1, peers, timeoutMs: o.timeoutMs ?? 120_000, configJson }),
-    ),
-  );
-  emit({ kind: 'welcomed', worldSize: n });
+  metrics.setWorkers(worldSize, worldSize);
+  await Promise.all(byRank.map((x) => server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation: 1, peers, timeoutMs, configJson })));
+  const hosts: { host: string; ranks: number[] }[] = [];
+  for (const x of byRank) {
+    const last = hosts.at(-1);
+    if (last?.host === x.host) last.ranks.push(x.rank);
+    else hosts.push({ host: x.host, ranks: [x.rank] });
+  }
+  emit({ kind: 'welcomed', worldSize, hosts });
+  if (remote.length === 0) remoteFinished();
 
-  // Training: ends when every worker exited, or at the first failure.
-  const all = Promise.all(slots.map((s) => s.exited));
+  // Training: ends when every local worker exited and every other machine's worker sent its final
+  // report, or at the first failure anywhere.
+  const all = Promise.all([...slots.map((s) => s.exited), remoteDone]);
   const outcome = await Promise.race([all.then(() => 'exited' as const), firstFailure.then(() => 'failed' as const)]);
-  if (outcome === 'failed' || failure) return failWith(workerFailure());
+  if (outcome === 'failed' || failure) return failWith(failure!);
+  clearTimeout(remoteGrace);
   await server.close();
   await stopMetrics();
 
-  const finals = slots.map((s) => s.final!);
+  const finals = byRank.map((x) => x.final!);
   const hashes = new Set(finals.map((f) => f.stateSha256));
   if (hashes.size !== 1) {
     throw new ReplicaDivergedError(`the workers finished with different weights: ${finals.map((f, r) => `rank ${r} ${String(f.stateSha256).slice(0, 12)}`).join(', ')}`);
   }
-  return { runId, worldSize: n, finals, reports, wallSec: (performance.now() - t0) / 1000 };
+  return { runId, worldSize, finals, reports, hosts: byRank.map((x) => x.host), wallSec: (performance.now() - t0) / 1000 };
+
+  function joinTimeoutMessage(): string {
+    const lines: string[] = [];
+    const known = expectedWorld();
+    lines.push(
+      `only ${members.size} of ${known}${nodes.size < nodesExpected - 1 ? '+' : ''} workers joined the coordinator at ${server.endpoint} within ${joinTimeoutMs} ms` +
+        (multi ? ` (${nodesExpected} machines expected)` : ''),
+    );
+    const missingLocal = Array.from({ length: n }, (_, r) => r).filter((r) => ![...members.values()].some((x) => x.local && x.rank === r));
+    if (!multi) {
+      lines[0] += `; missing ranks ${missingLocal.join(', ')} (their logs: ${missingLocal.map((r) => slots[r].logFile).join(', ')})`;
+      return lines[0];
+    }
+    lines.push(
+      `  this machine (host ${localHost}): ${n - missingLocal.length} of ${n} workers` +
+        (missingLocal.length ? `; missing ranks ${missingLocal.join(', ')} (logs: ${missingLocal.map((r) => slots[r].logFile).join(', ')})` : ''),
+    );
+    for (const node of nodes.values()) {
+      const have = [...members.values()].filter((x) => !x.local && x.host === node.host).map((x) => x.localRank);
+      const missing = Array.from({ length: node.expected }, (_, i) => i).filter((i) => !have.includes(i));
+      lines.push(`  host ${node.host}: ${have.length} of ${node.expected} workers${missing.length ? `; missing local ranks ${missing.join(', ')} (see the output of pnpm cli join on ${node.host})` : ''}`);
+    }
+    const absent = nodesExpected - 1 - nodes.size;
+    if (absent > 0) {
+      lines.push(
+        `  ${absent} machine${absent === 1 ? ' has' : 's have'} not connected: run \`pnpm cli join ${advertise ?? masterAddr}:${server.port} --workers N\` there, ` +
+          `and check that TCP port ${server.port} of ${advertise ?? masterAddr} is reachable from it`,
+      );
+    }
+    return lines.join('\n');
+  }
 }
 
 /** The StepReport fields the coordinator reads (proto3: absent fields are undefined). */

@@ -1,4 +1,6 @@
-export { launch, CoordinatorError, WorkerFailedError, JoinTimeoutError, ReplicaDivergedError } from './coordinator.js';
-export type { LaunchOptions, LaunchResult, RunEvent } from './coordinator.js';
+export { launch, CoordinatorError, WorkerFailedError, JoinTimeoutError, ReplicaDivergedError, OfferedFileError, NODE_AGENT_RANK } from './coordinator.js';
+export type { LaunchOptions, LaunchResult, RunEvent, AgentExitReport } from './coordinator.js';
 export { TrainingMetrics, startMetricsServer, MetricsPortError } from './metrics.js';
 export type { WorkerStepReport, EpochReport, PhaseSeconds, BuildInfo, MetricsServer } from './metrics.js';
+export { join, JoinFailedError } from './join.js';
+export type { JoinOptions, JoinEvent, JoinResult } from './join.js';

@@ -1,0 +1,194 @@
+// The other side of a multi-machine launch: `join` adds this machine's workers to a run whose
+// coordinator (`launch({ nodes, listen })`) waits on another machine. It registers the host with
+// the coordinator (Hello with requested rank NODE_AGENT_RANK and the number of workers), starts
+// the workers without RANK (the coordinator assigns ranks at the Welcome) and supervises them: a
+// worker that fails is reported to the coordinator with its exit code and log tail, and a run the
+// coordinator ends stops the workers here. Training options all come from the coordinator.
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { ControlClient, ControlTimeoutError, workerEnv } from '@dtrain/transport';
+import { CoordinatorError, NODE_AGENT_RANK, type AgentExitReport } from './coordinator.js';
+
+/** A worker of this machine failed, the coordinator refused the host, or it ended the run. */
+export class JoinFailedError extends CoordinatorError {
+  readonly code = 'E_JOIN_FAILED' as const;
+}
+
+export interface JoinOptions {
+  /** The coordinator's control socket. */
+  masterAddr: string;
+  masterPort: number;
+  /** Worker processes to start here. */
+  workers: number;
+  /** The worker script (run as `node --import tsx <entry>`), @dtrain/worker's WORKER_ENTRY. */
+  entry: string;
+  /** Name of this machine in every message; must differ from the other machines'. */
+  host: string;
+  /** Address of this machine the others reach: the workers bind and advertise their ring sockets on it. */
+  advertise: string;
+  /** Worker i binds its ring socket on ringPortBase + i (default: any free port). */
+  ringPortBase?: number;
+  /** Worker logs: <logDir>/local-<i>.log, lines prefixed by the rank once it is assigned. */
+  logDir: string;
+  /** Data sets the coordinator sends are cached here (DTRAIN_DATA_DIR of the workers). */
+  dataDir?: string;
+  gpus?: boolean;
+  /** How long to wait for the coordinator's answer and for the run to start (default 120 s). */
+  joinTimeoutMs?: number;
+  /** Ring collective timeout of the workers (default 120 s). */
+  timeoutMs?: number;
+  env?: NodeJS.ProcessEnv;
+  onEvent?: (e: JoinEvent) => void;
+  tailLines?: number;
+}
+
+export type JoinEvent =
+  | { kind: 'registered'; runId: string }
+  | { kind: 'spawned'; localRank: number; pid: number; logFile: string }
+  | { kind: 'assigned'; localRank: number; rank: number; worldSize: number };
+
+export interface JoinResult {
+  /** Rank of each local worker, by local rank. */
+  ranks: number[];
+  worldSize: number;
+}
+
+export async function join(o: JoinOptions): Promise<JoinResult> {
+  const n = o.workers;
+  if (!Number.isInteger(n) || n < 1) throw new RangeError(`workers must be a positive integer, got ${n}`);
+  const joinTimeoutMs = o.joinTimeoutMs ?? 120_000;
+  const tailLines = o.tailLines ?? 15;
+  const emit = o.onEvent ?? (() => undefined);
+  const where = `${o.masterAddr}:${o.masterPort}`;
+  fs.mkdirSync(o.logDir, { recursive: true });
+
+  // Register this machine; the answer carries the run id, so later reports are accepted.
+  const control = new ControlClient(`tcp://${where}`, { timeoutMs: joinTimeoutMs, who: `dtrain join on host ${o.host}` });
+  let runId: string;
+  try {
+    await control.send('hello', { host: o.host, pid: process.pid, localRank: 0, localWorldSize: n, requestedRank: NODE_AGENT_RANK, dataEndpoints: [], device: o.gpus ? 'cuda' : 'cpu' });
+    const reply = await control.receive(`the registration of host ${o.host}`);
+    if (reply.kind === 'error') throw new JoinFailedError(`the coordinator at ${where} refused host ${o.host}: ${(reply.body as { message?: string }).message ?? 'no reason given'}`);
+    runId = reply.runId;
+  } catch (e) {
+    await control.close().catch(() => undefined);
+    throw e;
+  }
+  control.runId = runId;
+  emit({ kind: 'registered', runId });
+
+  const children: ChildProcess[] = [];
+  const ranks: number[] = new Array<number>(n).fill(-1);
+  let worldSize = 0;
+  type Exit = { i: number; code: number | null; signal: NodeJS.Signals | null; tail: string[]; logFile: string };
+  const exits: Promise<Exit>[] = [];
+  for (let i = 0; i < n; i++) {
+    const env: NodeJS.ProcessEnv = {
+      ...process.env,
+      ...o.env,
+      MASTER_ADDR: o.masterAddr,
+      MASTER_PORT: String(o.masterPort),
+      LOCAL_RANK: String(i),
+      LOCAL_WORLD_SIZE: String(n),
+      DTRAIN_HOST: o.host,
+      DTRAIN_RING_LISTEN: o.advertise,
+      DTRAIN_ADVERTISE: o.advertise,
+      DTRAIN_JOIN_TIMEOUT_MS: String(joinTimeoutMs),
+      DTRAIN_TIMEOUT_MS: String(o.timeoutMs ?? 120_000),
+    };
+    delete env.RANK;
+    delete env.WORLD_SIZE;
+    if (o.dataDir) env.DTRAIN_DATA_DIR = path.resolve(o.dataDir);
+    if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + i);
+    if (o.gpus) env.CUDA_VISIBLE_DEVICES = String(i);
+    const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+    children.push(child);
+    const logFile = path.join(o.logDir, `local-${i}.log`);
+    const log = fs.createWriteStream(logFile, { flags: 'a' });
+    const tail: string[] = [];
+    let prefix = `[local ${i}]`;
+    let open = 2;
+    const streamsDone = new Promise<void>((resolve) => {
+      for (const stream of [child.stdout!, child.stderr!]) {
+        const rl = createInterface({ input: stream });
+        rl.on('line', (line) => {
+          const assigned = /the coordinator assigned rank (\d+) of (\d+)/.exec(line);
+          if (assigned) {
+            ranks[i] = Number(assigned[1]);
+            worldSize = Number(assigned[2]);
+            prefix = `[rank ${ranks[i]}]`;
+            emit({ kind: 'assigned', localRank: i, rank: ranks[i], worldSize });
+          }
+          log.write(`${prefix} ${line}\n`);
+          tail.push(line);
+          if (tail.length > tailLines) tail.shift();
+        });
+        rl.on('close', () => {
+          if (--open === 0) log.end(() => resolve());
+        });
+      }
+    });
+    exits.push(new Promise((resolve) => child.on('close', (code, signal) => void streamsDone.then(() => resolve({ i, code, signal, tail, logFile })))));
+    emit({ kind: 'spawned', localRank: i, pid: child.pid ?? -1, logFile });
+  }
+  const stopAll = () => {
+    for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGTERM');
+    const t = setTimeout(() => {
+      for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+    }, 5000);
+    t.unref();
+  };
+  const onSignal = () => stopAll();
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+
+  // The coordinator ends a failed run with Error{SHUTDOWN}; keep listening while the workers run.
+  let ended = false;
+  let coordinatorSaid: string | undefined;
+  const listening = (async () => {
+    while (!ended) {
+      try {
+        const m = await control.receive('the run', 1000);
+        if (m.kind === 'error') {
+          coordinatorSaid = (m.body as { message?: string }).message ?? 'no reason given';
+          stopAll();
+          return;
+        }
+      } catch (e) {
+        if (e instanceof ControlTimeoutError) continue;
+        return; // the connection is gone: the workers notice on their own (their control connections drop)
+      }
+    }
+  })();
+
+  let firstFailure: Exit | undefined;
+  await Promise.all(
+    exits.map((p) =>
+      p.then(async (x) => {
+        if (x.code === 0 || firstFailure || coordinatorSaid !== undefined) return;
+        firstFailure = x;
+        const reason = [...x.tail].reverse().find((l) => l.startsWith('error: '))?.slice('error: '.length);
+        const report: AgentExitReport = { localRank: x.i, exitCode: x.code, signal: x.signal, reason, logTail: x.tail, logFile: x.logFile };
+        await control.send('error', { code: 6, message: JSON.stringify(report), rank: -1, host: o.host }).catch(() => undefined);
+        stopAll();
+      }),
+    ),
+  );
+  ended = true;
+  await listening;
+  await control.close();
+  process.off('SIGINT', onSignal);
+  process.off('SIGTERM', onSignal);
+  const results = await Promise.all(exits);
+  if (coordinatorSaid !== undefined) throw new JoinFailedError(`the coordinator at ${where} ended the run: ${coordinatorSaid}`);
+  const f = firstFailure ?? results.find((r) => r.code !== 0);
+  if (f) {
+    const rank = ranks[f.i] >= 0 ? `rank ${ranks[f.i]} (local worker ${f.i})` : `local worker ${f.i}`;
+    throw new JoinFailedError(
+      `${rank} on host ${o.host} ${f.signal ? `was killed by ${f.signal}` : `exited with code ${f.code}`}. Last lines of its log (${f.logFile}):\n${f.tail.map((l) => `  ${l}`).join('\n') || '  (empty)'}`,
+    );
+  }
+  return { ranks, worldSize };
+}
