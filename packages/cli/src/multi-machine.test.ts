@@ -1,0 +1,177 @@
+// More machines, on one machine: three "hosts" made as Linux network namespaces joined by veth
+// links to a bridge (in a fourth namespace), addresses 10.213.7.1-3/24 that exist only inside
+// them, a distinct host name per namespace (so workers use TCP between hosts). The coordinator and
+// its worker run in host a (`pnpm cli launch --nodes 3 --listen 10.213.7.1:PORT`), `pnpm cli join`
+// in b and c. Nothing here touches an address outside the namespaces or 127.0.0.0/8; every
+// namespace and process is removed afterwards, also on failure. Where namespaces cannot be made
+// (not root, no iproute2), the same scenario runs on 127.0.0.2-4 and the test says so.
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+const cliDir = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
+const main = path.join(cliDir, 'src', 'main.ts');
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-mm-'));
+const prefix = `dtmm${process.pid}`;
+const HOSTS = ['a', 'b', 'c'] as const;
+type Host = (typeof HOSTS)[number];
+
+interface Net {
+  kind: 'netns' | 'loopback';
+  addr: Record<Host, string>;
+  /** Command prefix that runs a program on that host. */
+  exec: Record<Host, string[]>;
+  why?: string;
+}
+
+function ip(...args: string[]): void {
+  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
+}
+
+function removeNamespaces(): void {
+  for (const h of [...HOSTS, 'sw']) {
+    try {
+      ip('netns', 'del', `${prefix}${h}`);
+    } catch {
+      // not created
+    }
+  }
+}
+
+function makeNet(): Net {
+  const loopback: Net = {
+    kind: 'loopback',
+    addr: { a: '127.0.0.2', b: '127.0.0.3', c: '127.0.0.4' },
+    exec: { a: [], b: [], c: [] },
+  };
+  if (process.platform !== 'linux' || process.getuid?.() !== 0) return { ...loopback, why: 'not running as root' };
+  try {
+    ip('netns', 'add', `${prefix}sw`);
+    ip('-n', `${prefix}sw`, 'link', 'add', 'br0', 'type', 'bridge');
+    ip('-n', `${prefix}sw`, 'link', 'set', 'br0', 'up');
+    HOSTS.forEach((h, i) => {
+      const ns = `${prefix}${h}`;
+      ip('netns', 'add', ns);
+      // Both ends are created inside the namespaces: the root namespace never sees them.
+      ip('-n', `${prefix}sw`, 'link', 'add', `p${h}`, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns);
+      ip('-n', `${prefix}sw`, 'link', 'set', `p${h}`, 'master', 'br0');
+      ip('-n', `${prefix}sw`, 'link', 'set', `p${h}`, 'up');
+      ip('-n', ns, 'addr', 'add', `10.213.7.${i + 1}/24`, 'dev', 'eth0');
+      ip('-n', ns, 'link', 'set', 'eth0', 'up');
+      ip('-n', ns, 'link', 'set', 'lo', 'up');
+    });
+    return {
+      kind: 'netns',
+      addr: { a: '10.213.7.1', b: '10.213.7.2', c: '10.213.7.3' },
+      exec: { a: ['ip', 'netns', 'exec', `${prefix}a`], b: ['ip', 'netns', 'exec', `${prefix}b`], c: ['ip', 'netns', 'exec', `${prefix}c`] },
+    };
+  } catch (e) {
+    removeNamespaces();
+    return { ...loopback, why: `ip netns failed: ${String((e as { stderr?: Buffer }).stderr ?? (e as Error).message).trim()}` };
+  }
+}
+
+const children = new Set<ChildProcess>();
+
+/** Runs the CLI on a host; its own process group, so cleanup reaches its workers too. */
+function cliOn(net: Net, h: Host, args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 180_000): Promise<{ code: number | null; out: string }> {
+  const argv = [...net.exec[h], process.execPath, '--import', 'tsx', main, ...args];
+  const child = spawn(argv[0], argv.slice(1), { cwd: cliDir, env: { ...process.env, DTRAIN_HOST: `host-${h}`, ...env }, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(child);
+  let out = '';
+  child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+  const timer = setTimeout(() => killGroup(child), timeoutMs);
+  return new Promise((resolve) => {
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      children.delete(child);
+      killGroup(child); // workers left behind, if any
+      resolve({ code, out });
+    });
+  });
+}
+
+function killGroup(c: ChildProcess): void {
+  try {
+    if (c.pid) process.kill(-c.pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+}
+
+let net: Net;
+beforeAll(() => {
+  net = makeNet();
+  if (net.kind === 'loopback') {
+    console.warn(`multi-machine test: NO NETWORK NAMESPACES (${net.why}); running the same scenario on loopback addresses 127.0.0.2-4 instead`);
+  }
+});
+afterAll(() => {
+  for (const c of children) killGroup(c);
+  if (net?.kind === 'netns') removeNamespaces();
+});
+
+// Ports inside the namespaces (or on 127.0.0.x): fixed, so --ring-port-base is exercised too.
+const PORT = 29_500 + (process.pid % 200);
+const RING = 30_000 + (process.pid % 200) * 4;
+
+describe('three machines: launch --nodes 3 in one, join in the others', () => {
+  it('a short run completes, ranks grouped by host, TCP between hosts, identical replicas', async () => {
+    const out = path.join(tmp(), 'run');
+    const logs = tmp();
+    const coordinator = cliOn(net, 'a', [
+      'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT}`, '--ring-port-base', String(RING),
+      '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--seed', '5', '--metrics-port', '0',
+      '--out', out, '--join-timeout-s', '90', '--timeout-s', '60',
+    ]);
+    // Host c finds its address itself (the local address that routes to the coordinator), where it can.
+    const advertise = (h: Host) => (net.kind === 'netns' && h === 'c' ? [] : ['--advertise', net.addr[h]]);
+    const joins = (['b', 'c'] as const).map((h) =>
+      cliOn(net, h, ['join', `${net.addr.a}:${PORT}`, '--workers', '1', '--host', `host-${h}`, ...advertise(h), '--ring-port-base', String(RING), '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--timeout-s', '60']),
+    );
+    const [c, b, cc] = await Promise.all([coordinator, ...joins]);
+    expect(c.out).toMatch(/all 3 workers joined \(host-a: rank 0, host-b: rank 1, host-c: rank 2\)/);
+    expect(c.code, c.out).toBe(0);
+    expect(b.code, b.out).toBe(0);
+    expect(cc.code, cc.out).toBe(0);
+    expect(c.out).toMatch(/done: 1 epochs, 2 steps, test accuracy .* on 32 images/);
+    expect(c.out).toMatch(/replicas identical: state sha256 [0-9a-f]{16} on all 3 workers on 3 machines/);
+    expect(b.out).toMatch(/local worker 0: rank 1 of 3/);
+    expect(b.out).toMatch(/done: ranks 1 of 3 on host host-b completed/);
+    expect(cc.out).toMatch(/done: ranks 2 of 3 on host host-c completed/);
+    // Each joined worker bound its ring socket on its own host's address and the fixed port, and
+    // all three final states (each rank's own log) are the same.
+    const hashes: string[] = [];
+    for (const [h, rank] of [['b', 1], ['c', 2]] as const) {
+      const log = fs.readFileSync(path.join(logs, h, 'local-0.log'), 'utf8');
+      expect(log).toContain(`ring socket tcp://${net.addr[h]}:${RING} `);
+      hashes.push(new RegExp(`^\\[rank ${rank}\\] rank ${rank} on host host-${h}: done, state sha256 ([0-9a-f]{64})$`, 'm').exec(log)![1]);
+    }
+    const log0 = fs.readFileSync(path.join(out, 'logs', 'rank-0.log'), 'utf8');
+    expect(log0).toContain(`ring socket tcp://${net.addr.a}:${RING} `);
+    hashes.push(/rank 0 on host host-a: done, state sha256 ([0-9a-f]{64})$/m.exec(log0)![1]);
+    expect(new Set(hashes).size).toBe(1);
+  }, 240_000);
+
+  it('a machine that never joins: the join timeout names it and what did join; every process ends', async () => {
+    const out = path.join(tmp(), 'run');
+    const coordinator = cliOn(net, 'a', [
+      'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT + 1}`,
+      '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--metrics-port', '0', '--out', out, '--join-timeout-s', '15',
+    ]);
+    const joined = cliOn(net, 'b', ['join', `${net.addr.a}:${PORT + 1}`, '--workers', '2', '--host', 'host-b', '--log-dir', path.join(tmp(), 'b'), '--join-timeout-s', '60']);
+    const [c, b] = await Promise.all([coordinator, joined]);
+    expect(c.code).toBe(2);
+    expect(c.out).toMatch(/only 3 of 3\+ workers joined the coordinator at tcp:\/\/[\d.]+:\d+ within 15000 ms \(3 machines expected\)/);
+    expect(c.out).toMatch(/this machine \(host host-a\): 1 of 1 workers/);
+    expect(c.out).toMatch(/host host-b: 2 of 2 workers/);
+    expect(c.out).toMatch(/1 machine has not connected: run `pnpm cli join [\d.]+:\d+ --workers N` there/);
+    // The join process hears the end from the coordinator and exits non-zero, naming it.
+    expect(b.code).not.toBe(0);
+    expect(b.out).toMatch(/the coordinator at [\d.]+:\d+ ended the run: only 3 of 3\+ workers joined/);
+  }, 120_000);
+});
