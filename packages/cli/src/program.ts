@@ -7,6 +7,7 @@ import { registerJoin } from './commands/join.js';
 import { registerTrain } from './commands/train.js';
 import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
+import { registerKeys } from './commands/keys.js';
 
 export function buildProgram() {
   const program = new Command()
@@ -21,5 +22,6 @@ export function buildProgram() {
   registerJoin(program);
   registerReport(program);
   registerRuns(program);
+  registerKeys(program);
   return program;
 }
