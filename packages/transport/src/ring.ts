@@ -422,6 +422,9 @@ export class Ring {
     for (;;) {
       let frames: Buffer[];
       try {
+        // What is left of the deadline: a retried wait must not start a whole new timeout, or an
+        // unreachable next rank is named a full timeout after its neighbours gave up.
+        dealer.receiveTimeout = Math.max(1, deadline - Date.now());
         frames = await dealer.receive();
       } catch (e) {
         if ((e as { code?: string }).code === 'EAGAIN' && Date.now() < deadline) continue; // stale loop time
