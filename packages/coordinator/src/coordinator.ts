@@ -329,7 +329,10 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
           const member = mm();
           if (code !== 0 || member?.final === undefined) {
             const reason = spawnError ?? member?.error ?? (code === 0 ? 'it exited before sending its final report' : undefined);
-            failed(new WorkerFailedError(rank, member?.host ?? localHost, code, signal, reason, slot.tail, slot.logFile));
+            const err = new WorkerFailedError(rank, member?.host ?? localHost, code, signal, reason, slot.tail, slot.logFile);
+            // Failures on other machines came first: their root cause is being chosen; this one follows from it.
+            if (remoteGrace) pendingLocal ??= err;
+            else failed(err);
           }
           resolve({ code, signal });
         });
@@ -339,7 +342,36 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     emit({ kind: 'spawned', rank, pid: child.pid ?? -1, logFile });
   }
 
+  // Failures on other machines arrive as messages (the worker's own Error, then its join
+  // process's exit report), often from several ranks at once when a ring link breaks. They are
+  // collected for a moment and the root cause is named: a rank that could not reach its
+  // neighbour (the message names both hosts and the endpoint) before ranks that only waited.
   let remoteGrace: NodeJS.Timeout | undefined;
+  let pendingLocal: WorkerFailedError | undefined;
+  const remoteExits: { host: string; report: AgentExitReport }[] = [];
+  const collectRemoteFailures = () => {
+    if (remoteGrace) return;
+    remoteGrace = setTimeout(() => {
+      const failedMembers = [...members.values()].filter((x) => !x.local && x.error !== undefined);
+      const exitOf = (x: Member) => remoteExits.find((r) => r.host === x.host && r.report.localRank === x.localRank)?.report;
+      const culprit = failedMembers.find((x) => /could not reach/.test(x.error!)) ?? failedMembers[0];
+      if (culprit) {
+        const x = exitOf(culprit);
+        const rank = welcomed ? culprit.rank : -1;
+        return failed(
+          new WorkerFailedError(rank, culprit.host, x?.exitCode ?? null, (x?.signal as NodeJS.Signals | null) ?? null, culprit.error, x?.logTail ?? [], x ? `${x.logFile} on host ${culprit.host}` : `its log on host ${culprit.host}`, rank < 0 ? `local rank ${culprit.localRank}` : undefined),
+        );
+      }
+      // A worker that died before saying Hello, or without a word: only its join process speaks.
+      const r = remoteExits[0];
+      if (!r) return pendingLocal && failed(pendingLocal);
+      const w = [...members.values()].find((mm) => !mm.local && mm.host === r.host && mm.localRank === r.report.localRank);
+      const rank = w && welcomed ? w.rank : -1;
+      failed(
+        new WorkerFailedError(rank, r.host, r.report.exitCode, (r.report.signal as NodeJS.Signals | null) ?? null, r.report.reason, r.report.logTail ?? [], `${r.report.logFile} on host ${r.host}`, rank < 0 ? `local rank ${r.report.localRank}` : undefined),
+      );
+    }, 2000);
+  };
   server.onMessage((e: ControlEnvelope) => {
     const m = e.message;
     const key = e.peer.toString('hex');
@@ -421,23 +453,13 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         } catch {
           return metrics.countMalformedMessages();
         }
-        const w = [...members.values()].find((mm) => mm.host === agentHost && mm.localRank === x.localRank && !mm.local);
-        const rank = w && welcomed ? w.rank : -1;
-        failed(
-          new WorkerFailedError(rank, agentHost, x.exitCode, (x.signal as NodeJS.Signals | null) ?? null, w?.error ?? x.reason, x.logTail ?? [], `${x.logFile} on host ${agentHost}`, rank < 0 ? `local rank ${x.localRank}` : undefined),
-        );
-        return;
+        remoteExits.push({ host: agentHost, report: x });
+        return collectRemoteFailures();
       }
       const member = members.get(key);
       if (!member) return;
       if (member.error === undefined) member.error = err.message;
-      if (!member.local && !remoteGrace) {
-        // A worker of another machine: its join process reports the exit code and log tail
-        // shortly; without it (that process is gone too) fail with what the worker said.
-        remoteGrace = setTimeout(() => {
-          failed(new WorkerFailedError(welcomed ? member.rank : -1, member.host, null, null, member.error, err.logTail ?? [], `its log on host ${member.host}`, welcomed ? undefined : `local rank ${member.localRank}`));
-        }, 3000);
-      }
+      if (!member.local) collectRemoteFailures();
     } else if (m.kind === 'fileRequest') {
       const req = m.body as { name?: string; offset?: number | { toNumber(): number } };
       if (!members.has(key)) return;
