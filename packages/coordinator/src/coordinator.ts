@@ -543,8 +543,26 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   // Training: ends when every local worker exited and every other machine's worker sent its final
   // report, or at the first failure anywhere.
   const all = Promise.all([...slots.map((s) => s.exited), remoteDone]);
-  const outcome = await Promise.race([all.then(() => 'exited' as const), firstFailure.then(() => 'failed' as const)]);
-  if (outcome === 'failed' || failure) return failWith(failure!);
+  // Once this machine's workers are done, the others' final reports are at most a timeout away:
+  // a machine that vanished after the last collective must not leave the coordinator waiting.
+  let lateTimer: NodeJS.Timeout | undefined;
+  let settled = false;
+  const late = Promise.all(slots.map((s) => s.exited)).then(
+    () =>
+      new Promise<'late'>((resolve) => {
+        if (!settled) lateTimer = setTimeout(() => resolve('late'), timeoutMs);
+      }),
+  );
+  const outcome = await Promise.race([all.then(() => 'exited' as const), firstFailure.then(() => 'failed' as const), late]);
+  settled = true;
+  clearTimeout(lateTimer);
+  if (outcome === 'late' && !failure) {
+    const silent = byRank.filter((x) => !x.local && x.final === undefined);
+    failed(
+      new WorkerFailedError(silent[0].rank, silent[0].host, null, null, `sent no final report within ${timeoutMs} ms after this machine's workers completed (ranks without one: ${silent.map((x) => `${x.rank} on ${x.host}`).join(', ')}): its machine, its join process or the network went away`, [], `its log on host ${silent[0].host}`),
+    );
+  }
+  if (outcome !== 'exited' || failure) return failWith(failure!);
   clearTimeout(remoteGrace);
   await server.close();
   await stopMetrics();

@@ -1,0 +1,29 @@
+// The worker's environment: torchrun's variables, or none of RANK/WORLD_SIZE when `dtrain join`
+// starts it and the coordinator assigns the rank.
+import { describe, expect, it } from 'vitest';
+import { readWorkerEnv, WorkerEnvError } from './distributed.js';
+
+const base = { MASTER_ADDR: '10.0.0.1', MASTER_PORT: '29500' };
+
+describe('readWorkerEnv', () => {
+  it('torchrun style: RANK and WORLD_SIZE given', () => {
+    const e = readWorkerEnv({ ...base, RANK: '1', WORLD_SIZE: '2', LOCAL_RANK: '1', LOCAL_WORLD_SIZE: '2', DTRAIN_RING_PORT: '29601' });
+    expect(e).toMatchObject({ rank: 1, worldSize: 2, localRank: 1, localWorldSize: 2, ringPort: 29601, listen: '0.0.0.0' });
+  });
+
+  it('joined: no RANK means "the coordinator assigns it" (-1), world size unknown (0)', () => {
+    const e = readWorkerEnv({ ...base, LOCAL_RANK: '0', LOCAL_WORLD_SIZE: '3', DTRAIN_ADVERTISE: '10.0.0.2', DTRAIN_HOST: 'b' });
+    expect(e).toMatchObject({ rank: -1, worldSize: 0, localRank: 0, localWorldSize: 3, ringPort: 0, advertise: '10.0.0.2', host: 'b' });
+  });
+
+  it('a local worker of a multi-machine launch: RANK without WORLD_SIZE', () => {
+    expect(readWorkerEnv({ ...base, RANK: '3' })).toMatchObject({ rank: 3, worldSize: 0 });
+  });
+
+  it('wrong values are named', () => {
+    expect(() => readWorkerEnv({ ...base, RANK: '2', WORLD_SIZE: '2' })).toThrow(/RANK 2 is not below WORLD_SIZE 2/);
+    expect(() => readWorkerEnv({ ...base, DTRAIN_RING_PORT: '70000' })).toThrow(/DTRAIN_RING_PORT must be a TCP port/);
+    expect(() => readWorkerEnv({ MASTER_ADDR: 'x' })).toThrow(WorkerEnvError);
+    expect(() => readWorkerEnv({ ...base, RANK: '-1' })).toThrow(/RANK must be a non-negative integer/);
+  });
+});
