@@ -9,6 +9,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describeResNet, type Architecture, type BatchNormSpec, type ConvLayerSpec, type ResNetConfig } from './architecture.js';
 import { makeConv2d } from './conv.js';
+import { makeRelu, makeTrainingBatchNorm, referenceTrainingBatchNorm, type TrainingBatchNorm } from './native.js';
 import { copyOut, readFlat, writeFlat } from './flat.js';
 import { Sgd, type SgdOptions } from './sgd.js';
 
@@ -33,8 +34,11 @@ export interface ResNetOptions {
   /** Seed of the initial weights; same seed, same weights. */
   seed?: number;
   sgd?: SgdOptions;
-  /** Use TensorFlow's built-in convolution gradients (for comparisons; much slower). */
-  builtinConvGradients?: boolean;
+  /**
+   * Plain TensorFlow.js ops and their built-in gradients everywhere (convolutions, ReLU,
+   * BatchNorm): the reference the fast path is tested against; much slower.
+   */
+  referenceOps?: boolean;
 }
 
 let instanceCounter = 0;
@@ -50,6 +54,8 @@ export class ResNet {
   private readonly runningMean = new Map<string, tf.Variable>();
   private readonly runningVar = new Map<string, tf.Variable>();
   private readonly convs = new Map<string, ConvFn>();
+  private readonly relu: (x: tf.Tensor4D) => tf.Tensor4D;
+  private readonly trainingBn = new Map<string, TrainingBatchNorm>();
 
   constructor(config: ResNetConfig, options: ResNetOptions = {}) {
     this.arch = describeResNet(config);
@@ -78,13 +84,17 @@ export class ResNet {
       const spec = { kernel: c.kernel, stride: c.stride, padding: c.padding, inputGrad: c !== this.arch.stemConv };
       this.convs.set(
         c.name,
-        options.builtinConvGradients
+        options.referenceOps
           ? (x, w) => {
               const xp = c.padding > 0 ? tf.pad(x, [[0, 0], [c.padding, c.padding], [c.padding, c.padding], [0, 0]]) : x;
               return tf.conv2d(xp, w, c.stride, 'valid');
             }
           : makeConv2d(spec),
       );
+    }
+    this.relu = options.referenceOps ? (x) => tf.relu(x) : makeRelu();
+    for (const bn of this.arch.batchNorms) {
+      this.trainingBn.set(bn.name, options.referenceOps ? referenceTrainingBatchNorm(bn.eps) : makeTrainingBatchNorm(bn.eps));
     }
     this.optimizer = new Sgd(this.vars, options.sgd ?? { lr: 0.01 });
   }
@@ -106,30 +116,30 @@ export class ResNet {
     const rm = this.runningMean.get(spec.name)!;
     const rv = this.runningVar.get(spec.name)!;
     if (!training) return tf.batchNorm(x, rm as tf.Tensor1D, rv as tf.Tensor1D, beta, gamma, spec.eps);
-    const { mean, variance } = tf.moments(x, [0, 1, 2]);
-    // Running statistics as PyTorch keeps them: the variance is the unbiased estimate.
-    const count = x.size / spec.channels;
-    const unbiased = count > 1 ? count / (count - 1) : 1;
-    // These ops sit on the gradient tape but lead to no loss, so no gradient flows through them.
+    const { y, stats } = this.trainingBn.get(spec.name)!(x, gamma, beta);
+    // Running statistics as PyTorch keeps them (the variance is the unbiased estimate). These ops
+    // sit on the gradient tape but lead to no loss, so no gradient flows through them.
     tf.tidy(() => {
-      rm.assign(tf.add(tf.mul(rm, 1 - BN_MOMENTUM), tf.mul(mean, BN_MOMENTUM)));
-      rv.assign(tf.add(tf.mul(rv, 1 - BN_MOMENTUM), tf.mul(variance, BN_MOMENTUM * unbiased)));
+      rm.assign(tf.add(tf.mul(rm, 1 - BN_MOMENTUM), tf.mul(stats.mean, BN_MOMENTUM)));
+      rv.assign(tf.add(tf.mul(rv, 1 - BN_MOMENTUM), tf.mul(stats.unbiasedVariance, BN_MOMENTUM)));
     });
-    return tf.batchNorm(x, mean as tf.Tensor1D, variance as tf.Tensor1D, beta, gamma, spec.eps);
+    tf.dispose([stats.mean, stats.unbiasedVariance]);
+    return y;
   }
 
   /** Logits [n, classes]. In training mode BatchNorm uses batch statistics and updates its running ones. */
   forward(images: tf.Tensor4D, training: boolean): tf.Tensor2D {
     const a = this.arch;
-    let x = tf.relu(this.batchNorm(a.stemBn, this.conv(a.stemConv, images), training));
+    const relu = this.relu;
+    let x = relu(this.batchNorm(a.stemBn, this.conv(a.stemConv, images), training));
     // MaxPool(3, 2, padding 1): after ReLU every value is >= 0, so zero padding is the same as
     // PyTorch's -inf padding, and explicit padding keeps PyTorch's alignment on even sizes.
     x = tf.maxPool(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), 3, 2, 'valid') as tf.Tensor4D;
     for (const b of a.blocks) {
-      let y = tf.relu(this.batchNorm(b.bn1, this.conv(b.conv1, x), training));
-      y = tf.relu(this.batchNorm(b.bn2, this.conv(b.conv2, y), training));
+      let y = relu(this.batchNorm(b.bn1, this.conv(b.conv1, x), training));
+      y = relu(this.batchNorm(b.bn2, this.conv(b.conv2, y), training));
       const shortcut = b.shortcut ? this.conv(b.shortcut, x) : x;
-      x = tf.relu(tf.add(y, shortcut)) as tf.Tensor4D;
+      x = relu(tf.add(y, shortcut) as tf.Tensor4D);
     }
     const pooled = tf.mean(x, [1, 2]) as tf.Tensor2D;
     return tf.add(tf.matMul(pooled, this.byName.get('head.fc.weight')! as tf.Tensor2D), this.byName.get('head.fc.bias')!);
