@@ -14,6 +14,8 @@ export {
   NATIVE_IMAGE_SIZE,
   TRAJECTORY_SETTINGS,
 } from './settings.js';
+export { lrAt, peakLr, LR_SCALINGS } from './schedule.js';
+export type { LrScaling, LrScheduleSettings } from './schedule.js';
 export type { TrainSettings, TrainSettingsInput, PresetName, BackendKind } from './settings.js';
 export {
   readCheckpoint,

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { TrainSettingsError } from './errors.js';
-import { DEFAULTS, resolveSettings, resumeSettings } from './settings.js';
+import { DEFAULTS, resolveSettings, resumeSettings, type TrainSettings } from './settings.js';
 
 describe('resolveSettings', () => {
   it('takes the data set’s native size and the documented defaults', () => {
@@ -26,6 +26,9 @@ describe('resolveSettings', () => {
       [{ dataset: 'cifar10', imageSize: 6 }, /imageSize must be at least 7/],
       [{ dataset: 'cifar10', limitTrain: 1.5 }, /limitTrain must be a positive integer/],
       [{ preset: 'imagenet' as 'tutorial' }, /unknown preset 'imagenet'/],
+      [{ dataset: 'cifar10', lrScaling: 'sqrt' as 'linear' }, /lrScaling must be one of none, linear/],
+      [{ dataset: 'cifar10', lrScaling: 'linear', warmupEpochs: -1 }, /warmupEpochs must be a non-negative number/],
+      [{ dataset: 'cifar10', warmupEpochs: 5 }, /warmupEpochs ramps from lr to lr x world size, so it needs linear lr scaling/],
     ];
     for (const [input, re] of bad) expect(() => resolveSettings(input), JSON.stringify(input)).toThrow(re);
     expect(() => resolveSettings({ dataset: 'cifar10', epochs: -1 })).toThrow(TrainSettingsError);
@@ -45,7 +48,16 @@ describe('resumeSettings', () => {
     expect(resumeSettings(saved, { seed: 5, dataset: 'fashion-mnist' }, 'ck')).toEqual(saved);
   });
 
+  it('treats a checkpoint from before the lr schedule as unscaled, constant lr', () => {
+    const old: Partial<TrainSettings> = { ...saved };
+    delete old.lrScaling;
+    delete old.warmupEpochs;
+    expect(resumeSettings(old as TrainSettings, {}, 'ck')).toEqual(saved);
+    expect(() => resumeSettings(old as TrainSettings, { lrScaling: 'linear' }, 'ck')).toThrow(/lrScaling is "none" in ck/);
+  });
+
   it('refuses a trajectory setting that differs, naming it and the file', () => {
+    expect(() => resumeSettings({ ...saved, lrScaling: 'linear', warmupEpochs: 2 }, { warmupEpochs: 1 }, 'ck')).toThrow(/warmupEpochs is 2 in ck/);
     expect(() => resumeSettings(saved, { seed: 6 }, '/r/checkpoint-e0002.ckpt')).toThrow(/seed is 5 in \/r\/checkpoint-e0002\.ckpt/);
     expect(() => resumeSettings(saved, { lr: 0.1 }, 'ck')).toThrow(/lr is 0\.01/);
   });

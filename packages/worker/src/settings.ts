@@ -4,6 +4,7 @@
 
 import { DATASET_NAMES } from '@dtrain/data';
 import { TrainSettingsError } from './errors.js';
+import { LR_SCALINGS, type LrScaling } from './schedule.js';
 
 export type BackendKind = 'cpu' | 'gpu';
 export const PRESETS = ['tutorial'] as const;
@@ -17,7 +18,12 @@ export interface TrainSettings {
   /** Per worker; the global batch is batchSize x worldSize. */
   batchSize: number;
   evalBatchSize: number;
+  /** The single-worker learning rate; see `lrScaling` and `warmupEpochs` (schedule.ts). */
   lr: number;
+  /** 'linear': lr x world size (Goyal et al. 2017); 'none': lr as given, whatever the global batch. */
+  lrScaling: LrScaling;
+  /** Epochs of linear warmup, per step, from lr to the scaled rate (needs lrScaling 'linear'). */
+  warmupEpochs: number;
   momentum: number;
   weightDecay: number;
   /** Square model input; images are resized (bilinear) from the data set's size. */
@@ -51,6 +57,8 @@ export const DEFAULTS = {
   batchSize: 64,
   evalBatchSize: 128,
   lr: 0.01,
+  lrScaling: 'none',
+  warmupEpochs: 0,
   momentum: 0,
   weightDecay: 0,
   seed: 0,
@@ -86,6 +94,8 @@ export const TRAJECTORY_SETTINGS = [
   'dataset',
   'batchSize',
   'lr',
+  'lrScaling',
+  'warmupEpochs',
   'momentum',
   'weightDecay',
   'imageSize',
@@ -130,6 +140,13 @@ export function validateSettings(s: TrainSettings): void {
   for (const k of ['epochs', 'batchSize', 'evalBatchSize', 'imageSize', 'logEverySteps', 'keepCheckpoints'] as const) positiveInteger(k, s[k]);
   for (const k of ['lr', 'momentum', 'weightDecay'] as const) nonNegativeNumber(k, s[k]);
   if (!(s.lr > 0)) throw new TrainSettingsError('lr', `lr must be positive, got ${s.lr}`);
+  if (!(LR_SCALINGS as readonly string[]).includes(s.lrScaling)) {
+    throw new TrainSettingsError('lrScaling', `lrScaling must be one of ${LR_SCALINGS.join(', ')}, got '${String(s.lrScaling)}'`);
+  }
+  nonNegativeNumber('warmupEpochs', s.warmupEpochs);
+  if (s.warmupEpochs > 0 && s.lrScaling !== 'linear') {
+    throw new TrainSettingsError('warmupEpochs', `warmupEpochs ramps from lr to lr x world size, so it needs linear lr scaling (--lr-scaling linear; lrScaling is '${s.lrScaling}')`);
+  }
   if (s.momentum >= 1) throw new TrainSettingsError('momentum', `momentum must be below 1, got ${s.momentum}`);
   if (!Number.isSafeInteger(s.seed) || s.seed < 0) throw new TrainSettingsError('seed', `seed must be a non-negative integer, got ${s.seed}`);
   if (s.limitTrain !== null) positiveInteger('limitTrain', s.limitTrain);
@@ -145,7 +162,8 @@ export function validateSettings(s: TrainSettings): void {
  * The settings of a resumed run: the checkpoint's, with `epochs` (and paths, logging, eval batch)
  * taken from the caller. A trajectory setting the caller gives must equal the checkpoint's.
  */
-export function resumeSettings(saved: TrainSettings, input: TrainSettingsInput, file: string): TrainSettings {
+export function resumeSettings(savedRaw: TrainSettings, input: TrainSettingsInput, file: string): TrainSettings {
+  const saved = withScheduleDefaults(savedRaw);
   for (const k of TRAJECTORY_SETTINGS) {
     const v = input[k];
     if (v !== undefined && v !== saved[k]) {
@@ -169,4 +187,9 @@ export function resumeSettings(saved: TrainSettings, input: TrainSettingsInput, 
   };
   validateSettings(s);
   return s;
+}
+
+/** Checkpoints written before the lr schedule existed trained with a constant, unscaled lr. */
+export function withScheduleDefaults(s: TrainSettings): TrainSettings {
+  return { ...s, lrScaling: s.lrScaling ?? DEFAULTS.lrScaling, warmupEpochs: s.warmupEpochs ?? DEFAULTS.warmupEpochs };
 }

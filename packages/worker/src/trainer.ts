@@ -24,7 +24,8 @@ import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type Checkpoin
 import { SingleProcess, type Collective } from './collective.js';
 import { CheckpointError, ReplicaMismatchError, TrainSettingsError } from './errors.js';
 import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
-import { TRAJECTORY_SETTINGS, type TrainSettings } from './settings.js';
+import { lrAt, peakLr } from './schedule.js';
+import { TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
 
 /** Stream id mixed into the augmentation generator's seed, so it never repeats the sampler's stream. */
 export const AUGMENT_STREAM = 0xa06e;
@@ -57,6 +58,8 @@ export interface StepInfo {
   step: number;
   /** Images in this rank's batch. */
   n: number;
+  /** The learning rate this step's update used (schedule.ts; the same on every rank). */
+  lr: number;
   loss: number;
   correct: number;
   phases: PhaseTimes;
@@ -100,7 +103,10 @@ export interface EpochMetrics {
   phaseShare: PhaseTimes & { other: number };
   worldSize: number;
   globalBatch: number;
+  /** The learning rate of the epoch's last step (during warmup it grew over the epoch from lrFirst). */
   lr: number;
+  /** The learning rate of the epoch's first step (absent in lines written before the schedule existed). */
+  lrFirst?: number;
   /** Wall time of the whole run so far, resumes included. */
   totalElapsedSec: number;
   time: string;
@@ -352,7 +358,8 @@ export class Trainer {
         },
         worldSize: c.worldSize,
         globalBatch: this.globalBatch,
-        lr: s.lr,
+        lr: r.lrLast,
+        lrFirst: r.lrFirst,
         totalElapsedSec: round(elapsedBefore + (now() - t0), 3),
         time: new Date().toISOString(),
       };
@@ -415,7 +422,15 @@ export class Trainer {
     let win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: now(), phases: zeroPhases() };
     const start = now();
     let k = 0;
+    let lrFirst = NaN;
+    let lrLast = NaN;
     for (const batchIdx of batchesOf(indices, s.batchSize)) {
+      // A function of (settings, world size, epoch, step): identical on every rank, and a resume
+      // at an epoch boundary recomputes exactly the rates the uninterrupted run used.
+      const lr = lrAt(s, c.worldSize, e, k, stepsInEpoch);
+      this.model.optimizer.lr = lr;
+      if (k === 0) lrFirst = lr;
+      lrLast = lr;
       const ta = now();
       const b = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
       const tb = now();
@@ -442,7 +457,7 @@ export class Trainer {
       win.lossSum += r.loss * b.n;
       win.correct += r.correct;
       win.n += b.n;
-      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: k, stepsInEpoch, step, n: b.n, loss: r.loss, correct: r.correct, phases: p });
+      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: k, stepsInEpoch, step, n: b.n, lr, loss: r.loss, correct: r.correct, phases: p });
       if (runDir && step % s.logEverySteps === 0) {
         const secs = now() - win.start;
         const line: StepMetrics = {
@@ -464,7 +479,7 @@ export class Trainer {
     const trainSec = now() - start;
     const totals = Float32Array.from([lossSum, correct, count]);
     await c.allReduceSum(totals);
-    return { step, trainSec, phases, loss: totals[0] / totals[2], acc: totals[1] / totals[2], images: Math.round(totals[2]) };
+    return { step, trainSec, phases, lrFirst, lrLast, loss: totals[0] / totals[2], acc: totals[1] / totals[2], images: Math.round(totals[2]) };
   }
 
   /** Loss and accuracy over the whole test split: each rank its shard, counts summed. */
@@ -503,9 +518,10 @@ export class Trainer {
     if (h.model.layoutHash !== this.layout || h.model.paramCount !== this.model.paramCount) {
       throw new CheckpointError(ck.file, `it is for another model (${h.model.paramCount} parameters, layout ${h.model.layoutHash}; this one has ${this.model.paramCount}, layout ${this.layout})`, 'resume with the settings of that run');
     }
+    const saved = withScheduleDefaults(h.settings);
     for (const k of TRAJECTORY_SETTINGS) {
-      if (h.settings[k] !== this.settings[k]) {
-        throw new CheckpointError(ck.file, `it was written with ${k} = ${JSON.stringify(h.settings[k])}, this run has ${JSON.stringify(this.settings[k])}`, 'resume with the settings of that run');
+      if (saved[k] !== this.settings[k]) {
+        throw new CheckpointError(ck.file, `it was written with ${k} = ${JSON.stringify(saved[k])}, this run has ${JSON.stringify(this.settings[k])}`, 'resume with the settings of that run');
       }
     }
     this.model.setWeights(ck.weights);
@@ -594,7 +610,15 @@ export class Trainer {
       worldSize: this.collective.worldSize,
       globalBatch: this.globalBatch,
       model: { ...this.model.config, params: this.model.paramCount, bnStats: this.model.arch.bnStatCount, layoutHash: this.layout, init: s.init },
-      optimizer: { kind: 'sgd', lr: s.lr, momentum: s.momentum, weightDecay: s.weightDecay, semantics: 'torch.optim.SGD (dampening 0, no Nesterov)' },
+      optimizer: {
+        kind: 'sgd',
+        lr: s.lr,
+        momentum: s.momentum,
+        weightDecay: s.weightDecay,
+        semantics: 'torch.optim.SGD (dampening 0, no Nesterov)',
+        // The rate actually used: lr, or lr x worldSize after a linear warmup of warmupEpochs (per step).
+        lrSchedule: { scaling: s.lrScaling, warmupEpochs: s.warmupEpochs, baseLr: s.lr, peakLr: peakLr(s, this.collective.worldSize), rule: s.lrScaling === 'linear' ? 'Goyal et al. 2017: lr x worldSize, linear warmup from lr' : 'constant' },
+      },
       data: {
         train: { name: train.name, images: train.count, shape: [train.height, train.width, train.channels] },
         test: { name: test.name, images: test.count, shape: [test.height, test.width, test.channels] },

@@ -125,7 +125,7 @@ export function registerLaunch(program: Command) {
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;
-        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${gpus ? 'GPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}, image ${s.imageSize}px`);
+        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${gpus ? 'GPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling${s.warmupEpochs > 0 ? `, warmup ${s.warmupEpochs} epochs` : ''})` : ' (not scaled)'}, image ${s.imageSize}px`);
       }
 
       let summary: Summary | undefined;

@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
 import { DATASET_NAMES } from '@dtrain/data';
-import { DEFAULTS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
+import { DEFAULTS, LR_SCALINGS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
 import { UsageError, nonNegativeInt, nonNegativeNumber, positiveInt } from '../errors.js';
 
 /** Setting name -> the flag a user types, so errors name what they can change. */
@@ -14,6 +14,8 @@ export const FLAGS: Record<string, string> = {
   batchSize: '--batch-size',
   evalBatchSize: '--eval-batch-size',
   lr: '--lr',
+  lrScaling: '--lr-scaling',
+  warmupEpochs: '--warmup-epochs',
   momentum: '--momentum',
   weightDecay: '--weight-decay',
   imageSize: '--image-size',
@@ -50,7 +52,11 @@ export function addTrainOptions<A extends unknown[], O extends OptionValues, G e
     .option('--epochs <n>', `epochs to train (default ${DEFAULTS.epochs}); with --resume, the new total`, positiveInt('--epochs'))
     .option('--batch-size <n>', `images per step, per worker (default ${DEFAULTS.batchSize}; global batch = this x workers)`, positiveInt('--batch-size'))
     .option('--eval-batch-size <n>', `images per evaluation batch (default ${DEFAULTS.evalBatchSize})`, positiveInt('--eval-batch-size'))
-    .option('--lr <x>', `SGD learning rate, not scaled with the number of workers (default ${DEFAULTS.lr})`, positiveNumber('--lr'))
+    .option('--lr <x>', `SGD learning rate of one worker (default ${DEFAULTS.lr}); see --lr-scaling`, positiveNumber('--lr'))
+    .addOption(
+      new Option('--lr-scaling <rule>', `linear: lr x workers, for a global batch of batch x workers (Goyal et al. 2017); none: lr as given (default ${DEFAULTS.lrScaling})`).choices(LR_SCALINGS),
+    )
+    .option('--warmup-epochs <k>', 'with --lr-scaling linear: ramp the lr linearly, every step, from --lr to lr x workers over the first K epochs (default 0)', nonNegativeNumber('--warmup-epochs'))
     .option('--momentum <x>', `SGD momentum, PyTorch semantics (default ${DEFAULTS.momentum})`, momentumValue)
     .option('--weight-decay <x>', `L2 weight decay, PyTorch semantics (default ${DEFAULTS.weightDecay})`, nonNegativeNumber('--weight-decay'))
     .option('--image-size <s>', 'model input size in pixels (default: the data set’s, 28 Fashion-MNIST, 32 CIFAR-10)', positiveInt('--image-size'))
@@ -73,6 +79,8 @@ export interface TrainFlags {
   batchSize?: number;
   evalBatchSize?: number;
   lr?: number;
+  lrScaling?: string;
+  warmupEpochs?: number;
   momentum?: number;
   weightDecay?: number;
   imageSize?: number;
@@ -94,6 +102,8 @@ export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['b
     batchSize: o.batchSize,
     evalBatchSize: o.evalBatchSize,
     lr: o.lr,
+    lrScaling: o.lrScaling as TrainSettingsInput['lrScaling'],
+    warmupEpochs: o.warmupEpochs,
     momentum: o.momentum,
     weightDecay: o.weightDecay,
     imageSize: o.imageSize,

@@ -26,6 +26,8 @@ describe('dtrain train: flags', () => {
       [['--dataset', 'fashion-mnist', '--momentum', '1'], /^--momentum must be below 1, got '1'$/],
       [['--dataset', 'fashion-mnist', '--epochs', 'two'], /^--epochs must be a positive integer, got 'two'$/],
       [['--dataset', 'fashion-mnist', '--image-size', '6'], /^--image-size must be at least 7/],
+      [['--dataset', 'fashion-mnist', '--warmup-epochs', '-1'], /^--warmup-epochs must be a non-negative number, got '-1'$/],
+      [['--dataset', 'fashion-mnist', '--warmup-epochs', '2'], /^--warmup-epochs ramps from lr to lr x world size, so it needs linear lr scaling \(--lr-scaling linear; lrScaling is 'none'\)$/],
       [[], /^choose a data set: --dataset cifar10\|fashion-mnist/],
     ];
     for (const [args, re] of cases) {
