@@ -104,10 +104,14 @@ const DEFAULT_PIECE_BYTES = 4 << 20;
  * violation (libzmq drops the connection), and at most RING_QUEUE_BYTES / maxFrame messages wait
  * unread (then libzmq stops reading that connection, so TCP pushes back on the sender).
  */
-export function ringInboundLimits(pieceBytes: number): { maxMessageSize: number; receiveHighWaterMark: number } {
-  const maxMessageSize = Math.max(pieceBytes, 64 * 1024);
+export function ringInboundLimits(pieceBytes: number, curve = false): { maxMessageSize: number; receiveHighWaterMark: number } {
+  // libzmq checks the limit against the frame on the wire: under CURVE that is the MESSAGE command
+  // around the encrypted piece (name, nonce, MAC: 33 bytes), so a full piece needs the margin.
+  const maxMessageSize = Math.max(pieceBytes, 64 * 1024) + (curve ? CURVE_FRAME_OVERHEAD : 0);
   return { maxMessageSize, receiveHighWaterMark: Math.min(4096, Math.max(16, Math.floor(RING_QUEUE_BYTES / maxMessageSize))) };
 }
+/** Room for CURVE's MESSAGE command around a frame (33 bytes in libzmq 4.3; rounded up). */
+export const CURVE_FRAME_OVERHEAD = 256;
 /** Bytes of messages that may wait unread per inbound connection of a data socket (about). */
 export const RING_QUEUE_BYTES = 256 * 1024 * 1024;
 
@@ -276,7 +280,7 @@ export class Ring {
         linger: 0,
         // Bounded per connection (see ringInboundLimits); a legitimate previous rank is only slowed
         // by it, never stalled: this rank reads its queue throughout every collective.
-        ...ringInboundLimits(pieceBytes),
+        ...ringInboundLimits(pieceBytes, opts.security?.kind === 'curve'),
         sendTimeout: timeoutMs,
         ...heartbeats(timeoutMs),
         ...serverSocketOptions(opts.security, zapReg?.domain),

@@ -171,6 +171,25 @@ describe('CURVE ring and control socket', () => {
     expect(logLines.some((l) => l.includes("rank 1's data socket refused a connection from address 127.0.0.1"))).toBe(true);
   });
 
+  it('a CURVE ring carries full pieces (the encrypted frame is larger than the piece: maxMessageSize leaves room)', async () => {
+    const keys = [curveKeyPair(), curveKeyPair()];
+    const allowed = keys.map((k) => k.publicKey);
+    const pieceBytes = 64 * 1024; // the floor of maxMessageSize: every piece below is exactly this size
+    const rings = await Promise.all(
+      [0, 1].map((rank) =>
+        Ring.create({ rank, worldSize: 2, runId: 'curve-full', generation: 1, timeoutMs: 10_000, pieceBytes, ipc: false, security: { kind: 'curve', ...keys[rank], allowedClientKeys: allowed } }),
+      ),
+    );
+    cleanup.push(() => Promise.all(rings.map((r) => r.close())));
+    const peers: PeerInfo[] = rings.map((r) => ({ rank: r.rank, host: r.host, endpoints: r.endpoints, publicKey: r.publicKey }));
+    await Promise.all(rings.map((r) => r.connect(peers)));
+    const spec = { len: 2 * 3 * (pieceBytes / 4), seed: 5 };
+    const data = [0, 1].map((r) => makeData(spec, r));
+    const want = ringReference([0, 1].map((r) => makeData(spec, r)), {});
+    await Promise.all(rings.map((r, i) => r.allReduce(data[i])));
+    for (const d of data) expect(Buffer.from(d.buffer).equals(Buffer.from(want.buffer))).toBe(true);
+  });
+
   it('the control socket admits allow-listed workers only', async () => {
     const coord = curveKeyPair();
     const worker = curveKeyPair();
