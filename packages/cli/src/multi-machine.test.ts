@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { addAllowedKey, initKeyDir } from '@dtrain/transport';
 
 const cliDir = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
 const main = path.join(cliDir, 'src', 'main.ts');
@@ -119,22 +120,34 @@ afterAll(() => {
 const PORT = 29_500 + (process.pid % 200);
 const RING = 30_000 + (process.pid % 200) * 4;
 
+/** A key directory per host (`pnpm cli keys init`), each allow-listing all three (`keys add-peer`). */
+function clusterKeys(): Record<Host, string> {
+  const root = tmp();
+  const dirs = Object.fromEntries(HOSTS.map((h) => [h, path.join(root, h)])) as Record<Host, string>;
+  const pubs = HOSTS.map((h) => `${initKeyDir({ dir: dirs[h], name: `host-${h}` }).publicKey} host-${h}`);
+  for (const h of HOSTS) for (const p of pubs) addAllowedKey(p, { dir: dirs[h] });
+  return dirs;
+}
+
 describe('three machines: launch --nodes 3 in one, join in the others', () => {
-  it('a short run completes, ranks grouped by host, TCP between hosts, identical replicas', async () => {
+  it('a short run with CURVE keys completes, ranks grouped by host, TCP between hosts, identical replicas', async () => {
     const out = path.join(tmp(), 'run');
     const logs = tmp();
+    const keys = clusterKeys();
     const coordinator = cliOn(net, 'a', [
-      'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT}`, '--ring-port-base', String(RING),
+      'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT}`, '--ring-port-base', String(RING), '--keys', keys.a,
       '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--seed', '5', '--metrics-port', '0',
       '--out', out, '--join-timeout-s', '90', '--timeout-s', '60',
     ]);
     // Host c finds its address itself (the local address that routes to the coordinator), where it can.
     const advertise = (h: Host) => (net.kind === 'netns' && h === 'c' ? [] : ['--advertise', net.addr[h]]);
     const joins = (['b', 'c'] as const).map((h) =>
-      cliOn(net, h, ['join', `${net.addr.a}:${PORT}`, '--workers', '1', '--host', `host-${h}`, ...advertise(h), '--ring-port-base', String(RING), '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--timeout-s', '60']),
+      cliOn(net, h, ['join', `${net.addr.a}:${PORT}`, '--workers', '1', '--host', `host-${h}`, ...advertise(h), '--ring-port-base', String(RING), '--keys', keys[h], '--coordinator-key', 'host-a', '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--timeout-s', '60']),
     );
     const [c, b, cc] = await Promise.all([coordinator, ...joins]);
     expect(c.out).toMatch(/all 3 workers joined \(host-a: rank 0, host-b: rank 1, host-c: rank 2\)/);
+    expect(c.out).toMatch(/^security: CURVE on the control socket and the rings .*3 allowed client keys/m);
+    expect(b.out).toMatch(/^security: CURVE on the links to /m);
     expect(c.code, c.out).toBe(0);
     expect(b.code, b.out).toBe(0);
     expect(cc.code, cc.out).toBe(0);
@@ -149,6 +162,7 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     for (const [h, rank] of [['b', 1], ['c', 2]] as const) {
       const log = fs.readFileSync(path.join(logs, h, 'local-0.log'), 'utf8');
       expect(log).toContain(`ring socket tcp://${net.addr[h]}:${RING} `);
+      expect(log).toMatch(/ring of 3 connected \(protocol \d+, run [0-9a-f]+, CURVE, key /);
       hashes.push(new RegExp(`^\\[rank ${rank}\\] rank ${rank} on host host-${h}: done, state sha256 ([0-9a-f]{64})$`, 'm').exec(log)![1]);
     }
     const log0 = fs.readFileSync(path.join(out, 'logs', 'rank-0.log'), 'utf8');
@@ -161,9 +175,9 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     const out = path.join(tmp(), 'run');
     const coordinator = cliOn(net, 'a', [
       'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT + 1}`,
-      '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--metrics-port', '0', '--out', out, '--join-timeout-s', '15',
+      '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--metrics-port', '0', '--out', out, '--join-timeout-s', '15', '--insecure',
     ]);
-    const joined = cliOn(net, 'b', ['join', `${net.addr.a}:${PORT + 1}`, '--workers', '2', '--host', 'host-b', '--log-dir', path.join(tmp(), 'b'), '--join-timeout-s', '60']);
+    const joined = cliOn(net, 'b', ['join', `${net.addr.a}:${PORT + 1}`, '--workers', '2', '--host', 'host-b', '--log-dir', path.join(tmp(), 'b'), '--join-timeout-s', '60', '--insecure']);
     const [c, b] = await Promise.all([coordinator, joined]);
     expect(c.code).toBe(2);
     expect(c.out).toMatch(/only 3 of 3\+ workers joined the coordinator at tcp:\/\/[\d.]+:\d+ within 15000 ms \(3 machines expected\)/);
@@ -181,7 +195,7 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     // Host c has a second network (10.213.8.0/24, again only inside its namespace) and advertises it.
     ip('-n', `${prefix}c`, 'addr', 'add', '10.213.8.3/24', 'dev', 'eth0');
     const out = path.join(tmp(), 'run');
-    const common = ['--ring-port-base', String(RING + 100), '--join-timeout-s', '60', '--timeout-s', '8'];
+    const common = ['--ring-port-base', String(RING + 100), '--join-timeout-s', '60', '--timeout-s', '8', '--insecure'];
     const coordinator = cliOn(net, 'a', [
       'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT + 2}`, ...common,
       '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--metrics-port', '0', '--out', out,

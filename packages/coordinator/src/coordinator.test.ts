@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
+import { initKeyDir, loadKeyDir, transportCounters } from '@dtrain/transport';
 import { JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
 
 const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
@@ -47,5 +48,25 @@ describe('launch', () => {
       if (e.kind !== 'spawned') continue;
       expect(() => process.kill(e.pid, 0), `pid ${e.pid} still alive`).toThrow();
     }
+  });
+
+  it('with keys: CURVE control socket, workers get the coordinator key by env, Welcome.peers carry their keys', async () => {
+    const runDir = tmp();
+    const keys = initKeyDir({ dir: path.join(tmp(), 'keys'), name: 'fakehost' });
+    const r = await launch({ workers: 2, entry: FAKE, runDir, config: {}, env: { FAKE_MODE: 'ok' }, keys: loadKeyDir(keys.dir) });
+    expect(r.worldSize).toBe(2);
+    const log1 = fs.readFileSync(path.join(runDir, 'logs', 'rank-1.log'), 'utf8');
+    expect(log1).toContain(`peer keys ${keys.publicKey},${keys.publicKey}`);
+  });
+
+  it('with keys: a Hello naming a key that is not allow-listed is refused (key and host named, counted)', async () => {
+    const runDir = tmp();
+    const keys = loadKeyDir(initKeyDir({ dir: path.join(tmp(), 'keys'), name: 'fakehost' }).dir);
+    const before = transportCounters().authByReason['hello key not allowed'] ?? 0;
+    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, joinTimeoutMs: 15_000, env: { FAKE_MODE: 'claim', FAKE_RANK: '1' }, keys }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(WorkerFailedError);
+    expect((err as Error).message).toMatch(/^rank 1 on host \S+ exited with code 4/);
+    expect((err as Error).message).toMatch(/refused: host fakehost is not allowed: its key \S{40} is not in the coordinator's allow-list \(.*allowed_keys\)/);
+    expect(transportCounters().authByReason['hello key not allowed']).toBe(before + 1);
   });
 });

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { ControlServer, transportCounters, workerEnv, type ControlEnvelope } from '@dtrain/transport';
+import { ControlServer, countAuthRefused, curveServerSecurity, transportCounters, workerEnv, type ControlEnvelope, type KeyMaterial } from '@dtrain/transport';
 import { startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
 
 export class CoordinatorError extends Error {
@@ -104,6 +104,13 @@ export interface LaunchOptions {
   advertise?: string;
   /** Local worker i binds its ring socket on port ringPortBase + i (default: any free port). */
   ringPortBase?: number;
+  /**
+   * CURVE (issue 7): this machine's key pair and allow-list (loadKeyDir). The control socket
+   * admits only allow-listed keys; local workers get `keys.dir` (DTRAIN_KEYS_DIR) and this public
+   * key (DTRAIN_COORDINATOR_KEY); a Hello whose curve_public_key is not allow-listed is refused
+   * and counted; each worker's key goes to the others in Welcome.peers. Absent: no encryption.
+   */
+  keys?: KeyMaterial;
   /** Data set files sent to workers of other machines that lack them: names relative to `root`. */
   offerFiles?: { root: string; names: string[] };
   /** Workers that have not joined by then fail the run (default 120 s). */
@@ -153,6 +160,8 @@ interface Member {
   local: boolean;
   endpoints: string[];
   device: string;
+  /** Hello.curve_public_key ('' without CURVE): its ring's key, passed on in Welcome.peers. */
+  key: string;
   /** Local workers: their RANK; others: assigned at the Welcome. */
   rank: number;
   error?: string;
@@ -233,7 +242,9 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   fs.mkdirSync(logDir, { recursive: true });
 
   const listen = o.listen ?? '127.0.0.1';
-  const server = await ControlServer.bind({ listen, port: o.port ?? 0, runId, timeoutMs }).catch(async (err: unknown) => {
+  const security = o.keys ? curveServerSecurity(o.keys) : undefined;
+  const allowedKeys = new Map((o.keys?.allowed ?? []).map((k) => [k.publicKey, k.name]));
+  const server = await ControlServer.bind({ listen, port: o.port ?? 0, runId, timeoutMs, security }).catch(async (err: unknown) => {
     await stopMetrics();
     throw err;
   });
@@ -296,6 +307,11 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     }
     if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + rank);
     if (o.gpus) env.CUDA_VISIBLE_DEVICES = String(rank);
+    delete env.DTRAIN_COORDINATOR_KEY;
+    if (o.keys) {
+      env.DTRAIN_KEYS_DIR = o.keys.dir;
+      env.DTRAIN_COORDINATOR_KEY = o.keys.publicKey;
+    }
     const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     const logFile = path.join(logDir, `rank-${rank}.log`);
     const log = fs.createWriteStream(logFile, { flags: 'a' });
@@ -376,13 +392,21 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     const m = e.message;
     const key = e.peer.toString('hex');
     if (m.kind === 'hello') {
-      const h = m.body as { host?: string; localRank?: number; localWorldSize?: number; requestedRank?: number; dataEndpoints?: string[]; device?: string };
+      const h = m.body as { host?: string; localRank?: number; localWorldSize?: number; requestedRank?: number; dataEndpoints?: string[]; device?: string; curvePublicKey?: string };
       const requested = h.requestedRank ?? 0; // proto3 omits 0
       const host = h.host ?? '';
       const localRank = h.localRank ?? 0;
       const refuse = (why: string) => void server.send(e.peer, 'error', { code: 3, message: why, rank: requested, host }).catch(() => undefined);
       if (welcomed) return refuse(`the run already started with ${worldSize} workers`);
       if (!host) return refuse('a Hello needs a host');
+      // The connection passed the CURVE handshake with an allow-listed key; the key a Hello names
+      // for its ring must be allow-listed too, or the other workers would connect to a stranger.
+      if (o.keys && !allowedKeys.has(h.curvePublicKey ?? '')) {
+        const why = h.curvePublicKey ? `its key ${h.curvePublicKey}` : 'it sent no CURVE key (started without --keys?)';
+        countAuthRefused(`hello key not allowed`);
+        process.stderr.write(`coordinator: refused a Hello from host ${host}: ${why} is not in ${o.keys.dir}/allowed_keys\n`);
+        return refuse(`host ${host} is not allowed: ${why} is not in the coordinator's allow-list (${o.keys.dir}/allowed_keys); on the coordinator's machine run: pnpm cli keys add-peer '<line of pnpm cli keys show on ${host}>'`);
+      }
       const sameName = `host ${host} has the same name as the coordinator's machine: give every machine its own name (pnpm cli join --host NAME, or DTRAIN_HOST)`;
       if (requested === NODE_AGENT_RANK || requested === -1) {
         if (!multi) return refuse(`this coordinator runs on one machine (${n} workers); start it with --nodes M --listen ADDR:PORT to accept workers of other machines`);
@@ -414,7 +438,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         if (taken) return refuse(`rank ${requested} already joined from host ${taken.host}`);
       }
       if (!(h.dataEndpoints ?? []).length) return refuse('a Hello needs the ring endpoints');
-      const member: Member = { peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', rank: requested };
+      const member: Member = { peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', key: h.curvePublicKey ?? '', rank: requested };
       members.set(key, member);
       metrics.setWorkers(members.size, expectedWorld());
       emit({ kind: 'joined', rank: requested, host, device: member.device, joined: members.size, expected: expectedWorld() });
@@ -525,7 +549,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   byRank.push(...local, ...remote);
   worldSize = byRank.length;
   byRank.forEach((x, r) => (x.rank = r));
-  const peers = byRank.map((x) => ({ rank: x.rank, host: x.host, dataEndpoints: x.endpoints }));
+  const peers = byRank.map((x) => ({ rank: x.rank, host: x.host, dataEndpoints: x.endpoints, curvePublicKey: x.key }));
   const config = offered.size && typeof o.config === 'object' && o.config !== null ? { ...o.config, offeredFiles: [...offered.values()].map(({ name, size, sha256 }) => ({ name, size, sha256 })) } : o.config;
   const configJson = JSON.stringify(config);
   welcomed = true;
@@ -581,6 +605,10 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       `only ${members.size} of ${known}${nodes.size < nodesExpected - 1 ? '+' : ''} workers joined the coordinator at ${server.endpoint} within ${joinTimeoutMs} ms` +
         (multi ? ` (${nodesExpected} machines expected)` : ''),
     );
+    const refused = server.stats().authRefused;
+    if (refused > 0) {
+      lines[0] += `; ${refused} connection${refused === 1 ? ' was' : 's were'} refused at the CURVE handshake (a key not in ${o.keys?.dir ?? 'the'}/allowed_keys, or a wrong coordinator key: see the log lines above)`;
+    }
     const missingLocal = Array.from({ length: n }, (_, r) => r).filter((r) => ![...members.values()].some((x) => x.local && x.rank === r));
     if (!multi) {
       lines[0] += `; missing ranks ${missingLocal.join(', ')} (their logs: ${missingLocal.map((r) => slots[r].logFile).join(', ')})`;

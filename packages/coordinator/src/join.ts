@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { ControlClient, ControlTimeoutError, workerEnv } from '@dtrain/transport';
+import { ControlClient, ControlTimeoutError, curveClientSecurity, workerEnv, type KeyMaterial } from '@dtrain/transport';
 import { CoordinatorError, NODE_AGENT_RANK, type AgentExitReport } from './coordinator.js';
 
 /** A worker of this machine failed, the coordinator refused the host, or it ended the run. */
@@ -40,6 +40,9 @@ export interface JoinOptions {
   /** Ring collective timeout of the workers (default 120 s). */
   timeoutMs?: number;
   env?: NodeJS.ProcessEnv;
+  /** CURVE: this machine's key pair and allow-list, and the coordinator's public key (both or neither). */
+  keys?: KeyMaterial;
+  coordinatorKey?: string;
   onEvent?: (e: JoinEvent) => void;
   tailLines?: number;
 }
@@ -65,10 +68,21 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
   fs.mkdirSync(o.logDir, { recursive: true });
 
   // Register this machine; the answer carries the run id, so later reports are accepted.
-  const control = new ControlClient(`tcp://${where}`, { timeoutMs: joinTimeoutMs, who: `dtrain join on host ${o.host}` });
+  if ((o.keys === undefined) !== (o.coordinatorKey === undefined)) throw new RangeError('join: keys and coordinatorKey go together (CURVE) or are both absent');
+  const security = o.keys && o.coordinatorKey ? curveClientSecurity(o.keys, o.coordinatorKey) : undefined;
+  const control = new ControlClient(`tcp://${where}`, { timeoutMs: joinTimeoutMs, who: `dtrain join on host ${o.host}`, security });
   let runId: string;
   try {
-    await control.send('hello', { host: o.host, pid: process.pid, localRank: 0, localWorldSize: n, requestedRank: NODE_AGENT_RANK, dataEndpoints: [], device: o.gpus ? 'cuda' : 'cpu' });
+    await control.send('hello', {
+      host: o.host,
+      pid: process.pid,
+      localRank: 0,
+      localWorldSize: n,
+      requestedRank: NODE_AGENT_RANK,
+      dataEndpoints: [],
+      device: o.gpus ? 'cuda' : 'cpu',
+      curvePublicKey: o.keys?.publicKey ?? '',
+    });
     const reply = await control.receive(`the registration of host ${o.host}`);
     if (reply.kind === 'error') throw new JoinFailedError(`the coordinator at ${where} refused host ${o.host}: ${(reply.body as { message?: string }).message ?? 'no reason given'}`);
     runId = reply.runId;
@@ -103,6 +117,11 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
     if (o.dataDir) env.DTRAIN_DATA_DIR = path.resolve(o.dataDir);
     if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + i);
     if (o.gpus) env.CUDA_VISIBLE_DEVICES = String(i);
+    delete env.DTRAIN_COORDINATOR_KEY;
+    if (o.keys && o.coordinatorKey) {
+      env.DTRAIN_KEYS_DIR = o.keys.dir;
+      env.DTRAIN_COORDINATOR_KEY = o.coordinatorKey;
+    }
     const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     children.push(child);
     const logFile = path.join(o.logDir, `local-${i}.log`);

@@ -249,6 +249,8 @@ export class ControlClient {
   private sendChain: Promise<void> = Promise.resolve();
   private connected = false;
   private closed = false;
+  /** Why the coordinator refused our CURVE handshake, if it did (named in the timeout error). */
+  private refused: string | undefined;
   private lostHandler: ((e: ControlLostError) => void) | undefined;
 
   constructor(endpoint: string, opts: ControlClientOptions = {}) {
@@ -267,6 +269,13 @@ export class ControlClient {
     });
     this.dealer.events.on('connect', () => {
       this.connected = true;
+    });
+    // libzmq keeps retrying a refused handshake; the reason is kept for the timeout's message.
+    this.dealer.events.on('handshake:error:auth', () => {
+      this.refused = 'the coordinator refused this machine\'s CURVE key: it is not in the coordinator\'s allowed_keys (there: pnpm cli keys add-peer \'<line of pnpm cli keys show here>\')';
+    });
+    this.dealer.events.on('handshake:error:protocol', () => {
+      this.refused = 'the CURVE handshake failed: the coordinator key given here is wrong, or one side runs without CURVE (--keys / --insecure must agree)';
     });
     this.dealer.events.on('disconnect', () => {
       if (this.connected && !this.closed) {
@@ -321,7 +330,7 @@ export class ControlClient {
     throw new ControlTimeoutError(
       `${this.who} heard nothing from the coordinator at ${this.endpoint} for ${timeoutMs} ms during ${during}: ` +
         `check MASTER_ADDR/MASTER_PORT, that the coordinator is running and that the port is open` +
-        (this.connected ? ' (the connection itself was up: the coordinator is waiting for something else)' : ' (no connection was made)'),
+        (this.refused ? ` (${this.refused})` : this.connected ? ' (the connection itself was up: the coordinator is waiting for something else)' : ' (no connection was made)'),
     );
   }
 

@@ -25,6 +25,7 @@ export {
   decodeMessage,
   transportCounters,
   countRejected,
+  countAuthRefused,
   setTransportLogger,
   type TransportCounters,
   toSafeInt,

@@ -19,12 +19,16 @@
 //                              the coordinator): data sets the coordinator offers are cached here
 //   DTRAIN_JOIN_TIMEOUT_MS     how long to wait for the coordinator's Welcome (default 120000)
 //   DTRAIN_TIMEOUT_MS          a ring collective fails when a neighbour is silent this long (default 120000)
+//   DTRAIN_COORDINATOR_KEY     the coordinator's CURVE public key: when set, the control link and
+//                              the ring use CURVE with this machine's keys from DTRAIN_KEYS_DIR
+//                              (`pnpm cli keys init`); unset: no encryption
+//   DTRAIN_KEYS_DIR            key directory (default ~/.config/dtrain/keys)
 import fs from 'node:fs';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
-import { ControlClient, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
+import { ControlClient, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
 import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
 import { hashFloats, RingCollective } from './ring-collective.js';
 import { runTraining } from './run.js';
@@ -93,6 +97,10 @@ export interface WorkerEnv {
   joinTimeoutMs: number;
   /** Ring collectives fail when a neighbour is silent this long. */
   timeoutMs: number;
+  /** The coordinator's CURVE public key (DTRAIN_COORDINATOR_KEY); undefined: no CURVE. */
+  coordinatorKey?: string;
+  /** This machine's key directory (DTRAIN_KEYS_DIR; undefined: the default). */
+  keysDir?: string;
 }
 
 function intVar(env: NodeJS.ProcessEnv, name: string, fallback?: number): number {
@@ -119,6 +127,10 @@ export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
   if (!masterAddr) throw new WorkerEnvError('MASTER_ADDR is not set: the address of the coordinator (e.g. 127.0.0.1)');
   const masterPort = intVar(env, 'MASTER_PORT');
   if (masterPort < 1 || masterPort > 65535) throw new WorkerEnvError(`MASTER_PORT must be a TCP port (1-65535), got ${masterPort}`);
+  const coordinatorKey = env.DTRAIN_COORDINATOR_KEY || undefined;
+  if (coordinatorKey !== undefined && !isCurveKey(coordinatorKey)) {
+    throw new WorkerEnvError(`DTRAIN_COORDINATOR_KEY must be a CURVE public key (40 Z85 characters, as pnpm cli keys show prints), got '${coordinatorKey}'`);
+  }
   const loopback = masterAddr === 'localhost' || masterAddr.startsWith('127.') || masterAddr === '::1';
   return {
     rank,
@@ -133,6 +145,8 @@ export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
     host: env.DTRAIN_HOST || hostname(),
     joinTimeoutMs: intVar(env, 'DTRAIN_JOIN_TIMEOUT_MS', 120_000),
     timeoutMs: intVar(env, 'DTRAIN_TIMEOUT_MS', 120_000),
+    coordinatorKey,
+    keysDir: env.DTRAIN_KEYS_DIR || undefined,
   };
 }
 
@@ -143,7 +157,14 @@ export async function runDistributedWorker(
   onCoordinatorLost?: (e: Error) => void,
 ): Promise<DoneReport> {
   let who = env.rank >= 0 ? `rank ${env.rank} on host ${env.host}` : `local rank ${env.localRank} on host ${env.host}`;
-  const control = new ControlClient(`tcp://${env.masterAddr}:${env.masterPort}`, { timeoutMs: env.joinTimeoutMs, who });
+  // CURVE: the control link checks the coordinator's key; the ring's data socket admits the keys
+  // of this machine's allow-list, and each link to the next rank checks that rank's key.
+  const keys = env.coordinatorKey ? loadKeyDir(env.keysDir) : undefined;
+  const control = new ControlClient(`tcp://${env.masterAddr}:${env.masterPort}`, {
+    timeoutMs: env.joinTimeoutMs,
+    who,
+    security: keys && env.coordinatorKey ? curveClientSecurity(keys, env.coordinatorKey) : undefined,
+  });
   if (onCoordinatorLost) control.onLost(onCoordinatorLost);
   const remote = env.rank < 0;
   let ring: Ring | undefined;
@@ -158,6 +179,7 @@ export async function runDistributedWorker(
       port: env.ringPort,
       advertise: env.advertise,
       timeoutMs: env.timeoutMs,
+      security: keys ? curveServerSecurity(keys) : undefined,
     });
     const device = process.env.CUDA_VISIBLE_DEVICES !== undefined ? `cuda:${process.env.CUDA_VISIBLE_DEVICES}` : 'cpu';
     await control.send('hello', {
@@ -168,6 +190,7 @@ export async function runDistributedWorker(
       requestedRank: env.rank,
       dataEndpoints: ring.endpoints,
       device,
+      curvePublicKey: ring.publicKey ?? '',
     });
     log(`${who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket ${ring.endpoints.join(' ')}`);
     const m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
@@ -177,7 +200,7 @@ export async function runDistributedWorker(
     }
     if (m.kind !== 'welcome') throw new WorkerEnvError(`${who}: expected Welcome from the coordinator, got ${m.kind}`);
     control.runId = m.runId;
-    const w = m.body as { rank?: number; worldSize?: number; generation?: number; peers?: { rank?: number; host?: string; dataEndpoints?: string[] }[]; configJson?: string };
+    const w = m.body as { rank?: number; worldSize?: number; generation?: number; peers?: { rank?: number; host?: string; dataEndpoints?: string[]; curvePublicKey?: string }[]; configJson?: string };
     const rank = w.rank ?? 0;
     const worldSize = w.worldSize ?? 0;
     if (env.rank >= 0 && (rank !== env.rank || (env.worldSize > 0 && worldSize !== env.worldSize))) {
@@ -187,11 +210,11 @@ export async function runDistributedWorker(
     env = { ...env, rank, worldSize };
     who = `rank ${rank} on host ${env.host}`;
     const config = JSON.parse(w.configJson ?? '{}') as DistributedConfig;
-    const peers: PeerInfo[] = (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])] }));
+    const peers: PeerInfo[] = (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])], publicKey: p.curvePublicKey || undefined }));
     // The connectivity preflight: connect() returns only when both ring links answered, and names
     // both hosts and the endpoint when one does not.
     await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1, rank, worldSize });
-    log(`${who}: ring of ${worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId})`);
+    log(`${who}: ring of ${worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId}, ${keys ? `CURVE, key ${keys.publicKey}` : 'no encryption'})`);
 
     // A worker on another machine (started without RANK, by `dtrain join`) uses its own data
     // directory, and receives there the files the coordinator offers that it lacks.

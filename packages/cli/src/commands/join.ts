@@ -8,8 +8,10 @@ import path from 'node:path';
 import { Command, Option } from '@commander-js/extra-typings';
 import { listGpus } from '@dtrain/backend';
 import { join } from '@dtrain/coordinator';
+import { curveClientSecurity, describeSecurity } from '@dtrain/transport';
 import { WORKER_ENTRY } from '@dtrain/worker';
 import { nonNegativeInt, positiveInt, UsageError } from '../errors.js';
+import { chooseSecurity, coordinatorKeyOf, INSECURE_HELP, KEYS_HELP } from './security.js';
 
 /** `ADDR:PORT` (IPv4 address or host name, port 1-65535). */
 export function parseHostPort(flag: string, v: string): { host: string; port: number } {
@@ -46,6 +48,9 @@ export function registerJoin(program: Command) {
     .option('--host <name>', 'name of this machine in messages; must differ between machines (default: $DTRAIN_HOST, else the host name)')
     .addOption(new Option('--ring-port-base <port>', 'worker i binds its ring socket on this port + i (default: any free port; fix it to open a port range in a firewall)').argParser(nonNegativeInt('--ring-port-base')))
     .option('--data-dir <dir>', 'where data sets the coordinator sends are cached (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
+    .option('--keys [dir]', KEYS_HELP)
+    .option('--coordinator-key <key>', "with --keys: the coordinator's public key (the line `pnpm cli keys show` prints there, or its name in allowed_keys; default: the one other machine in allowed_keys)")
+    .option('--insecure', INSECURE_HELP)
     .option('--log-dir <dir>', 'worker logs (default: runs/join-<date>-<host>/logs)')
     .addOption(new Option('--join-timeout-s <s>', 'fail when the coordinator does not answer or the run does not start by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', "a collective fails when a neighbour is silent this long (use launch's value)").default(120).argParser(positiveInt('--timeout-s')))
@@ -62,6 +67,10 @@ export function registerJoin(program: Command) {
       const advertise = o.advertise ?? (await localAddressTowards(masterAddr, masterPort));
       if (!advertise) throw new UsageError(`no local address routes to ${masterAddr}: check the address, or give --advertise ADDR`);
       if (o.ringPortBase !== undefined && (o.ringPortBase < 1 || o.ringPortBase + n - 1 > 65535)) throw new UsageError(`--ring-port-base ${o.ringPortBase} with ${n} workers must stay within ports 1-65535`);
+      if (o.coordinatorKey !== undefined && o.keys === undefined) throw new UsageError('--coordinator-key needs --keys [DIR] (this machine\'s key pair)');
+      const keys = chooseSecurity(o, [masterAddr, advertise], 'join');
+      const coordinatorKey = keys ? coordinatorKeyOf(o.coordinatorKey, keys) : undefined;
+      console.log(`${describeSecurity(keys && coordinatorKey ? curveClientSecurity(keys, coordinatorKey) : { kind: 'none' }, `the links to ${masterAddr}:${masterPort} and the rings`)}${keys ? `; coordinator key ${coordinatorKey}` : ''}`);
       const stamp = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
       const logDir = path.resolve(o.logDir ?? path.join('runs', `join-${stamp}-${host.replace(/[^A-Za-z0-9_.-]+/g, '_')}`, 'logs'));
       const r = await join({
@@ -77,6 +86,8 @@ export function registerJoin(program: Command) {
         gpus,
         joinTimeoutMs: o.joinTimeoutS * 1000,
         timeoutMs: o.timeoutS * 1000,
+        keys,
+        coordinatorKey,
         onEvent: (e) => {
           if (e.kind === 'registered') console.log(`joined the coordinator at ${masterAddr}:${masterPort} as host ${host} (ring address ${advertise}); starting ${n} ${gpus ? 'GPU' : 'CPU'} workers, logs in ${logDir}`);
           else if (e.kind === 'assigned') console.log(`local worker ${e.localRank}: rank ${e.rank} of ${e.worldSize}`);

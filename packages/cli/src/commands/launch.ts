@@ -5,6 +5,7 @@ import path from 'node:path';
 import { Command, Option } from '@commander-js/extra-typings';
 import { listGpus } from '@dtrain/backend';
 import { launch, type RunEvent } from '@dtrain/coordinator';
+import { curveServerSecurity, describeSecurity } from '@dtrain/transport';
 import { DEFAULT_METRICS_PORT } from '@dtrain/core';
 import { CIFAR10_DIRNAME, CIFAR10_META_FILE, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, resolveDataDir } from '@dtrain/data';
 import {
@@ -19,6 +20,7 @@ import {
 } from '@dtrain/worker';
 import { nonNegativeInt, nonNegativeNumber, positiveInt, UsageError } from '../errors.js';
 import { parseHostPort } from './join.js';
+import { chooseSecurity, INSECURE_HELP, KEYS_HELP } from './security.js';
 import { addTrainOptions, settingsFromFlags } from './train-options.js';
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
@@ -73,6 +75,8 @@ export function registerLaunch(program: Command) {
     .option('--listen <addr:port>', 'address and port of the control socket the other machines connect to (needed with --nodes; 0.0.0.0:PORT for every interface)')
     .option('--advertise <addr>', 'address of this machine the other machines reach (default: the --listen address unless it is 0.0.0.0, else the host name)')
     .addOption(new Option('--ring-port-base <port>', 'worker i of this machine binds its ring socket on this port + i (default: any free port; fix it to open a port range in a firewall)').argParser(nonNegativeInt('--ring-port-base')))
+    .option('--keys [dir]', KEYS_HELP)
+    .option('--insecure', INSECURE_HELP)
     .addOption(new Option('--join-timeout-s <s>', 'fail when workers have not joined by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', 'a collective fails when a neighbour is silent this long').default(120).argParser(positiveInt('--timeout-s')))
     .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
@@ -103,6 +107,7 @@ export function registerLaunch(program: Command) {
         throw new UsageError(`--nodes ${o.nodes} needs --listen ADDR:PORT with an address the other machines reach (e.g. --listen 10.0.0.1:29500, or 0.0.0.0:29500 with --advertise)`);
       }
       if (o.ringPortBase !== undefined && (o.ringPortBase < 1 || o.ringPortBase + n - 1 > 65535)) throw new UsageError(`--ring-port-base ${o.ringPortBase} with ${n} workers must stay within ports 1-65535`);
+      const keys = chooseSecurity(o, [listen ?? '127.0.0.1', o.advertise], 'launch');
       const input = settingsFromFlags(o, gpus ? 'gpu' : 'cpu');
       let dataset: string | undefined;
       let dataDir: string | null | undefined;
@@ -133,6 +138,7 @@ export function registerLaunch(program: Command) {
       const onEvent = (e: RunEvent) => {
         if (e.kind === 'metrics') console.log(`metrics: ${e.url} (Prometheus; --metrics-port ${e.port}, 0 to serve none)`);
         else if (e.kind === 'listening') {
+          console.log(`${describeSecurity(keys ? curveServerSecurity(keys) : { kind: 'none' }, `the control socket and the rings (${e.endpoint})`)}${keys ? `; keys in ${keys.dir}` : ''}`);
           console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
           if (o.nodes > 1) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
         } else if (e.kind === 'offered') {
@@ -167,6 +173,7 @@ export function registerLaunch(program: Command) {
         joinTimeoutMs: o.joinTimeoutS * 1000,
         timeoutMs: o.timeoutS * 1000,
         onEvent,
+        keys,
         metricsPort: o.metricsPort,
         metricsLingerMs: o.metricsLingerS * 1000,
       });

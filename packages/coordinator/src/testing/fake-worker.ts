@@ -1,8 +1,9 @@
 // A worker process for coordinator.test.ts that speaks the real control protocol over real
 // sockets but trains nothing (no TensorFlow), so failure handling is tested in seconds.
 // FAKE_MODE: 'ok' (join, report done, exit 0), 'crash' (rank FAKE_RANK prints and exits 3 after
-// the Welcome), 'silent' (rank FAKE_RANK never says Hello).
-import { ControlClient } from '@dtrain/transport';
+// the Welcome), 'silent' (rank FAKE_RANK never says Hello), 'claim' (rank FAKE_RANK connects with
+// its allowed key but names another one in its Hello). With DTRAIN_COORDINATOR_KEY: CURVE.
+import { ControlClient, curveClientSecurity, curveKeyPair, loadKeyDir } from '@dtrain/transport';
 
 const rank = Number(process.env.RANK);
 const mode = process.env.FAKE_MODE ?? 'ok';
@@ -14,12 +15,20 @@ async function main(): Promise<void> {
     await new Promise((r) => setTimeout(r, 60_000));
     return;
   }
-  const c = new ControlClient(`tcp://${process.env.MASTER_ADDR}:${process.env.MASTER_PORT}`, { timeoutMs: 20_000 });
-  await c.send('hello', { host: 'fakehost', pid: process.pid, localRank: Number(process.env.LOCAL_RANK), requestedRank: rank, dataEndpoints: [`tcp://127.0.0.1:${1000 + rank}`] });
+  const coordinatorKey = process.env.DTRAIN_COORDINATOR_KEY;
+  const keys = coordinatorKey ? loadKeyDir(process.env.DTRAIN_KEYS_DIR) : undefined;
+  const c = new ControlClient(`tcp://${process.env.MASTER_ADDR}:${process.env.MASTER_PORT}`, { timeoutMs: 20_000, security: keys && coordinatorKey ? curveClientSecurity(keys, coordinatorKey) : undefined });
+  const curvePublicKey = mode === 'claim' && rank === target ? curveKeyPair().publicKey : (keys?.publicKey ?? '');
+  await c.send('hello', { host: 'fakehost', pid: process.pid, localRank: Number(process.env.LOCAL_RANK), requestedRank: rank, dataEndpoints: [`tcp://127.0.0.1:${1000 + rank}`], curvePublicKey });
   const w = await c.receive('welcome');
+  if (w.kind === 'error') {
+    console.error(`refused: ${(w.body as { message?: string }).message}`);
+    process.exit(4);
+  }
   if (w.kind !== 'welcome') throw new Error(`expected welcome, got ${w.kind}`);
   c.runId = w.runId;
   console.log(`rank ${rank} welcomed with config ${(w.body as { configJson?: string }).configJson}`);
+  if (keys) console.log(`peer keys ${((w.body as { peers?: { curvePublicKey?: string }[] }).peers ?? []).map((p) => p.curvePublicKey).join(',')}`);
   if (mode === 'crash' && rank === target) {
     console.log('computing step 1');
     console.error('Error: out of memory in the fake forward pass');
