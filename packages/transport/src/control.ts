@@ -18,11 +18,7 @@ import {
 } from './protocol.js';
 import {
   clientSocketOptions,
-  isLoopback,
-  registerZapDomain,
-  serverAllowList,
-  serverSocketOptions,
-  watchHandshakeFailures,
+  createServerRouter,
   type Security,
   type ZapRegistration,
 } from './security.js';
@@ -106,32 +102,25 @@ export class ControlServer {
   static async bind(opts: ControlServerOptions = {}): Promise<ControlServer> {
     const timeoutMs = opts.timeoutMs ?? 30_000;
     const listen = opts.listen ?? '127.0.0.1';
-    const allowed = serverAllowList(opts.security, 'the coordinator\'s control socket');
     const counts = { rejected: 0, authRefused: 0 };
-    const onRefused = (reason: string, address: string) => {
-      counts.authRefused++;
-      countAuthRefused(reason);
-      logRejection(`address ${address}`, reason, 'the control socket refused a connection from');
-    };
-    const zapReg = allowed === undefined ? undefined : await registerZapDomain(allowed, 'control', onRefused);
-    let router: zmq.Router;
-    try {
-      router = new zmq.Router({
+    const { router, zapReg } = await createServerRouter({
+      security: opts.security,
+      listen,
+      what: "the coordinator's control socket",
+      zapName: 'control',
+      options: {
         linger: 0,
         sendTimeout: timeoutMs,
         maxMessageSize: CONTROL_MAX_FRAME_BYTES,
         receiveHighWaterMark: CONTROL_RECEIVE_HWM,
         ...heartbeats(timeoutMs),
-        ...serverSocketOptions(opts.security, zapReg?.domain),
-      });
-    } catch (e) {
-      zapReg?.release();
-      throw e;
-    }
-    if (zapReg !== undefined) watchHandshakeFailures(router, onRefused);
-    else if (!isLoopback(listen)) {
-      logRejection('the control socket', `listening on ${listen} without CURVE: anyone who can reach this port can connect`, 'warning for');
-    }
+      },
+      onRefused: (reason, address) => {
+        counts.authRefused++;
+        countAuthRefused(reason);
+        logRejection(`address ${address}`, reason, 'the control socket refused a connection from');
+      },
+    });
     const address = `tcp://${listen}:${opts.port ?? 0}`;
     try {
       await router.bind(address);

@@ -15,11 +15,7 @@ import { accumulateHalf, encodeHalf, floatToHalf, HALF_TO_FLOAT } from './fp16.j
 import { dtrain, dtypeSize, decodeMessage, encodeMessage, countRejected, countAuthRefused, logRejection, peerLabel, PROTOCOL_VERSION, type Message } from './protocol.js';
 import {
   clientSocketOptions,
-  isLoopback,
-  registerZapDomain,
-  serverAllowList,
-  serverSocketOptions,
-  watchHandshakeFailures,
+  createServerRouter,
   type Security,
   type ZapRegistration,
 } from './security.js';
@@ -266,33 +262,26 @@ export class Ring {
       throw new RingUsageError(`pieceBytes must be a multiple of 4 and >= 64, got ${pieceBytes}`);
     }
     const listen = opts.listen ?? '127.0.0.1';
-    const allowed = serverAllowList(opts.security, `rank ${rank}'s data socket`);
     const auth = { refused: 0 };
-    const onRefused = (reason: string, address: string) => {
-      auth.refused++;
-      countAuthRefused(reason);
-      logRejection(`address ${address}`, reason, `rank ${rank}'s data socket refused a connection from`);
-    };
-    const zapReg = allowed === undefined ? undefined : await registerZapDomain(allowed, `rank ${rank}`, onRefused);
-    let router: zmq.Router;
-    try {
-      router = new zmq.Router({
+    const { router, zapReg } = await createServerRouter({
+      security: opts.security,
+      listen,
+      what: `rank ${rank}'s data socket`,
+      zapName: `rank ${rank}`,
+      options: {
         linger: 0,
         // Bounded per connection (see ringInboundLimits); a legitimate previous rank is only slowed
         // by it, never stalled: this rank reads its queue throughout every collective.
         ...ringInboundLimits(pieceBytes, opts.security?.kind === 'curve'),
         sendTimeout: timeoutMs,
         ...heartbeats(timeoutMs),
-        ...serverSocketOptions(opts.security, zapReg?.domain),
-      });
-    } catch (e) {
-      zapReg?.release();
-      throw e;
-    }
-    if (zapReg !== undefined) watchHandshakeFailures(router, onRefused);
-    else if (!isLoopback(listen)) {
-      logRejection(`rank ${rank}'s data socket`, `listening on ${listen} without CURVE: anyone who can reach this port can connect`, 'warning for');
-    }
+      },
+      onRefused: (reason, address) => {
+        auth.refused++;
+        countAuthRefused(reason);
+        logRejection(`address ${address}`, reason, `rank ${rank}'s data socket refused a connection from`);
+      },
+    });
     const endpoints: string[] = [];
     let ipcPath: string | undefined;
     try {

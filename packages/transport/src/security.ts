@@ -296,3 +296,35 @@ export function watchHandshakeFailures(socket: zmq.Socket, onRefused: (reason: s
     onRefused(`handshake failed (${e.error?.code ?? 'unspecified'})`, e.address ?? '?');
   });
 }
+
+/**
+ * A ROUTER that accepts connections from the network, the way every server socket of ours does:
+ * with CURVE, its ZAP domain (allow-list) is registered first and handshake failures are counted;
+ * without, listening off loopback logs a warning. `options` are the socket's own limits and
+ * timeouts. The caller binds it, and releases `zapReg` when it closes the socket.
+ */
+export async function createServerRouter(o: {
+  security: Security | undefined;
+  listen: string;
+  /** How errors and logs name this socket, e.g. "rank 2's data socket". */
+  what: string;
+  /** ZAP domain prefix. */
+  zapName: string;
+  options: Record<string, unknown>;
+  onRefused: (reason: string, address: string) => void;
+}): Promise<{ router: zmq.Router; zapReg: ZapRegistration | undefined }> {
+  const allowed = serverAllowList(o.security, o.what);
+  const zapReg = allowed === undefined ? undefined : await registerZapDomain(allowed, o.zapName, o.onRefused);
+  let router: zmq.Router;
+  try {
+    router = new zmq.Router({ ...o.options, ...serverSocketOptions(o.security, zapReg?.domain) });
+  } catch (e) {
+    zapReg?.release();
+    throw e;
+  }
+  if (zapReg !== undefined) watchHandshakeFailures(router, o.onRefused);
+  else if (!isLoopback(o.listen)) {
+    logRejection(o.what, `listening on ${o.listen} without CURVE: anyone who can reach this port can connect`, 'warning for');
+  }
+  return { router, zapReg };
+}
