@@ -5,12 +5,12 @@
 // --keys or --insecure. The same wiring across network namespaces: multi-machine.test.ts.
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { addAllowedKey, initKeyDir } from '@dtrain/transport';
+import { freePort } from '../../coordinator/src/testing/metrics-fixtures.js';
 
 const cliDir = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
 const main = path.join(cliDir, 'src', 'main.ts');
@@ -22,14 +22,6 @@ function cli(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: numbe
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
     });
   });
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((resolve) => s.close(resolve));
-  return port;
 }
 
 describe('launch/join with CURVE keys', () => {

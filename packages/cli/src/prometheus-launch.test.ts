@@ -6,7 +6,6 @@
 // (metrics.jsonl, summary.json), and the epoch durations it stored must match the run's own log.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,23 +14,13 @@ import { readMetrics } from '@dtrain/worker';
 // The dashboard and scrape-config readers the coordinator's own Prometheus test uses (test helpers,
 // deliberately not part of the coordinator's public API).
 import { dashboardQueries, PROMETHEUS_CONFIG, REPO_ROOT, resolveGrafanaVariables } from '../../coordinator/src/testing/dashboard.js';
+import { freePort } from '../../coordinator/src/testing/metrics-fixtures.js';
 
 const main = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
 
 function findPrometheus(): string | null {
   const candidates = [process.env.PROMETHEUS_BIN, spawnSync('sh', ['-c', 'command -v prometheus'], { encoding: 'utf8' }).stdout.trim(), '/usr/bin/prometheus'];
   return candidates.find((c): c is string => !!c && fs.existsSync(c)) ?? null;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-  });
 }
 
 const bin = findPrometheus();

@@ -8,24 +8,13 @@ import * as zmq from 'zeromq';
 import { ControlClient, ControlServer, type ControlEnvelope } from './control.js';
 import { decodeMessage, dtrain, encodeMessage, setTransportLogger, transportCounters } from './protocol.js';
 import { Ring, type PeerInfo } from './ring.js';
-import { makeData, ringReference } from './testing/data.js';
+import { makeData, ringReference, rng } from './testing/data.js';
 
 const cleanup: (() => unknown)[] = [];
 afterEach(async () => {
   for (const f of cleanup.splice(0).reverse()) await f();
   setTransportLogger(undefined);
 });
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Mutations of a real message (frames after the routing id): everything the issue lists. */
 function mutants(frames: Buffer[], old: Buffer[][], rand: () => number, runId: string): Buffer[][] {

@@ -2,7 +2,7 @@
 import { floatToHalf, HALF_TO_FLOAT } from '../fp16.js';
 
 /** mulberry32: small, fast, deterministic. */
-function rng(seed: number): () => number {
+export function rng(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;
