@@ -65,3 +65,8 @@ export class RingSetupError extends TransportError {
 export class RingUsageError extends TransportError {
   readonly code = 'E_RING_USAGE' as const;
 }
+
+/** The ring was aborted on purpose (Ring.abort): an elastic run is regrouping. */
+export class RingAbortedError extends TransportError {
+  readonly code = 'E_RING_ABORTED' as const;
+}

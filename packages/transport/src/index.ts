@@ -15,6 +15,7 @@ export {
   PeerLostError,
   RingSetupError,
   RingUsageError,
+  RingAbortedError,
 } from './errors.js';
 export {
   dtrain,

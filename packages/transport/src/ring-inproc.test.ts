@@ -3,7 +3,7 @@
 import { randomBytes } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as zmq from 'zeromq';
-import { PeerTimeoutError, ProtocolVersionError, RingSetupError, RingUsageError } from './errors.js';
+import { PeerTimeoutError, ProtocolVersionError, RingAbortedError, RingSetupError, RingUsageError } from './errors.js';
 import { encodeMessage } from './protocol.js';
 import { Ring, type PeerInfo } from './ring.js';
 import { makeData, ringReference } from './testing/data.js';
@@ -39,6 +39,21 @@ describe('ring in one process', () => {
     const bad = await Ring.create({ rank: 0, worldSize: 1 });
     cleanup.push(() => bad.close());
     await expect(bad.connect(peers, { rank: 3, worldSize: 3 })).rejects.toThrow(RingUsageError);
+  });
+
+  it('abort() wakes a collective that waits for a silent peer at once, with the reason', async () => {
+    const rings = await ringOf(3, { timeoutMs: 20_000 });
+    // Ranks 0 and 1 enter an all-reduce, rank 2 never does: without abort they would wait 20 s.
+    const waiting = [0, 1].map((r) => rings[r].allReduce(new Float32Array(1000).fill(1)));
+    for (const w of waiting) w.catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 200));
+    const t0 = Date.now();
+    rings[0].abort('the coordinator declared rank 2 lost');
+    rings[1].abort('the coordinator declared rank 2 lost');
+    await expect(waiting[0]).rejects.toThrow(RingAbortedError);
+    await expect(waiting[1]).rejects.toThrow(/declared rank 2 lost/);
+    expect(Date.now() - t0).toBeLessThan(2000);
+    await expect(rings[0].allReduce(new Float32Array(4))).rejects.toThrow(RingAbortedError);
   });
 
   it('refuses a previous rank that speaks another protocol version, naming it', async () => {

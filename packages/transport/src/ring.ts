@@ -7,6 +7,7 @@ import {
   PeerLostError,
   PeerTimeoutError,
   ProtocolVersionError,
+  RingAbortedError,
   RingSetupError,
   RingUsageError,
   TransportError,
@@ -855,6 +856,16 @@ export class Ring {
   /** Counters of this ring (messages, bytes, rejections by reason). */
   stats(): RingStats {
     return { ...this.stats_, rejected: { ...this.stats_.rejected }, authRefused: this.auth.refused };
+  }
+
+  /**
+   * Breaks the ring on purpose: a collective in flight (and every later one) rejects with a
+   * RingAbortedError carrying `reason`; nothing is sent to the neighbours (they are told by the
+   * coordinator, or notice the closed links). Used by elastic training to stop waiting for a peer
+   * the coordinator declared lost. close() still has to be called.
+   */
+  abort(reason: string): void {
+    this.fail(new RingAbortedError(`rank ${this.rank}: ${reason}`), false);
   }
 
   /** The error that broke this ring, if any. */
