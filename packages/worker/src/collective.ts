@@ -102,3 +102,69 @@ export function createInProcessGroup(worldSize: number): Collective[] {
     broadcast: (buf: Float32Array, root: number) => call(rank, 'broadcast', buf, root),
   }));
 }
+
+// ---- elastic groups (issue 7) ---------------------------------------------------------------
+
+/** Where a rank stands at a step boundary: what the ranks compare when they regroup. */
+export interface Progress {
+  /** 0-based epoch in progress (equal to the number of finished epochs). */
+  epoch: number;
+  /** Positions of epoch `epoch`'s sample order consumed by applied steps (0 at an epoch start). */
+  done: number;
+  /** Optimiser steps applied, all epochs. */
+  step: number;
+}
+
+/** What the next group looks like, as the coordinator's Welcome announced it. */
+export interface RegroupResult {
+  /** The new rank holding the most advanced committed state: every rank adopts it by broadcast. */
+  root: number;
+  /**
+   * Fewer workers than --min-workers are left: adopt the root's state, let rank 0 write a
+   * checkpoint of that position, and stop (the run continues later with --resume).
+   */
+  stop: boolean;
+  /** Why the group changed (e.g. "rank 2 on host b was lost: killed by SIGKILL"), for logs. */
+  reason: string;
+}
+
+/**
+ * A collective whose membership can change between steps (`--elastic`). `rank` and `worldSize`
+ * are those of the current group and change at every regroup. Its collectives reject with
+ * GroupChangedError when a member is lost; the trainer then restores the state it committed at
+ * the start of the step (nothing of the failed step was applied) and calls `regroup`.
+ */
+export interface ElasticCollective extends Collective {
+  readonly elastic: true;
+  /**
+   * The rank whose state the others adopt when training starts: 0 at launch; for a worker that
+   * joins a run in progress, the root named by the Welcome that admitted it.
+   */
+  readonly initialRoot: number;
+  /**
+   * True once the coordinator asked this group to regroup at the next step boundary (a worker
+   * wants to join). The trainer sums it into the step's gradient all-reduce, so every rank learns
+   * the same answer after the same step, applies that step, then calls `regroup`.
+   */
+  readonly regroupRequested: boolean;
+  /**
+   * Leaves the current group and waits for the next one. `committed` is this rank's position
+   * after its last applied step; the coordinator picks the most advanced one as the root.
+   */
+  regroup(committed: Progress): Promise<RegroupResult>;
+}
+
+/**
+ * A collective of an elastic group failed because the group changed (a member was lost, or the
+ * coordinator aborted the step). Recoverable: roll back to the step's start and `regroup`.
+ */
+export class GroupChangedError extends Error {
+  readonly code = 'E_GROUP_CHANGED' as const;
+  override get name(): string {
+    return 'GroupChangedError';
+  }
+}
+
+export function isElastic(c: Collective): c is ElasticCollective {
+  return (c as Partial<ElasticCollective>).elastic === true;
+}
