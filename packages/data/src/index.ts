@@ -42,7 +42,7 @@ export { Rng } from './rng.js';
 export type { RngState } from './rng.js';
 export { BatchAssembler, ImageResizer, bilinearAxisPlan, resizeBilinear, normalizationTable } from './pipeline.js';
 export type { Batch, PreprocessOptions, AugmentOptions, AxisPlan } from './pipeline.js';
-export { DistributedSampler, evaluationShard, batchesOf } from './sampler.js';
+export { DistributedSampler, evaluationShard, batchesOf, shardFrom } from './sampler.js';
 export type { DistributedSamplerOptions, Shard } from './sampler.js';
 export { describeImage, imageToPng } from './inspect.js';
 export type { ImageSummary, ChannelSummary } from './inspect.js';

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { DatasetArgumentError } from './errors.js';
-import { batchesOf, DistributedSampler, evaluationShard } from './sampler.js';
+import { batchesOf, DistributedSampler, evaluationShard, shardFrom } from './sampler.js';
 
 const WORLDS = [1, 2, 3, 4, 7, 8];
 const SIZES = [0, 1, 5, 64, 100, 1001];
@@ -70,6 +70,57 @@ describe('DistributedSampler', () => {
     expect(() => new DistributedSampler({ size: 10, worldSize: 0 })).toThrow(DatasetArgumentError);
     expect(() => new DistributedSampler({ size: 10, worldSize: 2, rank: 2 })).toThrow(/rank must be an integer in 0..1, got 2/);
     expect(() => new DistributedSampler({ size: 10 }).setEpoch(-1)).toThrow(/epoch/);
+  });
+});
+
+describe('shardFrom (re-sharding the rest of an epoch)', () => {
+  it('from position 0 equals DistributedSampler.indices() exactly, for every size and world size', () => {
+    for (const size of SIZES)
+      for (const w of WORLDS)
+        for (const shuffle of [true, false]) {
+          const order = new DistributedSampler({ size, seed: 9, shuffle }).permutation(2);
+          expect(order.length).toBe(size);
+          for (let r = 0; r < w; r++) {
+            const s = new DistributedSampler({ size, worldSize: w, rank: r, seed: 9, shuffle });
+            s.setEpoch(2);
+            expect([...shardFrom(order, 0, w, r)]).toEqual([...s.indices()]);
+          }
+        }
+  });
+
+  it('covers positions start.. once each, padded by repeating the start of the rest', () => {
+    for (const size of SIZES)
+      for (const w of WORLDS)
+        for (const start of new Set([0, 1, Math.floor(size / 3), size - 1, size].filter((x) => x >= 0 && x <= size))) {
+          const order = new DistributedSampler({ size, seed: 4 }).permutation(1);
+          const parts = Array.from({ length: w }, (_, r) => [...shardFrom(order, start, w, r)]);
+          const rest = size - start;
+          const per = Math.ceil(rest / w);
+          for (const p of parts) expect(p.length).toBe(per);
+          // Interleaved back in position order: the rest, then its first (per * w - rest) items again.
+          const merged: number[] = [];
+          for (let k = 0; k < per; k++) for (let r = 0; r < w; r++) merged.push(parts[r][k]);
+          const want = [...order.subarray(start)];
+          for (let i = 0; merged.length > want.length; i++) want.push(order[start + (i % rest)]);
+          expect(merged).toEqual(want);
+        }
+  });
+
+  it('splits an epoch between two world sizes without dropping or doubling a sample (but padding)', () => {
+    // 3 ranks x batch 4 take 2 steps (24 positions), then 2 ranks take the rest of 100.
+    const order = new DistributedSampler({ size: 100, seed: 1 }).permutation(0);
+    const before = [0, 1, 2].flatMap((r) => [...shardFrom(order, 0, 3, r).subarray(0, 8)]);
+    const after = [0, 1].flatMap((r) => [...shardFrom(order, 24, 2, r)]);
+    const counts = new Map<number, number>();
+    for (const i of [...before, ...after]) counts.set(i, (counts.get(i) ?? 0) + 1);
+    expect(counts.size).toBe(100);
+    expect([...counts.values()].every((c) => c === 1)).toBe(true); // 76 left divides by 2: no padding
+  });
+
+  it('rejects a start outside the order', () => {
+    const order = new DistributedSampler({ size: 10 }).permutation(0);
+    expect(() => shardFrom(order, 11, 2, 0)).toThrow(/start must be an integer in 0..10/);
+    expect(() => shardFrom(order, 0, 2, 2)).toThrow(/rank/);
   });
 });
 

@@ -63,6 +63,17 @@ export class DistributedSampler {
     return this.epoch;
   }
 
+  /**
+   * Epoch `epoch`'s order, unpadded (length `size`): a permutation of 0..size-1 seeded by (seed,
+   * epoch), or 0..size-1 without shuffle. The same on every rank and for every world size, so the
+   * rest of an epoch can be re-sharded over another world size with `shardFrom`.
+   */
+  permutation(epoch: number): Int32Array {
+    if (!Number.isInteger(epoch) || epoch < 0) throw new DatasetArgumentError(`epoch must be a non-negative integer, got ${epoch}`);
+    if (this.shuffle) return new Rng(this.seed, epoch).permutation(this.size);
+    return Int32Array.from({ length: this.size }, (_, i) => i);
+  }
+
   /** The current epoch's order before sharding (length totalSize, padded or cut). */
   epochOrder(): Int32Array {
     return this.epochOrderFor(this.epoch);
@@ -71,12 +82,7 @@ export class DistributedSampler {
   /** Epoch `epoch`'s order before sharding; the same on every rank. */
   epochOrderFor(epoch: number): Int32Array {
     const n = this.size;
-    let order: Int32Array;
-    if (this.shuffle) order = new Rng(this.seed, epoch).permutation(n);
-    else {
-      order = new Int32Array(n);
-      for (let i = 0; i < n; i++) order[i] = i;
-    }
+    const order = this.permutation(epoch);
     if (this.totalSize <= n) return order.subarray(0, this.totalSize);
     const padded = new Int32Array(this.totalSize);
     // n is 0 only when totalSize is 0 too, so the modulo is safe here.
@@ -95,6 +101,27 @@ export class DistributedSampler {
   [Symbol.iterator](): Iterator<number> {
     return this.indices()[Symbol.iterator]();
   }
+}
+
+/**
+ * Rank `rank`'s indices for the rest of an epoch: positions `start`.. of the UNPADDED epoch order
+ * `order` (`DistributedSampler.permutation`), padded by repeating the start of that rest until its
+ * length is a multiple of `worldSize`; rank r takes positions r, r+w, r+2w, ... of the padded rest.
+ * Every rank gets ceil((order.length - start) / w) indices. With start 0 this is exactly
+ * `DistributedSampler.indices()` (dropLast false); with start > 0 it re-shards what an elastic
+ * group had not consumed yet over a new world size (the padding repeats at most w-1 images).
+ */
+export function shardFrom(order: Int32Array, start: number, worldSize: number, rank: number): Int32Array {
+  checkWorld(worldSize, rank);
+  if (!Number.isInteger(start) || start < 0 || start > order.length) {
+    throw new DatasetArgumentError(`start must be an integer in 0..${order.length}, got ${start}`);
+  }
+  const rest = order.length - start;
+  const per = Math.ceil(rest / worldSize);
+  const out = new Int32Array(per);
+  // rest is 0 only when per is 0 too, so the modulo is safe here.
+  for (let k = 0, i = rank; k < per; k++, i += worldSize) out[k] = order[start + (i % rest)];
+  return out;
 }
 
 export interface Shard {
