@@ -19,6 +19,9 @@ import {
 import {
   clientSocketOptions,
   createServerRouter,
+  helloKeyProof,
+  verifyHelloKeyProof,
+  type CurveSecurity,
   type Security,
   type ZapRegistration,
 } from './security.js';
@@ -56,6 +59,29 @@ function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTi
 export interface ControlEnvelope {
   peer: Buffer;
   message: Message;
+  /**
+   * With CURVE, on a Hello: the CURVE public key its sender proved it holds (Hello.curve_public_key,
+   * checked against Hello.curve_key_proof; see security.ts). A Hello claiming an allow-listed key
+   * without a valid proof never gets here. Undefined without CURVE, and on a Hello that claims no
+   * key or one not in the allow-list (the coordinator refuses those with its own message).
+   */
+  authenticatedKey?: string;
+}
+
+/** Reasons a control message is dropped as a replay (transportCounters().byReason). */
+export const REPLAY_REASONS = {
+  replayed: 'replayed or out-of-order message',
+  unnumbered: 'unnumbered message from a numbering peer',
+} as const;
+/** Reason a Hello is refused when it claims an allow-listed key it does not prove it holds. */
+export const HELLO_KEY_NOT_PROVEN = 'hello key not proven';
+
+/** Per-peer sequence numbers kept by a ControlServer; beyond this many peers the oldest is forgotten. */
+const MAX_SEQ_PEERS = 4096;
+
+function remember(map: Map<string, number>, key: string, value: number): void {
+  if (!map.has(key) && map.size >= MAX_SEQ_PEERS) map.delete(map.keys().next().value as string);
+  map.set(key, value);
 }
 
 /** A message with the raw frames that followed its envelope (FileChunk data). */
@@ -87,12 +113,20 @@ export class ControlServer {
   private sendChain: Promise<void> = Promise.resolve();
   private closed = false;
   private readonly zapReg: ZapRegistration | undefined;
-  private readonly counts: { rejected: number; authRefused: number };
+  private readonly counts: ServerCounts;
+  /** CURVE: this server's keys and allow-list, to check the key a Hello claims. */
+  private readonly curve: { publicKey: string; secretKey: string; allowed: Set<string> } | undefined;
+  /** Highest Envelope.seq accepted from, and last sent to, each routing id (hex). */
+  private readonly recvSeq = new Map<string, number>();
+  private readonly sendSeq = new Map<string, number>();
 
-  private constructor(router: zmq.Router, endpoint: string, runId: string, zapReg: ZapRegistration | undefined, counts: { rejected: number; authRefused: number }) {
+  private constructor(router: zmq.Router, endpoint: string, runId: string, zapReg: ZapRegistration | undefined, counts: ServerCounts, security: Security | undefined) {
     this.router = router;
     this.zapReg = zapReg;
     this.counts = counts;
+    this.curve = security?.kind === 'curve'
+      ? { publicKey: security.publicKey, secretKey: security.secretKey, allowed: new Set((security as CurveSecurity).allowedClientKeys ?? []) }
+      : undefined;
     this.endpoint = endpoint;
     this.port = Number(endpoint.slice(endpoint.lastIndexOf(':') + 1));
     this.runId = runId;
@@ -102,7 +136,7 @@ export class ControlServer {
   static async bind(opts: ControlServerOptions = {}): Promise<ControlServer> {
     const timeoutMs = opts.timeoutMs ?? 30_000;
     const listen = opts.listen ?? '127.0.0.1';
-    const counts = { rejected: 0, authRefused: 0 };
+    const counts: ServerCounts = { rejected: 0, authRefused: 0, helloRefused: 0, replayed: 0 };
     const { router, zapReg } = await createServerRouter({
       security: opts.security,
       listen,
@@ -131,11 +165,14 @@ export class ControlServer {
         `the coordinator could not listen on ${address} (${(e as Error).message}): choose another --port or address`,
       );
     }
-    return new ControlServer(router, router.lastEndpoint ?? address, opts.runId ?? '', zapReg, counts);
+    return new ControlServer(router, router.lastEndpoint ?? address, opts.runId ?? '', zapReg, counts, opts.security);
   }
 
-  /** Messages this server dropped, and connections it refused at the CURVE handshake. */
-  stats(): { rejected: number; authRefused: number } {
+  /**
+   * Messages this server dropped (`replayed` of them as replays), connections it refused at the
+   * CURVE handshake, and Hellos it refused for claiming a key they did not prove.
+   */
+  stats(): ServerCounts {
     return { ...this.counts };
   }
 
@@ -195,15 +232,66 @@ export class ControlServer {
         this.reject('foreign run', peer);
         continue;
       }
-      const e = { peer, message: m };
+      if (!this.inSequence(peer, m.seq)) continue;
+      const e: ControlEnvelope = { peer, message: m };
+      if (m.kind === 'hello' && this.curve !== undefined) {
+        const key = this.helloKey(peer, m);
+        if (key === null) continue;
+        if (key !== undefined) e.authenticatedKey = key;
+      }
       if (this.handler) this.handler(e);
       else this.backlog.push(e);
     }
   }
 
+  /**
+   * Whether a message numbered `seq` from `peer` may pass: numbers must increase per routing id,
+   * and a peer that numbered once must keep numbering (an older peer sends 0 throughout).
+   */
+  private inSequence(peer: Buffer, seq: number): boolean {
+    const key = peer.toString('hex');
+    const last = this.recvSeq.get(key);
+    if (seq === 0 && last === undefined) return true;
+    if (seq === 0 || (last !== undefined && seq <= last)) {
+      this.counts.replayed++;
+      this.reject(seq === 0 ? REPLAY_REASONS.unnumbered : REPLAY_REASONS.replayed, peer);
+      return false;
+    }
+    remember(this.recvSeq, key, seq);
+    return true;
+  }
+
+  /**
+   * The key a Hello proves (see ControlEnvelope.authenticatedKey), undefined when it claims none
+   * or one not allow-listed, or null when it claims an allow-listed key without proof: then it is
+   * answered with Error REFUSED, counted, logged, and not delivered.
+   */
+  private helloKey(peer: Buffer, m: Message): string | undefined | null {
+    const curve = this.curve!;
+    const h = m.body as { host?: string; curvePublicKey?: string; curveKeyProof?: Uint8Array };
+    const claimed = h.curvePublicKey ?? '';
+    if (claimed === '' || !curve.allowed.has(claimed)) return undefined;
+    if (verifyHelloKeyProof(claimed, h.curveKeyProof, curve.publicKey, curve.secretKey, m.runId)) return claimed;
+    this.counts.helloRefused++;
+    countAuthRefused(HELLO_KEY_NOT_PROVEN);
+    const host = String(h.host ?? '?').slice(0, 64);
+    logRejection(peerLabel(peer), `${HELLO_KEY_NOT_PROVEN}: a Hello from host ${JSON.stringify(host)} claims key ${claimed} without proving it holds its secret key`, 'the control socket refused a Hello from');
+    this.send(peer, 'error', {
+      code: 3, // REFUSED
+      message: `host ${host} is not allowed: its Hello claims the CURVE key ${claimed} but does not prove it holds that key's secret ` +
+        `(a machine may only use its own key pair: pass this machine's key directory with --keys, and run the same dtrain version everywhere)`,
+      rank: -1,
+      host,
+    }).catch(() => undefined);
+    return null;
+  }
+
   /** Sends one message to one worker (sends are queued: zeromq allows one at a time); `payload` frames follow the envelope. */
   send<K extends BodyKind>(peer: Buffer, kind: K, body: Bodies[K], payload: Buffer[] = []): Promise<void> {
-    const frames = [peer, encodeMessage(kind, body, this.runId), ...payload];
+    const key = peer.toString('hex');
+    const seq = (this.sendSeq.get(key) ?? 0) + 1;
+    remember(this.sendSeq, key, seq);
+    const frames = [peer, encodeMessage(kind, body, this.runId, PROTOCOL_VERSION, seq), ...payload];
     const p = this.sendChain.then(() => this.router.send(frames));
     this.sendChain = p.catch(() => undefined);
     return p;
@@ -216,6 +304,14 @@ export class ControlServer {
     this.router.close();
     this.zapReg?.release();
   }
+}
+
+/** What a ControlServer counted (ControlServer.stats()). */
+export interface ServerCounts {
+  rejected: number;
+  authRefused: number;
+  helloRefused: number;
+  replayed: number;
 }
 
 export interface ControlClientOptions {
@@ -241,9 +337,14 @@ export class ControlClient {
   /** Why the coordinator refused our CURVE handshake, if it did (named in the timeout error). */
   private refused: string | undefined;
   private lostHandler: ((e: ControlLostError) => void) | undefined;
+  private readonly curve: CurveSecurity | undefined;
+  /** Envelope.seq of our last message, and the highest the coordinator's messages reached. */
+  private sendSeq = 0;
+  private recvSeq = 0;
 
   constructor(endpoint: string, opts: ControlClientOptions = {}) {
     this.endpoint = endpoint;
+    this.curve = opts.security?.kind === 'curve' ? opts.security : undefined;
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     this.runId = opts.runId ?? '';
     this.who = opts.who ?? 'this worker';
@@ -258,6 +359,8 @@ export class ControlClient {
     });
     this.dealer.events.on('connect', () => {
       this.connected = true;
+      // A new connection: the coordinator numbers its messages on it afresh.
+      this.recvSeq = 0;
     });
     // libzmq keeps retrying a refused handshake; the reason is kept for the timeout's message.
     this.dealer.events.on('handshake:error:auth', () => {
@@ -279,8 +382,19 @@ export class ControlClient {
     this.lostHandler = handler;
   }
 
+  /**
+   * Sends one message, numbered (Envelope.seq). A Hello that claims this client's own CURVE key
+   * gets the proof that it holds it (Hello.curve_key_proof).
+   */
   send<K extends BodyKind>(kind: K, body: Bodies[K]): Promise<void> {
-    const frame = encodeMessage(kind, body, this.runId);
+    let b: Bodies[K] = body;
+    if (kind === 'hello' && this.curve?.serverPublicKey !== undefined) {
+      const h = body as Bodies['hello'];
+      if (h.curvePublicKey === this.curve.publicKey && h.curveKeyProof == null) {
+        b = { ...h, curveKeyProof: helloKeyProof(this.curve.publicKey, this.curve.secretKey, this.curve.serverPublicKey, this.runId) } as Bodies[K];
+      }
+    }
+    const frame = encodeMessage(kind, b, this.runId, PROTOCOL_VERSION, ++this.sendSeq);
     const p = this.sendChain.then(() => this.dealer.send(frame));
     this.sendChain = p.catch(() => undefined);
     return p;
@@ -314,6 +428,13 @@ export class ControlClient {
         countRejected('foreign run');
         continue;
       }
+      if (m.seq === 0 ? this.recvSeq > 0 : m.seq <= this.recvSeq) {
+        const reason = m.seq === 0 ? REPLAY_REASONS.unnumbered : REPLAY_REASONS.replayed;
+        countRejected(reason);
+        logRejection(`the coordinator at ${this.endpoint}`, reason, `${this.who} rejected a message from`);
+        continue;
+      }
+      if (m.seq !== 0) this.recvSeq = m.seq;
       return { ...m, payload: frames.slice(1) };
     }
     throw new ControlTimeoutError(

@@ -52,6 +52,8 @@ export interface Bodies {
 export interface Message<K extends BodyKind = BodyKind> {
   protocolVersion: number;
   runId: string;
+  /** Envelope.seq: the sender's message number on a control connection (0: not numbered). */
+  seq: number;
   kind: K;
   body: Bodies[K];
 }
@@ -159,9 +161,10 @@ export function peerLabel(id: Uint8Array | undefined): string {
   return `routing id ${text}${id.byteLength > 48 ? '...' : ''}`;
 }
 
-/** Encodes an envelope with our protocol version. */
-export function encodeMessage<K extends BodyKind>(kind: K, body: Bodies[K], runId = '', version = PROTOCOL_VERSION): Buffer {
+/** Encodes an envelope with our protocol version; `seq` numbers control-channel messages (0: none). */
+export function encodeMessage<K extends BodyKind>(kind: K, body: Bodies[K], runId = '', version = PROTOCOL_VERSION, seq = 0): Buffer {
   const env: dtrain.Envelope.$Properties = { protocolVersion: version, runId };
+  if (seq !== 0) env.seq = seq;
   (env as Record<string, unknown>)[kind] = body;
   const bytes = dtrain.Envelope.encode(env).finish();
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -196,10 +199,11 @@ function decodeUncounted(frame: Uint8Array | undefined): DecodeResult {
   const kind = env.body as BodyKind | undefined;
   if (kind === undefined || !BODY_KINDS.includes(kind)) return { ok: false, reason: 'no body' };
   const version = toSafeInt(env.protocolVersion);
-  if (version === undefined) return { ok: false, reason: 'invalid envelope' };
+  const seq = toSafeInt(env.seq);
+  if (version === undefined || seq === undefined || seq < 0) return { ok: false, reason: 'invalid envelope' };
   const body = plainBody((env as unknown as Record<string, unknown>)[kind]);
   if ('error' in body) return { ok: false, reason: `invalid ${kind}: ${body.error}` };
-  return { ok: true, message: { protocolVersion: version, runId: env.runId ?? '', kind, body: body.value as Bodies[BodyKind] } };
+  return { ok: true, message: { protocolVersion: version, runId: env.runId ?? '', seq, kind, body: body.value as Bodies[BodyKind] } };
 }
 
 /** Converts a decoded integer (number, or protobufjs's Long for 64-bit fields) to a number, or

@@ -6,6 +6,7 @@
 // at most one per process: this module owns it and routes each request by its ZAP domain, one
 // domain per server socket, each with its own allow-list. Server sockets set zapEnforceDomain, so
 // if the handler is missing libzmq refuses every client instead of admitting them all.
+import { createHmac, createPrivateKey, createPublicKey, diffieHellman, timingSafeEqual, type KeyObject } from 'node:crypto';
 import * as zmq from 'zeromq';
 import { TransportError } from './errors.js';
 import { countAuthRefused, logRejection } from './protocol.js';
@@ -327,4 +328,64 @@ export async function createServerRouter(o: {
     logRejection(o.what, `listening on ${o.listen} without CURVE: anyone who can reach this port can connect`, 'warning for');
   }
   return { router, zapReg };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which key a Hello's sender holds.
+//
+// The coordinator must know which CURVE key a worker's control connection authenticated with:
+// it hands that key to the worker's ring neighbour. libzmq knows it (the ZAP handler approved it,
+// and each message carries it as the "User-Id" property), but zeromq.js 6 exposes neither
+// zmq_msg_gets nor any per-connection property, and the ZAP request names only the peer's IP
+// address (no port) and the server socket's own routing id, so the handler cannot tie a key to a
+// routing id either. So the Hello proves its claim instead: an HMAC keyed with the X25519 shared
+// secret of the claimed key and the coordinator's key, which only the holder of the claimed
+// secret key (or the coordinator) can compute. The control traffic is CURVE-encrypted, so nobody
+// else ever sees a proof to replay it.
+
+const X25519_PKCS8_PREFIX = Buffer.from('302e020100300506032b656e04220420', 'hex');
+const X25519_SPKI_PREFIX = Buffer.from('302a300506032b656e032100', 'hex');
+const PROOF_LABEL = 'dtrain hello key proof v1';
+
+function x25519Secret(secretKey: string): KeyObject {
+  const raw = z85Decode(secretKey);
+  if (raw === undefined || raw.length !== 32) throw new SecurityError('the secret key is not a CURVE key (40 Z85 characters)');
+  return createPrivateKey({ key: Buffer.concat([X25519_PKCS8_PREFIX, raw]), format: 'der', type: 'pkcs8' });
+}
+
+function x25519Public(publicKey: string): KeyObject | undefined {
+  const raw = isCurveKey(publicKey) ? z85Decode(publicKey) : undefined;
+  if (raw === undefined) return undefined;
+  return createPublicKey({ key: Buffer.concat([X25519_SPKI_PREFIX, raw]), format: 'der', type: 'spki' });
+}
+
+function proofOf(shared: Buffer, serverKey: string, clientKey: string, runId: string): Buffer {
+  return createHmac('sha256', shared).update(`${PROOF_LABEL}\0${serverKey}\0${clientKey}\0${runId}`).digest();
+}
+
+/**
+ * Hello.curve_key_proof for a client holding `clientSecretKey` (whose public key is `clientKey`),
+ * talking to the server whose public key is `serverKey`, in an envelope of run `runId`.
+ */
+export function helloKeyProof(clientKey: string, clientSecretKey: string, serverKey: string, runId: string): Buffer {
+  const pub = x25519Public(serverKey);
+  if (pub === undefined) throw new SecurityError("the server's public key is not a CURVE key (40 Z85 characters)");
+  return proofOf(diffieHellman({ privateKey: x25519Secret(clientSecretKey), publicKey: pub }), serverKey, clientKey, runId);
+}
+
+/**
+ * Whether `proof` shows that the sender of a Hello holds the secret key of `claimedKey`, checked
+ * by the server holding `serverSecretKey` (public key `serverKey`). Never throws.
+ */
+export function verifyHelloKeyProof(claimedKey: string, proof: Uint8Array | undefined, serverKey: string, serverSecretKey: string, runId: string): boolean {
+  if (proof === undefined || proof.length !== 32) return false;
+  try {
+    const pub = x25519Public(claimedKey);
+    if (pub === undefined) return false;
+    // OpenSSL refuses low-order points (an all-zero shared secret) with an exception: false below.
+    const shared = diffieHellman({ privateKey: x25519Secret(serverSecretKey), publicKey: pub });
+    return timingSafeEqual(proofOf(shared, serverKey, claimedKey, runId), Buffer.from(proof.buffer, proof.byteOffset, proof.byteLength));
+  } catch {
+    return false;
+  }
 }
