@@ -29,8 +29,11 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
 import { ControlClient, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
+import type { Collective } from './collective.js';
+import { CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
 import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
-import { hashFloats, RingCollective } from './ring-collective.js';
+import { ElasticRingCollective, parseAnnouncement, type RegroupReport } from './elastic-ring.js';
+import { hashFloats, RingCollective, type RingCollectiveOptions } from './ring-collective.js';
 import { runTraining } from './run.js';
 import type { TrainSettingsInput } from './settings.js';
 import type { EpochMetrics, StartInfo, Summary } from './trainer.js';
@@ -47,6 +50,24 @@ export interface DistributedConfig {
   synthetic?: { train: number; test: number; size: number; channels?: number; seed?: number };
   /** Data set files the coordinator sends to workers on other machines that lack them (added by the coordinator). */
   offeredFiles?: OfferedFile[];
+  /** `--elastic`: a lost worker makes the others regroup and continue (issue 7) instead of ending the run. */
+  elastic?: boolean;
+  /** In the Welcome of a worker admitted into a run in progress: whose state to adopt (see elastic-ring.ts). */
+  regroup?: { root: number; stop: boolean; reason: string };
+  /** FOR TESTS ONLY: make this worker SIGKILL itself at a given point (see `crashPoint`). */
+  crash?: CrashSpec;
+}
+
+/** FOR TESTS ONLY: where a worker kills itself with SIGKILL, to test recovery at each phase. */
+export interface CrashSpec {
+  rank: number;
+  /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce;
+   * evaluate: in the evaluation after epoch `epoch`; checkpoint: right after rank 0 wrote a checkpoint. */
+  phase: 'compute' | 'allReduce' | 'evaluate' | 'checkpoint';
+  /** Global optimiser step (compute, allReduce) or 1-based epoch (evaluate, checkpoint). */
+  at: number;
+  /** Only in this ring generation (default 1: the first group), so a regrouped run does not crash again. */
+  generation?: number;
 }
 
 /** A `kind: 'done'` report: every rank sends one after training completed. */
@@ -168,6 +189,8 @@ export async function runDistributedWorker(
   if (onCoordinatorLost) control.onLost(onCoordinatorLost);
   const remote = env.rank < 0;
   let ring: Ring | undefined;
+  let linkRef: CoordinatorLink | undefined;
+  let elasticRef: ElasticRingCollective | undefined;
   try {
     // The ring binds first: its endpoints go into the Hello.
     // A worker without RANK binds a ring of one and takes its rank and world size from the Welcome.
@@ -192,15 +215,17 @@ export async function runDistributedWorker(
       device,
       curvePublicKey: ring.publicKey ?? '',
     });
-    log(`${who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket ${ring.endpoints.join(' ')}`);
-    const m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
+    log(`${who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket ${ring.endpoints.join(' ')}, pid ${process.pid}`);
+    // A worker admitted into a run in progress (--elastic) waits here until the next step boundary.
+    let m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
+    while (m.kind === 'heartbeat' || m.kind === 'command') m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
     if (m.kind === 'error') {
       const e = m.body as { message?: string };
       throw new WorkerEnvError(`the coordinator refused ${who}: ${e.message ?? 'no reason given'}`);
     }
     if (m.kind !== 'welcome') throw new WorkerEnvError(`${who}: expected Welcome from the coordinator, got ${m.kind}`);
     control.runId = m.runId;
-    const w = m.body as { rank?: number; worldSize?: number; generation?: number; peers?: { rank?: number; host?: string; dataEndpoints?: string[]; curvePublicKey?: string }[]; configJson?: string };
+    const w = m.body as WelcomeBody;
     const rank = w.rank ?? 0;
     const worldSize = w.worldSize ?? 0;
     if (env.rank >= 0 && (rank !== env.rank || (env.worldSize > 0 && worldSize !== env.worldSize))) {
@@ -228,11 +253,59 @@ export async function runDistributedWorker(
       }
     }
 
+    // From here on one loop reads the control connection, and heartbeats flow both ways.
+    const heartbeatMs = w.heartbeatMs || 1000;
+    const link = new CoordinatorLink(control, { rank, heartbeatMs, timeoutMs: w.timeoutMs || env.timeoutMs, who, endpoint: `${env.masterAddr}:${env.masterPort}` });
+    link.onLost((e) => {
+      (elastic?.ring ?? ring)?.abort(e.message);
+      (onCoordinatorLost ?? ((err: Error) => log(`error: ${err.message}`)))(e);
+    });
+    link.start();
+    linkRef = link;
+
     // The gradient all-reduce is the last 'mean' before each step's onStep.
     let gradientBytes = 0;
-    const collective = new RingCollective(ring, { afterOp: (op, buf) => void (op === 'mean' && (gradientBytes = buf.byteLength)) });
+    let crashInNextMean = false;
+    const collectiveOptions: RingCollectiveOptions = {
+      beforeOp: (op) => {
+        link.setActivity('allReduce');
+        if (crashInNextMean && op === 'mean') {
+          crashInNextMean = false;
+          setTimeout(() => crashNow('inside its gradient all-reduce'), 3);
+        }
+      },
+      afterOp: (op, buf) => {
+        if (op === 'mean') gradientBytes = buf.byteLength;
+        link.setActivity('compute');
+      },
+    };
+    const armAllReduceCrash = (_step: number) => {
+      crashInNextMean = true;
+    };
+    const currentRank = () => collective.rank;
     const report = (r: WorkerReport, extra: Record<string, unknown> = {}) =>
-      control.send('stepReport', { rank: env.rank, detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
+      control.send('stepReport', { rank: currentRank(), detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
+    const elastic: ElasticRingCollective | undefined = config.elastic
+      ? new ElasticRingCollective(ring, {
+          link,
+          ringOptions: { host: env.host, listen: env.listen, port: env.ringPort, advertise: env.advertise, timeoutMs: env.timeoutMs, security: keys ? curveServerSecurity(keys) : undefined },
+          runId: m.runId,
+          report: (r: RegroupReport) => control.send('stepReport', { rank: currentRank(), detailJson: JSON.stringify(r) }),
+          regroupTimeoutMs: Math.max(2 * env.timeoutMs, env.joinTimeoutMs),
+          initialRoot: config.regroup ? parseAnnouncement(w).root : 0,
+          collectiveOptions,
+          log: (line) => log(`${who}: ${line}`),
+        })
+      : undefined;
+    elasticRef = elastic;
+    const plain = elastic ? undefined : new RingCollective(ring, collectiveOptions);
+    const collective: Collective & { stats(): { seconds: number; calls: number } } = (elastic ?? plain)!;
+    const crash = config.crash && config.crash.rank === rank ? config.crash : undefined;
+    const crashNow = (why: string) => {
+      log(`${who}: TEST CRASH ${why}: SIGKILL`);
+      process.kill(process.pid, 'SIGKILL');
+    };
+    const crashGeneration = () => (elastic ? elastic.generation : 1) === (crash?.generation ?? 1);
     let stepStart = performance.now();
 
     const data = config.synthetic ? syntheticData(config.synthetic) : undefined;
@@ -245,21 +318,34 @@ export async function runDistributedWorker(
       hooks: {
         onStart: (info) => {
           log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
-          if (env.rank === 0) void report({ kind: 'start', info, worldSize: env.worldSize, ...runFacts(info.runDir) });
+          if (collective.rank === 0) void report({ kind: 'start', info, worldSize: collective.worldSize, ...runFacts(info.runDir) });
+          link.setActivity('compute');
         },
         onEpochStart: () => {
           stepStart = performance.now();
         },
         onCheckpoint: (file) => {
-          if (env.rank === 0) void report({ kind: 'checkpoint', file, unixMs: Date.now() });
+          if (collective.rank === 0) void report({ kind: 'checkpoint', file, unixMs: Date.now() });
+          if (crash?.phase === 'checkpoint' && crashGeneration()) crashNow(`after writing ${file}`);
+        },
+        onEvalStart: (epoch) => {
+          link.setActivity('evaluate');
+          if (crash?.phase === 'evaluate' && crash.at === epoch && crashGeneration()) setImmediate(() => crashNow(`in the evaluation of epoch ${epoch}`));
         },
         onStep: (s) => {
           const now = performance.now();
           const cpu = process.cpuUsage();
           // Every rank, every step: the figures of the coordinator's Prometheus exporter.
+          link.step = s.step;
+          // The crash points: the next step's compute (this process never reaches its all-reduce),
+          // or inside the next step's all-reduce (a few milliseconds after it started).
+          if (crash && crashGeneration() && crash.at === s.step + 1) {
+            if (crash.phase === 'compute') crashNow(`before the compute of step ${crash.at}`);
+            if (crash.phase === 'allReduce') armAllReduceCrash(crash.at);
+          }
           void control
             .send('stepReport', {
-              rank: env.rank,
+              rank: collective.rank,
               epoch: s.epoch,
               step: s.step,
               loss: s.loss,
@@ -283,39 +369,40 @@ export async function runDistributedWorker(
         },
         onEpochEnd: (metrics) => {
           log(`${who}: epoch ${metrics.epoch} done, test accuracy ${metrics.testAcc}`);
-          if (env.rank === 0) {
+          if (collective.rank === 0) {
             void report({ kind: 'epoch', metrics }, { epoch: metrics.epoch, step: metrics.step, loss: metrics.loss, evaluation: true, allReduceMs: metrics.phaseSec.allReduce * 1000, computeMs: metrics.phaseSec.compute * 1000, dataMs: metrics.phaseSec.data * 1000 });
           }
         },
       },
     });
     const st = collective.stats();
+    who = `rank ${collective.rank} on host ${env.host}`;
     const done: DoneReport = {
       kind: 'done',
-      rank: env.rank,
+      rank: collective.rank,
       host: env.host,
       stateSha256: hashFloats(result.weights, result.bnStats, result.momentum),
       collectiveSec: st.seconds,
       collectiveCalls: st.calls,
-      summary: env.rank === 0 ? result.summary : undefined,
+      summary: collective.rank === 0 ? result.summary : undefined,
     };
+    link.setActivity('idle');
     await report(done, { weightsSha256: done.stateSha256, step: result.summary.steps });
     // Wait for the coordinator's STOP: exiting earlier could drop the report still in ZeroMQ's queue.
-    for (;;) {
-      const ack = await control.receive('the acknowledgement of the final report', 30_000);
-      if (ack.kind === 'command' && (ack.body as { kind?: number }).kind === 6) break;
-    }
+    await link.waitForStop(30_000);
+    link.stop();
     log(`${who}: done, state sha256 ${done.stateSha256}`);
-    await ring.close();
+    await (elastic?.ring ?? ring).close();
     ring = undefined;
     await control.close();
     return done;
   } catch (err) {
     const e = err as Error;
+    linkRef?.stop();
     await control
       .send('error', { code: 6, message: e.message ?? String(err), rank: env.rank, host: env.host })
       .catch(() => undefined);
-    await ring?.close().catch(() => undefined);
+    await (elasticRef?.ring ?? ring)?.close().catch(() => undefined);
     await control.close().catch(() => undefined);
     throw err;
   }

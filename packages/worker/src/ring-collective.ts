@@ -13,6 +13,8 @@ export interface RingCollectiveOptions {
    * pipelines 4 MiB pieces). Part of the summation order: every rank must use the same value.
    */
   bucketBytes?: number;
+  /** Called when a collective starts (e.g. to report the activity). */
+  beforeOp?: (op: CollectiveOp, buf: Float32Array) => void;
   /** Called after every collective with its result (e.g. to hash it); must not keep `buf`. */
   afterOp?: (op: CollectiveOp, buf: Float32Array, seconds: number) => void;
 }
@@ -64,6 +66,7 @@ export class RingCollective implements Collective {
   }
 
   private async timed(op: CollectiveOp, buf: Float32Array, f: () => Promise<void>): Promise<void> {
+    this.opts.beforeOp?.(op, buf);
     const t0 = performance.now();
     await f();
     const seconds = (performance.now() - t0) / 1000;

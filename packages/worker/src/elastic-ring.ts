@@ -1,0 +1,168 @@
+// The trainer's ElasticCollective over a ring that is rebuilt at every membership change.
+//
+// A regroup, seen from one worker:
+//   1. its ring broke (a neighbour died: PeerLostError/PeerTimeoutError), or the coordinator sent
+//      ROLLBACK for this generation (the ring is aborted, so a collective waiting for a silent
+//      peer returns at once), or the coordinator sent REGROUP and the trainer finished the step;
+//   2. the trainer calls regroup(committed): the old ring closes, a new one binds (new endpoints),
+//      and a StepReport `{kind: 'regroup', generation, committed, endpoints, key}` tells the
+//      coordinator this worker is ready and how far it got;
+//   3. the coordinator's Welcome of the next generation gives the new rank, world size and peers,
+//      and (in config_json) the root whose state everyone adopts and whether to stop;
+//   4. the new ring connects (the preflight of a launch), and the trainer syncs from the root.
+import { Ring, TransportError, type PeerInfo, type RingOptions } from '@dtrain/transport';
+import { GroupChangedError, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
+import { CommandKind, type CommandBody, type CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
+import { RingCollective, type RingCollectiveOptions } from './ring-collective.js';
+
+/** What the coordinator puts into the Welcome.config_json of a regroup. */
+export interface RegroupAnnouncement {
+  regroup: { root: number; stop: boolean; reason: string };
+}
+
+/** A `kind: 'regroup'` report: a worker left its group and is ready for the next. */
+export interface RegroupReport {
+  kind: 'regroup';
+  /** The generation it left. */
+  generation: number;
+  committed: Progress;
+  endpoints: string[];
+  /** Its new ring's CURVE public key ('' without CURVE). */
+  key: string;
+}
+
+export interface ElasticRingOptions {
+  link: CoordinatorLink;
+  /** How each new ring is made (the same listen address, port, security as the first). */
+  ringOptions: Omit<RingOptions, 'rank' | 'worldSize' | 'generation' | 'runId'>;
+  runId: string;
+  /** Sends a report to the coordinator (StepReport.detail_json). */
+  report: (r: RegroupReport) => Promise<void>;
+  /** How long to wait for the Welcome of the next group. */
+  regroupTimeoutMs: number;
+  initialRoot?: number;
+  collectiveOptions?: RingCollectiveOptions;
+  log?: (line: string) => void;
+}
+
+export class ElasticRingCollective implements ElasticCollective {
+  readonly elastic = true as const;
+  readonly initialRoot: number;
+  private ring_: Ring;
+  private inner: RingCollective;
+  private requested = false;
+
+  constructor(
+    ring: Ring,
+    private readonly o: ElasticRingOptions,
+  ) {
+    this.ring_ = ring;
+    this.inner = new RingCollective(ring, o.collectiveOptions);
+    this.initialRoot = o.initialRoot ?? 0;
+    o.link.onCommand((c) => this.onCommand(c));
+  }
+
+  get ring(): Ring {
+    return this.ring_;
+  }
+  get rank(): number {
+    return this.ring_.rank;
+  }
+  get worldSize(): number {
+    return this.ring_.worldSize;
+  }
+  get generation(): number {
+    return this.ring_.generation;
+  }
+  get regroupRequested(): boolean {
+    return this.requested;
+  }
+
+  stats() {
+    return this.inner.stats();
+  }
+
+  allReduceMean(buf: Float32Array): Promise<void> {
+    return this.guard(() => this.inner.allReduceMean(buf));
+  }
+  allReduceSum(buf: Float32Array): Promise<void> {
+    return this.guard(() => this.inner.allReduceSum(buf));
+  }
+  broadcast(buf: Float32Array, root: number): Promise<void> {
+    return this.guard(() => this.inner.broadcast(buf, root));
+  }
+
+  private async guard(f: () => Promise<void>): Promise<void> {
+    try {
+      await f();
+    } catch (e) {
+      // Any ring failure in an elastic run is a membership question the coordinator settles.
+      if (e instanceof TransportError) throw new GroupChangedError(e.message, { cause: e });
+      throw e;
+    }
+  }
+
+  private onCommand(c: CommandBody): void {
+    // Commands name the generation they are for: one for a ring already left is stale.
+    if ((c.generation ?? 0) !== this.ring_.generation) return;
+    if (c.kind === CommandKind.ROLLBACK) {
+      this.o.log?.(`rank ${this.rank}: the coordinator rolls back generation ${c.generation}: ${c.reason ?? ''}`);
+      this.ring_.abort(`the coordinator rolled back the step: ${c.reason ?? 'a member was lost'}`);
+    } else if (c.kind === CommandKind.REGROUP) {
+      this.requested = true;
+    }
+  }
+
+  async regroup(committed: Progress): Promise<RegroupResult> {
+    const left = this.ring_.generation;
+    this.requested = false;
+    this.o.link.setActivity('idle');
+    await this.ring_.close().catch(() => undefined);
+    const ring = await createRingRetrying({ ...this.o.ringOptions, rank: 0, worldSize: 1 });
+    this.ring_ = ring;
+    this.inner = new RingCollective(ring, this.o.collectiveOptions);
+    await this.o.report({ kind: 'regroup', generation: left, committed, endpoints: ring.endpoints, key: ring.publicKey ?? '' });
+    const w = await this.o.link.nextWelcome(`the regroup after generation ${left}`, this.o.regroupTimeoutMs);
+    const a = parseAnnouncement(w);
+    const rank = w.rank ?? 0;
+    const worldSize = w.worldSize ?? 0;
+    const peers: PeerInfo[] = (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])], publicKey: p.curvePublicKey || undefined }));
+    try {
+      await ring.connect(peers, { runId: this.o.runId, generation: w.generation ?? left + 1, rank, worldSize });
+    } catch (e) {
+      if (e instanceof TransportError) throw new GroupChangedError(e.message, { cause: e });
+      throw e;
+    }
+    this.o.link.rank = rank;
+    this.o.log?.(`rank ${rank} of ${worldSize} (generation ${ring.generation}): ${a.reason}; state from rank ${a.root}${a.stop ? '; stopping after a checkpoint' : ''}`);
+    return { root: a.root, stop: a.stop, reason: a.reason };
+  }
+
+  close(): Promise<void> {
+    return this.ring_.close();
+  }
+}
+
+export function parseAnnouncement(w: WelcomeBody): RegroupAnnouncement['regroup'] {
+  try {
+    const c = JSON.parse(w.configJson ?? '{}') as Partial<RegroupAnnouncement>;
+    const r = c.regroup;
+    if (r && Number.isInteger(r.root) && r.root >= 0 && r.root < (w.worldSize ?? 0)) return { root: r.root, stop: r.stop === true, reason: String(r.reason ?? 'regroup') };
+  } catch {
+    // fall through
+  }
+  return { root: 0, stop: false, reason: 'regroup' };
+}
+
+/** A fixed ring port may still be held by the ring just closed: retry the bind for a few seconds. */
+async function createRingRetrying(opts: RingOptions): Promise<Ring> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      return await Ring.create(opts);
+    } catch (e) {
+      if (!opts.port || Date.now() > deadline) throw e;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+}
