@@ -49,6 +49,14 @@ export class ReplicaDivergedError extends CoordinatorError {
   readonly code = 'E_REPLICAS_DIVERGED' as const;
 }
 
+/**
+ * An elastic run stopped because fewer workers than --min-workers were left; rank 0 wrote a
+ * checkpoint of the position reached, and `--resume` continues it with any number of workers.
+ */
+export class RunStoppedError extends CoordinatorError {
+  readonly code = 'E_RUN_STOPPED' as const;
+}
+
 /** Files offered to other machines could not be read. */
 export class OfferedFileError extends CoordinatorError {
   readonly code = 'E_OFFERED_FILE' as const;
@@ -79,7 +87,13 @@ export type RunEvent =
   | { kind: 'joined'; rank: number; host: string; device: string; joined: number; expected: number }
   | { kind: 'offered'; files: { name: string; size: number; sha256: string }[] }
   | { kind: 'welcomed'; worldSize: number; hosts: { host: string; ranks: number[] }[] }
-  | { kind: 'report'; rank: number; detail: Record<string, unknown> };
+  | { kind: 'report'; rank: number; detail: Record<string, unknown> }
+  /** A worker is late (the stall inspector): no heartbeat for `silentSec`; it is declared lost only after the timeout. */
+  | { kind: 'stall'; rank: number; host: string; silentSec: number; activity: string; step: number; timeoutSec: number }
+  /** Elastic: a worker was lost (died, timed out, cut off); the others regroup without it. */
+  | { kind: 'lost'; rank: number; host: string; reason: string; logTail: string[]; logFile: string; remaining: number }
+  /** Elastic: a new group formed (after a loss, or to admit joining workers). */
+  | { kind: 'regrouped'; generation: number; worldSize: number; root: number; reason: string; stop: boolean; hosts: { host: string; ranks: number[] }[] };
 
 export interface LaunchOptions {
   /** Worker processes to start on this machine (ranks 0..workers-1). */
@@ -115,8 +129,21 @@ export interface LaunchOptions {
   offerFiles?: { root: string; names: string[] };
   /** Workers that have not joined by then fail the run (default 120 s). */
   joinTimeoutMs?: number;
-  /** Ring collective timeout of the workers (DTRAIN_TIMEOUT_MS, default 120 s). */
+  /**
+   * Silence after which a peer counts as gone: a ring neighbour in a collective, a worker's
+   * heartbeats here, the coordinator's heartbeats at the workers (DTRAIN_TIMEOUT_MS, default 60 s).
+   */
   timeoutMs?: number;
+  /** Heartbeat interval, both ways (default 1000 ms). */
+  heartbeatMs?: number;
+  /**
+   * Elastic training: a lost worker makes the others roll back the step in flight, regroup
+   * without it and continue; workers of `pnpm cli join` are admitted while the run is in progress.
+   * Off by default: then any lost worker ends the run (checkpoints stay intact for --resume).
+   */
+  elastic?: boolean;
+  /** Elastic: with fewer workers than this the run stops after a checkpoint (default 1). */
+  minWorkers?: number;
   /** Extra environment for the workers. */
   env?: NodeJS.ProcessEnv;
   onEvent?: (e: RunEvent) => void;
@@ -139,9 +166,13 @@ export interface LaunchResult {
   finals: Record<string, unknown>[];
   /** Every report from workers (rank 0's start and epochs, everyone's done), in arrival order. */
   reports: { rank: number; detail: Record<string, unknown> }[];
-  /** Host of each rank. */
+  /** Host of each rank (of the last group). */
   hosts: string[];
   wallSec: number;
+  /** Ring generations the run went through (1 without regroups). */
+  generations: number;
+  /** Workers lost on the way (elastic), with their rank at the time and why. */
+  lost: { rank: number; host: string; reason: string }[];
 }
 
 interface Slot {
@@ -162,10 +193,30 @@ interface Member {
   device: string;
   /** Hello.curve_public_key ('' without CURVE): its ring's key, passed on in Welcome.peers. */
   key: string;
-  /** Local workers: their RANK; others: assigned at the Welcome. */
+  /** Local workers: their RANK until the Welcome; then the rank in the current group. */
   rank: number;
+  /** Local workers: the RANK they were started with (their slot and log file). */
+  slot: number;
   error?: string;
   final?: Record<string, unknown>;
+  /** Heartbeats and the stall inspector. */
+  lastHeard: number;
+  activity: string;
+  step: number;
+  stepMs: number;
+  warned: boolean;
+  /** Why it was declared lost (elastic); a lost member is out of every later group. */
+  lost?: string;
+}
+
+const ACTIVITY_NAMES = ['idle', 'compute', 'all-reduce', 'evaluate', 'checkpoint', 'data'];
+
+/** A worker's answer to ROLLBACK/REGROUP: see @dtrain/worker's elastic-ring.ts (RegroupReport). */
+interface RegroupReport {
+  generation: number;
+  committed: { epoch: number; done: number; step: number };
+  endpoints: string[];
+  key: string;
 }
 
 /** Another machine, known from its `join` process's registration or its first worker's Hello. */
@@ -197,7 +248,12 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const multi = nodesExpected > 1;
   const tailLines = o.tailLines ?? 15;
   const joinTimeoutMs = o.joinTimeoutMs ?? 120_000;
-  const timeoutMs = o.timeoutMs ?? 120_000;
+  const timeoutMs = o.timeoutMs ?? 60_000;
+  const heartbeatMs = o.heartbeatMs ?? 1000;
+  const elastic = o.elastic === true;
+  const minWorkers = o.minWorkers ?? 1;
+  if (!Number.isInteger(minWorkers) || minWorkers < 1) throw new RangeError(`minWorkers must be a positive integer, got ${minWorkers}`);
+  if (!(heartbeatMs > 0) || heartbeatMs * 3 > timeoutMs) throw new RangeError(`the heartbeat interval (${heartbeatMs} ms) must be positive and at most a third of the timeout (${timeoutMs} ms)`);
   const runId = randomBytes(8).toString('hex');
   const emit = o.onEvent ?? (() => undefined);
   const localHost = o.env?.DTRAIN_HOST || process.env.DTRAIN_HOST || hostname();
@@ -340,9 +396,15 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         void streamsDone.then(async () => {
           // The final report travels over the control socket, the exit over a pipe: give the
           // report a moment to arrive before calling a clean exit a failure.
-          const mm = () => [...members.values()].find((x) => x.local && x.rank === rank);
+          const mm = () => [...members.values()].find((x) => x.local && x.slot === rank);
           for (let i = 0; i < 40 && code === 0 && mm()?.final === undefined; i++) await new Promise((r) => setTimeout(r, 50));
-          const member = mm();
+          const member = mm() ?? lostMembers.find((x) => x.local && x.slot === rank);
+          if (member?.lost !== undefined) return resolve({ code, signal });
+          if (elastic && welcomed && member && (code !== 0 || member.final === undefined)) {
+            const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
+            declareLost(member, `${how}${member.error ? `: ${member.error}` : ''}`, signal ? 'signal' : 'exit');
+            return resolve({ code, signal });
+          }
           if (code !== 0 || member?.final === undefined) {
             const reason = spawnError ?? member?.error ?? (code === 0 ? 'it exited before sending its final report' : undefined);
             const err = new WorkerFailedError(rank, member?.host ?? localHost, code, signal, reason, slot.tail, slot.logFile);
@@ -388,6 +450,166 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       );
     }, 2000);
   };
+  // ---- elastic membership (issue 7) ----------------------------------------------------------
+  // The group is `byRank` (ranks 0..n-1 of the current generation). A lost member leaves it at
+  // once; the survivors are told to roll back (ROLLBACK: the step in flight is abandoned), each
+  // answers with a regroup report (how far it got, its new ring endpoints), and when all have
+  // answered (or the timeout passed) the Welcome of the next generation goes out, naming the root
+  // whose state everyone adopts. Joiners wait in `pendingJoiners` for the next step boundary.
+  let generation = 1;
+  // The exporter's failure metrics (optional methods: exporters without them are fed nothing).
+  const elasticMetrics = metrics as TrainingMetrics & Partial<{
+    countWorkerLost(reason: string): void;
+    forgetWorker(rank: number): void;
+    countRegroup(): void;
+    setHeartbeatAge(rank: number, host: string, seconds: number): void;
+    countStallWarning(rank: number, host: string): void;
+  }>;
+  const lostMembers: Member[] = [];
+  const pendingJoiners: Member[] = [];
+  let regroupState: { reasons: string[]; ready: Map<Member, RegroupReport>; timer: NodeJS.Timeout; rollback: boolean } | undefined;
+  const groupHosts = () => {
+    const hs: { host: string; ranks: number[] }[] = [];
+    for (const x of byRank) {
+      const last = hs.at(-1);
+      if (last?.host === x.host) last.ranks.push(x.rank);
+      else hs.push({ host: x.host, ranks: [x.rank] });
+    }
+    return hs;
+  };
+  function checkRemoteFinished(): void {
+    if (welcomed && byRank.every((x) => x.local || x.final !== undefined)) remoteFinished();
+  }
+  function declareLost(member: Member, reason: string, kind: 'exit' | 'signal' | 'timeout' | 'connection' | 'stalled', logTail?: string[], logFile?: string): void {
+    if (member.lost !== undefined || failure) return;
+    member.lost = reason;
+    members.delete(member.peer.toString('hex'));
+    lostMembers.push(member);
+    const inGroup = byRank.indexOf(member);
+    if (inGroup >= 0) byRank.splice(inGroup, 1);
+    const joining = pendingJoiners.indexOf(member);
+    if (joining >= 0) pendingJoiners.splice(joining, 1);
+    const slot = member.local ? slots[member.slot] : undefined;
+    // A worker cut off but alive learns it is out (and exits) instead of waiting for a Welcome.
+    void server.send(member.peer, 'error', { code: 4, message: `this worker was declared lost: ${reason}`, rank: member.rank, host: member.host }).catch(() => undefined);
+    // A hung (or stopped) process must not come back into a group that moved on.
+    if (slot && slot.child.exitCode === null && slot.child.signalCode === null) slot.child.kill('SIGKILL');
+    elasticMetrics.countWorkerLost?.(kind);
+    elasticMetrics.forgetWorker?.(member.rank);
+    emit({ kind: 'lost', rank: member.rank, host: member.host, reason, logTail: logTail ?? slot?.tail ?? [], logFile: logFile ?? slot?.logFile ?? `its log on host ${member.host}`, remaining: byRank.length });
+    if (inGroup < 0 && joining >= 0) return;
+    if (byRank.length === 0) {
+      failed(new WorkerFailedError(member.rank, member.host, null, null, `${reason}; no workers are left`, logTail ?? slot?.tail ?? [], logFile ?? slot?.logFile ?? `its log on host ${member.host}`));
+      return;
+    }
+    startRegroup('rollback', `rank ${member.rank} on host ${member.host} was lost (${reason})`);
+  }
+  function refuseJoiners(why: string): void {
+    for (const x of pendingJoiners.splice(0)) {
+      members.delete(x.peer.toString('hex'));
+      void server.send(x.peer, 'error', { code: 3, message: why, rank: -1, host: x.host }).catch(() => undefined);
+    }
+  }
+  function startRegroup(kind: 'rollback' | 'join', reason: string): void {
+    if (failure) return;
+    if (kind === 'join' && !regroupState && byRank.some((x) => x.final !== undefined)) {
+      return refuseJoiners('the run is finishing: its workers completed training; join the next run');
+    }
+    if (!regroupState) {
+      const timer = setTimeout(() => {
+        const st = regroupState;
+        if (!st) return;
+        if (!st.rollback) {
+          // Only joiners were waiting, and the group reached no step boundary in time (the run is
+          // in its last evaluation, or finishing): they are turned away; nobody is lost.
+          clearTimeout(st.timer);
+          regroupState = undefined;
+          return refuseJoiners(`the run reached no step boundary within ${(2 * timeoutMs) / 1000} s (it may be finishing); try again`);
+        }
+        // Members that did not answer within the timeout are lost too; the rest go on.
+        for (const x of [...byRank]) if (!st.ready.has(x)) declareLost(x, `it did not answer the regroup within ${timeoutMs / 1000} s`, 'timeout');
+        tryFinishRegroup();
+      }, timeoutMs + (kind === 'join' ? timeoutMs : 0));
+      timer.unref();
+      regroupState = { reasons: [], ready: new Map(), timer, rollback: false };
+    }
+    regroupState.reasons.push(reason);
+    if (kind === 'rollback') regroupState.rollback = true;
+    for (const x of byRank) {
+      if (regroupState.ready.has(x)) continue;
+      void server.send(x.peer, 'command', { kind: kind === 'rollback' ? 5 : 7, reason, generation }).catch(() => undefined);
+    }
+    tryFinishRegroup();
+  }
+  function onRegroupReport(member: Member, r: RegroupReport): void {
+    if (!regroupState || r.generation !== generation || !byRank.includes(member)) return metrics.countMalformedMessages();
+    if (!Array.isArray(r.endpoints) || !r.endpoints.length || typeof r.committed !== 'object' || r.committed === null) return metrics.countMalformedMessages();
+    member.endpoints = r.endpoints.map(String);
+    member.key = typeof r.key === 'string' ? r.key : '';
+    member.lastHeard = Date.now();
+    regroupState.ready.set(member, r);
+    tryFinishRegroup();
+  }
+  function tryFinishRegroup(): void {
+    const st = regroupState;
+    if (!st || failure || byRank.length === 0 || !byRank.every((x) => st.ready.has(x))) return;
+    clearTimeout(st.timer);
+    regroupState = undefined;
+    const survivors = [...byRank].sort((a, b) => a.rank - b.rank);
+    const joiners = pendingJoiners.splice(0).sort((a, b) => (a.host < b.host ? -1 : a.host > b.host ? 1 : a.localRank - b.localRank));
+    const ahead = (a: RegroupReport, b: RegroupReport) => a.committed.epoch - b.committed.epoch || a.committed.done - b.committed.done || a.committed.step - b.committed.step;
+    let rootMember = survivors[0];
+    for (const x of survivors) if (ahead(st.ready.get(x)!, st.ready.get(rootMember)!) > 0) rootMember = x;
+    byRank.length = 0;
+    byRank.push(...survivors, ...joiners);
+    byRank.forEach((x, r) => {
+      x.rank = r;
+      x.lastHeard = Date.now();
+      x.warned = false;
+    });
+    generation++;
+    worldSize = byRank.length;
+    const stop = worldSize < minWorkers;
+    const regroup = { root: rootMember.rank, stop, reason: st.reasons.join('; ') };
+    const peers = byRank.map((x) => ({ rank: x.rank, host: x.host, dataEndpoints: x.endpoints, curvePublicKey: x.key }));
+    for (const x of byRank) {
+      const configJson = joiners.includes(x) ? JSON.stringify({ ...(runConfig as object), regroup }) : JSON.stringify({ regroup });
+      void server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation, peers, heartbeatMs, timeoutMs, configJson }).catch(() => undefined);
+    }
+    metrics.setWorkers(worldSize, worldSize);
+    elasticMetrics.countRegroup?.();
+    emit({ kind: 'regrouped', generation, worldSize, root: regroup.root, reason: regroup.reason, stop, hosts: groupHosts() });
+  }
+  let runConfig: unknown = o.config;
+
+  // Heartbeats to every worker, and the stall inspector (Horovod's, in spirit): a late worker is
+  // named first, and declared lost only after the timeout.
+  const heartbeatTimer = setInterval(() => {
+    if (!welcomed || failure) return;
+    const now = Date.now();
+    for (const x of [...byRank]) {
+      void server.send(x.peer, 'heartbeat', { rank: x.rank, unixMs: now }).catch(() => undefined);
+      if (x.final !== undefined || regroupState?.ready.has(x)) continue;
+      const silent = now - x.lastHeard;
+      elasticMetrics.setHeartbeatAge?.(x.rank, x.host, silent / 1000);
+      const warnAfter = Math.max(5 * heartbeatMs, 2 * x.stepMs);
+      if (silent > timeoutMs) {
+        const why = `no heartbeat for ${(silent / 1000).toFixed(1)} s (timeout ${timeoutMs / 1000} s; last activity: ${x.activity} at step ${x.step}): it hung, was stopped, or its network is down`;
+        if (elastic) declareLost(x, why, 'timeout');
+        else {
+          const slot = x.local ? slots[x.slot] : undefined;
+          failed(new WorkerFailedError(x.rank, x.host, null, null, why, slot?.tail ?? [], slot?.logFile ?? `its log on host ${x.host}`));
+        }
+      } else if (silent > warnAfter && !x.warned) {
+        x.warned = true;
+        elasticMetrics.countStallWarning?.(x.rank, x.host);
+        emit({ kind: 'stall', rank: x.rank, host: x.host, silentSec: silent / 1000, activity: x.activity, step: x.step, timeoutSec: timeoutMs / 1000 });
+      } else if (silent <= warnAfter) x.warned = false;
+    }
+    for (const node of nodes.values()) if (node.agent) void server.send(node.agent, 'heartbeat', { rank: 0, unixMs: now }).catch(() => undefined);
+  }, heartbeatMs);
+  heartbeatTimer.unref();
+
   server.onMessage((e: ControlEnvelope) => {
     const m = e.message;
     const key = e.peer.toString('hex');
@@ -397,7 +619,8 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       const host = h.host ?? '';
       const localRank = h.localRank ?? 0;
       const refuse = (why: string) => void server.send(e.peer, 'error', { code: 3, message: why, rank: requested, host }).catch(() => undefined);
-      if (welcomed) return refuse(`the run already started with ${worldSize} workers`);
+      const during = welcomed && elastic;
+      if (welcomed && !elastic) return refuse(`the run already started with ${worldSize} workers (start it with --elastic to admit workers while it runs)`);
       if (!host) return refuse('a Hello needs a host');
       // The connection passed the CURVE handshake with an allow-listed key; the key a Hello names
       // for its ring must be allow-listed too, or the other workers would connect to a stranger.
@@ -409,9 +632,17 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       }
       const sameName = `host ${host} has the same name as the coordinator's machine: give every machine its own name (pnpm cli join --host NAME, or DTRAIN_HOST)`;
       if (requested === NODE_AGENT_RANK || requested === -1) {
-        if (!multi) return refuse(`this coordinator runs on one machine (${n} workers); start it with --nodes M --listen ADDR:PORT to accept workers of other machines`);
+        if (!multi && !during) return refuse(`this coordinator runs on one machine (${n} workers); start it with --nodes M --listen ADDR:PORT to accept workers of other machines, or --elastic to admit them while it runs`);
         if (host === localHost) return refuse(sameName);
         let node = nodes.get(host);
+        if (during && requested === NODE_AGENT_RANK) {
+          // Elastic: a machine (new, or back after losing its workers) adds workers to the running group.
+          const more = h.localWorldSize ?? 0;
+          if (more < 1) return refuse(`host ${host} did not say how many workers it starts (LOCAL_WORLD_SIZE): start them with pnpm cli join`);
+          if (!node) nodes.set(host, (node = { host, expected: 0 }));
+          node.expected = joinedOn(host) + more;
+          emit({ kind: 'node', host, workers: more, nodes: nodes.size + 1, expectedNodes: nodes.size + 1 });
+        }
         if (!node) {
           if (nodes.size >= nodesExpected - 1) {
             return refuse(`the run expects ${nodesExpected} machines and all have joined (this one${[...nodes.keys()].map((x) => `, ${x}`).join('')}); host ${host} is one too many`);
@@ -427,7 +658,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
           node.agent = e.peer;
           agents.set(key, host);
           // The reply carries the run id, so the join process's later reports are accepted.
-          void server.send(e.peer, 'command', { kind: 1, reason: 'registered' }).catch(() => undefined);
+          void server.send(e.peer, 'command', { kind: 1, reason: elastic ? 'registered (elastic)' : 'registered' }).catch(() => undefined);
           return checkJoined();
         }
         if ([...members.values()].some((x) => x.host === host && x.localRank === localRank)) return refuse(`local rank ${localRank} of host ${host} already joined`);
@@ -438,18 +669,39 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         if (taken) return refuse(`rank ${requested} already joined from host ${taken.host}`);
       }
       if (!(h.dataEndpoints ?? []).length) return refuse('a Hello needs the ring endpoints');
-      const member: Member = { peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', key: h.curvePublicKey ?? '', rank: requested };
+      const member: Member = {
+        peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', key: h.curvePublicKey ?? '',
+        rank: requested, slot: requested, lastHeard: Date.now(), activity: 'idle', step: 0, stepMs: 0, warned: false,
+      };
       members.set(key, member);
+      if (during) {
+        // Admitted at the next step boundary: the group finishes its step, then regroups with it.
+        pendingJoiners.push(member);
+        emit({ kind: 'joined', rank: -1, host, device: member.device, joined: members.size, expected: members.size });
+        startRegroup('join', `host ${host} joins with local rank ${localRank}`);
+        return;
+      }
       metrics.setWorkers(members.size, expectedWorld());
       emit({ kind: 'joined', rank: requested, host, device: member.device, joined: members.size, expected: expectedWorld() });
       checkJoined();
+    } else if (m.kind === 'heartbeat') {
+      const member = members.get(key);
+      if (!member) return;
+      const hb = m.body as { activity?: number; step?: number | { toNumber(): number } };
+      member.lastHeard = Date.now();
+      member.activity = ACTIVITY_NAMES[hb.activity ?? 0] ?? 'unknown';
+      member.step = typeof hb.step === 'number' ? hb.step : (hb.step?.toNumber() ?? member.step);
     } else if (m.kind === 'stepReport') {
       const r = m.body as StepReportBody;
       // The connection says who sent it, not the message (proto3 also omits rank 0).
       const member = members.get(key);
       if (!member || !welcomed) return;
+      member.lastHeard = Date.now();
       const rank = member.rank;
-      if (!r.detailJson) return observeStep(metrics, rank, r.host || member.host, r);
+      if (!r.detailJson) {
+        if (r.stepMs !== undefined) member.stepMs = r.stepMs;
+        return observeStep(metrics, rank, r.host || member.host, r);
+      }
       let detail: Record<string, unknown>;
       try {
         detail = JSON.parse(r.detailJson) as Record<string, unknown>;
@@ -457,13 +709,14 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       } catch {
         return metrics.countMalformedMessages();
       }
+      if (detail.kind === 'regroup') return onRegroupReport(member, detail as unknown as RegroupReport);
       reports.push({ rank, detail });
       if (rank === 0) observeRank0(metrics, detail, worldSize);
       if (detail.kind === 'done') {
         member.final = detail;
         // The acknowledgement lets the worker exit knowing its report arrived.
         void server.send(e.peer, 'command', { kind: 6, reason: 'done' }).catch(() => undefined);
-        if (byRank.every((x) => x.local || x.final !== undefined)) remoteFinished();
+        checkRemoteFinished();
       }
       emit({ kind: 'report', rank, detail });
     } else if (m.kind === 'error') {
@@ -478,11 +731,22 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
           return metrics.countMalformedMessages();
         }
         remoteExits.push({ host: agentHost, report: x });
+        if (elastic && welcomed) {
+          const w = [...members.values()].find((mm) => !mm.local && mm.host === agentHost && mm.localRank === x.localRank);
+          if (w) declareLost(w, x.signal ? `was killed by ${x.signal}` : `exited with code ${x.exitCode}${x.reason ? `: ${x.reason}` : ''}`, x.signal ? 'signal' : 'exit', x.logTail, `${x.logFile} on host ${agentHost}`);
+          return;
+        }
         return collectRemoteFailures();
       }
       const member = members.get(key);
       if (!member) return;
       if (member.error === undefined) member.error = err.message;
+      if (elastic && welcomed) {
+        // Its process exits next (a local child's exit, or its join process's report) and is
+        // declared lost then; a remote one that says this much is lost already.
+        if (!member.local) declareLost(member, `failed: ${err.message}`, 'exit');
+        return;
+      }
       if (!member.local) collectRemoteFailures();
     } else if (m.kind === 'fileRequest') {
       const req = m.body as { name?: string; offset?: number | { toNumber(): number } };
@@ -525,6 +789,8 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   };
   const failWith = async (err: Error): Promise<never> => {
     clearTimeout(remoteGrace);
+    clearInterval(heartbeatTimer);
+    if (regroupState) clearTimeout(regroupState.timer);
     // The join processes stop their workers and exit non-zero with this message.
     for (const node of nodes.values()) {
       if (node.agent) void server.send(node.agent, 'error', { code: 7, message: err.message, rank: -1, host: localHost }).catch(() => undefined);
@@ -551,10 +817,12 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   byRank.forEach((x, r) => (x.rank = r));
   const peers = byRank.map((x) => ({ rank: x.rank, host: x.host, dataEndpoints: x.endpoints, curvePublicKey: x.key }));
   const config = offered.size && typeof o.config === 'object' && o.config !== null ? { ...o.config, offeredFiles: [...offered.values()].map(({ name, size, sha256 }) => ({ name, size, sha256 })) } : o.config;
-  const configJson = JSON.stringify(config);
+  runConfig = elastic && typeof config === 'object' && config !== null ? { ...config, elastic: true } : config;
+  const configJson = JSON.stringify(runConfig);
   welcomed = true;
+  for (const x of byRank) x.lastHeard = Date.now();
   metrics.setWorkers(worldSize, worldSize);
-  await Promise.all(byRank.map((x) => server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation: 1, peers, timeoutMs, configJson })));
+  await Promise.all(byRank.map((x) => server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation: 1, peers, heartbeatMs, timeoutMs, configJson })));
   const hosts: { host: string; ranks: number[] }[] = [];
   for (const x of byRank) {
     const last = hosts.at(-1);
@@ -587,7 +855,15 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     );
   }
   if (outcome !== 'exited' || failure) return failWith(failure!);
+  // Workers admitted during an elastic run on other machines: their final reports follow at most a timeout later.
+  for (const until = Date.now() + timeoutMs; byRank.some((x) => x.final === undefined) && Date.now() < until && !failure; ) await new Promise((r) => setTimeout(r, 50));
+  const missing = byRank.filter((x) => x.final === undefined);
+  if (missing.length > 0 && !failure) {
+    failed(new WorkerFailedError(missing[0].rank, missing[0].host, null, null, `sent no final report within ${timeoutMs} ms after the others completed`, [], `its log on host ${missing[0].host}`));
+  }
+  if (failure) return failWith(failure);
   clearTimeout(remoteGrace);
+  clearInterval(heartbeatTimer);
   await server.close();
   await stopMetrics();
 
@@ -596,7 +872,14 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   if (hashes.size !== 1) {
     throw new ReplicaDivergedError(`the workers finished with different weights: ${finals.map((f, r) => `rank ${r} ${String(f.stateSha256).slice(0, 12)}`).join(', ')}`);
   }
-  return { runId, worldSize, finals, reports, hosts: byRank.map((x) => x.host), wallSec: (performance.now() - t0) / 1000 };
+  const summary0 = finals[0]?.summary as { status?: string; stopReason?: string; lastCheckpoint?: string | null; runDir?: string | null } | undefined;
+  if (summary0?.status === 'stopped') {
+    throw new RunStoppedError(
+      `the run stopped: ${summary0.stopReason ?? `fewer than ${minWorkers} workers are left`}. ` +
+        `Rank 0 wrote ${summary0.lastCheckpoint ?? 'a checkpoint'}; continue with: pnpm cli launch --resume ${summary0.runDir ?? '<run folder>'} --workers N`,
+    );
+  }
+  return { runId, worldSize, finals, reports, hosts: byRank.map((x) => x.host), wallSec: (performance.now() - t0) / 1000, generations: generation, lost: lostMembers.map((x) => ({ rank: x.rank, host: x.host, reason: x.lost ?? '' })) };
 
   function joinTimeoutMessage(): string {
     const lines: string[] = [];

@@ -1,4 +1,4 @@
-export { launch, CoordinatorError, WorkerFailedError, JoinTimeoutError, ReplicaDivergedError, OfferedFileError, NODE_AGENT_RANK } from './coordinator.js';
+export { launch, CoordinatorError, WorkerFailedError, JoinTimeoutError, ReplicaDivergedError, OfferedFileError, RunStoppedError, NODE_AGENT_RANK } from './coordinator.js';
 export type { LaunchOptions, LaunchResult, RunEvent, AgentExitReport } from './coordinator.js';
 export { TrainingMetrics, startMetricsServer, MetricsPortError } from './metrics.js';
 export type { WorkerStepReport, EpochReport, PhaseSeconds, BuildInfo, MetricsServer } from './metrics.js';

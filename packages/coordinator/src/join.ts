@@ -72,6 +72,8 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
   const security = o.keys && o.coordinatorKey ? curveClientSecurity(o.keys, o.coordinatorKey) : undefined;
   const control = new ControlClient(`tcp://${where}`, { timeoutMs: joinTimeoutMs, who: `dtrain join on host ${o.host}`, security });
   let runId: string;
+  let elastic = false;
+  const timeoutMs = o.timeoutMs ?? 60_000;
   try {
     await control.send('hello', {
       host: o.host,
@@ -86,6 +88,8 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
     const reply = await control.receive(`the registration of host ${o.host}`);
     if (reply.kind === 'error') throw new JoinFailedError(`the coordinator at ${where} refused host ${o.host}: ${(reply.body as { message?: string }).message ?? 'no reason given'}`);
     runId = reply.runId;
+    // An elastic run: a worker lost here is the coordinator's business, the others go on.
+    elastic = reply.kind === 'command' && /elastic/.test((reply.body as { reason?: string }).reason ?? '');
   } catch (e) {
     await control.close().catch(() => undefined);
     throw e;
@@ -110,7 +114,7 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
       DTRAIN_RING_LISTEN: o.advertise,
       DTRAIN_ADVERTISE: o.advertise,
       DTRAIN_JOIN_TIMEOUT_MS: String(joinTimeoutMs),
-      DTRAIN_TIMEOUT_MS: String(o.timeoutMs ?? 120_000),
+      DTRAIN_TIMEOUT_MS: String(timeoutMs),
     };
     delete env.RANK;
     delete env.WORLD_SIZE;
@@ -166,31 +170,45 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
   // The coordinator ends a failed run with Error{SHUTDOWN}; keep listening while the workers run.
   let ended = false;
   let coordinatorSaid: string | undefined;
+  let lastHeard = Date.now();
   const listening = (async () => {
     while (!ended) {
       try {
         const m = await control.receive('the run', 1000);
+        lastHeard = Date.now();
         if (m.kind === 'error') {
           coordinatorSaid = (m.body as { message?: string }).message ?? 'no reason given';
           stopAll();
           return;
         }
       } catch (e) {
-        if (e instanceof ControlTimeoutError) continue;
-        return; // the connection is gone: the workers notice on their own (their control connections drop)
+        if (!(e instanceof ControlTimeoutError)) return; // the connection is gone: the workers notice on their own
+        // The coordinator sends a heartbeat every second or so: silence past the timeout means it is gone.
+        if (Date.now() - lastHeard > timeoutMs) {
+          coordinatorSaid = `it has been silent for ${((Date.now() - lastHeard) / 1000).toFixed(1)} s (timeout ${timeoutMs / 1000} s): it died or the network is down; its run folder's last checkpoint is intact (--resume)`;
+          stopAll();
+          return;
+        }
       }
     }
   })();
 
   let firstFailure: Exit | undefined;
+  const lostHere: Exit[] = [];
   await Promise.all(
     exits.map((p) =>
       p.then(async (x) => {
-        if (x.code === 0 || firstFailure || coordinatorSaid !== undefined) return;
-        firstFailure = x;
+        if (x.code === 0 || coordinatorSaid !== undefined) return;
+        if (firstFailure && !elastic) return;
         const reason = [...x.tail].reverse().find((l) => l.startsWith('error: '))?.slice('error: '.length);
         const report: AgentExitReport = { localRank: x.i, exitCode: x.code, signal: x.signal, reason, logTail: x.tail, logFile: x.logFile };
         await control.send('error', { code: 6, message: JSON.stringify(report), rank: -1, host: o.host }).catch(() => undefined);
+        if (elastic) {
+          // The coordinator regroups without it; this machine's other workers train on.
+          lostHere.push(x);
+          return;
+        }
+        firstFailure = x;
         stopAll();
       }),
     ),
@@ -202,11 +220,12 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
   process.off('SIGTERM', onSignal);
   const results = await Promise.all(exits);
   if (coordinatorSaid !== undefined) throw new JoinFailedError(`the coordinator at ${where} ended the run: ${coordinatorSaid}`);
-  const f = firstFailure ?? results.find((r) => r.code !== 0);
-  if (f) {
-    const rank = ranks[f.i] >= 0 ? `rank ${ranks[f.i]} (local worker ${f.i})` : `local worker ${f.i}`;
+  const f = firstFailure ?? results.find((r) => r.code !== 0 && !lostHere.includes(r));
+  if (f || (elastic && lostHere.length === results.length)) {
+    const x = f ?? lostHere[0];
+    const rank = ranks[x.i] >= 0 ? `rank ${ranks[x.i]} (local worker ${x.i})` : `local worker ${x.i}`;
     throw new JoinFailedError(
-      `${rank} on host ${o.host} ${f.signal ? `was killed by ${f.signal}` : `exited with code ${f.code}`}. Last lines of its log (${f.logFile}):\n${f.tail.map((l) => `  ${l}`).join('\n') || '  (empty)'}`,
+      `${rank} on host ${o.host} ${x.signal ? `was killed by ${x.signal}` : `exited with code ${x.code}`}. Last lines of its log (${x.logFile}):\n${x.tail.map((l) => `  ${l}`).join('\n') || '  (empty)'}`,
     );
   }
   return { ranks, worldSize };
