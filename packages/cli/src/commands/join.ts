@@ -53,7 +53,7 @@ export function registerJoin(program: Command) {
     .option('--insecure', INSECURE_HELP)
     .option('--log-dir <dir>', 'worker logs (default: runs/join-<date>-<host>/logs)')
     .addOption(new Option('--join-timeout-s <s>', 'fail when the coordinator does not answer or the run does not start by then').default(120).argParser(positiveInt('--join-timeout-s')))
-    .addOption(new Option('--timeout-s <s>', "a collective fails when a neighbour is silent this long (use launch's value)").default(120).argParser(positiveInt('--timeout-s')))
+    .addOption(new Option('--timeout-s <s>', "a worker, neighbour or coordinator silent this long is gone (use launch's value)").default(60).argParser(positiveInt('--timeout-s')))
     .action(async (target, o) => {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;

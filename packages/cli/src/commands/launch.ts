@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Command, Option } from '@commander-js/extra-typings';
 import { listGpus } from '@dtrain/backend';
-import { launch, type RunEvent } from '@dtrain/coordinator';
+import { launch, RunStoppedError, WorkerFailedError, type LaunchOptions, type LaunchResult, type RunEvent } from '@dtrain/coordinator';
 import { curveServerSecurity, describeSecurity } from '@dtrain/transport';
 import { DEFAULT_METRICS_PORT } from '@dtrain/core';
 import { CIFAR10_DIRNAME, CIFAR10_META_FILE, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, resolveDataDir } from '@dtrain/data';
@@ -62,6 +62,38 @@ function parseSynthetic(v: string): NonNullable<DistributedConfig['synthetic']> 
   return { train: Number(m[1]), test: Number(m[2]), size: Number(m[3]) };
 }
 
+/** Exit code of a run that stopped below --min-workers after writing a checkpoint. */
+export const EXIT_STOPPED = 3;
+
+/**
+ * launch(), with what to do next added to its failures: a lost worker (without --elastic) leaves
+ * the checkpoints intact, so the message says how to resume; a stop below --min-workers exits 3.
+ */
+async function launchOrExplain(o: LaunchOptions): Promise<LaunchResult> {
+  try {
+    return await launch(o);
+  } catch (err) {
+    if (err instanceof RunStoppedError) {
+      console.error(`error: ${err.message}`);
+      process.exit(EXIT_STOPPED);
+    }
+    if (err instanceof WorkerFailedError) {
+      const hasCheckpoint = fs.existsSync(o.runDir) && fs.readdirSync(o.runDir).some((f) => f.endsWith('.ckpt'));
+      err.message +=
+        `\nThe run stopped; its files are intact. ` +
+        (hasCheckpoint ? `Continue from the last checkpoint with: pnpm cli launch --resume ${o.runDir} --workers N` : 'No checkpoint was written yet (the first comes at the end of epoch 1): start it again.') +
+        (o.elastic ? '' : ' With --elastic the other workers would have continued without it.');
+    }
+    throw err;
+  }
+}
+
+function parseCrash(v: string): NonNullable<DistributedConfig['crash']> {
+  const m = /^(\d+):(compute|allReduce|evaluate|checkpoint):(\d+)(?::(\d+))?$/.exec(v);
+  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, evaluate or checkpoint, got '${v}'`);
+  return { rank: Number(m[1]), phase: m[2] as 'compute', at: Number(m[3]), generation: m[4] ? Number(m[4]) : undefined };
+}
+
 export function registerLaunch(program: Command) {
   addTrainOptions(
     program
@@ -78,10 +110,14 @@ export function registerLaunch(program: Command) {
     .option('--keys [dir]', KEYS_HELP)
     .option('--insecure', INSECURE_HELP)
     .addOption(new Option('--join-timeout-s <s>', 'fail when workers have not joined by then').default(120).argParser(positiveInt('--join-timeout-s')))
-    .addOption(new Option('--timeout-s <s>', 'a collective fails when a neighbour is silent this long').default(120).argParser(positiveInt('--timeout-s')))
+    .addOption(new Option('--timeout-s <s>', 'a worker (or the coordinator) silent this long is gone: no heartbeat, or nothing from a ring neighbour in a collective; must exceed the longest training step').default(60).argParser(positiveInt('--timeout-s')))
+    .addOption(new Option('--heartbeat-ms <ms>', 'heartbeat interval between the coordinator and every worker; a worker silent for 5 intervals (or 2 of its step times) is reported as late').default(1000).argParser(positiveInt('--heartbeat-ms')))
+    .option('--elastic', 'survive lost workers: the others roll back the step in flight, regroup without it and go on; pnpm cli join adds workers while the run is in progress (default: off, a lost worker ends the run)')
+    .addOption(new Option('--min-workers <k>', 'with --elastic: below K workers the run stops after a checkpoint (exit code 3); --resume continues it').default(1).argParser(positiveInt('--min-workers')))
     .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
     .addOption(new Option('--metrics-linger-s <s>', 'keep serving metrics this long after the run ended, for a last scrape').default(0).argParser(nonNegativeNumber('--metrics-linger-s')))
     .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
+    .addOption(new Option('--test-crash <spec>', 'FOR TESTS: RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch)').argParser(parseCrash).hideHelp())
     .action(async (o) => {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
@@ -106,6 +142,8 @@ export function registerLaunch(program: Command) {
       if (o.nodes > 1 && listen === undefined) {
         throw new UsageError(`--nodes ${o.nodes} needs --listen ADDR:PORT with an address the other machines reach (e.g. --listen 10.0.0.1:29500, or 0.0.0.0:29500 with --advertise)`);
       }
+      if (o.heartbeatMs * 3 > o.timeoutS * 1000) throw new UsageError(`--heartbeat-ms ${o.heartbeatMs} must be at most a third of --timeout-s ${o.timeoutS} (${(o.timeoutS * 1000) / 3} ms)`);
+      if (o.minWorkers > 1 && !o.elastic) throw new UsageError(`--min-workers ${o.minWorkers} only applies with --elastic (without it any lost worker ends the run)`);
       if (o.ringPortBase !== undefined && (o.ringPortBase < 1 || o.ringPortBase + n - 1 > 65535)) throw new UsageError(`--ring-port-base ${o.ringPortBase} with ${n} workers must stay within ports 1-65535`);
       const keys = chooseSecurity(o, [listen ?? '127.0.0.1', o.advertise], 'launch');
       const input = settingsFromFlags(o, gpus ? 'gpu' : 'cpu');
@@ -113,7 +151,7 @@ export function registerLaunch(program: Command) {
       let dataDir: string | null | undefined;
       // Settle every setting here, so a wrong flag fails before any process starts.
       let runDir: string;
-      const config: DistributedConfig = { settings: input, synthetic: o.syntheticTestData };
+      const config: DistributedConfig = { settings: input, synthetic: o.syntheticTestData, crash: o.testCrash };
       if (o.resume) {
         runDir = path.resolve(o.resume);
         if (o.out && path.resolve(o.out) !== runDir) throw new UsageError(`--out ${o.out} and --resume ${o.resume} differ: a resumed run continues in its own folder`);
@@ -146,7 +184,13 @@ export function registerLaunch(program: Command) {
         } else if (e.kind === 'node') console.log(`host ${e.host} joined with ${e.workers} workers (${e.nodes} of ${e.expectedNodes} machines)`);
         else if (e.kind === 'welcomed') {
           const hosts = e.hosts.length > 1 ? ` (${e.hosts.map((h) => `${h.host}: rank${h.ranks.length > 1 ? `s ${h.ranks[0]}-${h.ranks.at(-1)}` : ` ${h.ranks[0]}`}`).join(', ')})` : '';
-          console.log(`all ${e.worldSize} workers joined${hosts}; ring starting`);
+          console.log(`all ${e.worldSize} workers joined${hosts}; ring starting${o.elastic ? ` (elastic: continues while at least ${o.minWorkers} worker${o.minWorkers > 1 ? 's are' : ' is'} left)` : ''}`);
+        } else if (e.kind === 'stall') {
+          console.log(`warning: rank ${e.rank} on host ${e.host} is late: no heartbeat for ${e.silentSec.toFixed(1)} s (last activity: ${e.activity} at step ${e.step}); it is declared lost after ${e.timeoutSec} s`);
+        } else if (e.kind === 'lost') {
+          console.log(`lost rank ${e.rank} on host ${e.host}: ${e.reason}; ${e.remaining} worker${e.remaining === 1 ? '' : 's'} left. Last lines of its log (${e.logFile}):\n${e.logTail.slice(-5).map((l) => `  ${l}`).join('\n') || '  (empty)'}`);
+        } else if (e.kind === 'regrouped') {
+          console.log(`regrouped: generation ${e.generation}, ${e.worldSize} workers (${e.hosts.map((h) => `${h.host}: ${h.ranks.length}`).join(', ')}), state from rank ${e.root}${e.stop ? `; fewer than --min-workers ${o.minWorkers}: stopping after a checkpoint` : ''} (${e.reason})`);
         }
         else if (e.kind === 'report' && e.rank === 0) {
           const d = e.detail as { kind?: string; metrics?: EpochMetrics; summary?: Summary };
@@ -157,7 +201,7 @@ export function registerLaunch(program: Command) {
           } else if (d.kind === 'done' && d.summary) summary = d.summary;
         }
       };
-      const result = await launch({
+      const result = await launchOrExplain({
         workers: n,
         entry: WORKER_ENTRY,
         runDir,
@@ -172,6 +216,9 @@ export function registerLaunch(program: Command) {
         offerFiles: o.nodes > 1 && dataset === 'cifar10' ? { root: resolveDataDir(dataDir ?? undefined), names: [...CIFAR10_TRAIN_FILES, ...CIFAR10_TEST_FILES, CIFAR10_META_FILE].map((f) => `${CIFAR10_DIRNAME}/${f}`) } : undefined,
         joinTimeoutMs: o.joinTimeoutS * 1000,
         timeoutMs: o.timeoutS * 1000,
+        heartbeatMs: o.heartbeatMs,
+        elastic: o.elastic === true,
+        minWorkers: o.minWorkers,
         onEvent,
         keys,
         metricsPort: o.metricsPort,
