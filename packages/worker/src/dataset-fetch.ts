@@ -74,9 +74,10 @@ export async function fetchOfferedFiles(
       let offset = 0;
       do {
         await control.send('fileRequest', { name: f.name, offset });
-        const m = await control.receive(`the transfer of ${f.name} (offset ${offset} of ${f.size} bytes)`, opts.timeoutMs);
+        // The coordinator's heartbeats arrive on the same connection: wait past them for the chunk.
+        let m = await control.receive(`the transfer of ${f.name} (offset ${offset} of ${f.size} bytes)`, opts.timeoutMs);
+        while (m.kind !== 'fileChunk' && m.kind !== 'error') m = await control.receive(`the transfer of ${f.name} (offset ${offset} of ${f.size} bytes)`, opts.timeoutMs);
         if (m.kind === 'error') throw new DataTransferError(`the coordinator could not send ${f.name}: ${(m.body as { message?: string }).message ?? 'no reason given'}`);
-        if (m.kind !== 'fileChunk') continue;
         const c = m.body as { name?: string; offset?: number | { toNumber(): number }; totalSize?: number | { toNumber(): number }; sha256?: string };
         const num = (x: unknown) => (typeof x === 'number' ? x : x && typeof (x as { toNumber?: unknown }).toNumber === 'function' ? (x as { toNumber(): number }).toNumber() : 0);
         const data = m.payload[0] ?? Buffer.alloc(0);
