@@ -117,6 +117,30 @@ describe('checkpoint files', () => {
     );
   });
 
+  it('orders mid-epoch checkpoints by (epoch, done) after epoch ones, keeps N of them, reads old names', async () => {
+    const dir = await tempDir();
+    const totals = { lossSum: 12.5, correct: 7, count: 24, steps: 2, trainSec: 0.5, phases: { data: 0.1, compute: 0.3, allReduce: 0, optimizer: 0.1 }, lrFirst: 0.01, lrLast: 0.01 };
+    const mid = (epoch: number, done: number) => ({ ...content(epoch), position: { done, totals } });
+    await writeCheckpoint(dir, content(1), 10);
+    await writeCheckpoint(dir, mid(1, 24), 10);
+    await writeCheckpoint(dir, mid(1, 120), 10);
+    await writeCheckpoint(dir, content(2), 10);
+    await writeCheckpoint(dir, mid(2, 8), 10);
+    expect(checkpointFileName(1, 24)).toBe('checkpoint-e0001-p00000024.ckpt');
+    expect((await listCheckpoints(dir)).map((c) => [c.epoch, c.done, path.basename(c.file)])).toEqual([
+      [1, 0, 'checkpoint-e0001.ckpt'],
+      [1, 24, 'checkpoint-e0001-p00000024.ckpt'],
+      [1, 120, 'checkpoint-e0001-p00000120.ckpt'],
+      [2, 0, 'checkpoint-e0002.ckpt'],
+      [2, 8, 'checkpoint-e0002-p00000008.ckpt'],
+    ]);
+    const latest = await readLatestCheckpoint(dir);
+    expect(latest.header).toMatchObject({ epoch: 2, position: { done: 8, totals } });
+    expect((await readCheckpoint(path.join(dir, 'checkpoint-e0002.ckpt'))).header.position).toBeUndefined();
+    await writeCheckpoint(dir, mid(2, 16), 2);
+    expect((await listCheckpoints(dir)).map((c) => path.basename(c.file))).toEqual(['checkpoint-e0002-p00000008.ckpt', 'checkpoint-e0002-p00000016.ckpt']);
+  });
+
   it('says so when a folder has no checkpoint', async () => {
     const dir = await tempDir();
     await expect(readLatestCheckpoint(dir)).rejects.toBeInstanceOf(NoCheckpointError);

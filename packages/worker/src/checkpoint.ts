@@ -40,6 +40,33 @@ export interface CheckpointHistory {
   images: number;
 }
 
+/** Running totals of the epoch in progress (all ranks together), as the trainer commits them. */
+export interface EpochTotals {
+  /** Sum over applied steps of loss x images (all ranks). */
+  lossSum: number;
+  correct: number;
+  /** Training images of applied steps, all ranks (padding repeats included). */
+  count: number;
+  /** Optimiser steps applied in this epoch. */
+  steps: number;
+  /** Training seconds of this epoch so far (the committing rank's). */
+  trainSec: number;
+  phases: { data: number; compute: number; allReduce: number; optimizer: number };
+  /** Learning rate of the epoch's first and latest applied step (null before the first). */
+  lrFirst: number | null;
+  lrLast: number | null;
+}
+
+/**
+ * Where in an epoch a mid-epoch checkpoint (written when an elastic run stops below
+ * --min-workers) was taken: `done` positions of epoch `epoch`'s sample order consumed, and the
+ * epoch's totals so far. A resume continues the rest of that epoch with any world size.
+ */
+export interface CheckpointPosition {
+  done: number;
+  totals: EpochTotals;
+}
+
 export interface CheckpointHeader {
   format: 'dtrain-checkpoint';
   version: number;
@@ -59,6 +86,8 @@ export interface CheckpointHeader {
   sampler: { kind: 'distributed'; seed: number; nextEpoch: number; shuffle: true; dropLast: false };
   rng: { algorithm: 'xoshiro128**'; augmentStream: number; seededBy: '(seed, augmentStream, epoch, rank)' };
   history: CheckpointHistory;
+  /** Absent at an epoch boundary (and in every checkpoint written before elastic training). */
+  position?: CheckpointPosition;
   createdAt: string;
   sections: Array<{ name: SectionName; offset: number; floats: number }>;
 }
@@ -167,14 +196,16 @@ export function decodeCheckpoint(bytes: Uint8Array, file: string): Checkpoint {
   return { file, header, weights: out.weights!, bnStats: out.bnStats!, momentum: out.momentum! };
 }
 
-export function checkpointFileName(epoch: number): string {
-  return `checkpoint-e${String(epoch).padStart(4, '0')}.ckpt`;
+/** `checkpoint-eNNNN.ckpt` at an epoch boundary, `checkpoint-eNNNN-pNNNNNNNN.ckpt` `done` positions into the next epoch. */
+export function checkpointFileName(epoch: number, done = 0): string {
+  const e = `checkpoint-e${String(epoch).padStart(4, '0')}`;
+  return done > 0 ? `${e}-p${String(done).padStart(8, '0')}.ckpt` : `${e}.ckpt`;
 }
 
-const CHECKPOINT_RE = /^checkpoint-e(\d+)\.ckpt$/;
+const CHECKPOINT_RE = /^checkpoint-e(\d+)(?:-p(\d+))?\.ckpt$/;
 
-/** Checkpoints in `dir`, oldest epoch first (temporaries never match). */
-export async function listCheckpoints(dir: string): Promise<Array<{ epoch: number; file: string }>> {
+/** Checkpoints in `dir`, oldest first by (epochs finished, positions done in the next); temporaries never match. */
+export async function listCheckpoints(dir: string): Promise<Array<{ epoch: number; done: number; file: string }>> {
   let names: string[];
   try {
     names = await fs.readdir(dir);
@@ -186,8 +217,8 @@ export async function listCheckpoints(dir: string): Promise<Array<{ epoch: numbe
   return names
     .map((n) => ({ m: CHECKPOINT_RE.exec(n), n }))
     .filter((x) => x.m)
-    .map((x) => ({ epoch: Number(x.m![1]), file: path.join(dir, x.n) }))
-    .sort((a, b) => a.epoch - b.epoch);
+    .map((x) => ({ epoch: Number(x.m![1]), done: Number(x.m![2] ?? 0), file: path.join(dir, x.n) }))
+    .sort((a, b) => a.epoch - b.epoch || a.done - b.done);
 }
 
 export async function readCheckpoint(file: string): Promise<Checkpoint> {
@@ -215,9 +246,9 @@ export async function readLatestCheckpoint(dir: string): Promise<Checkpoint> {
   }
 }
 
-/** Writes `checkpoint-eNNNN.ckpt` atomically, then removes all but the newest `keep`. */
+/** Writes `checkpointFileName(epoch, position.done)` atomically, then removes all but the newest `keep`. */
 export async function writeCheckpoint(dir: string, c: CheckpointContent, keep: number, options: AtomicWriteOptions = {}): Promise<string> {
-  const file = path.join(dir, checkpointFileName(c.epoch));
+  const file = path.join(dir, checkpointFileName(c.epoch, c.position?.done ?? 0));
   await writeFileAtomic(file, encodeCheckpoint(c), options);
   const all = await listCheckpoints(dir);
   for (const old of all.slice(0, Math.max(0, all.length - keep))) await fs.rm(old.file, { force: true });

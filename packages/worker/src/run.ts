@@ -5,7 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { loadDataset, takeFirst } from '@dtrain/data';
 import { readLatestCheckpoint, type Checkpoint } from './checkpoint.js';
-import { SingleProcess, type Collective } from './collective.js';
+import { SingleProcess, isElastic, type Collective } from './collective.js';
 import { RunDirError, TrainSettingsError } from './errors.js';
 import { removeStaleTemporaries, type AtomicWriteOptions } from './files.js';
 import { resolveSettings, resumeSettings, type TrainSettings, type TrainSettingsInput } from './settings.js';
@@ -27,6 +27,7 @@ export interface RunTrainingOptions {
 }
 
 export interface RunTrainingResult extends TrainResult {
+  /** The run folder if this process ended as rank 0 (the one that writes files), else null. */
   runDir: string | null;
   settings: TrainSettings;
   /** Final replica state, for tests and callers that keep the model. */
@@ -68,14 +69,17 @@ async function prepareNewRunDir(dir: string): Promise<void> {
 /** Trains (or resumes) one run to the end and returns its summary and final state. */
 export async function runTraining(o: RunTrainingOptions): Promise<RunTrainingResult> {
   const collective = o.collective ?? new SingleProcess();
-  const rank0 = collective.rank === 0;
+  // A worker admitted into an elastic run in progress finds the folder prepared (by the rank 0 of
+  // the launch) and takes everything from the group, never from a file.
+  const joining = isElastic(collective) && collective.initialRoot !== collective.rank;
+  const rank0 = collective.rank === 0 && !joining;
   const input = o.settings ?? {};
   const inMemory = o.data ? { name: o.data.name, imageSize: o.data.train.height } : undefined;
   if (o.data && o.data.train.height !== o.data.train.width) throw new TrainSettingsError('dataset', `${o.data.name}: images must be square`);
 
   let settings: TrainSettings;
   let checkpoint: Checkpoint | undefined;
-  let runDir: string | null;
+  let runDir: string;
   if (o.resume) {
     const dir = path.resolve(o.cwd ?? process.cwd(), o.resume);
     if (o.out && path.resolve(o.cwd ?? process.cwd(), o.out) !== dir) {
@@ -91,14 +95,14 @@ export async function runTraining(o: RunTrainingOptions): Promise<RunTrainingRes
     runDir = o.out ? path.resolve(o.cwd ?? process.cwd(), o.out) : defaultRunDir(settings.dataset, o.cwd);
     if (rank0) await prepareNewRunDir(runDir);
   }
-  if (!rank0) runDir = null;
 
   const data = o.data ?? (await loadTrainData(settings));
   const trainer = await Trainer.create({
     settings,
     data,
     collective,
-    runDir: runDir ?? undefined,
+    // Every rank knows the folder; the trainer writes there only while it is rank 0.
+    runDir,
     hooks: o.hooks,
     checkpointWrite: o.checkpointWrite,
   });
@@ -106,7 +110,7 @@ export async function runTraining(o: RunTrainingOptions): Promise<RunTrainingRes
     const result = await trainer.run(checkpoint);
     return {
       ...result,
-      runDir,
+      runDir: trainer.runDir,
       settings,
       weights: trainer.model.getWeights(),
       bnStats: trainer.model.getBatchNormStats(),

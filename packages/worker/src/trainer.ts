@@ -2,16 +2,25 @@
 // Collective (identity in one process, a ring all-reduce across workers), in the same order on
 // every rank:
 //
-//   start:       fingerprint check; broadcast from rank 0: [start epoch, step, optimiser steps],
+//   start (sync from root = 0, or an elastic collective's initialRoot):
+//                fingerprint check (broadcast 8 floats from root, all-reduce-sum 1 float);
+//                broadcast from root: [n] = byte length of the state JSON, the state JSON (n
+//                floats, one byte each: progress, epoch totals, history, optimiser steps and lr),
 //                weights, BatchNorm statistics, momentum buffers (so replicas start identical,
 //                also after a resume, also when only rank 0 could read the checkpoint)
-//   every step:  all-reduce-mean of the flat gradient
+//   every step:  all-reduce-mean of [flat gradient, loss x n, correct, n, regroup flag]; the
+//                last four are multiplied back by the world size: the step's global sums
 //   every epoch: all-reduce-mean of BatchNorm running statistics (before evaluation and the
 //                checkpoint), all-reduce-sum of [eval loss sum, correct, count] (each rank
-//                evaluates its own contiguous shard, so every test image counts exactly once),
-//                all-reduce-sum of [train loss sum, correct, count]
+//                evaluates its own contiguous shard, so every test image counts exactly once)
 //
-// Only rank 0 writes files. One gradient buffer and one batch buffer are reused by every step.
+// The trainer tracks a position (Progress: epoch, positions of the epoch's order done, steps),
+// not a loop counter: rank r trains shardFrom(order, done, worldSize, r). With an
+// ElasticCollective it commits (position, totals, BatchNorm statistics) at every step boundary;
+// on GroupChangedError anywhere it restores the commit, calls regroup(committed progress), runs
+// the start sync from the returned root, and continues from the root's position (see README).
+//
+// Only the current rank 0 writes files. One gradient buffer and one batch buffer are reused by every step.
 
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -19,9 +28,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { loadBackend, type LoadedBackend } from '@dtrain/backend';
 import { ResNet, type ResNetConfig } from '@dtrain/core';
-import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, type Dataset } from '@dtrain/data';
-import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory } from './checkpoint.js';
-import { SingleProcess, type Collective } from './collective.js';
+import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
+import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
+import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
 import { CheckpointError, ReplicaMismatchError, TrainSettingsError } from './errors.js';
 import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
 import { lrAt, peakLr } from './schedule.js';
@@ -63,6 +72,21 @@ export interface StepInfo {
   loss: number;
   correct: number;
   phases: PhaseTimes;
+  /** This rank's sample indices of the step (a copy). */
+  indices: Int32Array;
+  /** Positions of the epoch's order consumed after this step (all ranks). */
+  done: number;
+  /** World size of the group that applied the step. */
+  worldSize: number;
+}
+
+/** What `onRegroup` sees after an elastic regroup and the sync from the new root. */
+export interface RegroupInfo extends RegroupResult {
+  /** This rank in the new group, and the new group's size. */
+  rank: number;
+  worldSize: number;
+  /** The adopted position. */
+  progress: Progress;
 }
 
 /** A `kind: 'step'` line of metrics.jsonl: this rank's figures over the last `steps` steps. */
@@ -113,7 +137,10 @@ export interface EpochMetrics {
 }
 
 export interface Summary {
-  status: 'completed';
+  /** 'stopped': an elastic run fell below --min-workers; it wrote a checkpoint of its position. */
+  status: 'completed' | 'stopped';
+  /** Why a stopped run stopped (the regroup's reason). */
+  stopReason?: string;
   dataset: string;
   epochs: number;
   steps: number;
@@ -152,13 +179,19 @@ export interface TrainerHooks {
   onEvalStart?(epoch: number, testImages: number): void;
   onEpochEnd?(metrics: EpochMetrics): void;
   onCheckpoint?(file: string): void;
+  /** Elastic only: after a regroup and the sync from its root. */
+  onRegroup?(info: RegroupInfo): void;
 }
 
 export interface TrainerOptions {
   settings: TrainSettings;
   data: TrainData;
   collective?: Collective;
-  /** Rank 0 writes config.json, metrics.jsonl, checkpoints and summary.json here; none when omitted. */
+  /**
+   * The run folder, given to every rank: the CURRENT rank 0 writes config.json, metrics.jsonl,
+   * checkpoints and summary.json there (after an elastic regroup another process may be rank 0);
+   * none when omitted.
+   */
   runDir?: string;
   hooks?: TrainerHooks;
   /** Test seam for checkpoint writes. */
@@ -177,6 +210,31 @@ const now = () => performance.now() / 1000;
 function zeroPhases(): PhaseTimes {
   return { data: 0, compute: 0, allReduce: 0, optimizer: 0 };
 }
+
+function zeroTotals(): EpochTotals {
+  return { lossSum: 0, correct: 0, count: 0, steps: 0, trainSec: 0, phases: zeroPhases(), lrFirst: null, lrLast: null };
+}
+
+function emptyHistory(): CheckpointHistory {
+  return { testAcc: [], bestTestAcc: 0, bestEpoch: 0, elapsedSec: 0, trainSec: 0, images: 0 };
+}
+
+/** Everything a rank's position consists of besides the model: committed, rolled back, synced. */
+interface RunState {
+  progress: Progress;
+  /** The running totals of epoch `progress.epoch`. */
+  totals: EpochTotals;
+  history: CheckpointHistory;
+}
+
+/** The state JSON of the start sync. */
+interface SyncedState extends RunState {
+  optSteps: number;
+  lr: number;
+}
+
+/** Floats after the gradient in the all-reduced buffer: [loss x n, correct, n, regroup flag]. */
+const STEP_SUMS = 4;
 
 function round(x: number, digits = 6): number {
   const f = 10 ** digits;
@@ -202,10 +260,13 @@ export class Trainer {
   readonly settings: TrainSettings;
   readonly collective: Collective;
   readonly data: TrainData;
-  readonly runDir: string | null;
+  private readonly runDirPath: string | null;
+  private readonly elastic: ElasticCollective | null;
   private readonly hooks: TrainerHooks;
   private readonly assembler: BatchAssembler;
+  /** The gradient, then STEP_SUMS floats; `gradView` is its gradient part. */
   private readonly grads: Float32Array;
+  private readonly gradView: Float32Array;
   private readonly batchBuf: { x: Float32Array; y: Int32Array };
   private readonly evalBuf: { x: Float32Array; y: Int32Array };
   private readonly sampler: DistributedSampler;
@@ -218,7 +279,8 @@ export class Trainer {
     this.settings = o.settings;
     this.collective = o.collective ?? new SingleProcess();
     this.data = o.data;
-    this.runDir = this.collective.rank === 0 && o.runDir ? o.runDir : null;
+    this.runDirPath = o.runDir ?? null;
+    this.elastic = isElastic(this.collective) ? this.collective : null;
     this.hooks = o.hooks ?? {};
     this.checkpointWrite = o.checkpointWrite;
     this.configExtra = o.configExtra ?? {};
@@ -237,22 +299,36 @@ export class Trainer {
       width: s.imageSize,
       augment: s.augment ? { cropPadding: AUGMENT_CROP_PADDING, horizontalFlip: true } : undefined,
     });
-    this.grads = new Float32Array(this.model.paramCount);
+    this.grads = new Float32Array(this.model.paramCount + STEP_SUMS);
+    this.gradView = this.grads.subarray(0, this.model.paramCount);
     const len = this.assembler.imageLength;
     this.batchBuf = { x: new Float32Array(s.batchSize * len), y: new Int32Array(s.batchSize) };
     this.evalBuf = { x: new Float32Array(s.evalBatchSize * len), y: new Int32Array(s.evalBatchSize) };
-    this.sampler = new DistributedSampler({
-      size: train.count,
-      worldSize: this.collective.worldSize,
-      rank: this.collective.rank,
-      seed: s.seed,
-      shuffle: true,
-      dropLast: false,
-    });
+    // Only its unpadded order is used: shardFrom shards it over whatever the group is.
+    this.sampler = new DistributedSampler({ size: train.count, seed: s.seed, shuffle: true, dropLast: false });
   }
 
   private readonly checkpointWrite: AtomicWriteOptions | undefined;
   private readonly configExtra: Record<string, unknown>;
+  private state: RunState = { progress: { epoch: 0, done: 0, step: 0 }, totals: zeroTotals(), history: emptyHistory() };
+  private committed: { state: RunState; bn: Float32Array } | null = null;
+  private order: { epoch: number; order: Int32Array } | null = null;
+  private startedEpoch = -1;
+  private voluntaryRegroup = false;
+  private epochs: EpochMetrics[] = [];
+  private lastCheckpoint: string | null = null;
+  private t0 = 0;
+  private elapsedBefore = 0;
+
+  /** The run folder if this process is the current rank 0 (which alone writes files), else null. */
+  get runDir(): string | null {
+    return this.collective.rank === 0 ? this.runDirPath : null;
+  }
+
+  /** Where this rank stands (a copy). */
+  get progress(): Progress {
+    return { ...this.state.progress };
+  }
 
   /** Loads the backend (once per process) and builds the model with the settings' seed. */
   static async create(o: TrainerOptions): Promise<Trainer> {
@@ -260,8 +336,9 @@ export class Trainer {
     return new Trainer(o, backend);
   }
 
+  /** Steps of a whole epoch with the current world size. */
   get stepsPerEpoch(): number {
-    return Math.ceil(this.sampler.numSamples / this.settings.batchSize);
+    return Math.ceil(Math.ceil(this.data.train.count / this.collective.worldSize) / this.settings.batchSize);
   }
 
   get globalBatch(): number {
@@ -269,117 +346,68 @@ export class Trainer {
   }
 
   /**
-   * Trains from epoch 1, or from `resumeFrom` (rank 0's checkpoint; other ranks pass nothing and
-   * receive the state by broadcast), up to `settings.epochs`.
+   * Trains from epoch 1, or from `resumeFrom` (rank 0's checkpoint, at an epoch boundary or
+   * mid-epoch; other ranks pass nothing and receive the state by broadcast), up to
+   * `settings.epochs`. With an ElasticCollective it survives membership changes (see the header).
    */
   async run(resumeFrom?: Checkpoint): Promise<TrainResult> {
     const c = this.collective;
     const s = this.settings;
-    const t0 = now();
-    await this.checkReplicasAgree();
-
-    let history: CheckpointHistory = { testAcc: [], bestTestAcc: 0, bestEpoch: 0, elapsedSec: 0, trainSec: 0, images: 0 };
-    const meta = new Float32Array(3);
-    if (c.rank === 0 && resumeFrom) {
-      this.restore(resumeFrom);
-      history = structuredClone(resumeFrom.header.history);
-      meta.set([resumeFrom.header.epoch, resumeFrom.header.step, resumeFrom.header.optimizer.steps]);
-    }
-    await c.broadcast(meta, 0);
-    const [startEpoch, startStep, optSteps] = meta;
-    await this.broadcastState(optSteps);
+    this.t0 = now();
+    this.epochs = [];
+    this.lastCheckpoint = resumeFrom?.file ?? null;
+    if (resumeFrom) this.restore(resumeFrom);
+    this.commit();
+    // A worker admitted into a run in progress adopts everything and rewrites no run file.
+    const joining = this.elastic !== null && this.elastic.initialRoot !== c.rank;
+    let outcome = await this.recover(() => this.sync(this.elastic ? this.elastic.initialRoot : 0));
+    this.elapsedBefore = this.state.history.elapsedSec;
 
     const runDir = this.runDir;
-    if (runDir) {
+    if (runDir && !joining) {
       await this.writeConfig(runDir, resumeFrom);
-      if (resumeFrom) await trimMetrics(runDir, resumeFrom.header.epoch);
+      if (resumeFrom) await trimMetrics(runDir, resumeFrom.header.epoch, resumeFrom.header.position ? resumeFrom.header.step : null);
     }
     this.hooks.onStart?.({
-      startEpoch: startEpoch + 1,
+      startEpoch: this.state.progress.epoch + 1,
       epochs: s.epochs,
       stepsPerEpoch: this.stepsPerEpoch,
       trainImages: this.data.train.count,
       testImages: this.data.test.count,
-      resumedFromEpoch: resumeFrom ? startEpoch : null,
+      resumedFromEpoch: resumeFrom ? this.state.progress.epoch : null,
       runDir,
     });
 
-    const epochs: EpochMetrics[] = [];
-    let step = startStep;
-    let lastCheckpoint: string | null = resumeFrom?.file ?? null;
-    const elapsedBefore = history.elapsedSec;
-    for (let e = startEpoch; e < s.epochs; e++) {
-      const r = await this.trainEpoch(e, step, runDir);
-      step = r.step;
-      const evalStart = now();
-      await this.averageBatchNormStats();
-      this.hooks.onEvalStart?.(e + 1, this.data.test.count);
-      const ev = await this.evaluate();
-      const evalSec = now() - evalStart;
-      const elapsedSec = r.trainSec + evalSec;
-      history.testAcc.push(ev.acc);
-      if (ev.acc > history.bestTestAcc || history.bestEpoch === 0) {
-        history.bestTestAcc = ev.acc;
-        history.bestEpoch = e + 1;
-      }
-      history.elapsedSec += elapsedSec;
-      history.trainSec += r.trainSec;
-      history.images += r.images;
-      const share = (x: number) => (r.trainSec > 0 ? round(x / r.trainSec, 4) : 0);
-      const other = Math.max(0, r.trainSec - r.phases.data - r.phases.compute - r.phases.allReduce - r.phases.optimizer);
-      const m: EpochMetrics = {
-        kind: 'epoch',
-        epoch: e + 1,
-        epochs: s.epochs,
-        step,
-        loss: round(r.loss),
-        trainAcc: round(r.acc),
-        testLoss: round(ev.loss),
-        testAcc: round(ev.acc),
-        testImages: ev.count,
-        elapsedSec: round(elapsedSec, 3),
-        trainSec: round(r.trainSec, 3),
-        evalSec: round(evalSec, 3),
-        images: r.images,
-        imagesPerSec: round(r.images / r.trainSec, 2),
-        phaseSec: {
-          data: round(r.phases.data, 3),
-          compute: round(r.phases.compute, 3),
-          allReduce: round(r.phases.allReduce, 3),
-          optimizer: round(r.phases.optimizer, 3),
-          other: round(other, 3),
-        },
-        phaseShare: {
-          data: share(r.phases.data),
-          compute: share(r.phases.compute),
-          allReduce: share(r.phases.allReduce),
-          optimizer: share(r.phases.optimizer),
-          other: share(other),
-        },
-        worldSize: c.worldSize,
-        globalBatch: this.globalBatch,
-        lr: r.lrLast,
-        lrFirst: r.lrFirst,
-        totalElapsedSec: round(elapsedBefore + (now() - t0), 3),
-        time: new Date().toISOString(),
-      };
-      if (runDir) {
-        // Checkpoint first: a metrics line never describes an epoch that a resume would redo.
-        lastCheckpoint = await this.saveCheckpoint(runDir, e + 1, step, history);
-        this.hooks.onCheckpoint?.(lastCheckpoint);
-        await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(m)}\n`);
-      }
-      epochs.push(m);
-      this.hooks.onEpochEnd?.(m);
+    while (!outcome?.stop && this.state.progress.epoch < s.epochs) {
+      this.voluntaryRegroup = false;
+      outcome = await this.recover(async () => {
+        if (await this.trainRest()) this.voluntaryRegroup = true;
+        else await this.endEpoch();
+      });
+      // Voluntary: the step that carried the flag was applied and committed; nothing to roll back.
+      if (!outcome && this.voluntaryRegroup) outcome = await this.regroupAndSync();
     }
 
-    const last = epochs[epochs.length - 1];
-    const lastTrain = last ?? (await this.resumedFinalMetrics(runDir));
+    const st = this.state;
+    let stopReason: string | undefined;
+    if (outcome?.stop) {
+      stopReason = outcome.reason;
+      const dir = this.runDir;
+      if (dir) {
+        this.lastCheckpoint = await this.saveCheckpoint(dir, st);
+        this.hooks.onCheckpoint?.(this.lastCheckpoint);
+      }
+    }
+    const dir = this.runDir;
+    const history = st.history;
+    const last = this.epochs[this.epochs.length - 1];
+    const lastTrain = last ?? (await this.resumedFinalMetrics(dir));
     const summary: Summary = {
-      status: 'completed',
+      status: stopReason === undefined ? 'completed' : 'stopped',
+      ...(stopReason === undefined ? {} : { stopReason }),
       dataset: s.dataset,
       epochs: s.epochs,
-      steps: step,
+      steps: st.progress.step,
       finalTrainLoss: lastTrain?.loss ?? NaN,
       finalTrainAcc: lastTrain?.trainAcc ?? NaN,
       finalTestLoss: lastTrain?.testLoss ?? NaN,
@@ -392,72 +420,197 @@ export class Trainer {
       imagesPerSec: history.trainSec > 0 ? round(history.images / history.trainSec, 2) : 0,
       worldSize: c.worldSize,
       globalBatch: this.globalBatch,
-      runDir,
-      lastCheckpoint,
+      runDir: dir,
+      lastCheckpoint: this.lastCheckpoint,
       resumed: resumeFrom !== undefined,
     };
-    if (runDir) await writeFileAtomic(path.join(runDir, 'summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
-    return { summary, epochs };
+    if (dir) await writeFileAtomic(path.join(dir, 'summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
+    return { summary, epochs: this.epochs };
   }
 
   dispose(): void {
     this.model.dispose();
   }
 
+  // ---- elastic recovery ------------------------------------------------------------------
+
+  /**
+   * Runs `fn`; on GroupChangedError of an elastic collective, rolls back to the last commit,
+   * regroups and adopts the new root's state. Anything else (and everything when not elastic)
+   * propagates.
+   */
+  private async recover(fn: () => Promise<void>): Promise<RegroupResult | null> {
+    try {
+      await fn();
+      return null;
+    } catch (err) {
+      if (!this.elastic || !(err instanceof GroupChangedError)) throw err;
+      this.rollback();
+      return this.regroupAndSync();
+    }
+  }
+
+  /** regroup(committed progress), then the start-of-run sync from the new root; again while the group keeps changing. */
+  private async regroupAndSync(): Promise<RegroupResult> {
+    const ec = this.elastic!;
+    for (;;) {
+      try {
+        const r = await ec.regroup({ ...this.committed!.state.progress });
+        await this.sync(r.root);
+        this.hooks.onRegroup?.({ ...r, rank: ec.rank, worldSize: ec.worldSize, progress: { ...this.state.progress } });
+        return r;
+      } catch (err) {
+        if (!(err instanceof GroupChangedError)) throw err;
+        this.rollback();
+      }
+    }
+  }
+
+  /**
+   * The state at a step boundary. Weights and momentum need no copy: they change only in
+   * applyGradients, after the step's all-reduce succeeded (and sync applies what it received only
+   * after its last broadcast). BatchNorm running statistics change in every forward pass and in
+   * the epoch end's averaging, so they are copied (a few thousand floats).
+   */
+  private commit(): void {
+    if (!this.elastic) return;
+    this.committed = { state: structuredClone(this.state), bn: this.model.getBatchNormStats() };
+  }
+
+  private rollback(): void {
+    const k = this.committed!;
+    this.state = structuredClone(k.state);
+    this.model.setBatchNormStats(k.bn);
+  }
+
+  /**
+   * Every rank adopts rank `root`'s state, as at the start of a run: fingerprint check (from the
+   * root), then broadcasts from the root of [length of the state JSON], the state JSON (progress,
+   * epoch totals, history, optimiser steps and lr; one byte per float), weights, BatchNorm
+   * statistics, momentum buffers. Received values are applied only after the last broadcast, so a
+   * sync that fails half-way leaves this rank at its commit.
+   */
+  private async sync(root: number): Promise<void> {
+    const c = this.collective;
+    const m = this.model;
+    await this.checkReplicasAgree(root);
+    const isRoot = c.rank === root;
+    const mine = isRoot
+      ? Float32Array.from(new TextEncoder().encode(JSON.stringify({ ...this.state, optSteps: m.optimizer.steps, lr: m.optimizer.lr } satisfies SyncedState)))
+      : new Float32Array(0);
+    const len = Float32Array.of(mine.length);
+    await c.broadcast(len, root);
+    const meta = isRoot ? mine : new Float32Array(len[0]);
+    await c.broadcast(meta, root);
+    const weights = m.getWeights();
+    await c.broadcast(weights, root);
+    const bn = m.getBatchNormStats();
+    await c.broadcast(bn, root);
+    const opt = m.optimizer.getState();
+    await c.broadcast(opt.buffers, root);
+    if (!isRoot) {
+      const got = JSON.parse(new TextDecoder().decode(Uint8Array.from(meta))) as SyncedState;
+      this.state = { progress: got.progress, totals: got.totals, history: got.history };
+      m.setWeights(weights);
+      m.setBatchNormStats(bn);
+      m.optimizer.setState({ steps: got.optSteps, buffers: opt.buffers });
+      m.optimizer.lr = got.lr;
+    }
+    this.commit();
+    // After a regroup the new rank 0 may be on a machine that never wrote this run's files.
+    if (this.elastic && this.runDir) await fs.mkdir(this.runDir, { recursive: true });
+  }
+
   // ---- one epoch -------------------------------------------------------------------------
 
-  private async trainEpoch(e: number, step: number, runDir: string | null) {
+  /** The epoch's unpadded sample order (the same on every rank and for every world size). */
+  private epochOrder(e: number): Int32Array {
+    if (this.order?.epoch !== e) this.order = { epoch: e, order: this.sampler.permutation(e) };
+    return this.order.order;
+  }
+
+  /**
+   * Trains the rest of the current epoch from `progress.done`, re-sharded over the current group
+   * (shardFrom). Commits after every applied step. Returns true when a step's summed regroup flag
+   * asked for a voluntary regroup (that step is applied and committed).
+   */
+  private async trainRest(): Promise<boolean> {
     const s = this.settings;
     const c = this.collective;
-    this.sampler.setEpoch(e);
-    const indices = this.sampler.indices();
-    const rng = s.augment ? new Rng(s.seed, AUGMENT_STREAM, e, c.rank) : undefined;
-    const stepsInEpoch = Math.ceil(indices.length / s.batchSize);
-    this.hooks.onEpochStart?.(e + 1, stepsInEpoch);
-    const phases = zeroPhases();
-    let lossSum = 0;
-    let correct = 0;
-    let count = 0;
+    const m = this.model;
+    const st = this.state;
+    const e = st.progress.epoch;
+    const start = st.progress.done;
+    const n = this.data.train.count;
+    const w = c.worldSize;
+    const b = s.batchSize;
+    const mine = shardFrom(this.epochOrder(e), start, w, c.rank);
+    const segSteps = Math.ceil(mine.length / b);
+    const stepsInEpoch = st.totals.steps + segSteps;
+    if (this.startedEpoch !== e) {
+      this.startedEpoch = e;
+      this.hooks.onEpochStart?.(e + 1, stepsInEpoch);
+    }
+    // At an epoch start (seed, epoch, rank), as before elastic training existed; a re-sharded rest
+    // gets a stream of its own, which every rank derives from the same position.
+    const rng = s.augment ? (start === 0 ? new Rng(s.seed, AUGMENT_STREAM, e, c.rank) : new Rng(s.seed, AUGMENT_STREAM, e, c.rank, start)) : undefined;
+    const runDir = this.runDir;
+    const P = m.paramCount;
+    const grads = this.grads;
+    const t = st.totals;
+    const trainBase = t.trainSec;
+    const segStart = now();
     // The window of the next `kind: 'step'` line.
     let win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: now(), phases: zeroPhases() };
-    const start = now();
-    let k = 0;
-    let lrFirst = NaN;
-    let lrLast = NaN;
-    for (const batchIdx of batchesOf(indices, s.batchSize)) {
-      // A function of (settings, world size, epoch, step): identical on every rank, and a resume
-      // at an epoch boundary recomputes exactly the rates the uninterrupted run used.
-      const lr = lrAt(s, c.worldSize, e, k, stepsInEpoch);
-      this.model.optimizer.lr = lr;
-      if (k === 0) lrFirst = lr;
-      lrLast = lr;
+    for (let j = 0; j < segSteps; j++) {
+      // Without a regroup in this epoch: a function of (settings, world size, epoch, step), so a
+      // resume at an epoch boundary recomputes exactly the rates of the uninterrupted run. After
+      // one: of the progress through the epoch, which every rank of the new group shares.
+      const before = start + j * b * w;
+      const lr = start === 0 ? lrAt(s, w, e, j, segSteps) : lrAt(s, w, e, before, n);
+      m.optimizer.lr = lr;
+      const batchIdx = mine.subarray(j * b, Math.min((j + 1) * b, mine.length));
       const ta = now();
-      const b = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
+      const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
       const tb = now();
-      const r = this.model.computeGradients({ images: b.x, labels: b.y, n: b.n }, this.grads);
+      const r = m.computeGradients({ images: bt.x, labels: bt.y, n: bt.n }, this.gradView);
+      // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
+      grads[P] = r.loss * bt.n;
+      grads[P + 1] = r.correct;
+      grads[P + 2] = bt.n;
+      grads[P + 3] = this.elastic?.regroupRequested ? 1 : 0;
       const tc = now();
-      await c.allReduceMean(this.grads);
+      await c.allReduceMean(grads);
       const td = now();
-      this.model.applyGradients(this.grads);
+      const gLoss = grads[P] * w;
+      const gCorrect = Math.round(grads[P + 1] * w);
+      const gN = Math.round(grads[P + 2] * w);
+      const regroup = Math.round(grads[P + 3] * w) > 0;
+      if (!Number.isFinite(gLoss)) {
+        const where = Number.isFinite(r.loss) ? `on another rank than ${c.rank}` : `on rank ${c.rank}`;
+        throw new TrainSettingsError('lr', `the loss became ${Number.isFinite(r.loss) ? gLoss : r.loss} at step ${st.progress.step + 1} (epoch ${e + 1}) ${where}; training diverged, try a smaller --lr`);
+      }
+      m.applyGradients(this.gradView);
       const te = now();
-      step++;
-      k++;
+      st.progress.step++;
+      st.progress.done = start + Math.min(n - start, (j + 1) * b * w);
+      const step = st.progress.step;
       const p: PhaseTimes = { data: tb - ta, compute: tc - tb, allReduce: td - tc, optimizer: te - td };
       for (const key of Object.keys(p) as (keyof PhaseTimes)[]) {
-        phases[key] += p[key];
+        t.phases[key] += p[key];
         win.phases[key] += p[key];
       }
-      if (!Number.isFinite(r.loss)) {
-        throw new TrainSettingsError('lr', `the loss became ${r.loss} at step ${step} (epoch ${e + 1}) on rank ${c.rank}; training diverged, try a smaller --lr`);
-      }
-      lossSum += r.loss * b.n;
-      correct += r.correct;
-      count += b.n;
+      t.lossSum += gLoss;
+      t.correct += gCorrect;
+      t.count += gN;
+      t.steps++;
+      t.lrFirst ??= lr;
+      t.lrLast = lr;
       win.steps++;
-      win.lossSum += r.loss * b.n;
-      win.correct += r.correct;
-      win.n += b.n;
-      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: k, stepsInEpoch, step, n: b.n, lr, loss: r.loss, correct: r.correct, phases: p });
+      win.lossSum += gLoss;
+      win.correct += gCorrect;
+      win.n += gN;
+      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: bt.n, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w });
       if (runDir && step % s.logEverySteps === 0) {
         const secs = now() - win.start;
         const line: StepMetrics = {
@@ -475,11 +628,75 @@ export class Trainer {
         await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(line)}\n`);
         win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: now(), phases: zeroPhases() };
       }
+      t.trainSec = trainBase + (now() - segStart);
+      this.commit();
+      if (regroup) return true;
     }
-    const trainSec = now() - start;
-    const totals = Float32Array.from([lossSum, correct, count]);
-    await c.allReduceSum(totals);
-    return { step, trainSec, phases, lrFirst, lrLast, loss: totals[0] / totals[2], acc: totals[1] / totals[2], images: Math.round(totals[2]) };
+    return false;
+  }
+
+  /** BatchNorm averaging, evaluation, history; rank 0: checkpoint and epoch line. Commits the next epoch's start. */
+  private async endEpoch(): Promise<void> {
+    const s = this.settings;
+    const c = this.collective;
+    const st = this.state;
+    const e = st.progress.epoch;
+    const t = st.totals;
+    const evalStart = now();
+    await this.averageBatchNormStats();
+    this.hooks.onEvalStart?.(e + 1, this.data.test.count);
+    const ev = await this.evaluate();
+    // No collective after this point: the epoch end cannot fail half-way through a group change.
+    const evalSec = now() - evalStart;
+    const elapsedSec = t.trainSec + evalSec;
+    const history = st.history;
+    history.testAcc.push(ev.acc);
+    if (ev.acc > history.bestTestAcc || history.bestEpoch === 0) {
+      history.bestTestAcc = ev.acc;
+      history.bestEpoch = e + 1;
+    }
+    history.elapsedSec += elapsedSec;
+    history.trainSec += t.trainSec;
+    history.images += t.count;
+    const share = (x: number) => (t.trainSec > 0 ? round(x / t.trainSec, 4) : 0);
+    const ph = t.phases;
+    const other = Math.max(0, t.trainSec - ph.data - ph.compute - ph.allReduce - ph.optimizer);
+    const m: EpochMetrics = {
+      kind: 'epoch',
+      epoch: e + 1,
+      epochs: s.epochs,
+      step: st.progress.step,
+      loss: round(t.lossSum / t.count),
+      trainAcc: round(t.correct / t.count),
+      testLoss: round(ev.loss),
+      testAcc: round(ev.acc),
+      testImages: ev.count,
+      elapsedSec: round(elapsedSec, 3),
+      trainSec: round(t.trainSec, 3),
+      evalSec: round(evalSec, 3),
+      images: t.count,
+      imagesPerSec: round(t.count / t.trainSec, 2),
+      phaseSec: { data: round(ph.data, 3), compute: round(ph.compute, 3), allReduce: round(ph.allReduce, 3), optimizer: round(ph.optimizer, 3), other: round(other, 3) },
+      phaseShare: { data: share(ph.data), compute: share(ph.compute), allReduce: share(ph.allReduce), optimizer: share(ph.optimizer), other: share(other) },
+      worldSize: c.worldSize,
+      globalBatch: this.globalBatch,
+      lr: t.lrLast ?? this.model.optimizer.lr,
+      lrFirst: t.lrFirst ?? this.model.optimizer.lr,
+      totalElapsedSec: round(this.elapsedBefore + (now() - this.t0), 3),
+      time: new Date().toISOString(),
+    };
+    st.progress = { epoch: e + 1, done: 0, step: st.progress.step };
+    st.totals = zeroTotals();
+    const runDir = this.runDir;
+    if (runDir) {
+      // Checkpoint first: a metrics line never describes an epoch that a resume would redo.
+      this.lastCheckpoint = await this.saveCheckpoint(runDir, st);
+      this.hooks.onCheckpoint?.(this.lastCheckpoint);
+      await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(m)}\n`);
+    }
+    this.epochs.push(m);
+    this.hooks.onEpochEnd?.(m);
+    this.commit();
   }
 
   /** Loss and accuracy over the whole test split: each rank its shard, counts summed. */
@@ -524,32 +741,25 @@ export class Trainer {
         throw new CheckpointError(ck.file, `it was written with ${k} = ${JSON.stringify(saved[k])}, this run has ${JSON.stringify(this.settings[k])}`, 'resume with the settings of that run');
       }
     }
+    if (h.position && !(Number.isInteger(h.position.done) && h.position.done > 0 && h.position.done <= this.data.train.count)) {
+      throw new CheckpointError(ck.file, `its position (${h.position.done} samples done) does not fit the training split of ${this.data.train.count} images`, 'resume with the data of that run');
+    }
     this.model.setWeights(ck.weights);
     this.model.setBatchNormStats(ck.bnStats);
     this.model.optimizer.setState({ steps: h.optimizer.steps, buffers: ck.momentum });
-  }
-
-  private async broadcastState(optSteps: number): Promise<void> {
-    const c = this.collective;
-    const m = this.model;
-    const weights = m.getWeights();
-    await c.broadcast(weights, 0);
-    const bn = m.getBatchNormStats();
-    await c.broadcast(bn, 0);
-    const opt = m.optimizer.getState();
-    await c.broadcast(opt.buffers, 0);
-    if (c.rank !== 0) {
-      m.setWeights(weights);
-      m.setBatchNormStats(bn);
-      m.optimizer.setState({ steps: optSteps, buffers: opt.buffers });
-    }
+    this.model.optimizer.lr = h.optimizer.lr;
+    this.state = {
+      progress: { epoch: h.epoch, done: h.position?.done ?? 0, step: h.step },
+      totals: h.position ? structuredClone(h.position.totals) : zeroTotals(),
+      history: structuredClone(h.history),
+    };
   }
 
   /**
-   * Rank 0's fingerprint of everything that must agree (trajectory settings, model layout, data
+   * The root's fingerprint of everything that must agree (trajectory settings, model layout, data
    * sizes, world size) goes to every rank, and each compares it with its own.
    */
-  private async checkReplicasAgree(): Promise<void> {
+  private async checkReplicasAgree(root: number): Promise<void> {
     const c = this.collective;
     const s = this.settings;
     const fields = {
@@ -563,24 +773,26 @@ export class Trainer {
     const digest = createHash('sha256').update(JSON.stringify(fields)).digest();
     // 16-bit pieces: exact in float32, which is what the collectives carry.
     const mine = Float32Array.from({ length: 8 }, (_, i) => digest.readUInt16LE(2 * i));
-    const root = Float32Array.from(mine);
-    await c.broadcast(root, 0);
-    const differs = root.some((v, i) => v !== mine[i]);
+    const theirs = Float32Array.from(mine);
+    await c.broadcast(theirs, root);
+    const differs = theirs.some((v, i) => v !== mine[i]);
     // Every rank learns how many differ, so all stop here instead of some waiting forever.
     const count = Float32Array.of(differs ? 1 : 0);
     await c.allReduceSum(count);
     if (differs) {
-      throw new ReplicaMismatchError(c.rank, `its settings, model, data sizes or world size differ from rank 0's (this rank has ${JSON.stringify(fields)})`);
+      throw new ReplicaMismatchError(c.rank, `its settings, model, data sizes or world size differ from rank ${root}'s (this rank has ${JSON.stringify(fields)})`);
     }
     if (count[0] > 0) {
-      throw new ReplicaMismatchError(c.rank, `${count[0]} of ${c.worldSize} ranks have settings, model, data sizes or world size that differ from rank 0's (see their errors)`);
+      throw new ReplicaMismatchError(c.rank, `${count[0]} of ${c.worldSize} ranks have settings, model, data sizes or world size that differ from rank ${root}'s (see their errors)`);
     }
   }
 
-  private async saveCheckpoint(runDir: string, epoch: number, step: number, history: CheckpointHistory): Promise<string> {
+  /** At an epoch boundary (done 0), or mid-epoch with the position and the epoch's totals. */
+  private async saveCheckpoint(runDir: string, st: RunState): Promise<string> {
     const s = this.settings;
     const m = this.model;
     const opt = m.optimizer.getState();
+    const { epoch, step, done } = st.progress;
     const header: Omit<CheckpointHeader, 'format' | 'version' | 'sections' | 'createdAt'> = {
       epoch,
       step,
@@ -590,7 +802,8 @@ export class Trainer {
       optimizer: { kind: 'sgd', steps: opt.steps, lr: m.optimizer.lr, momentum: m.optimizer.momentum, weightDecay: m.optimizer.weightDecay },
       sampler: { kind: 'distributed', seed: s.seed, nextEpoch: epoch, shuffle: true, dropLast: false },
       rng: { algorithm: 'xoshiro128**', augmentStream: AUGMENT_STREAM, seededBy: '(seed, augmentStream, epoch, rank)' },
-      history,
+      history: st.history,
+      ...(done > 0 ? { position: { done, totals: st.totals } } : {}),
     };
     return writeCheckpoint(runDir, { ...header, weights: m.getWeights(), bnStats: m.getBatchNormStats(), momentum: opt.buffers }, s.keepCheckpoints, this.checkpointWrite);
   }
@@ -600,7 +813,7 @@ export class Trainer {
     const s = this.settings;
     const { train, test } = this.data;
     const resume = resumeFrom
-      ? { at: new Date().toISOString(), fromCheckpoint: path.basename(resumeFrom.file), fromEpoch: resumeFrom.header.epoch, worldSize: this.collective.worldSize, epochs: s.epochs }
+      ? { at: new Date().toISOString(), fromCheckpoint: path.basename(resumeFrom.file), fromEpoch: resumeFrom.header.epoch, ...(resumeFrom.header.position ? { fromDone: resumeFrom.header.position.done } : {}), worldSize: this.collective.worldSize, epochs: s.epochs }
       : undefined;
     let previous: { createdAt?: string; resumes?: unknown[] } = {};
     if (resumeFrom) previous = JSON.parse(await fs.readFile(file, 'utf8').catch(() => '{}')) as typeof previous;
@@ -646,9 +859,10 @@ export class Trainer {
 
 /**
  * After a resume from epoch E, metrics.jsonl keeps only lines of epochs <= E: the lines of an
- * epoch that was cut short (and any half-written last line) would otherwise appear twice.
+ * epoch that was cut short (and any half-written last line) would otherwise appear twice. From a
+ * mid-epoch checkpoint at step S, the step lines of epoch E+1 up to S stay too.
  */
-async function trimMetrics(runDir: string, epoch: number): Promise<void> {
+async function trimMetrics(runDir: string, epoch: number, midEpochStep: number | null): Promise<void> {
   const file = path.join(runDir, 'metrics.jsonl');
   let text: string;
   try {
@@ -659,7 +873,9 @@ async function trimMetrics(runDir: string, epoch: number): Promise<void> {
   }
   const keep = text.split('\n').filter((l) => {
     try {
-      return (JSON.parse(l) as { epoch?: number }).epoch! <= epoch;
+      const x = JSON.parse(l) as { kind?: string; epoch?: number; step?: number };
+      if (x.epoch! <= epoch) return true;
+      return midEpochStep !== null && x.kind === 'step' && x.epoch === epoch + 1 && x.step! <= midEpochStep;
     } catch {
       return false;
     }
