@@ -1,7 +1,8 @@
 import http from 'node:http';
 import { METRIC_DEFS, METRICS } from '@dtrain/core';
 import { afterEach, describe, expect, it } from 'vitest';
-import { MetricsPortError, startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
+import { countAuthRefused, type TransportCounters } from '@dtrain/transport';
+import { MetricsPortError, refusalReason, startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
 import { emptyTotals, epochReport, feedSteps, freePort, GRADIENT_BYTES } from './testing/metrics-fixtures.js';
 
 function get(url: string, method = 'GET'): Promise<{ status: number; type: string; body: string }> {
@@ -69,6 +70,7 @@ describe('TrainingMetrics', () => {
     expect(s.get('dtrain_workers_connected')).toBe(2);
     expect(s.get('dtrain_malformed_messages_rejected_total')).toBe(1);
     expect(s.get('dtrain_worker_cpu_seconds_total{rank="0",host="gpu-a"}')).toBeCloseTo(1.5, 9);
+    expect(s.get('dtrain_stall_warnings_total{rank="1",host="gpu-b"}')).toBe(0);
     // the last step of the epoch: 17 images in (data + compute + allreduce + optimizer) seconds
     expect(s.get('dtrain_throughput_images_per_second{rank="0",host="gpu-a"}')).toBeCloseTo(17 / (0.012 + 0.12 + 0.042 + 0.008), 6);
   });
@@ -79,6 +81,84 @@ describe('TrainingMetrics', () => {
     const s = samples(await m.metrics());
     expect(s.get('dtrain_build_info{version="0.1.0",tfjs="4.22.0",tensorflow="2.9.1",node="20.20.2",backend="cpu",world_size="4"}')).toBe(1);
     expect(s.get(METRICS.workersExpected.name)).toBe(4);
+  });
+
+  it('lost workers, regroups, heartbeat ages and stall warnings; every reason series from the start', async () => {
+    const m = new TrainingMetrics({ defaultMetrics: false });
+    let s = samples(await m.metrics());
+    for (const reason of ['exit', 'signal', 'timeout', 'connection', 'stalled']) expect(s.get(`dtrain_workers_lost_total{reason="${reason}"}`)).toBe(0);
+    expect(s.get('dtrain_regroups_total')).toBe(0);
+    m.countWorkerLost('signal');
+    m.countWorkerLost('timeout');
+    m.countWorkerLost('timeout');
+    m.countRegroup();
+    m.setHeartbeatAge(0, 'gpu-a', 0.25);
+    m.setHeartbeatAge(1, 'gpu-b', 3.5);
+    m.setHeartbeatAge(1, 'gpu-b', 4.5);
+    m.countStallWarning(1, 'gpu-b');
+    m.countStallWarning(1, 'gpu-b');
+    s = samples(await m.metrics());
+    expect(s.get('dtrain_workers_lost_total{reason="signal"}')).toBe(1);
+    expect(s.get('dtrain_workers_lost_total{reason="timeout"}')).toBe(2);
+    expect(s.get('dtrain_workers_lost_total{reason="exit"}')).toBe(0);
+    expect(s.get('dtrain_regroups_total')).toBe(1);
+    expect(s.get('dtrain_heartbeat_age_seconds{rank="0",host="gpu-a"}')).toBe(0.25);
+    expect(s.get('dtrain_heartbeat_age_seconds{rank="1",host="gpu-b"}')).toBe(4.5);
+    expect(s.get('dtrain_stall_warnings_total{rank="1",host="gpu-b"}')).toBe(2);
+    // A lost worker's heartbeat age goes; the others' and its counters stay.
+    m.forgetWorker(1);
+    m.forgetWorker(7);
+    s = samples(await m.metrics());
+    expect(s.has('dtrain_heartbeat_age_seconds{rank="1",host="gpu-b"}')).toBe(false);
+    expect(s.get('dtrain_heartbeat_age_seconds{rank="0",host="gpu-a"}')).toBe(0.25);
+    expect(s.get('dtrain_stall_warnings_total{rank="1",host="gpu-b"}')).toBe(2);
+    m.setHeartbeatAge(1, 'gpu-c', 0);
+    expect(samples(await m.metrics()).get('dtrain_heartbeat_age_seconds{rank="1",host="gpu-c"}')).toBe(0);
+    // Wrong arguments are errors, not new series.
+    expect(() => m.countWorkerLost('bored' as 'exit')).toThrow(/reason must be one of exit, signal, timeout, connection, stalled/);
+    expect(() => m.setHeartbeatAge(-1, 'h', 1)).toThrow(RangeError);
+    expect(() => m.setHeartbeatAge(0, 'h', Number.NaN)).toThrow(RangeError);
+    expect(() => m.setHeartbeatAge(0, '', 1)).toThrow(RangeError);
+    expect(() => m.countStallWarning(1.5, 'h')).toThrow(RangeError);
+  });
+
+  it('refused connections are read from the transport counters at each scrape, by reason', async () => {
+    const counters: TransportCounters = { accepted: 0, rejected: 0, byReason: {}, authRefused: 0, authByReason: { 'key not allowed': 5 } };
+    const m = new TrainingMetrics({ defaultMetrics: false, transport: () => counters });
+    let s = samples(await m.metrics());
+    // What was refused before the exporter started is not its to count.
+    for (const r of ['handshake_failed', 'key_not_allowed', 'hello_key_not_allowed', 'hello_key_not_proven', 'other']) expect(s.get(`dtrain_connections_refused_total{reason="${r}"}`)).toBe(0);
+    counters.authByReason = {
+      'key not allowed': 7,
+      'handshake failed (EPROTO; no or wrong CURVE keys)': 2,
+      'handshake failed (unspecified)': 1,
+      'mechanism NULL (no CURVE)': 1,
+      'hello key not allowed': 1,
+      'hello key not proven': 3,
+      'malformed CURVE credentials': 1,
+    };
+    s = samples(await m.metrics());
+    expect(s.get('dtrain_connections_refused_total{reason="key_not_allowed"}')).toBe(2);
+    expect(s.get('dtrain_connections_refused_total{reason="handshake_failed"}')).toBe(4);
+    expect(s.get('dtrain_connections_refused_total{reason="hello_key_not_allowed"}')).toBe(1);
+    expect(s.get('dtrain_connections_refused_total{reason="hello_key_not_proven"}')).toBe(3);
+    expect(s.get('dtrain_connections_refused_total{reason="other"}')).toBe(1);
+    // Reading the registry directly collects too; nothing is counted twice.
+    counters.authByReason = { ...counters.authByReason, 'hello key not proven': 4 };
+    s = samples(await m.registry.metrics());
+    expect(s.get('dtrain_connections_refused_total{reason="hello_key_not_proven"}')).toBe(4);
+    expect(s.get('dtrain_connections_refused_total{reason="key_not_allowed"}')).toBe(2);
+    expect(refusalReason('something new')).toBe('other');
+  });
+
+  it('by default it reads this process\'s transport counters', async () => {
+    const m = new TrainingMetrics({ defaultMetrics: false });
+    const before = samples(await m.metrics()).get('dtrain_connections_refused_total{reason="hello_key_not_proven"}');
+    countAuthRefused('hello key not proven');
+    countAuthRefused('client key abc not in the allow-list');
+    const s = samples(await m.metrics());
+    expect(s.get('dtrain_connections_refused_total{reason="hello_key_not_proven"}')).toBe(before! + 1);
+    expect(s.get('dtrain_connections_refused_total{reason="key_not_allowed"}')).toBe(1);
   });
 
   it('refuses a report with a negative or missing figure, naming the rank and host', () => {

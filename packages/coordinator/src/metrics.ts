@@ -8,7 +8,8 @@
 
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { METRICS, STEP_PHASES, type MetricDef, type MetricKey, type StepPhase } from '@dtrain/core';
+import { METRICS, REFUSAL_REASONS, STEP_PHASES, WORKER_LOST_REASONS, type MetricDef, type MetricKey, type RefusalReason, type StepPhase, type WorkerLostReason } from '@dtrain/core';
+import { transportCounters, type TransportCounters } from '@dtrain/transport';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
 /** Seconds one step spent in each phase (the trainer's PhaseTimes). */
@@ -66,8 +67,8 @@ type AnyMetric = Counter<string> | Gauge<string> | Histogram<string>;
 
 const phaseKey: Record<StepPhase, keyof PhaseSeconds> = { data: 'data', compute: 'compute', allreduce: 'allReduce', optimizer: 'optimizer' };
 
-function build(def: MetricDef, registry: Registry): AnyMetric {
-  const common = { name: def.name, help: def.help, labelNames: [...def.labelNames], registers: [registry] };
+function build(def: MetricDef, registry: Registry, collect?: () => void): AnyMetric {
+  const common = { name: def.name, help: def.help, labelNames: [...def.labelNames], registers: [registry], ...(collect ? { collect } : {}) };
   switch (def.type) {
     case 'counter':
       return new Counter(common);
@@ -83,6 +84,27 @@ function finite(x: number | undefined): x is number {
 }
 
 /**
+ * The `reason` label of dtrain_connections_refused_total for a reason the transport counted
+ * (`transportCounters().authByReason`; its keys are sentences, ours a fixed list).
+ */
+export function refusalReason(transportReason: string): RefusalReason {
+  if (transportReason === 'hello key not allowed') return 'hello_key_not_allowed';
+  if (transportReason === 'hello key not proven') return 'hello_key_not_proven';
+  if (transportReason === 'key not allowed') return 'key_not_allowed';
+  if (transportReason.startsWith('handshake failed') || transportReason.startsWith('mechanism ')) return 'handshake_failed';
+  return 'other';
+}
+
+function refusalsByReason(c: TransportCounters): Map<RefusalReason, number> {
+  const out = new Map<RefusalReason, number>(REFUSAL_REASONS.map((r) => [r, 0]));
+  for (const [reason, n] of Object.entries(c.authByReason)) {
+    const k = refusalReason(reason);
+    out.set(k, out.get(k)! + n);
+  }
+  return out;
+}
+
+/**
  * Every metric of the run in one registry, with prom-client's process metrics (CPU, memory, event
  * loop, heap) of the coordinator process. Update methods take what workers and rank 0 report.
  */
@@ -92,12 +114,40 @@ export class TrainingMetrics {
   /** Last cumulative CPU seconds per worker, to turn reports into counter increments. */
   private readonly cpuSeen = new Map<string, number>();
   private maxStep = 0;
+  /** Hosts each rank's heartbeat-age series were set with, so forgetWorker can drop them. */
+  private readonly heartbeatHosts = new Map<number, Set<string>>();
+  private readonly transport: () => TransportCounters;
+  /** The transport's refusal counts already exported (those before this exporter existed are not). */
+  private readonly refusalsSeen: Map<RefusalReason, number>;
 
-  constructor(o: { defaultMetrics?: boolean } = {}) {
-    this.m = Object.fromEntries(Object.entries(METRICS).map(([k, d]) => [k, build(d, this.registry)])) as Record<MetricKey, AnyMetric>;
+  /**
+   * `transport`: where refused connections are read at each scrape (default: this process's
+   * `transportCounters()` from @dtrain/transport; tests pass their own).
+   */
+  constructor(o: { defaultMetrics?: boolean; transport?: () => TransportCounters } = {}) {
+    // prom-client calls a metric's collect() at every scrape, however the registry is read.
+    const collectors: Partial<Record<MetricKey, () => void>> = { connectionsRefused: () => this.collectRefusals() };
+    this.m = Object.fromEntries(Object.entries(METRICS).map(([k, d]) => [k, build(d, this.registry, collectors[k as MetricKey])])) as Record<MetricKey, AnyMetric>;
     if (o.defaultMetrics !== false) collectDefaultMetrics({ register: this.registry });
     this.gauge('lastCheckpoint').set(0);
     this.counter('malformedMessages').inc(0);
+    this.counter('regroups').inc(0);
+    // Every reason's series exists from the start (a counter that appears at its first increment
+    // hides that first increment from rate() and increase()).
+    for (const reason of WORKER_LOST_REASONS) this.counter('workersLost').inc({ reason }, 0);
+    for (const reason of REFUSAL_REASONS) this.counter('connectionsRefused').inc({ reason }, 0);
+    this.transport = o.transport ?? transportCounters;
+    this.refusalsSeen = refusalsByReason(this.transport());
+  }
+
+  /** Brings dtrain_connections_refused_total up to the transport's counters (run at each scrape). */
+  private collectRefusals(): void {
+    const now = refusalsByReason(this.transport());
+    for (const [reason, n] of now) {
+      const seen = this.refusalsSeen.get(reason) ?? 0;
+      if (n > seen) this.counter('connectionsRefused').inc({ reason }, n - seen);
+      this.refusalsSeen.set(reason, Math.max(seen, n));
+    }
   }
 
   private gauge(k: MetricKey): Gauge<string> {
@@ -139,6 +189,8 @@ export class TrainingMetrics {
     const stepSec = finite(r.stepSec) ? r.stepSec : phases.reduce((a, b) => a + b, 0);
     this.counter('imagesProcessed').inc(labels, r.images);
     this.counter('stepsCompleted').inc(labels);
+    // A worker's stall-warning series exists (at 0) from its first report, so rate() sees its first warning.
+    this.counter('stallWarnings').inc(labels, 0);
     if (stepSec > 0) this.gauge('throughput').set(labels, r.images / stepSec);
     this.histogram('stepDuration').observe(labels, stepSec);
     STEP_PHASES.forEach((p, i) => this.histogram('stepPhaseDuration').observe({ ...labels, phase: p }, phases[i]));
@@ -178,6 +230,46 @@ export class TrainingMetrics {
 
   countMalformedMessages(n = 1): void {
     this.counter('malformedMessages').inc(n);
+  }
+
+  /** A worker was lost; `reason` is what happened to it (WORKER_LOST_REASONS). */
+  countWorkerLost(reason: WorkerLostReason): void {
+    if (!(WORKER_LOST_REASONS as readonly string[]).includes(reason)) {
+      throw new RangeError(`countWorkerLost: reason must be one of ${WORKER_LOST_REASONS.join(', ')}, got ${JSON.stringify(reason)}`);
+    }
+    this.counter('workersLost').inc({ reason });
+  }
+
+  /** The workers rebuilt their ring with a new membership (elastic training). */
+  countRegroup(): void {
+    this.counter('regroups').inc();
+  }
+
+  /** Seconds since the last heartbeat of worker `rank` on `host`. */
+  setHeartbeatAge(rank: number, host: string, seconds: number): void {
+    if (!Number.isInteger(rank) || rank < 0 || !host || !finite(seconds) || seconds < 0) {
+      throw new RangeError(`setHeartbeatAge: rank ${rank} (${host || 'no host'}) needs a non-negative integer rank, a host and a finite age >= 0, got ${seconds}`);
+    }
+    let hosts = this.heartbeatHosts.get(rank);
+    if (hosts === undefined) this.heartbeatHosts.set(rank, (hosts = new Set()));
+    hosts.add(host);
+    this.gauge('heartbeatAge').set({ rank: String(rank), host }, seconds);
+  }
+
+  /**
+   * Drops the heartbeat-age series of worker `rank` (it left the run: a lost worker's age would
+   * otherwise stand still at its last value, or keep a departed rank on the dashboard). Its
+   * counters (steps, images, stall warnings) stay, as counters must.
+   */
+  forgetWorker(rank: number): void {
+    for (const host of this.heartbeatHosts.get(rank) ?? []) this.gauge('heartbeatAge').remove({ rank: String(rank), host });
+    this.heartbeatHosts.delete(rank);
+  }
+
+  /** Worker `rank` on `host` is late (a stall warning was printed) but not yet past the timeout. */
+  countStallWarning(rank: number, host: string): void {
+    if (!Number.isInteger(rank) || rank < 0 || !host) throw new RangeError(`countStallWarning: needs a non-negative integer rank and a host, got rank ${rank}, host ${JSON.stringify(host)}`);
+    this.counter('stallWarnings').inc({ rank: String(rank), host });
   }
 
   /** Prometheus text format. */

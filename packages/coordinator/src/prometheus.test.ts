@@ -80,6 +80,12 @@ describe.runIf(bin || inCi)('a real Prometheus scraping the exporter', () => {
     totals.epochs.push(e1);
     metrics.observeCheckpoint(checkpointAt);
     metrics.countMalformedMessages(3);
+    // Failure handling: a worker lost and a regroup, heartbeat ages, a stall warning.
+    metrics.countWorkerLost('signal');
+    metrics.countRegroup();
+    metrics.setHeartbeatAge(0, 'gpu-a', 0.5);
+    metrics.setHeartbeatAge(1, 'gpu-b', 2.25);
+    metrics.countStallWarning(1, 'gpu-b');
 
     prom = spawn(bin, [`--config.file=${path.join(tmp, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(tmp, 'data')}`, `--web.listen-address=127.0.0.1:${promPort}`, '--log.level=warn'], { stdio: ['ignore', 'pipe', 'pipe'] });
     prom.stdout!.on('data', (d: Buffer) => (promLog += d.toString()));
@@ -179,6 +185,12 @@ describe.runIf(bin || inCi)('a real Prometheus scraping the exporter', () => {
     expect(await value('dtrain_last_checkpoint_timestamp_seconds')).toBe(checkpointAt.getTime() / 1000);
     expect(await value('dtrain_malformed_messages_rejected_total')).toBe(3);
     expect(await value('dtrain_workers_connected')).toBe(2);
+    expect(await value('dtrain_workers_lost_total{reason="signal"}')).toBe(1);
+    expect(await value('sum(dtrain_workers_lost_total)')).toBe(1);
+    expect(await value('dtrain_regroups_total')).toBe(1);
+    expect(await value('dtrain_heartbeat_age_seconds{rank="1",host="gpu-b"}')).toBe(2.25);
+    expect(await value('dtrain_stall_warnings_total{rank="1",host="gpu-b"}')).toBe(1);
+    expect((await query('dtrain_connections_refused_total')).length).toBe(5);
     const [info] = await query('dtrain_build_info');
     expect(info.metric).toMatchObject({ version: '0.1.0', backend: 'cpu', world_size: '2', job: 'dtrain' });
     expect(await value('up{job="dtrain"}')).toBe(1);

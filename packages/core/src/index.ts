@@ -6,5 +6,5 @@ export { Sgd } from './sgd.js';
 export type { SgdOptions } from './sgd.js';
 export { makeConv2d, conv2dReference } from './conv.js';
 export type { ConvSpec } from './conv.js';
-export { METRICS, METRIC_DEFS, METRIC_PREFIX, DEFAULT_METRICS_PORT, WORKER_LABELS, PHASE_LABEL, STEP_PHASES, BUILD_INFO_LABELS, metricNameProblems, findMetricDef } from './metrics.js';
-export type { MetricDef, MetricKey, MetricType, MetricUnit, StepPhase } from './metrics.js';
+export { METRICS, METRIC_DEFS, METRIC_PREFIX, DEFAULT_METRICS_PORT, WORKER_LABELS, PHASE_LABEL, STEP_PHASES, BUILD_INFO_LABELS, REASON_LABEL, WORKER_LOST_REASONS, REFUSAL_REASONS, metricNameProblems, findMetricDef } from './metrics.js';
+export type { MetricDef, MetricKey, MetricType, MetricUnit, StepPhase, WorkerLostReason, RefusalReason } from './metrics.js';

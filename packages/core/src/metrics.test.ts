@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { findMetricDef, METRIC_DEFS, METRICS, metricNameProblems, STEP_PHASES, type MetricDef } from './metrics.js';
+import { findMetricDef, METRIC_DEFS, METRICS, metricNameProblems, REFUSAL_REASONS, STEP_PHASES, WORKER_LOST_REASONS, type MetricDef } from './metrics.js';
 
 describe('metric definitions', () => {
   it('every definition follows the naming rules', () => {
@@ -19,6 +19,15 @@ describe('metric definitions', () => {
     expect(STEP_PHASES).toEqual(['data', 'compute', 'allreduce', 'optimizer']);
   });
 
+  it('covers failure handling and refused connections, with fixed reason lists', () => {
+    expect(METRICS.workersLost).toMatchObject({ name: 'dtrain_workers_lost_total', type: 'counter', labelNames: ['reason'], labelValues: { reason: ['exit', 'signal', 'timeout', 'connection', 'stalled'] } });
+    expect(WORKER_LOST_REASONS).toEqual(['exit', 'signal', 'timeout', 'connection', 'stalled']);
+    expect(METRICS.regroups).toMatchObject({ name: 'dtrain_regroups_total', type: 'counter', labelNames: [] });
+    expect(METRICS.heartbeatAge).toMatchObject({ name: 'dtrain_heartbeat_age_seconds', type: 'gauge', labelNames: ['rank', 'host'] });
+    expect(METRICS.stallWarnings).toMatchObject({ name: 'dtrain_stall_warnings_total', type: 'counter', labelNames: ['rank', 'host'] });
+    expect(METRICS.connectionsRefused).toMatchObject({ name: 'dtrain_connections_refused_total', type: 'counter', labelNames: ['reason'], labelValues: { reason: REFUSAL_REASONS } });
+  });
+
   it('the checker rejects names that break the rules', () => {
     const base: MetricDef = { name: 'dtrain_x_seconds', help: 'a perfectly fine help text', type: 'gauge', unit: 'seconds', labelNames: ['rank'] };
     expect(metricNameProblems(base)).toEqual([]);
@@ -31,6 +40,11 @@ describe('metric definitions', () => {
     expect(bad({ labelNames: ['run_id'] }).join()).toMatch(/label run_id/);
     expect(bad({ type: 'histogram', buckets: [1, 0.5] }).join()).toMatch(/increase/);
     expect(bad({ name: 'dtrain_Step_seconds' }).join()).toMatch(/snake_case/);
+    expect(bad({ labelNames: ['reason'] }).join()).toMatch(/reason needs its list of values/);
+    expect(bad({ labelNames: ['reason'], labelValues: { reason: ['a', 'a'] } }).join()).toMatch(/distinct snake_case/);
+    expect(bad({ labelNames: ['reason'], labelValues: { reason: ['Bad Value'] } }).join()).toMatch(/distinct snake_case/);
+    expect(bad({ labelValues: { reason: ['a'] } }).join()).toMatch(/not one of its labels/);
+    expect(bad({ labelNames: ['reason'], labelValues: { reason: ['a', 'b'] } })).toEqual([]);
   });
 
   it('finds the definition behind histogram series', () => {

@@ -4,13 +4,14 @@
 //
 // Conventions (https://prometheus.io/docs/practices/naming/): one prefix `dtrain_`, base units in
 // the name (`_seconds`, `_bytes`), counters end in `_total`, ratios are 0-1 and end in `_ratio`.
-// Labels are few and bounded: `rank` and `host` (one series per worker), `phase` (four values).
+// Labels are few and bounded: `rank` and `host` (one series per worker), `phase` (four values),
+// `reason` (a fixed list per metric, in `labelValues`: every series exists from the start at 0).
 // `dtrain_build_info` is the usual exception: one series whose labels carry versions.
 
 export type MetricType = 'counter' | 'gauge' | 'histogram';
 
 /** What the number counts or measures; the name's suffix follows from it (see `metricNameProblems`). */
-export type MetricUnit = 'seconds' | 'bytes' | 'ratio' | 'images' | 'steps' | 'epochs' | 'workers' | 'messages' | 'images_per_second' | 'timestamp_seconds' | 'loss' | 'info' | 'learning_rate';
+export type MetricUnit = 'seconds' | 'bytes' | 'ratio' | 'images' | 'steps' | 'epochs' | 'workers' | 'messages' | 'connections' | 'events' | 'images_per_second' | 'timestamp_seconds' | 'loss' | 'info' | 'learning_rate';
 
 export interface MetricDef {
   readonly name: string;
@@ -20,6 +21,8 @@ export interface MetricDef {
   readonly labelNames: readonly string[];
   /** Upper bounds (seconds or bytes), histograms only. */
   readonly buckets?: readonly number[];
+  /** Every value a label may take, for labels other than rank and host (`reason` must have one). */
+  readonly labelValues?: Readonly<Record<string, readonly string[]>>;
 }
 
 /** The coordinator serves /metrics here unless told otherwise (`--metrics-port`; 0 disables). */
@@ -34,6 +37,24 @@ export const PHASE_LABEL = 'phase';
 export const STEP_PHASES = ['data', 'compute', 'allreduce', 'optimizer'] as const;
 export type StepPhase = (typeof STEP_PHASES)[number];
 export const BUILD_INFO_LABELS = ['version', 'tfjs', 'tensorflow', 'node', 'backend', 'world_size'] as const;
+export const REASON_LABEL = 'reason';
+/**
+ * Why a worker was lost (`dtrain_workers_lost_total{reason}`): its process exited with a code, was
+ * killed by a signal, missed its heartbeats for the timeout, dropped its connection, or stalled
+ * (alive and connected but made no progress for the timeout).
+ */
+export const WORKER_LOST_REASONS = ['exit', 'signal', 'timeout', 'connection', 'stalled'] as const;
+export type WorkerLostReason = (typeof WORKER_LOST_REASONS)[number];
+/**
+ * Why the coordinator refused a connection (`dtrain_connections_refused_total{reason}`):
+ * handshake_failed: the CURVE handshake failed (the client has no CURVE, a wrong coordinator key,
+ * or a secret key not matching its public key); key_not_allowed: the ZAP handler refused a client
+ * key not in allowed_keys; hello_key_not_allowed: a Hello named a key not in allowed_keys;
+ * hello_key_not_proven: a Hello named an allow-listed key its sender did not prove it holds;
+ * other: a malformed ZAP request or credentials.
+ */
+export const REFUSAL_REASONS = ['handshake_failed', 'key_not_allowed', 'hello_key_not_allowed', 'hello_key_not_proven', 'other'] as const;
+export type RefusalReason = (typeof REFUSAL_REASONS)[number];
 
 // A 96x96 ResNet step takes about 4 s on 2 CPU cores and well under 0.1 s on a GPU; a phase can be
 // a millisecond (optimiser on a GPU) or tens of seconds (a straggling all-reduce).
@@ -74,14 +95,20 @@ export const METRICS = {
 
   workersConnected: { name: 'dtrain_workers_connected', help: 'Workers connected to the coordinator now.', type: 'gauge', unit: 'workers', labelNames: [] },
   workersExpected: { name: 'dtrain_workers_expected', help: 'Workers this run needs (the world size).', type: 'gauge', unit: 'workers', labelNames: [] },
-  malformedMessages: { name: 'dtrain_malformed_messages_rejected_total', help: 'Control-channel messages rejected because they did not decode or failed verification.', type: 'counter', unit: 'messages', labelNames: [] },
+  malformedMessages: { name: 'dtrain_malformed_messages_rejected_total', help: 'Control-channel messages rejected because they did not decode, failed verification, or were replayed or out of order (a message number not above the last one from that connection).', type: 'counter', unit: 'messages', labelNames: [] },
+  connectionsRefused: { name: 'dtrain_connections_refused_total', help: 'Connections to the control socket refused before any message of theirs was used: failed CURVE handshake, client key not in allowed_keys (ZAP), or a Hello naming a key not allowed or not proven.', type: 'counter', unit: 'connections', labelNames: [REASON_LABEL], labelValues: { [REASON_LABEL]: REFUSAL_REASONS } },
+
+  workersLost: { name: 'dtrain_workers_lost_total', help: 'Workers the run lost, by what happened: exit (non-zero exit code), signal (killed), timeout (heartbeats missed), connection (control connection dropped), stalled (no progress).', type: 'counter', unit: 'workers', labelNames: [REASON_LABEL], labelValues: { [REASON_LABEL]: WORKER_LOST_REASONS } },
+  regroups: { name: 'dtrain_regroups_total', help: 'Elastic membership changes: times the workers rebuilt their ring with a new set of members (a worker lost or admitted).', type: 'counter', unit: 'events', labelNames: [] },
+  heartbeatAge: { name: 'dtrain_heartbeat_age_seconds', help: "Seconds since the coordinator last heard this worker's heartbeat; it is declared lost when this passes the timeout.", type: 'gauge', unit: 'seconds', labelNames: w },
+  stallWarnings: { name: 'dtrain_stall_warnings_total', help: 'Warnings that this worker is late (heartbeat or step overdue by several intervals) but not yet past the timeout.', type: 'counter', unit: 'events', labelNames: w },
 } as const satisfies Record<string, MetricDef>;
 
 export type MetricKey = keyof typeof METRICS;
 
 export const METRIC_DEFS: readonly MetricDef[] = Object.values(METRICS);
 
-const ALLOWED_LABELS = new Set<string>([...WORKER_LABELS, PHASE_LABEL]);
+const ALLOWED_LABELS = new Set<string>([...WORKER_LABELS, PHASE_LABEL, REASON_LABEL]);
 
 /** The name suffix each unit requires. */
 const UNIT_SUFFIX: Partial<Record<MetricUnit, string>> = {
@@ -112,6 +139,11 @@ export function metricNameProblems(d: MetricDef): string[] {
   } else if (d.buckets) p.push(`${d.name}: only histograms have buckets`);
   const labels = d.name === METRICS.buildInfo.name ? [] : d.labelNames;
   for (const l of labels) if (!ALLOWED_LABELS.has(l)) p.push(`${d.name}: label ${l} is not one of ${[...ALLOWED_LABELS].join(', ')}`);
+  if (labels.includes(REASON_LABEL) && !(d.labelValues?.[REASON_LABEL]?.length)) p.push(`${d.name}: label ${REASON_LABEL} needs its list of values (labelValues)`);
+  for (const [l, values] of Object.entries(d.labelValues ?? {})) {
+    if (!labels.includes(l)) p.push(`${d.name}: labelValues names ${l}, which is not one of its labels`);
+    if (new Set(values).size !== values.length || values.some((v) => !/^[a-z][a-z0-9_]*$/.test(v))) p.push(`${d.name}: values of ${l} must be distinct snake_case words`);
+  }
   if (d.help.trim().length < 10) p.push(`${d.name}: help text too short`);
   return p;
 }
