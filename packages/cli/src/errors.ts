@@ -28,6 +28,18 @@ export function positiveInt(flag: string) {
   };
 }
 
+/**
+ * Parses a value that must be one of `values`, naming the flag (or argument) and the choices when
+ * it is not. Used with `.choices(values)` so that help still lists them: commander's own choice
+ * check prints two lines and exits 1, this one is a UsageError (one line, exit 2).
+ */
+export function oneOf<const T extends readonly string[]>(flag: string, values: T, hint = '') {
+  return (value: string): T[number] => {
+    if (!values.includes(value)) throw new UsageError(`${flag} must be one of ${values.join(', ')}, got '${value}'${hint}`);
+    return value as T[number];
+  };
+}
+
 export function nonNegativeInt(flag: string) {
   return (value: string): number => {
     const n = Number(value);

