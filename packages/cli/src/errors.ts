@@ -10,7 +10,9 @@ export class UsageError extends Error {
 }
 
 export function reportAndExit(err: unknown): never {
-  if (err instanceof CommanderError) process.exit(err.exitCode);
+  // Commander printed its own line already (with exitOverride); --help and the like exit 0, a
+  // usage mistake (unknown option, missing argument) exits 2 like every other bad input.
+  if (err instanceof CommanderError) process.exit(err.exitCode === 0 ? 0 : 2);
   const e = err as { message?: string; code?: unknown; stack?: string };
   const known = typeof e?.code === 'string' && e.code.length > 0;
   const message = e?.message ?? String(err);
