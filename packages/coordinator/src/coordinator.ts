@@ -205,6 +205,12 @@ interface Member {
   step: number;
   stepMs: number;
   warned: boolean;
+  /**
+   * Training began (a heartbeat with an activity, or a step report). Before that the worker loads
+   * TensorFlow and builds the model, long synchronous stretches without heartbeats: it is held to
+   * the join timeout instead, and not reported as late.
+   */
+  started: boolean;
   /** Why it was declared lost (elastic); a lost member is out of every later group. */
   lost?: string;
 }
@@ -217,6 +223,7 @@ interface RegroupReport {
   committed: { epoch: number; done: number; step: number };
   endpoints: string[];
   key: string;
+  reason?: string;
 }
 
 /** Another machine, known from its `join` process's registration or its first worker's Hello. */
@@ -542,8 +549,13 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     tryFinishRegroup();
   }
   function onRegroupReport(member: Member, r: RegroupReport): void {
-    if (!regroupState || r.generation !== generation || !byRank.includes(member)) return metrics.countMalformedMessages();
+    if (process.env.DTRAIN_DEBUG) process.stderr.write(`DEBUG coordinator: regroup report from rank ${member.rank} gen ${r.generation} (current ${generation}, regrouping ${regroupState !== undefined}, in group ${byRank.includes(member)})\n`);
+    if (r.generation !== generation || !byRank.includes(member)) return metrics.countMalformedMessages();
     if (!Array.isArray(r.endpoints) || !r.endpoints.length || typeof r.committed !== 'object' || r.committed === null) return metrics.countMalformedMessages();
+    // A worker whose ring failed (a neighbour died or went silent) regroups on its own, often
+    // before this process has noticed anything: its report starts the regroup for everyone.
+    if (!regroupState) startRegroup('rollback', `rank ${member.rank} on host ${member.host} left the group: ${typeof r.reason === 'string' ? r.reason : 'its ring failed'}`);
+    if (!regroupState) return;
     member.endpoints = r.endpoints.map(String);
     member.key = typeof r.key === 'string' ? r.key : '';
     member.lastHeard = Date.now();
@@ -592,7 +604,10 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       if (x.final !== undefined || regroupState?.ready.has(x)) continue;
       const silent = now - x.lastHeard;
       elasticMetrics.setHeartbeatAge?.(x.rank, x.host, silent / 1000);
-      const warnAfter = Math.max(5 * heartbeatMs, 2 * x.stepMs);
+      // Late: past 5 intervals, 2 of its own step times (a step's compute blocks its heartbeats)
+      // and a quarter of the timeout, whichever is longest.
+      const warnAfter = Math.max(5 * heartbeatMs, 2 * x.stepMs, timeoutMs / 4);
+      if (!x.started && silent <= Math.max(timeoutMs, joinTimeoutMs)) continue;
       if (silent > timeoutMs) {
         const why = `no heartbeat for ${(silent / 1000).toFixed(1)} s (timeout ${timeoutMs / 1000} s; last activity: ${x.activity} at step ${x.step}): it hung, was stopped, or its network is down`;
         if (elastic) declareLost(x, why, 'timeout');
@@ -671,7 +686,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       if (!(h.dataEndpoints ?? []).length) return refuse('a Hello needs the ring endpoints');
       const member: Member = {
         peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', key: h.curvePublicKey ?? '',
-        rank: requested, slot: requested, lastHeard: Date.now(), activity: 'idle', step: 0, stepMs: 0, warned: false,
+        rank: requested, slot: requested, lastHeard: Date.now(), activity: 'idle', step: 0, stepMs: 0, warned: false, started: false,
       };
       members.set(key, member);
       if (during) {
@@ -690,6 +705,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       const hb = m.body as { activity?: number; step?: number | { toNumber(): number } };
       member.lastHeard = Date.now();
       member.activity = ACTIVITY_NAMES[hb.activity ?? 0] ?? 'unknown';
+      if ((hb.activity ?? 0) !== 0) member.started = true;
       member.step = typeof hb.step === 'number' ? hb.step : (hb.step?.toNumber() ?? member.step);
     } else if (m.kind === 'stepReport') {
       const r = m.body as StepReportBody;
@@ -697,6 +713,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       const member = members.get(key);
       if (!member || !welcomed) return;
       member.lastHeard = Date.now();
+      member.started = true;
       const rank = member.rank;
       if (!r.detailJson) {
         if (r.stepMs !== undefined) member.stepMs = r.stepMs;

@@ -29,6 +29,8 @@ export interface RegroupReport {
   endpoints: string[];
   /** Its new ring's CURVE public key ('' without CURVE). */
   key: string;
+  /** Why it left (the ring's error, or the coordinator's command). */
+  reason: string;
 }
 
 export interface ElasticRingOptions {
@@ -51,6 +53,7 @@ export class ElasticRingCollective implements ElasticCollective {
   private ring_: Ring;
   private inner: RingCollective;
   private requested = false;
+  private leftBecause = '';
 
   constructor(
     ring: Ring,
@@ -97,12 +100,16 @@ export class ElasticRingCollective implements ElasticCollective {
       await f();
     } catch (e) {
       // Any ring failure in an elastic run is a membership question the coordinator settles.
-      if (e instanceof TransportError) throw new GroupChangedError(e.message, { cause: e });
+      if (e instanceof TransportError) {
+        this.leftBecause = e.message;
+        throw new GroupChangedError(e.message, { cause: e });
+      }
       throw e;
     }
   }
 
   private onCommand(c: CommandBody): void {
+    if (process.env.DTRAIN_DEBUG) this.o.log?.(`DEBUG command ${c.kind} gen ${c.generation} (ring gen ${this.ring_.generation})`);
     // Commands name the generation they are for: one for a ring already left is stale.
     if ((c.generation ?? 0) !== this.ring_.generation) return;
     if (c.kind === CommandKind.ROLLBACK) {
@@ -115,13 +122,20 @@ export class ElasticRingCollective implements ElasticCollective {
 
   async regroup(committed: Progress): Promise<RegroupResult> {
     const left = this.ring_.generation;
+    const dbg = (m: string) => process.env.DTRAIN_DEBUG && this.o.log?.(`DEBUG regroup: ${m}`);
+    dbg(`start, leaving ${left}, broken: ${this.ring_.error?.message}`);
+    const wasRequested = this.requested;
     this.requested = false;
     this.o.link.setActivity('idle');
     await this.ring_.close().catch(() => undefined);
+    dbg('closed');
     const ring = await createRingRetrying({ ...this.o.ringOptions, rank: 0, worldSize: 1 });
     this.ring_ = ring;
     this.inner = new RingCollective(ring, this.o.collectiveOptions);
-    await this.o.report({ kind: 'regroup', generation: left, committed, endpoints: ring.endpoints, key: ring.publicKey ?? '' });
+    const reason = this.leftBecause || (wasRequested ? 'a worker joins' : 'the coordinator asked');
+    this.leftBecause = '';
+    await this.o.report({ kind: 'regroup', generation: left, committed, endpoints: ring.endpoints, key: ring.publicKey ?? '', reason });
+    dbg('reported');
     const w = await this.o.link.nextWelcome(`the regroup after generation ${left}`, this.o.regroupTimeoutMs);
     const a = parseAnnouncement(w);
     const rank = w.rank ?? 0;
