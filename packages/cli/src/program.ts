@@ -13,7 +13,9 @@ export function buildProgram() {
   const program = new Command()
     .name('dtrain')
     .description('Data-parallel ResNet training on CIFAR-10 and Fashion-MNIST, across GPUs and machines.')
-    .showHelpAfterError('(run with --help for usage)');
+    .exitOverride()
+    // One line and exit 2 for usage mistakes too (unknown option, missing argument), like other bad input.
+    .configureOutput({ outputError: (str, write) => write(`${str.trimEnd()} (run with --help for usage)\n`) });
   registerDoctor(program);
   registerData(program);
   registerModel(program);

@@ -639,7 +639,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       if (!host) return refuse('a Hello needs a host');
       // The connection passed the CURVE handshake with an allow-listed key; the key a Hello names
       // for its ring must be allow-listed too, or the other workers would connect to a stranger.
-      if (o.keys && !allowedKeys.has(h.curvePublicKey ?? '')) {
+      if (o.keys && !allowedKeys.has(e.authenticatedKey ?? h.curvePublicKey ?? '')) {
         const why = h.curvePublicKey ? `its key ${h.curvePublicKey}` : 'it sent no CURVE key (started without --keys?)';
         countAuthRefused(`hello key not allowed`);
         process.stderr.write(`coordinator: refused a Hello from host ${host}: ${why} is not in ${o.keys.dir}/allowed_keys\n`);
@@ -685,7 +685,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       }
       if (!(h.dataEndpoints ?? []).length) return refuse('a Hello needs the ring endpoints');
       const member: Member = {
-        peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', key: h.curvePublicKey ?? '',
+        peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', key: o.keys ? (e.authenticatedKey ?? h.curvePublicKey ?? '') : (h.curvePublicKey ?? ''),
         rank: requested, slot: requested, lastHeard: Date.now(), activity: 'idle', step: 0, stepMs: 0, warned: false, started: false,
       };
       members.set(key, member);

@@ -58,7 +58,7 @@ export function registerJoin(program: Command) {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
       const gpus = o.gpus !== undefined;
-      const { host: masterAddr, port: masterPort } = parseHostPort('ADDR:PORT', target);
+      const { host: masterAddr, port: masterPort } = parseHostPort('the coordinator address', target);
       if (gpus) {
         const found = listGpus();
         if (found.length < n) throw new UsageError(`--gpus ${n}: nvidia-smi reports ${found.length} GPUs on this machine; use fewer, or --workers ${n} for CPU workers`);
