@@ -549,7 +549,6 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     tryFinishRegroup();
   }
   function onRegroupReport(member: Member, r: RegroupReport): void {
-    if (process.env.DTRAIN_DEBUG) process.stderr.write(`DEBUG coordinator: regroup report from rank ${member.rank} gen ${r.generation} (current ${generation}, regrouping ${regroupState !== undefined}, in group ${byRank.includes(member)})\n`);
     if (r.generation !== generation || !byRank.includes(member)) return metrics.countMalformedMessages();
     if (!Array.isArray(r.endpoints) || !r.endpoints.length || typeof r.committed !== 'object' || r.committed === null) return metrics.countMalformedMessages();
     // A worker whose ring failed (a neighbour died or went silent) regroups on its own, often
