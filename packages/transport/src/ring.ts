@@ -817,14 +817,8 @@ export class Ring {
           const acc = asF32(payload);
           // The partial sum from the previous ranks + ours (ring order). The owner of the chunk
           // (last step) keeps the result and sends it on from the received buffer.
-          addInto(acc, acc, local);
-          if (last) {
-            // The owner keeps the result too: the in-place sum then a copy measured faster than one
-            // loop that writes both buffers (8.5 vs 10-17 ms over 6.3M floats; V8 compiles two
-            // stores per element poorly).
-            if (average) divideInto(acc, acc, n);
-            local.set(acc);
-          }
+          if (!last) addInto(acc, acc, local);
+          else finishPiece(acc, local, average ? n : 1);
           this.enqueueSend([header(last ? Phase.ALL_GATHER : Phase.REDUCE_SCATTER, last ? 0 : s + 1, c, p, off, cnt), bytesOfF32(acc, payload)]);
         } else {
           const acc = asU16(payload);
@@ -955,6 +949,27 @@ export class Ring {
       if (this.liveInbound === 0) resolve();
     });
     await Promise.allSettled([Promise.race([acked, nextGone]), Promise.race([prevClosed, prevGone])]);
+  }
+}
+
+/** Floats per block of the owner's sum-and-copy: 128 KiB, so the copy reads what the sum just
+ * wrote from L2 (measured 10% faster than the sum of the whole piece followed by the copy). */
+const OWNER_BLOCK = 32 * 1024;
+
+/**
+ * The owner of a chunk finishes a piece: acc = acc + local (ring order), divided by `divisor`
+ * unless it is 1, and the result kept in `local` too. The in-place sum then a copy measured faster
+ * than one loop that writes both buffers (V8 compiles two stores per element poorly).
+ */
+function finishPiece(acc: Float32Array, local: Float32Array, divisor: number): void {
+  const n = acc.length;
+  for (let o = 0; o < n; o += OWNER_BLOCK) {
+    const e = Math.min(n, o + OWNER_BLOCK);
+    const a = acc.subarray(o, e);
+    const l = local.subarray(o, e);
+    addInto(a, a, l);
+    if (divisor !== 1) divideInto(a, a, divisor);
+    l.set(a);
   }
 }
 
