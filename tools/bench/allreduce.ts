@@ -1,14 +1,18 @@
 // pnpm bench allreduce [--world 2,4] [--floats 11200000] [--iters 10] [--warmup 2]
 //                      [--transport ipc,tcp] [--piece-bytes 4194304] [--fp16] [--no-mpi] [--no-kernels]
+//                      [--no-default-malloc]
 //
 // Our ring all-reduce between real processes on this machine, side by side with Open MPI's
 // MPI_Allreduce on the same floats and ranks (default transport, and --mca btl tcp,self), plus
 // the summing kernels on the same number of floats. Every timed call starts after a barrier; its
 // time is the slowest rank's. nccl-tests' definitions: algbw = bytes / time,
-// busbw = algbw * 2(n-1)/n. Results: bench-results/allreduce.json and a table.
+// busbw = algbw * 2(n-1)/n. Also the CPU time (user + system, every thread) per timed call, summed
+// over the ranks: on a shared machine it moves less with other load than the times do, and it shows
+// what MPI's busy-polling costs. The load average is recorded before and after each row.
+// Results: bench-results/allreduce.json and a table.
 import { execFileSync, fork, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node:fs';
-import { cpus, hostname, tmpdir } from 'node:os';
+import { cpus, hostname, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, workerEnv, type PeerInfo } from '@dtrain/transport';
@@ -26,12 +30,13 @@ interface Options {
   fp16: boolean;
   mpi: boolean;
   kernels: boolean;
+  defaultMalloc: boolean;
 }
 
 function parse(args: string[]): Options {
   const o: Options = {
     worlds: [2, 4], floats: 11_200_000, iters: 10, warmup: 2, transports: ['ipc', 'tcp'],
-    pieceBytes: 4 << 20, fp16: false, mpi: true, kernels: true,
+    pieceBytes: 4 << 20, fp16: false, mpi: true, kernels: true, defaultMalloc: true,
   };
   for (let i = 0; i < args.length; i++) {
     const a = args[i];
@@ -58,6 +63,7 @@ function parse(args: string[]): Options {
     } else if (a === '--fp16') o.fp16 = true;
     else if (a === '--no-mpi') o.mpi = false;
     else if (a === '--no-kernels') o.kernels = false;
+    else if (a === '--no-default-malloc') o.defaultMalloc = false;
     else throw new Error(`unknown option ${a} (see the top of tools/bench/allreduce.ts)`);
   }
   return o;
@@ -71,17 +77,24 @@ interface Stats {
   stdevMs: number;
   algbwGBs: number;
   busbwGBs: number;
+  /** CPU time (user + system) per timed call, summed over the ranks. */
+  cpuMsPerOp: number | undefined;
   samplesMs: number[];
 }
 
-function stats(ms: number[], bytes: number, n: number): Stats {
+interface Run {
+  ms: number[];
+  cpuMsPerOp?: number;
+}
+
+function stats({ ms, cpuMsPerOp }: Run, bytes: number, n: number): Stats {
   const s = [...ms].sort((a, b) => a - b);
   const mean = ms.reduce((a, b) => a + b, 0) / ms.length;
   const stdev = Math.sqrt(ms.reduce((a, b) => a + (b - mean) ** 2, 0) / ms.length);
   const algbw = bytes / (mean / 1e3) / 1e9;
   return {
     meanMs: mean, medianMs: s[Math.floor(s.length / 2)], minMs: s[0], maxMs: s[s.length - 1], stdevMs: stdev,
-    algbwGBs: algbw, busbwGBs: n > 1 ? (algbw * 2 * (n - 1)) / n : 0, samplesMs: ms,
+    algbwGBs: algbw, busbwGBs: n > 1 ? (algbw * 2 * (n - 1)) / n : 0, cpuMsPerOp, samplesMs: ms,
   };
 }
 
@@ -147,19 +160,22 @@ async function child(): Promise<void> {
   for (let i = 0; i < data.length; i++) data[i] = 0.5 + Math.random();
   const barrier = new Float32Array(init.world);
   const ms: number[] = [];
+  let cpu0 = process.cpuUsage();
   for (let it = 0; it < init.warmup + init.iters; it++) {
+    if (it === init.warmup) cpu0 = process.cpuUsage();
     await ring.allReduce(barrier);
     const t0 = performance.now();
     await ring.allReduce(data, { fp16: init.fp16 });
     const dt = performance.now() - t0;
     if (it >= init.warmup) ms.push(dt);
   }
+  const cpu = process.cpuUsage(cpu0);
   await ring.close();
-  process.send!({ ms });
+  process.send!({ ms, cpuMs: (cpu.user + cpu.system) / 1e3 / init.iters });
   process.disconnect();
 }
 
-async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean): Promise<number[]> {
+async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean): Promise<Run> {
   // Workers get the environment a launcher gives them (workerEnv), unless measuring without it.
   const env = tunedMalloc ? workerEnv() : { ...process.env, GLIBC_TUNABLES: '' };
   const kids = Array.from({ length: world }, () =>
@@ -167,10 +183,11 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
   );
   const endpoints: string[][] = new Array(world);
   const results: number[][] = new Array(world);
+  const cpuMs: number[] = new Array(world).fill(0);
   let got = 0;
   const exits = kids.map((k, rank) => new Promise<void>((res, rej) => {
     k.on('exit', (code) => (code === 0 ? res() : rej(new Error(`bench worker rank ${rank} exited with ${code}`))));
-    k.on('message', (m: { endpoints?: string[]; ms?: number[] }) => {
+    k.on('message', (m: { endpoints?: string[]; ms?: number[]; cpuMs?: number }) => {
       if (m.endpoints !== undefined) {
         endpoints[rank] = m.endpoints;
         if (++got === world) {
@@ -179,6 +196,7 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
         }
       }
       if (m.ms !== undefined) results[rank] = m.ms;
+      if (m.cpuMs !== undefined) cpuMs[rank] = m.cpuMs;
     });
     k.send({ rank, world, floats: o.floats, iters: o.iters, warmup: o.warmup, transport, pieceBytes: o.pieceBytes, fp16: o.fp16 } satisfies ChildInit);
   }));
@@ -188,7 +206,7 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
     for (const k of kids) if (k.exitCode === null) k.kill('SIGKILL');
   }
   // Each call's time is its slowest rank's, as for MPI.
-  return results[0].map((_, i) => Math.max(...results.map((r) => r[i])));
+  return { ms: results[0].map((_, i) => Math.max(...results.map((r) => r[i]))), cpuMsPerOp: cpuMs.reduce((a, b) => a + b, 0) };
 }
 
 // ---------------------------------------------------------------- Open MPI
@@ -210,7 +228,7 @@ function mpiBinary(): string | { missing: string } {
   return bin;
 }
 
-function runMpi(bin: string, world: number, o: Options, tcp: boolean): number[] {
+function runMpi(bin: string, world: number, o: Options, tcp: boolean): Run {
   const args = ['--allow-run-as-root', '--oversubscribe', '-np', String(world)];
   if (tcp) args.push('--mca', 'btl', 'tcp,self');
   args.push(bin, String(o.floats), String(o.iters), String(o.warmup));
@@ -220,7 +238,7 @@ function runMpi(bin: string, world: number, o: Options, tcp: boolean): number[] 
   });
   const line = out.split('\n').find((l) => l.startsWith('{'));
   if (line === undefined) throw new Error(`mpirun printed no result:\n${out}`);
-  return (JSON.parse(line) as { ms: number[] }).ms;
+  return JSON.parse(line) as Run;
 }
 
 // ---------------------------------------------------------------- main
@@ -250,18 +268,19 @@ export async function main(args: string[]): Promise<void> {
 
   const rows: Record<string, unknown>[] = [];
   for (const world of o.worlds) {
-    const row: Record<string, unknown> = { world };
+    const row: Record<string, unknown> = { world, loadAverageBefore: loadavg() };
     for (const t of o.transports) row[`ours_${t}`] = stats(await runOurs(world, o, t, true), bytes, world);
-    if (o.transports.includes('ipc')) row.ours_ipc_default_malloc = stats(await runOurs(world, o, 'ipc', false), bytes, world);
+    if (o.transports.includes('ipc') && o.defaultMalloc) row.ours_ipc_default_malloc = stats(await runOurs(world, o, 'ipc', false), bytes, world);
     if (typeof mpi === 'string') {
       row.mpi_default = stats(runMpi(mpi, world, o, false), bytes, world);
       row.mpi_tcp = stats(runMpi(mpi, world, o, true), bytes, world);
     }
+    row.loadAverageAfter = loadavg();
     rows.push(row);
   }
   result.rows = rows;
 
-  console.log(`\n${'ranks'.padEnd(6)}${'implementation'.padEnd(26)}${'mean ms'.padStart(9)}${'median'.padStart(9)}${'min'.padStart(8)}${'max'.padStart(8)}${'stdev'.padStart(8)}${'algbw GB/s'.padStart(12)}${'busbw GB/s'.padStart(12)}${'ours/MPI dflt'.padStart(15)}${'ours/MPI tcp'.padStart(14)}`);
+  console.log(`\n${'ranks'.padEnd(6)}${'implementation'.padEnd(26)}${'mean ms'.padStart(9)}${'median'.padStart(9)}${'min'.padStart(8)}${'max'.padStart(8)}${'stdev'.padStart(8)}${'algbw GB/s'.padStart(12)}${'busbw GB/s'.padStart(12)}${'cpu ms/op'.padStart(11)}${'ours/MPI dflt'.padStart(15)}${'ours/MPI tcp'.padStart(14)}`);
   for (const row of rows) {
     const world = row.world as number;
     const md = row.mpi_default as Stats | undefined;
@@ -274,10 +293,12 @@ export async function main(args: string[]): Promise<void> {
       if (s === undefined) continue;
       // Ratio of busbw (higher is better for us): ours/MPI > 1 means we are faster.
       const ratio = (m: Stats | undefined) => (key.startsWith('ours') && m !== undefined ? fmt(s.busbwGBs / m.busbwGBs, 2) : '');
-      console.log(`${String(world).padEnd(6)}${label.padEnd(26)}${fmt(s.meanMs).padStart(9)}${fmt(s.medianMs).padStart(9)}${fmt(s.minMs).padStart(8)}${fmt(s.maxMs).padStart(8)}${fmt(s.stdevMs).padStart(8)}${fmt(s.algbwGBs, 3).padStart(12)}${fmt(s.busbwGBs, 3).padStart(12)}${ratio(md).padStart(15)}${ratio(mt).padStart(14)}`);
+      console.log(`${String(world).padEnd(6)}${label.padEnd(26)}${fmt(s.meanMs).padStart(9)}${fmt(s.medianMs).padStart(9)}${fmt(s.minMs).padStart(8)}${fmt(s.maxMs).padStart(8)}${fmt(s.stdevMs).padStart(8)}${fmt(s.algbwGBs, 3).padStart(12)}${fmt(s.busbwGBs, 3).padStart(12)}${(s.cpuMsPerOp === undefined ? '' : fmt(s.cpuMsPerOp)).padStart(11)}${ratio(md).padStart(15)}${ratio(mt).padStart(14)}`);
     }
+    const la = (k: string) => (row[k] as number[]).map((x) => fmt(x, 2)).join(' ');
+    console.log(`${''.padEnd(6)}load average before ${la('loadAverageBefore')}, after ${la('loadAverageAfter')}`);
   }
-  console.log('ratio = busbw(ours) / busbw(MPI): above 1 means ours is faster.');
+  console.log('ratio = busbw(ours) / busbw(MPI): above 1 means ours is faster. cpu ms/op: user + system time per call, all ranks.');
 
   const dir = join(ROOT, 'bench-results');
   mkdirSync(dir, { recursive: true });
