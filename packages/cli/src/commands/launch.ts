@@ -42,8 +42,8 @@ export function formatEpochLine(m: EpochMetrics): string {
 export function formatSummaryLine(s: Summary, allReduce: { sec: number; trainSec: number }, runDir: string): string {
   return [
     `done: ${s.epochs} epochs, ${s.steps} steps, test accuracy ${pct(s.finalTestAcc)} (best ${pct(s.bestTestAcc)} at epoch ${s.bestEpoch}) on ${s.testImages} images`,
-    `      ${s.worldSize} workers, global batch ${s.globalBatch}; ${s.totalSec.toFixed(1)} s (training ${s.trainSec.toFixed(1)} s), ${s.imagesPerSec.toFixed(1)} images/s` +
-      (allReduce.trainSec > 0 ? `, all-reduce ${pct(allReduce.sec / allReduce.trainSec)} of training time` : ''),
+    `      ${s.worldSize} workers, global batch ${s.globalBatch}; ${s.totalSec.toFixed(1)} s (training ${s.trainSec.toFixed(1)} s), ${s.imagesPerSec.toFixed(1)} images/s (${(s.imagesPerSec / s.worldSize).toFixed(1)} per worker)` +
+      (allReduce.trainSec > 0 ? `, all-reduce ${pct(allReduce.sec / allReduce.trainSec)} of training time (without it at most ${(s.imagesPerSec / Math.max(1e-9, 1 - allReduce.sec / allReduce.trainSec)).toFixed(1)} images/s)` : ''),
     `      run folder ${runDir} (worker logs in ${path.join(runDir, 'logs')})`,
   ].join('\n');
 }
