@@ -464,14 +464,6 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   // answered (or the timeout passed) the Welcome of the next generation goes out, naming the root
   // whose state everyone adopts. Joiners wait in `pendingJoiners` for the next step boundary.
   let generation = 1;
-  // The exporter's failure metrics (optional methods: exporters without them are fed nothing).
-  const elasticMetrics = metrics as TrainingMetrics & Partial<{
-    countWorkerLost(reason: string): void;
-    forgetWorker(rank: number): void;
-    countRegroup(): void;
-    setHeartbeatAge(rank: number, host: string, seconds: number): void;
-    countStallWarning(rank: number, host: string): void;
-  }>;
   const lostMembers: Member[] = [];
   const pendingJoiners: Member[] = [];
   let regroupState: { reasons: string[]; ready: Map<Member, RegroupReport>; timer: NodeJS.Timeout; rollback: boolean } | undefined;
@@ -501,8 +493,8 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     void server.send(member.peer, 'error', { code: 4, message: `this worker was declared lost: ${reason}`, rank: member.rank, host: member.host }).catch(() => undefined);
     // A hung (or stopped) process must not come back into a group that moved on.
     if (slot && slot.child.exitCode === null && slot.child.signalCode === null) slot.child.kill('SIGKILL');
-    elasticMetrics.countWorkerLost?.(kind);
-    elasticMetrics.forgetWorker?.(member.rank);
+    metrics.countWorkerLost(kind);
+    metrics.forgetWorker(member.rank);
     emit({ kind: 'lost', rank: member.rank, host: member.host, reason, logTail: logTail ?? slot?.tail ?? [], logFile: logFile ?? slot?.logFile ?? `its log on host ${member.host}`, remaining: byRank.length });
     if (inGroup < 0 && joining >= 0) return;
     if (byRank.length === 0) {
@@ -579,6 +571,8 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       x.warned = false;
     });
     generation++;
+    // Series are labelled by rank: ranks the smaller group no longer has are dropped.
+    for (let r = byRank.length; r < worldSize; r++) metrics.forgetWorker(r);
     worldSize = byRank.length;
     const stop = worldSize < minWorkers;
     const regroup = { root: rootMember.rank, stop, reason: st.reasons.join('; ') };
@@ -588,7 +582,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       void server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation, peers, heartbeatMs, timeoutMs, configJson }).catch(() => undefined);
     }
     metrics.setWorkers(worldSize, worldSize);
-    elasticMetrics.countRegroup?.();
+    metrics.countRegroup();
     emit({ kind: 'regrouped', generation, worldSize, root: regroup.root, reason: regroup.reason, stop, hosts: groupHosts() });
   }
   let runConfig: unknown = o.config;
@@ -602,7 +596,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       void server.send(x.peer, 'heartbeat', { rank: x.rank, unixMs: now }).catch(() => undefined);
       if (x.final !== undefined || regroupState?.ready.has(x)) continue;
       const silent = now - x.lastHeard;
-      elasticMetrics.setHeartbeatAge?.(x.rank, x.host, silent / 1000);
+      metrics.setHeartbeatAge(x.rank, x.host, silent / 1000);
       // Late: past 5 intervals, 2 of its own step times (a step's compute blocks its heartbeats)
       // and a quarter of the timeout, whichever is longest.
       const warnAfter = Math.max(5 * heartbeatMs, 2 * x.stepMs, timeoutMs / 4);
@@ -616,7 +610,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         }
       } else if (silent > warnAfter && !x.warned) {
         x.warned = true;
-        elasticMetrics.countStallWarning?.(x.rank, x.host);
+        metrics.countStallWarning(x.rank, x.host);
         emit({ kind: 'stall', rank: x.rank, host: x.host, silentSec: silent / 1000, activity: x.activity, step: x.step, timeoutSec: timeoutMs / 1000 });
       } else if (silent <= warnAfter) x.warned = false;
     }
