@@ -111,7 +111,7 @@ export function registerLaunch(program: Command) {
     .option('--insecure', INSECURE_HELP)
     .addOption(new Option('--join-timeout-s <s>', 'fail when workers have not joined by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', 'a worker (or the coordinator) silent this long is gone: no heartbeat, or nothing from a ring neighbour in a collective; must exceed the longest training step').default(60).argParser(positiveInt('--timeout-s')))
-    .addOption(new Option('--heartbeat-ms <ms>', 'heartbeat interval between the coordinator and every worker; a worker silent for 5 intervals (or 2 of its step times) is reported as late').default(1000).argParser(positiveInt('--heartbeat-ms')))
+    .addOption(new Option('--heartbeat-ms <ms>', 'heartbeat interval between the coordinator and every worker; a worker silent for a quarter of --timeout-s (and longer than 5 intervals and 2 of its step times) is reported as late').default(1000).argParser(positiveInt('--heartbeat-ms')))
     .option('--elastic', 'survive lost workers: the others roll back the step in flight, regroup without it and go on; pnpm cli join adds workers while the run is in progress (default: off, a lost worker ends the run)')
     .addOption(new Option('--min-workers <k>', 'with --elastic: below K workers the run stops after a checkpoint (exit code 3); --resume continues it').default(1).argParser(positiveInt('--min-workers')))
     .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
