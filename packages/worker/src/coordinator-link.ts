@@ -5,7 +5,7 @@
 //
 // Heartbeats leave from the main thread. TensorFlow's kernels run synchronously on it, so a
 // heartbeat can be late by the longest synchronous stretch (one step's forward and backward): the
-// coordinator warns about a late worker only past max(5 heartbeat intervals, 2 of its step times)
+// coordinator warns about a late worker only past max(5 heartbeat intervals, 2 of its step times, a quarter of the timeout)
 // and declares it lost only after the timeout, which must exceed the longest step.
 import { ControlTimeoutError, dtrain, type ControlClient, type ControlMessage } from '@dtrain/transport';
 
