@@ -1,6 +1,6 @@
 // pnpm bench allreduce [--world 2,4] [--floats 11200000] [--iters 10] [--warmup 2]
 //                      [--transport ipc,tcp] [--piece-bytes 4194304] [--fp16] [--no-mpi] [--no-kernels]
-//                      [--no-default-malloc]
+//                      [--no-default-malloc] [--baseline path/to/transport/src/index.ts]
 //
 // Our ring all-reduce between real processes on this machine, side by side with Open MPI's
 // MPI_Allreduce on the same floats and ranks (default transport, and --mca btl tcp,self), plus
@@ -9,6 +9,8 @@
 // busbw = algbw * 2(n-1)/n. Also the CPU time (user + system, every thread) per timed call, summed
 // over the ranks: on a shared machine it moves less with other load than the times do, and it shows
 // what MPI's busy-polling costs. The load average is recorded before and after each row.
+// --baseline adds a row (ipc://) for another copy of the transport package (e.g. an older commit
+// exported with `git archive`, placed where it resolves zeromq), for before/after in the same run.
 // Results: bench-results/allreduce.json and a table.
 import { execFileSync, fork, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node:fs';
@@ -31,12 +33,13 @@ interface Options {
   mpi: boolean;
   kernels: boolean;
   defaultMalloc: boolean;
+  baseline: string | undefined;
 }
 
 function parse(args: string[]): Options {
   const o: Options = {
     worlds: [2, 4], floats: 11_200_000, iters: 10, warmup: 2, transports: ['ipc', 'tcp'],
-    pieceBytes: 4 << 20, fp16: false, mpi: true, kernels: true, defaultMalloc: true,
+    pieceBytes: 4 << 20, fp16: false, mpi: true, kernels: true, defaultMalloc: true, baseline: undefined,
   };
   for (let i = 0; i < args.length; i++) {
     const a = args[i];
@@ -64,6 +67,7 @@ function parse(args: string[]): Options {
     else if (a === '--no-mpi') o.mpi = false;
     else if (a === '--no-kernels') o.kernels = false;
     else if (a === '--no-default-malloc') o.defaultMalloc = false;
+    else if (a === '--baseline') o.baseline = resolve(val());
     else throw new Error(`unknown option ${a} (see the top of tools/bench/allreduce.ts)`);
   }
   return o;
@@ -145,11 +149,14 @@ interface ChildInit {
   transport: 'ipc' | 'tcp';
   pieceBytes: number;
   fp16: boolean;
+  /** Take Ring from this module instead of @dtrain/transport. */
+  ringModule?: string;
 }
 
 async function child(): Promise<void> {
   const init = await new Promise<ChildInit>((res) => process.once('message', (m) => res(m as ChildInit)));
-  const ring = await Ring.create({
+  const RingClass = init.ringModule === undefined ? Ring : ((await import(init.ringModule)) as { Ring: typeof Ring }).Ring;
+  const ring = await RingClass.create({
     rank: init.rank, worldSize: init.world, timeoutMs: 60_000, pieceBytes: init.pieceBytes,
     ipc: init.transport === 'ipc', preferIpc: init.transport === 'ipc', runId: 'bench',
   });
@@ -175,7 +182,7 @@ async function child(): Promise<void> {
   process.disconnect();
 }
 
-async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean): Promise<Run> {
+async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean, ringModule?: string): Promise<Run> {
   // Workers get the environment a launcher gives them (workerEnv), unless measuring without it.
   const env = tunedMalloc ? workerEnv() : { ...process.env, GLIBC_TUNABLES: '' };
   const kids = Array.from({ length: world }, () =>
@@ -198,7 +205,7 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
       if (m.ms !== undefined) results[rank] = m.ms;
       if (m.cpuMs !== undefined) cpuMs[rank] = m.cpuMs;
     });
-    k.send({ rank, world, floats: o.floats, iters: o.iters, warmup: o.warmup, transport, pieceBytes: o.pieceBytes, fp16: o.fp16 } satisfies ChildInit);
+    k.send({ rank, world, floats: o.floats, iters: o.iters, warmup: o.warmup, transport, pieceBytes: o.pieceBytes, fp16: o.fp16, ringModule } satisfies ChildInit);
   }));
   try {
     await Promise.all(exits);
@@ -271,6 +278,7 @@ export async function main(args: string[]): Promise<void> {
     const row: Record<string, unknown> = { world, loadAverageBefore: loadavg() };
     for (const t of o.transports) row[`ours_${t}`] = stats(await runOurs(world, o, t, true), bytes, world);
     if (o.transports.includes('ipc') && o.defaultMalloc) row.ours_ipc_default_malloc = stats(await runOurs(world, o, 'ipc', false), bytes, world);
+    if (o.baseline !== undefined) row.ours_baseline_ipc = stats(await runOurs(world, o, 'ipc', true, o.baseline), bytes, world);
     if (typeof mpi === 'string') {
       row.mpi_default = stats(runMpi(mpi, world, o, false), bytes, world);
       row.mpi_tcp = stats(runMpi(mpi, world, o, true), bytes, world);
@@ -287,7 +295,7 @@ export async function main(args: string[]): Promise<void> {
     const mt = row.mpi_tcp as Stats | undefined;
     for (const [key, label] of [
       ['ours_ipc', 'dtrain ring, ipc://'], ['ours_tcp', 'dtrain ring, tcp://'], ['ours_ipc_default_malloc', 'ring ipc, default malloc'],
-      ['mpi_default', 'Open MPI default (sm)'], ['mpi_tcp', 'Open MPI btl tcp,self'],
+      ['ours_baseline_ipc', 'baseline ring, ipc://'], ['mpi_default', 'Open MPI default (sm)'], ['mpi_tcp', 'Open MPI btl tcp,self'],
     ] as const) {
       const s = row[key] as Stats | undefined;
       if (s === undefined) continue;
