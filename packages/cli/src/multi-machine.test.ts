@@ -5,6 +5,9 @@
 // in b and c. Nothing here touches an address outside the namespaces or 127.0.0.0/8; every
 // namespace and process is removed afterwards, also on failure. Where namespaces cannot be made
 // (not root, no iproute2), the same scenario runs on 127.0.0.2-4 and the test says so.
+// Also across these hosts: --resume of a 3-machine run on 2 machines, a machine joining an
+// --elastic run in progress, and a machine whose link goes down (namespaces only; the measured
+// detection time is printed as a `fault:` line, like faults.test.ts).
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -77,23 +80,65 @@ function makeNet(): Net {
 
 const children = new Set<ChildProcess>();
 
-/** Runs the CLI on a host; its own process group, so cleanup reaches its workers too. */
-function cliOn(net: Net, h: Host, args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 180_000): Promise<{ code: number | null; out: string }> {
+interface Line {
+  t: number;
+  text: string;
+}
+interface CliRun {
+  code: number | null;
+  out: string;
+  /** Every output line with the time it came, for measured delays. */
+  lines: Line[];
+  t0: number;
+  /** When the process ended. */
+  t1: number;
+  /** Whether a process of its group (a worker) was still there when it ended (it was then killed). */
+  leftBehind: boolean;
+}
+
+/** Runs the CLI on a host; its own process group, so cleanup reaches its workers too. `onLine` sees each line as it comes. */
+function cliOn(net: Net, h: Host, args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 180_000, onLine?: (l: Line) => void): Promise<CliRun> {
   const argv = [...net.exec[h], process.execPath, '--import', 'tsx', main, ...args];
+  const t0 = Date.now();
   const child = spawn(argv[0], argv.slice(1), { cwd: cliDir, env: { ...process.env, DTRAIN_HOST: `host-${h}`, ...env }, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
   children.add(child);
   let out = '';
-  child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+  const lines: Line[] = [];
+  let partial = '';
+  const take = (d: Buffer) => {
+    const text = d.toString();
+    out += text;
+    const parts = (partial + text).split('\n');
+    partial = parts.pop()!;
+    for (const p of parts.filter(Boolean)) {
+      const l = { t: Date.now(), text: p };
+      lines.push(l);
+      onLine?.(l);
+    }
+  };
+  child.stdout!.on('data', take);
+  child.stderr!.on('data', take);
   const timer = setTimeout(() => killGroup(child), timeoutMs);
   return new Promise((resolve) => {
     child.on('close', (code) => {
+      const t1 = Date.now();
+      if (partial) lines.push({ t: t1, text: partial });
       clearTimeout(timer);
       children.delete(child);
+      const leftBehind = groupAlive(child);
       killGroup(child); // workers left behind, if any
-      resolve({ code, out });
+      resolve({ code, out, lines, t0, t1, leftBehind });
     });
   });
+}
+
+function groupAlive(c: ChildProcess): boolean {
+  try {
+    if (c.pid) process.kill(-c.pid, 0);
+    return c.pid !== undefined;
+  } catch {
+    return false;
+  }
 }
 
 function killGroup(c: ChildProcess): void {
@@ -212,4 +257,135 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     expect(rcc.code).not.toBe(0);
     expect(Date.now() - t0).toBeLessThan(60_000);
   }, 120_000);
+});
+
+// Across the namespace hosts: --resume with fewer machines, a machine joining an --elastic run in
+// progress, and a machine whose link goes down (its switch port: the others see silence, no reset).
+describe('three machines: resume, elastic join, link down', () => {
+  const SYN = ['--synthetic-test-data', '96:48:12', '--batch-size', '8', '--seed', '5', '--metrics-port', '0'];
+  const FAST = ['--timeout-s', '10', '--heartbeat-ms', '250'];
+  const stateLine = (stdout: string) => /replicas identical: state sha256 ([0-9a-f]{16}) on all (\d+) workers(?: on (\d+) machines)?/.exec(stdout);
+  const at = (r: CliRun, re: RegExp) => r.lines.find((l) => re.test(l.text));
+  const joinOn = (h: Host, port: number, ring: number, logs: string, extra: string[] = [], onLine?: (l: Line) => void) =>
+    cliOn(net, h, ['join', `${net.addr.a}:${port}`, '--workers', '1', '--host', `host-${h}`, '--advertise', net.addr[h], '--ring-port-base', String(ring), '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--insecure', ...extra], {}, 180_000, onLine);
+
+  it('--resume of a 3-machine run as a 2-machine run completes epoch 2 with identical replicas', async () => {
+    const out = path.join(tmp(), 'run');
+    const logs = tmp();
+    const port = PORT + 3;
+    const ring = RING + 200;
+    const common = ['--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--timeout-s', '60', '--insecure'];
+    const first = await Promise.all([
+      cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '3', ...common, ...SYN, '--epochs', '1', '--out', out]),
+      joinOn('b', port, ring, logs, ['--timeout-s', '60']),
+      joinOn('c', port, ring, logs, ['--timeout-s', '60']),
+    ]);
+    expect(first[0].code, first[0].out).toBe(0);
+    expect(first[1].code, first[1].out).toBe(0);
+    expect(first[2].code, first[2].out).toBe(0);
+    expect(stateLine(first[0].out)?.slice(2)).toEqual(['3', '3']);
+    expect(fs.existsSync(path.join(out, 'checkpoint-e0001.ckpt'))).toBe(true);
+    // The run folder is on host a: the resumed run's coordinator is there again, with one machine less.
+    const logs2 = tmp();
+    const [c, b] = await Promise.all([
+      cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '2', ...common, ...SYN, '--epochs', '2', '--resume', out]),
+      joinOn('b', port, ring, logs2, ['--timeout-s', '60']),
+    ]);
+    expect(c.code, c.out).toBe(0);
+    expect(b.code, b.out).toBe(0);
+    expect(c.out).toMatch(/resuming \S+ from checkpoint-e0001\.ckpt \(epoch 1, written by 3 workers\)/);
+    expect(c.out).toMatch(/all 2 workers joined \(host-a: rank 0, host-b: rank 1\)/);
+    expect(c.out).not.toMatch(/^epoch 1\/2 /m);
+    expect(c.out).toMatch(/^epoch 2\/2 .*world 2/m);
+    expect(stateLine(c.out)?.slice(2)).toEqual(['2', '2']);
+    expect(b.out).toMatch(/done: ranks 1 of 2 on host host-b completed/);
+    expect(fs.existsSync(path.join(out, 'checkpoint-e0002.ckpt'))).toBe(true);
+    console.log(`multi-machine: 3-machine run of 1 epoch ${((first[0].t1 - first[0].t0) / 1000).toFixed(1)}s, --resume on 2 machines (epoch 2) ${((c.t1 - c.t0) / 1000).toFixed(1)}s (${net.kind})`);
+  }, 300_000);
+
+  it('a machine joins an --elastic run in progress: admitted at a step boundary, the run completes with 3 workers, identical replicas', async () => {
+    const out = path.join(tmp(), 'run');
+    const logs = tmp();
+    const port = PORT + 4;
+    const ring = RING + 300;
+    let late: Promise<CliRun> | undefined;
+    let lateAt = 0;
+    const [c, b] = await Promise.all([
+      cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '2', '--elastic', '--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--insecure', ...FAST, ...SYN, '--synthetic-test-data', '480:48:12', '--epochs', '3', '--out', out], {}, 240_000, (l) => {
+        if (!late && /^epoch 1\/3 /.test(l.text)) {
+          lateAt = Date.now();
+          late = joinOn('c', port, ring, logs, FAST.slice(0, 2));
+        }
+      }),
+      joinOn('b', port, ring, logs, FAST.slice(0, 2)),
+    ]);
+    expect(late, c.out).toBeDefined();
+    const j = await late!;
+    expect(c.code, c.out).toBe(0);
+    expect(b.code, b.out).toBe(0);
+    expect(j.code, j.out).toBe(0);
+    expect(c.out).toMatch(/all 2 workers joined \(host-a: rank 0, host-b: rank 1\); ring starting \(elastic/);
+    const regrouped = at(c, /^regrouped: generation 2, 3 workers \(host-a: 1, host-b: 1, host-c: 1\)/);
+    expect(regrouped, c.out).toBeDefined();
+    expect(c.out).toMatch(/^epoch 3\/3 .*world 3/m);
+    expect(stateLine(c.out)?.slice(2)).toEqual(['3', '3']);
+    expect(j.out).toMatch(/local worker 0: rank 2 of 3/);
+    expect(j.out).toMatch(/done: ranks 2 of 3 on host host-c completed/);
+    expect(j.leftBehind || b.leftBehind || c.leftBehind).toBe(false);
+    console.log(`multi-machine: elastic join from host c (${net.kind}): started ${((lateAt - c.t0) / 1000).toFixed(1)}s into the run, admitted (generation 2) ${((regrouped!.t - lateAt) / 1000).toFixed(1)}s later; run ${((c.t1 - c.t0) / 1000).toFixed(1)}s`);
+  }, 300_000);
+
+  // Only with namespaces: a link to take down needs a network of its own.
+  it.skipIf(process.getuid?.() !== 0)('a machine cut off (its link down) in an --elastic run: late, then lost after --timeout-s; the others finish; its join and workers stop on their own', async () => {
+    if (net.kind !== 'netns') return console.warn('multi-machine link-down test: SKIPPED, needs network namespaces');
+    const out = path.join(tmp(), 'run');
+    const logs = tmp();
+    const port = PORT + 5;
+    const ring = RING + 400;
+    let cutAt = 0;
+    const cut = (l: Line) => {
+      if (cutAt === 0 && /^epoch 1\/2 /.test(l.text)) {
+        // Host c's port on the bridge: c's eth0 loses its carrier, nobody gets a reset.
+        try {
+          ip('-n', `${prefix}sw`, 'link', 'set', 'pc', 'down');
+          cutAt = Date.now();
+        } catch (e) {
+          console.warn(`multi-machine link-down test: could not take host c's link down: ${String(e)}`);
+          cutAt = -1;
+        }
+      }
+    };
+    try {
+      const [c, b, cc] = await Promise.all([
+        cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '3', '--elastic', '--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--insecure', ...FAST, ...SYN, '--epochs', '2', '--out', out], {}, 240_000, cut),
+        joinOn('b', port, ring, logs, FAST.slice(0, 2)),
+        joinOn('c', port, ring, logs, FAST.slice(0, 2)),
+      ]);
+      expect(cutAt, c.out).toBeGreaterThan(0);
+      expect(c.code, c.out).toBe(0);
+      expect(b.code, b.out).toBe(0);
+      const late = at(c, /^warning: rank 2 on host host-c is late: no heartbeat for/);
+      const lost = at(c, /^lost rank 2 on host host-c: no heartbeat for [\d.]+ s/);
+      expect(late, c.out).toBeDefined();
+      expect(lost, c.out).toBeDefined();
+      expect(late!.t).toBeLessThan(lost!.t);
+      const detect = (lost!.t - cutAt) / 1000;
+      expect(detect).toBeGreaterThanOrEqual(9.5);
+      expect(detect).toBeLessThan(16);
+      expect(at(c, /^regrouped: generation 2, 2 workers \(host-a: 1, host-b: 1\)/), c.out).toBeDefined();
+      expect(c.out).toMatch(/^epoch 2\/2 .*world 2/m);
+      expect(stateLine(c.out)?.slice(2)).toEqual(['2', '2']);
+      // The cut-off machine: its join stops (non-zero, saying why) with its workers, within 2 x the timeout.
+      const stopped = (cc.t1 - cutAt) / 1000;
+      expect(cc.code, cc.out).not.toBe(0);
+      const said = cc.lines.find((l) => /silent for [\d.]+ s/.test(l.text));
+      expect(said, cc.out).toBeDefined();
+      expect(stopped, cc.out).toBeLessThan(22);
+      expect(cc.leftBehind, 'a worker outlived the join process of the cut-off machine').toBe(false);
+      expect(b.leftBehind || c.leftBehind).toBe(false);
+      console.log(`fault: link of host c down (elastic, 3 machines, timeout 10 s, heartbeat 250 ms): warned after ${((late!.t - cutAt) / 1000).toFixed(1)}s, declared lost after ${detect.toFixed(1)}s; run completed with 2 workers; host c's join and workers stopped ${stopped.toFixed(1)}s after the cut (exit ${cc.code}: ${said!.text.slice(0, 160)})`);
+    } finally {
+      ip('-n', `${prefix}sw`, 'link', 'set', 'pc', 'up');
+    }
+  }, 300_000);
 });
