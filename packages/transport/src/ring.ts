@@ -128,8 +128,9 @@ function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTi
 /**
  * The ZeroMQ context of every ring's link to its next rank (the DEALER): its own I/O thread, so
  * that sending to the next rank and receiving from the previous one (the data socket, in the
- * default context) run on two threads. Measured (tools/bench/allreduce.ts, 44.8 MB, ipc, 2 cores):
- * one I/O thread for both directions was the bottleneck of the ring. The data socket stays in the
+ * default context) run on two threads. Measured (44.8 MB, ipc, 2 cores, with other CPU-bound jobs
+ * running): one I/O thread for both directions was the ring's bottleneck (4 ranks: 118-132 vs
+ * 207-249 ms at best); on a quiet machine the two are within the noise. The data socket stays in the
  * default context, where this process's ZAP handler (CURVE allow-lists) lives; a CURVE client
  * needs no ZAP handler. One per process, created on first use; linger 0 (blocky false), so it
  * never holds up the process's exit.
