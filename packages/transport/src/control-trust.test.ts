@@ -1,29 +1,15 @@
 // Trust on the control channel over real sockets (127.0.0.1): a Hello must prove the CURVE key it
 // claims (issue 7 §3), and a replayed or reordered control message is dropped, logged once per peer
 // and counted (issue 7 §4), while the normal flow goes on.
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as zmq from 'zeromq';
 import { ControlClient, ControlServer, HELLO_KEY_NOT_PROVEN, REPLAY_REASONS, type ControlEnvelope } from './control.js';
-import { decodeMessage, encodeMessage, PROTOCOL_VERSION, setTransportLogger, transportCounters } from './protocol.js';
+import { decodeMessage, encodeMessage, PROTOCOL_VERSION, transportCounters } from './protocol.js';
 import { curveKeyPair, helloKeyProof, verifyHelloKeyProof, z85Encode, type Security } from './security.js';
+import { captureTransportLog, cleanupAfterEach, until } from './testing/wait.js';
 
-const cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const f of cleanup.splice(0).reverse()) await f();
-});
-const logLines: string[] = [];
-beforeAll(() => {
-  setTransportLogger((l) => logLines.push(l));
-  return () => setTransportLogger(undefined);
-});
-
-async function until(what: string, cond: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+const cleanup = cleanupAfterEach();
+const logLines = captureTransportLog();
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

@@ -4,32 +4,18 @@
 import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as zmq from 'zeromq';
 import { ControlClient, ControlServer } from './control.js';
 import { addAllowedKey, curveClientSecurity, curveServerSecurity, initKeyDir, KeyFileError, loadKeyDir } from './keys.js';
-import { encodeMessage, setTransportLogger, transportCounters } from './protocol.js';
+import { encodeMessage, transportCounters } from './protocol.js';
 import { Ring, type PeerInfo } from './ring.js';
 import { curveKeyPair, isCurveKey, SecurityError, z85Decode, z85Encode, zapReply, type Security } from './security.js';
 import { makeData, ringReference } from './testing/data.js';
+import { captureTransportLog, cleanupAfterEach, until } from './testing/wait.js';
 
-const cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const f of cleanup.splice(0).reverse()) await f();
-});
-const logLines: string[] = [];
-beforeAll(() => {
-  setTransportLogger((l) => logLines.push(l));
-  return () => setTransportLogger(undefined);
-});
-
-async function until(what: string, cond: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
+const cleanup = cleanupAfterEach();
+const logLines = captureTransportLog();
 
 /** A stranger's socket: sends `frames` repeatedly (best effort) and records anything it receives. */
 function stranger(endpoint: string, opts: Record<string, unknown>, frames: Buffer[]): { got: number; stop: () => void } {
