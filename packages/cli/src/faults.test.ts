@@ -145,8 +145,8 @@ describe('a stopped worker (SIGSTOP)', () => {
     expect(late, r.stdout).toBeDefined();
     expect(lost, r.stdout).toBeDefined();
     const detect = (lost!.t - stoppedAt) / 1000;
-    // Declared lost after the timeout (10 s), not long after it (a heartbeat interval and a check).
-    expect(detect).toBeGreaterThanOrEqual(9.5);
+    // Declared lost after the timeout (10 s; its last heartbeat left up to an interval before the stop), not long after it.
+    expect(detect).toBeGreaterThanOrEqual(9);
     expect(detect).toBeLessThan(16);
     expect(late!.t).toBeLessThan(lost!.t);
     expect(stateLine(r.stdout)?.[2]).toBe('2');
