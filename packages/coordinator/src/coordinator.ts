@@ -211,6 +211,8 @@ interface Member {
    * the join timeout instead, and not reported as late.
    */
   started: boolean;
+  /** The worker process's count of dropped messages, as last reported (a RejectedReport). */
+  rejectedSeen: number;
   /** Why it was declared lost (elastic); a lost member is out of every later group. */
   lost?: string;
 }
@@ -679,7 +681,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       if (!(h.dataEndpoints ?? []).length) return refuse('a Hello needs the ring endpoints');
       const member: Member = {
         peer: e.peer, host, localRank, local: requested >= 0, endpoints: h.dataEndpoints ?? [], device: h.device ?? '', key: o.keys ? (e.authenticatedKey ?? h.curvePublicKey ?? '') : (h.curvePublicKey ?? ''),
-        rank: requested, slot: requested, lastHeard: Date.now(), activity: 'idle', step: 0, stepMs: 0, warned: false, started: false,
+        rank: requested, slot: requested, lastHeard: Date.now(), activity: 'idle', step: 0, stepMs: 0, warned: false, started: false, rejectedSeen: 0,
       };
       members.set(key, member);
       if (during) {
@@ -720,6 +722,13 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         return metrics.countMalformedMessages();
       }
       if (detail.kind === 'regroup') return onRegroupReport(member, detail as unknown as RegroupReport);
+      if (detail.kind === 'rejected') {
+        // A worker's sockets dropped messages (garbage, strangers, replays): into the run's metric.
+        const total = num(detail.total);
+        if (total > member.rejectedSeen) metrics.countMalformedMessages(total - member.rejectedSeen);
+        member.rejectedSeen = Math.max(member.rejectedSeen, total);
+        return;
+      }
       reports.push({ rank, detail });
       if (rank === 0) observeRank0(metrics, detail, worldSize);
       if (detail.kind === 'done') {

@@ -147,7 +147,9 @@ export class ControlServer {
         sendTimeout: timeoutMs,
         maxMessageSize: CONTROL_MAX_FRAME_BYTES,
         receiveHighWaterMark: CONTROL_RECEIVE_HWM,
-        ...heartbeats(timeoutMs),
+        // No ZMTP heartbeats here (a socket open to strangers): see the ring's data socket in
+        // ring.ts for the libzmq abort they can cause. Liveness of workers comes from the
+        // application's Heartbeat messages; each worker's DEALER still pings this socket.
       },
       onRefused: (reason, address) => {
         counts.authRefused++;

@@ -291,7 +291,13 @@ export class Ring {
         // by it, never stalled: this rank reads its queue throughout every collective.
         ...ringInboundLimits(pieceBytes, opts.security?.kind === 'curve'),
         sendTimeout: timeoutMs,
-        ...heartbeats(timeoutMs),
+        // No ZMTP heartbeats on a socket that accepts strangers' connections: with heartbeats and a
+        // bounded receive queue, libzmq 4.3.5 aborts the whole process (`Assertion failed:
+        // !_io_error (stream_engine_base.cpp:310)`) when such a connection breaks at the wrong
+        // moment (libzmq issues #3937, #4364, #4767). Our fuzz-during-a-run test hit it. The
+        // previous rank's DEALER still pings this socket (libzmq answers without the option), so
+        // a stopped rank is named by its previous rank at half the timeout, and by this one's
+        // receive timeout.
       },
       onRefused: (reason, address) => {
         auth.refused++;

@@ -28,7 +28,7 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
-import { ControlClient, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
+import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
 import type { Collective } from './collective.js';
 import { CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
 import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
@@ -95,7 +95,13 @@ export interface StartReport {
   versions?: Record<string, string>;
 }
 
-export type WorkerReport = StartReport | { kind: 'epoch'; metrics: EpochMetrics } | { kind: 'checkpoint'; file: string; unixMs: number } | DoneReport;
+/** This process's count of messages its sockets dropped (garbage, strangers, replays), sent when it changes. */
+export interface RejectedReport {
+  kind: 'rejected';
+  total: number;
+}
+
+export type WorkerReport = StartReport | { kind: 'epoch'; metrics: EpochMetrics } | { kind: 'checkpoint'; file: string; unixMs: number } | DoneReport | RejectedReport;
 
 /** A worker started with a missing or wrong environment variable. */
 export class WorkerEnvError extends Error {
@@ -307,6 +313,14 @@ export async function runDistributedWorker(
     };
     const crashGeneration = () => (elastic ? elastic.generation : 1) === (crash?.generation ?? 1);
     let stepStart = performance.now();
+    let rejectedSent = 0;
+    // What this worker's sockets dropped goes to the coordinator's metric (when it changed).
+    const reportRejected = () => {
+      const rejected = transportCounters().rejected;
+      if (rejected === rejectedSent) return;
+      rejectedSent = rejected;
+      void report({ kind: 'rejected', total: rejected });
+    };
 
     const data = config.synthetic ? syntheticData(config.synthetic) : undefined;
     const result = await runTraining({
@@ -337,6 +351,7 @@ export async function runDistributedWorker(
           const cpu = process.cpuUsage();
           // Every rank, every step: the figures of the coordinator's Prometheus exporter.
           link.step = s.step;
+          reportRejected();
           // The crash points: the next step's compute (this process never reaches its all-reduce),
           // or inside the next step's all-reduce (a few milliseconds after it started).
           if (crash && crashGeneration() && crash.at === s.step + 1) {
@@ -368,6 +383,7 @@ export async function runDistributedWorker(
           }
         },
         onEpochEnd: (metrics) => {
+          reportRejected();
           log(`${who}: epoch ${metrics.epoch} done, test accuracy ${metrics.testAcc}`);
           if (collective.rank === 0) {
             void report({ kind: 'epoch', metrics }, { epoch: metrics.epoch, step: metrics.step, loss: metrics.loss, evaluation: true, allReduceMs: metrics.phaseSec.allReduce * 1000, computeMs: metrics.phaseSec.compute * 1000, dataMs: metrics.phaseSec.data * 1000 });
@@ -387,6 +403,7 @@ export async function runDistributedWorker(
       summary: collective.rank === 0 ? result.summary : undefined,
     };
     link.setActivity('idle');
+    reportRejected();
     await report(done, { weightsSha256: done.stateSha256, step: result.summary.steps });
     // Wait for the coordinator's STOP: exiting earlier could drop the report still in ZeroMQ's queue.
     await link.waitForStop(30_000);
