@@ -2,8 +2,11 @@ export { Trainer, AUGMENT_STREAM, AUGMENT_CROP_PADDING, layoutHash, readMetrics 
 export type { TrainData, TrainerOptions, TrainerHooks, TrainResult, PhaseTimes, StepInfo, StepMetrics, EpochMetrics, Summary, StartInfo } from './trainer.js';
 export { runTraining, loadTrainData, defaultRunDir } from './run.js';
 export type { RunTrainingOptions, RunTrainingResult } from './run.js';
-export { SingleProcess, createInProcessGroup } from './collective.js';
-export type { Collective } from './collective.js';
+export { SingleProcess, createInProcessGroup, GroupChangedError, isElastic } from './collective.js';
+export type { Collective, ElasticCollective, Progress, RegroupResult } from './collective.js';
+export { ElasticRingCollective } from './elastic-ring.js';
+export type { RegroupReport, RegroupAnnouncement } from './elastic-ring.js';
+export { CoordinatorLink } from './coordinator-link.js';
 export {
   resolveSettings,
   resumeSettings,
@@ -34,6 +37,6 @@ export { TrainError, TrainSettingsError, CheckpointError, NoCheckpointError, Rep
 export { RingCollective, hashFloats } from './ring-collective.js';
 export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
 export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY } from './distributed.js';
-export type { DistributedConfig, DoneReport, StartReport, WorkerReport, WorkerEnv } from './distributed.js';
+export type { DistributedConfig, DoneReport, StartReport, WorkerReport, WorkerEnv, CrashSpec, RejectedReport } from './distributed.js';
 export { fetchOfferedFiles, isCached, sha256File, DataTransferError } from './dataset-fetch.js';
 export type { OfferedFile } from './dataset-fetch.js';

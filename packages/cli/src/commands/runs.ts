@@ -16,7 +16,7 @@ export interface RunRow {
   finalTestAcc: number | null;
   /** Wall time of the run so far, resumes included. */
   durationSec: number | null;
-  status: 'completed' | 'incomplete';
+  status: 'completed' | 'stopped' | 'incomplete';
 }
 
 export function runRow(r: RunFiles): RunRow {
@@ -27,11 +27,12 @@ export function runRow(r: RunFiles): RunRow {
     date: r.config.createdAt ?? null,
     dataset: r.config.settings.dataset,
     worldSize: r.config.worldSize,
-    epochsDone: s ? s.epochs : (last?.epoch ?? 0),
+    epochsDone: s?.status === 'completed' ? s.epochs : (last?.epoch ?? 0),
     epochs: r.config.settings.epochs,
     finalTestAcc: s ? s.finalTestAcc : (last?.testAcc ?? null),
     durationSec: s ? s.totalSec : (last?.totalElapsedSec ?? null),
-    status: s?.status === 'completed' ? 'completed' : 'incomplete',
+    // 'stopped': an elastic run that fell below --min-workers and wrote a checkpoint (--resume continues it).
+    status: s?.status === 'completed' ? 'completed' : s?.status === 'stopped' ? 'stopped' : 'incomplete',
   };
 }
 
