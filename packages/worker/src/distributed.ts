@@ -62,7 +62,7 @@ export interface DistributedConfig {
 export interface CrashSpec {
   rank: number;
   /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce;
-   * evaluate: in the evaluation after epoch `epoch`; checkpoint: right after rank 0 wrote a checkpoint. */
+   * evaluate: at the start of the evaluation after epoch `epoch` (before it adds its share); checkpoint: right after rank 0 wrote a checkpoint. */
   phase: 'compute' | 'allReduce' | 'evaluate' | 'checkpoint';
   /** Global optimiser step (compute, allReduce) or 1-based epoch (evaluate, checkpoint). */
   at: number;
@@ -344,7 +344,8 @@ export async function runDistributedWorker(
         },
         onEvalStart: (epoch) => {
           link.setActivity('evaluate');
-          if (crash?.phase === 'evaluate' && crash.at === epoch && crashGeneration()) setImmediate(() => crashNow(`in the evaluation of epoch ${epoch}`));
+          // At its start: this worker never contributes to the evaluation's all-reduce.
+          if (crash?.phase === 'evaluate' && crash.at === epoch && crashGeneration()) crashNow(`at the start of the evaluation of epoch ${epoch}`);
         },
         onStep: (s) => {
           const now = performance.now();
