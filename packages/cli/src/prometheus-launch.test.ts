@@ -4,7 +4,7 @@
 // launcher keeps serving for --metrics-linger-s), every PromQL expression of the Grafana dashboard
 // must return finite data, the images Prometheus counted must equal the images the run trained
 // (metrics.jsonl, summary.json), and the epoch durations it stored must match the run's own log.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,19 +13,12 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { readMetrics } from '@dtrain/worker';
 // The dashboard and scrape-config readers the coordinator's own Prometheus test uses (test helpers,
 // deliberately not part of the coordinator's public API).
-import { dashboardQueries, PROMETHEUS_CONFIG, REPO_ROOT, resolveGrafanaVariables } from '../../coordinator/src/testing/dashboard.js';
+import { dashboardQueries, ENSURE_PROMETHEUS as ENSURE, findPrometheus, IN_CI as inCi, PROMETHEUS_CONFIG, resolveGrafanaVariables } from '../../coordinator/src/testing/dashboard.js';
 import { freePort } from '../../coordinator/src/testing/metrics-fixtures.js';
 
 const main = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
 
-function findPrometheus(): string | null {
-  const candidates = [process.env.PROMETHEUS_BIN, spawnSync('sh', ['-c', 'command -v prometheus'], { encoding: 'utf8' }).stdout.trim(), '/usr/bin/prometheus'];
-  return candidates.find((c): c is string => !!c && fs.existsSync(c)) ?? null;
-}
-
 const bin = findPrometheus();
-const inCi = process.env.CI === 'true' || process.env.CI === '1';
-const ENSURE = path.join(REPO_ROOT, 'tools/prometheus/ensure-prometheus.sh');
 if (!bin && !inCi) console.warn(`prometheus-launch.test.ts skipped: no prometheus binary (install it with: bash ${ENSURE})`);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

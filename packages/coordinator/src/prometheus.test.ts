@@ -3,24 +3,17 @@
 // exporter a two-worker run through the methods the launcher calls. Then every PromQL expression
 // of the Grafana dashboard must return data, the exported names must follow the rules, and what
 // Prometheus stored must equal what was reported.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { findMetricDef, metricNameProblems, METRIC_DEFS } from '@dtrain/core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
-import { dashboardQueries, metricNames, PROMETHEUS_CONFIG, REPO_ROOT, resolveGrafanaVariables } from './testing/dashboard.js';
+import { dashboardQueries, ENSURE_PROMETHEUS as ENSURE, findPrometheus, IN_CI as inCi, metricNames, PROMETHEUS_CONFIG, resolveGrafanaVariables } from './testing/dashboard.js';
 import { emptyTotals, epochReport, feedSteps, freePort } from './testing/metrics-fixtures.js';
 
-function findPrometheus(): string | null {
-  const candidates = [process.env.PROMETHEUS_BIN, spawnSync('sh', ['-c', 'command -v prometheus'], { encoding: 'utf8' }).stdout.trim(), '/usr/bin/prometheus'];
-  return candidates.find((c): c is string => !!c && fs.existsSync(c)) ?? null;
-}
-
 const bin = findPrometheus();
-const inCi = process.env.CI === 'true' || process.env.CI === '1';
-const ENSURE = path.join(REPO_ROOT, 'tools/prometheus/ensure-prometheus.sh');
 if (!bin && !inCi) console.warn(`prometheus.test.ts skipped: no prometheus binary (install it with: bash ${ENSURE})`);
 
 interface Sample {

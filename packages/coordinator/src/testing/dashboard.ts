@@ -1,4 +1,5 @@
 // Reading the project's Grafana dashboard and Prometheus config from tools/, for the tests.
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -7,6 +8,16 @@ export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url
 export const DASHBOARD_FILE = path.join(REPO_ROOT, 'tools/grafana/dashboards/dtrain-training.json');
 export const DATASOURCE_FILE = path.join(REPO_ROOT, 'tools/grafana/provisioning/datasources/prometheus.yml');
 export const PROMETHEUS_CONFIG = path.join(REPO_ROOT, 'tools/prometheus/prometheus.yml');
+/** What installs Prometheus (`.ci/run` runs it). */
+export const ENSURE_PROMETHEUS = path.join(REPO_ROOT, 'tools/prometheus/ensure-prometheus.sh');
+/** Under CI a test that needs Prometheus fails without it instead of skipping. */
+export const IN_CI = process.env.CI === 'true' || process.env.CI === '1';
+
+/** The prometheus binary: $PROMETHEUS_BIN, the one on PATH, or /usr/bin/prometheus; null when none. */
+export function findPrometheus(): string | null {
+  const candidates = [process.env.PROMETHEUS_BIN, spawnSync('sh', ['-c', 'command -v prometheus'], { encoding: 'utf8' }).stdout.trim(), '/usr/bin/prometheus'];
+  return candidates.find((c): c is string => !!c && fs.existsSync(c)) ?? null;
+}
 
 export interface DashboardQuery {
   panel: string;
