@@ -241,14 +241,8 @@ interface Placement {
   ipc: boolean;
 }
 
-interface CommOptions {
-  floats: number;
-  computeMs: number;
-  warmup: number;
-  steps: number;
-  fp16: boolean;
-  timeoutMs: number;
-}
+/** What every rank of a communication-only run is told (the worker's RingInit without its place in the ring). */
+type CommOptions = Pick<RingInit, 'floats' | 'computeMs' | 'warmup' | 'steps' | 'fp16' | 'timeoutMs'>;
 
 interface RingRun {
   results: RingResult[];
