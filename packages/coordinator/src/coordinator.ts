@@ -842,13 +842,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   for (const x of byRank) x.lastHeard = Date.now();
   metrics.setWorkers(worldSize, worldSize);
   await Promise.all(byRank.map((x) => server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation: 1, peers, heartbeatMs, timeoutMs, configJson })));
-  const hosts: { host: string; ranks: number[] }[] = [];
-  for (const x of byRank) {
-    const last = hosts.at(-1);
-    if (last?.host === x.host) last.ranks.push(x.rank);
-    else hosts.push({ host: x.host, ranks: [x.rank] });
-  }
-  emit({ kind: 'welcomed', worldSize, hosts });
+  emit({ kind: 'welcomed', worldSize, hosts: groupHosts() });
   if (remote.length === 0) remoteFinished();
 
   // Training: ends when every local worker exited and every other machine's worker sent its final

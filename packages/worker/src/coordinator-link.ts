@@ -7,7 +7,7 @@
 // heartbeat can be late by the longest synchronous stretch (one step's forward and backward): the
 // coordinator warns about a late worker only past max(5 heartbeat intervals, 2 of its step times, a quarter of the timeout)
 // and declares it lost only after the timeout, which must exceed the longest step.
-import { ControlTimeoutError, dtrain, type ControlClient, type ControlMessage } from '@dtrain/transport';
+import { ControlTimeoutError, dtrain, type ControlClient, type ControlMessage, type PeerInfo } from '@dtrain/transport';
 
 export type Activity = 'idle' | 'compute' | 'allReduce' | 'evaluate' | 'checkpoint' | 'data';
 
@@ -38,6 +38,11 @@ export interface WelcomeBody {
   heartbeatMs?: number;
   timeoutMs?: number;
   configJson?: string;
+}
+
+/** The ring membership a Welcome announces, as Ring.connect takes it. */
+export function welcomePeers(w: WelcomeBody): PeerInfo[] {
+  return (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])], publicKey: p.curvePublicKey || undefined }));
 }
 
 export interface CoordinatorLinkOptions {

@@ -28,9 +28,9 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
-import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, Ring, type PeerInfo } from '@dtrain/transport';
+import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, Ring } from '@dtrain/transport';
 import type { Collective } from './collective.js';
-import { CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
+import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
 import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
 import { ElasticRingCollective, parseAnnouncement, type RegroupReport } from './elastic-ring.js';
 import { hashFloats, RingCollective, type RingCollectiveOptions } from './ring-collective.js';
@@ -197,18 +197,15 @@ export async function runDistributedWorker(
   let ring: Ring | undefined;
   let linkRef: CoordinatorLink | undefined;
   let elasticRef: ElasticRingCollective | undefined;
+  // Every ring of this worker (the first, and a new one at each elastic regroup) binds the same way.
+  const ringOptions = { host: env.host, listen: env.listen, port: env.ringPort, advertise: env.advertise, timeoutMs: env.timeoutMs, security: keys ? curveServerSecurity(keys) : undefined };
   try {
     // The ring binds first: its endpoints go into the Hello.
     // A worker without RANK binds a ring of one and takes its rank and world size from the Welcome.
     ring = await Ring.create({
       rank: Math.max(0, env.rank),
       worldSize: env.worldSize > 0 ? env.worldSize : Math.max(0, env.rank) + 1,
-      host: env.host,
-      listen: env.listen,
-      port: env.ringPort,
-      advertise: env.advertise,
-      timeoutMs: env.timeoutMs,
-      security: keys ? curveServerSecurity(keys) : undefined,
+      ...ringOptions,
     });
     const device = process.env.CUDA_VISIBLE_DEVICES !== undefined ? `cuda:${process.env.CUDA_VISIBLE_DEVICES}` : 'cpu';
     await control.send('hello', {
@@ -241,7 +238,7 @@ export async function runDistributedWorker(
     env = { ...env, rank, worldSize };
     who = `rank ${rank} on host ${env.host}`;
     const config = JSON.parse(w.configJson ?? '{}') as DistributedConfig;
-    const peers: PeerInfo[] = (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])], publicKey: p.curvePublicKey || undefined }));
+    const peers = welcomePeers(w);
     // The connectivity preflight: connect() returns only when both ring links answered, and names
     // both hosts and the endpoint when one does not.
     await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1, rank, worldSize });
@@ -285,16 +282,13 @@ export async function runDistributedWorker(
         link.setActivity('compute');
       },
     };
-    const armAllReduceCrash = (_step: number) => {
-      crashInNextMean = true;
-    };
     const currentRank = () => collective.rank;
     const report = (r: WorkerReport, extra: Record<string, unknown> = {}) =>
       control.send('stepReport', { rank: currentRank(), detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
     const elastic: ElasticRingCollective | undefined = config.elastic
       ? new ElasticRingCollective(ring, {
           link,
-          ringOptions: { host: env.host, listen: env.listen, port: env.ringPort, advertise: env.advertise, timeoutMs: env.timeoutMs, security: keys ? curveServerSecurity(keys) : undefined },
+          ringOptions,
           runId: m.runId,
           report: (r: RegroupReport) => control.send('stepReport', { rank: currentRank(), detailJson: JSON.stringify(r) }),
           regroupTimeoutMs: Math.max(2 * env.timeoutMs, env.joinTimeoutMs),
@@ -357,7 +351,7 @@ export async function runDistributedWorker(
           // or inside the next step's all-reduce (a few milliseconds after it started).
           if (crash && crashGeneration() && crash.at === s.step + 1) {
             if (crash.phase === 'compute') crashNow(`before the compute of step ${crash.at}`);
-            if (crash.phase === 'allReduce') armAllReduceCrash(crash.at);
+            if (crash.phase === 'allReduce') crashInNextMean = true;
           }
           void control
             .send('stepReport', {

@@ -10,9 +10,9 @@
 //   3. the coordinator's Welcome of the next generation gives the new rank, world size and peers,
 //      and (in config_json) the root whose state everyone adopts and whether to stop;
 //   4. the new ring connects (the preflight of a launch), and the trainer syncs from the root.
-import { Ring, TransportError, type PeerInfo, type RingOptions } from '@dtrain/transport';
+import { Ring, TransportError, type RingOptions } from '@dtrain/transport';
 import { GroupChangedError, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
-import { CommandKind, type CommandBody, type CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
+import { CommandKind, welcomePeers, type CommandBody, type CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
 import { RingCollective, type RingCollectiveOptions } from './ring-collective.js';
 
 /** What the coordinator puts into the Welcome.config_json of a regroup. */
@@ -140,7 +140,7 @@ export class ElasticRingCollective implements ElasticCollective {
     const a = parseAnnouncement(w);
     const rank = w.rank ?? 0;
     const worldSize = w.worldSize ?? 0;
-    const peers: PeerInfo[] = (w.peers ?? []).map((p) => ({ rank: p.rank ?? 0, host: p.host ?? '?', endpoints: [...(p.dataEndpoints ?? [])], publicKey: p.curvePublicKey || undefined }));
+    const peers = welcomePeers(w);
     try {
       await ring.connect(peers, { runId: this.o.runId, generation: w.generation ?? left + 1, rank, worldSize });
     } catch (e) {
