@@ -19,6 +19,7 @@ import {
 import {
   clientSocketOptions,
   createServerRouter,
+  heartbeats,
   helloKeyProof,
   verifyHelloKeyProof,
   type CurveSecurity,
@@ -46,13 +47,6 @@ export class ControlTimeoutError extends TransportError {
 /** The other end of a control connection went away (process died, link down). */
 export class ControlLostError extends TransportError {
   readonly code = 'E_CONTROL_LOST' as const;
-}
-
-function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTimeout: number } {
-  return {
-    heartbeatInterval: Math.max(1, Math.min(1000, Math.ceil(timeoutMs / 8))),
-    heartbeatTimeout: Math.max(1, Math.ceil(timeoutMs / 2)),
-  };
 }
 
 /** One message from a worker, with the routing id to answer it on. */
@@ -93,7 +87,7 @@ export interface ControlServerOptions {
   /** TCP port (default 0: any free port). */
   port?: number;
   runId?: string;
-  /** Liveness of each connection (ZMTP heartbeats) and send timeout (default 30 s). */
+  /** Send timeout (default 30 s); liveness of workers comes from their Heartbeat messages. */
   timeoutMs?: number;
   /** CURVE with an allow-list of worker keys, or none (absent: none, warned about off loopback). */
   security?: Security;

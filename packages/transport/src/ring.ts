@@ -17,6 +17,7 @@ import { dtrain, dtypeSize, decodeMessage, encodeMessage, countRejected, countAu
 import {
   clientSocketOptions,
   createServerRouter,
+  heartbeats,
   type Security,
   type ZapRegistration,
 } from './security.js';
@@ -112,18 +113,6 @@ export const CURVE_FRAME_OVERHEAD = 256;
 /** Bytes of messages that may wait unread per inbound connection of a data socket (about). */
 export const RING_QUEUE_BYTES = 256 * 1024 * 1024;
 
-/**
- * ZMTP heartbeats: ZeroMQ's I/O thread answers them even while JavaScript is busy, so they tell a
- * dead, stopped or cut-off peer (no answer) from a slow one. Declaring the link dead after half
- * the collective timeout lets the neighbours of a stopped rank name it before any other rank's
- * receive timeout fires and blames its own (healthy but starved) neighbour.
- */
-function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTimeout: number } {
-  return {
-    heartbeatInterval: Math.max(1, Math.min(1000, Math.ceil(timeoutMs / 8))),
-    heartbeatTimeout: Math.max(1, Math.ceil(timeoutMs / 2)),
-  };
-}
 
 /**
  * The ZeroMQ context of every ring's link to its next rank (the DEALER): its own I/O thread, so

@@ -272,6 +272,20 @@ export function serverAllowList(security: Security | undefined, who: string): st
 }
 
 /** Socket options for a CURVE client connecting to the server whose public key is `serverKey`. */
+/**
+ * ZMTP heartbeats for a connecting socket (the link to the next rank, a worker's control link):
+ * ZeroMQ's I/O thread answers them even while JavaScript is busy, so they tell a dead, stopped or
+ * cut-off peer (no answer) from a slow one. The link is dead after half the timeout, so a stopped
+ * rank's previous rank names it before anyone's receive timeout blames a healthy, starved rank.
+ * Never on sockets that accept strangers (see the ring's data socket in ring.ts).
+ */
+export function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTimeout: number } {
+  return {
+    heartbeatInterval: Math.max(1, Math.min(1000, Math.ceil(timeoutMs / 8))),
+    heartbeatTimeout: Math.max(1, Math.ceil(timeoutMs / 2)),
+  };
+}
+
 export function clientSocketOptions(security: Security | undefined, serverKey: string | undefined, who: string): Record<string, unknown> {
   if (security === undefined || security.kind === 'none') return {};
   requireCurve();
