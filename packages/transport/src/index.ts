@@ -7,7 +7,9 @@ export {
   type RingOptions,
   type AllReduceOptions,
   type RingStats,
+  type StagedAllReduce,
 } from './ring.js';
+export { ThreadedRing, sharedFloat32Array, closeThreadedRings } from './ring-thread.js';
 export {
   TransportError,
   ProtocolVersionError,

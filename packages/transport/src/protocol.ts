@@ -105,6 +105,15 @@ export function countRejected(reason: string): void {
   bump(counters.byReason, reason);
 }
 
+/** Adds counts made elsewhere in this process (a ring's thread) to the process's counters. */
+export function addTransportCounters(c: TransportCounters): void {
+  counters.accepted += c.accepted;
+  counters.rejected += c.rejected;
+  counters.authRefused += c.authRefused;
+  for (const [reason, n] of Object.entries(c.byReason)) for (let i = 0; i < n; i++) bump(counters.byReason, reason);
+  for (const [reason, n] of Object.entries(c.authByReason)) for (let i = 0; i < n; i++) bump(counters.authByReason, reason);
+}
+
 export function countAccepted(): void {
   counters.accepted++;
 }

@@ -159,3 +159,36 @@ describe('ring in one process', () => {
     await expect(r.allReduce(a)).rejects.toBeInstanceOf(RingUsageError);
   });
 });
+
+describe('staged all-reduce (buckets handed over during a backward pass)', () => {
+  it('equals the per-bucket reference whatever order the buckets become ready in; floats outside buckets stay', async () => {
+    const rings = await ringOf(3, { timeoutMs: 10_000, pieceBytes: 4096 });
+    const buckets: [number, number][] = [[15_000, 20_000], [7, 15_000], [0, 7], [20_000, 20_000]];
+    const inputs = [0, 1, 2].map((r) => makeData({ len: 20_014, seed: 21 }, r));
+    const want = Float32Array.from(inputs[0]);
+    for (const [from, to] of buckets) want.set(ringReference(inputs.map((a) => a.subarray(from, to))), from);
+    const data = inputs.map((a) => Float32Array.from(a));
+    const staged = rings.map((r, i) => r.allReduceStaged(data[i], buckets));
+    // Each rank declares its buckets in another order, with event-loop turns in between.
+    const orders = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]];
+    await Promise.all(
+      orders.map(async (order, r) => {
+        for (const i of order) {
+          await new Promise((res) => setTimeout(res, 5));
+          staged[r].ready(i);
+        }
+      }),
+    );
+    await Promise.all(staged.map((s) => s.done));
+    for (const [r, d] of data.entries()) {
+      expect(d.subarray(0, 20_000)).toEqual(want.subarray(0, 20_000));
+      expect(d.subarray(20_000)).toEqual(inputs[r].subarray(20_000));
+    }
+  });
+
+  it('rejects buckets that are not ranges of the buffer', async () => {
+    const rings = await ringOf(1);
+    const s = rings[0].allReduceStaged(new Float32Array(10), [[0, 11]]);
+    await expect(s.done).rejects.toThrow(/bucket \[0, 11\) is not a range of the 10-float buffer/);
+  });
+});

@@ -76,6 +76,14 @@ export interface AllReduceOptions {
   bucketBytes?: number;
 }
 
+/** An all-reduce whose buckets are handed over one by one (Ring.allReduceStaged). */
+export interface StagedAllReduce {
+  /** Bucket `index` holds this rank's final values: it may be reduced now. */
+  ready(index: number): void;
+  /** Settles when every bucket is reduced, or rejects like allReduce. */
+  readonly done: Promise<void>;
+}
+
 export interface RingStats {
   ops: number;
   bytesSent: number;
@@ -657,6 +665,57 @@ export class Ring {
       return;
     }
     return this.runOp(data, opts);
+  }
+
+  /**
+   * All-reduces `data` bucket by bucket while its owner is still filling it: the overlap of the
+   * gradient all-reduce with the backward pass (PyTorch DDP's buckets). `buckets` are [from, to)
+   * float ranges of `data`, reduced in index order, each as soon as `ready(i)` has been called for
+   * it and the previous bucket is done; floats outside every bucket are left alone. Every rank
+   * must pass the same buckets and call `ready` for every bucket (in any order); until `done`
+   * settles the caller may only write to buckets not yet declared ready.
+   */
+  allReduceStaged(data: Float32Array, buckets: ReadonlyArray<readonly [number, number]>, opts: Omit<AllReduceOptions, 'bucketBytes'> = {}): StagedAllReduce {
+    const gates = buckets.map(() => {
+      let open!: () => void;
+      const opened = new Promise<void>((resolve) => (open = resolve));
+      return { opened, open, isOpen: false };
+    });
+    const ready = (i: number): void => {
+      const g = gates[i];
+      if (g === undefined) throw new RingUsageError(`rank ${this.rank}: ready(${i}): there are ${buckets.length} buckets`);
+      g.isOpen = true;
+      g.open();
+    };
+    const run = async (): Promise<void> => {
+      this.checkUsable();
+      let end = 0;
+      for (const [from, to] of buckets) {
+        if (!(Number.isInteger(from) && Number.isInteger(to) && from >= 0 && from <= to && to <= data.length)) {
+          throw new RingUsageError(`rank ${this.rank}: bucket [${from}, ${to}) is not a range of the ${data.length}-float buffer`);
+        }
+        end = Math.max(end, to);
+      }
+      for (let i = 0; i < buckets.length; i++) {
+        if (!gates[i].isOpen) await this.untilOpenOrBroken(gates[i].opened);
+        await this.runOp(data.subarray(buckets[i][0], buckets[i][1]), opts);
+      }
+    };
+    const done = run();
+    done.catch(() => undefined);
+    return { ready, done };
+  }
+
+  /** Waits for `gate`, or rejects as soon as the ring breaks (abort, lost peer) meanwhile. */
+  private untilOpenOrBroken(gate: Promise<void>): Promise<void> {
+    if (this.broken !== undefined) return Promise.reject(this.broken);
+    return new Promise<void>((resolve, reject) => {
+      this.failWaiters.push(reject);
+      void gate.then(() => {
+        this.failWaiters = this.failWaiters.filter((w) => w !== reject);
+        resolve();
+      });
+    });
   }
 
   /**
