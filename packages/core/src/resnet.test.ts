@@ -2,7 +2,8 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { loadBackend } from '@dtrain/backend';
 import { describeResNet } from './architecture.js';
-import { ResNet, type Batch } from './resnet.js';
+import { gradientBuckets, ResNet, type Batch } from './resnet.js';
+import { TUTORIAL_CONFIG } from './architecture.js';
 
 beforeAll(async () => {
   await loadBackend('cpu');
@@ -184,3 +185,67 @@ describe('ResNet', () => {
     b.dispose();
   });
 });
+
+describe('gradient buckets (the all-reduce overlapping the backward pass)', () => {
+  it('cover every parameter once, whole tensors, from the head back to the stem', () => {
+    const arch = describeResNet(TUTORIAL_CONFIG);
+    const mib = 1 << 20;
+    for (const bytes of [4, mib, 8 * mib, 25 * mib, 1 << 30]) {
+      const buckets = gradientBuckets(arch, bytes);
+      expect(buckets[0].endParam).toBe(arch.params.length);
+      expect(buckets.at(-1)!.firstParam).toBe(0);
+      expect(buckets.at(-1)!.from).toBe(0);
+      expect(buckets[0].to).toBe(arch.paramCount);
+      for (let k = 1; k < buckets.length; k++) {
+        expect(buckets[k].endParam).toBe(buckets[k - 1].firstParam);
+        expect(buckets[k].to).toBe(buckets[k - 1].from);
+      }
+      // At least the limit (all but the stem's bucket), and no tensor more than needed to reach it.
+      for (const b of buckets.slice(0, -1)) {
+        expect((b.to - b.from) * 4).toBeGreaterThanOrEqual(bytes);
+        expect((b.to - arch.params[b.firstParam].size - b.from) * 4).toBeLessThan(bytes);
+      }
+    }
+    expect(gradientBuckets(arch, 4)).toHaveLength(arch.params.length);
+    expect(gradientBuckets(arch, 1 << 30)).toHaveLength(1);
+    expect(() => gradientBuckets(arch, 0)).toThrow(/at least 4 bytes/);
+  });
+
+  it('are reported during the backward pass, each once, with gradients bitwise equal to the plain path', () => {
+    const cfg = { inChannels: 3, classes: 10, imageSize: 32 };
+    const plain = new ResNet(cfg, { seed: 4 });
+    const tapped = new ResNet(cfg, { seed: 4 });
+    const batch = randomBatch(4, 32, 3, 10, 5);
+    const want = plain.computeGradients(batch);
+    const buckets = gradientBuckets(tapped.arch, 64 * 1024);
+    expect(buckets.length).toBeGreaterThan(3);
+    const out = new Float32Array(tapped.paramCount).fill(NaN);
+    const order: number[] = [];
+    const stemStillEmpty: boolean[] = [];
+    const stem = buckets.at(-1)!;
+    const got = tapped.computeGradients(batch, out, {
+      buckets,
+      onBucketReady: (k) => {
+        const b = buckets[k];
+        expect(out.subarray(b.from, b.to).every(Number.isFinite)).toBe(true);
+        order.push(k);
+        // The stem's gradient comes last in the backward pass: still unwritten for every other bucket.
+        if (k !== buckets.length - 1) stemStillEmpty.push(Number.isNaN(out[stem.from]));
+      },
+    });
+    expect([...order].sort((a, b) => a - b)).toEqual(buckets.map((_, k) => k));
+    expect(order[0]).toBe(0);
+    expect(stemStillEmpty.every(Boolean)).toBe(true);
+    expect(firstDifference(got.grads, want.grads)).toBe(-1);
+    expect(got.loss).toBe(want.loss);
+    expect(got.correct).toBe(want.correct);
+    // No tensor leaks from the taps, and the next plain step is unaffected.
+    const before = tf.memory().numTensors;
+    tapped.computeGradients(batch, out, { buckets, onBucketReady: () => undefined });
+    tapped.computeGradients(batch, out);
+    expect(tf.memory().numTensors).toBe(before);
+    plain.dispose();
+    tapped.dispose();
+  });
+});
+

@@ -41,6 +41,53 @@ export interface ResNetOptions {
   referenceOps?: boolean;
 }
 
+/**
+ * A contiguous run of parameters whose gradients the backward pass completes together: one
+ * all-reduce of floats [from, to) of the flat gradient (PyTorch DDP's buckets).
+ */
+export interface GradientBucket {
+  /** Parameters [firstParam, endParam) of Architecture.params. */
+  firstParam: number;
+  endParam: number;
+  /** Their floats in the flat gradient. */
+  from: number;
+  to: number;
+}
+
+/**
+ * Splits the flat gradient into buckets of at least `bucketBytes` (whole tensors; the stem's may
+ * be smaller), in the order the backward pass completes them: it runs from the head back to the
+ * stem, so bucket 0 holds the last parameters. As with DDP, the first bucket to be ready can
+ * start its all-reduce while the backward pass still works on the earlier layers.
+ */
+export function gradientBuckets(arch: Architecture, bucketBytes: number): GradientBucket[] {
+  if (!(bucketBytes >= 4)) throw new RangeError(`bucket size must be at least 4 bytes, got ${bucketBytes}`);
+  const limit = bucketBytes / 4;
+  const buckets: GradientBucket[] = [];
+  let end = arch.params.length;
+  while (end > 0) {
+    // As DDP: a bucket takes tensors until it holds at least the limit, so a small tensor next to
+    // a large one rides with it instead of costing an all-reduce of its own.
+    let first = end - 1;
+    let floats = arch.params[first].size;
+    while (first > 0 && floats < limit) floats += arch.params[--first].size;
+    buckets.push({ firstParam: first, endParam: end, from: arch.params[first].offset, to: arch.params[end - 1].offset + arch.params[end - 1].size });
+    end = first;
+  }
+  return buckets;
+}
+
+/** What computeGradients reports while the backward pass runs. */
+export interface GradientReadiness {
+  /** From gradientBuckets(arch, ...). */
+  buckets: readonly GradientBucket[];
+  /**
+   * Called once per bucket, in the backward pass, as soon as its floats of the output are final
+   * (buckets the backward pass did not complete are reported after it, in index order).
+   */
+  onBucketReady: (index: number) => void;
+}
+
 let instanceCounter = 0;
 
 type ConvFn = (x: tf.Tensor4D, w: tf.Tensor4D) => tf.Tensor4D;
@@ -56,6 +103,10 @@ export class ResNet {
   private readonly convs = new Map<string, ConvFn>();
   private readonly relu: (x: tf.Tensor4D) => tf.Tensor4D;
   private readonly trainingBn = new Map<string, TrainingBatchNorm>();
+  /** Identity ops whose gradient function hands each parameter's gradient to `tapSink`. */
+  private readonly taps: Array<(v: tf.Tensor) => tf.Tensor>;
+  private tapSink: ((param: number, grad: tf.Tensor) => void) | undefined;
+  private readonly paramIndex = new Map<string, number>();
 
   constructor(config: ResNetConfig, options: ResNetOptions = {}) {
     this.arch = describeResNet(config);
@@ -97,6 +148,29 @@ export class ResNet {
       this.trainingBn.set(bn.name, options.referenceOps ? referenceTrainingBatchNorm(bn.eps) : makeTrainingBatchNorm(bn.eps));
     }
     this.optimizer = new Sgd(this.vars, options.sgd ?? { lr: 0.01 });
+    this.arch.params.forEach((p, i) => this.paramIndex.set(p.name, i));
+    this.taps = this.arch.params.map((_, i) =>
+      tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
+        const x = args[0] as tf.Tensor;
+        return {
+          value: tf.clone(x),
+          gradFunc: (dy: tf.Tensor) => {
+            this.tapSink?.(i, dy);
+            return dy;
+          },
+        };
+      }) as unknown as (v: tf.Tensor) => tf.Tensor,
+    );
+  }
+
+  /**
+   * A parameter as the forward pass reads it. While computeGradients reports buckets, it goes
+   * through an identity whose gradient function sees the parameter's finished gradient: each
+   * parameter is read once, so its gradient is complete when the backward pass reaches its read.
+   */
+  private param(name: string): tf.Tensor {
+    const v = this.byName.get(name)!;
+    return this.tapSink === undefined ? v : this.taps[this.paramIndex.get(name)!](v);
   }
 
   get paramCount(): number {
@@ -106,13 +180,13 @@ export class ResNet {
   // ---- forward ---------------------------------------------------------------------------
 
   private conv(spec: ConvLayerSpec, x: tf.Tensor4D): tf.Tensor4D {
-    const y = this.convs.get(spec.name)!(x, this.byName.get(`${spec.name}.weight`)! as tf.Tensor4D);
-    return spec.bias ? tf.add(y, this.byName.get(`${spec.name}.bias`)!) : y;
+    const y = this.convs.get(spec.name)!(x, this.param(`${spec.name}.weight`) as tf.Tensor4D);
+    return spec.bias ? tf.add(y, this.param(`${spec.name}.bias`)) : y;
   }
 
   private batchNorm(spec: BatchNormSpec, x: tf.Tensor4D, training: boolean): tf.Tensor4D {
-    const gamma = this.byName.get(`${spec.name}.gamma`)! as tf.Tensor1D;
-    const beta = this.byName.get(`${spec.name}.beta`)! as tf.Tensor1D;
+    const gamma = this.param(`${spec.name}.gamma`) as tf.Tensor1D;
+    const beta = this.param(`${spec.name}.beta`) as tf.Tensor1D;
     const rm = this.runningMean.get(spec.name)!;
     const rv = this.runningVar.get(spec.name)!;
     if (!training) return tf.batchNorm(x, rm as tf.Tensor1D, rv as tf.Tensor1D, beta, gamma, spec.eps);
@@ -142,7 +216,7 @@ export class ResNet {
       x = relu(tf.add(y, shortcut) as tf.Tensor4D);
     }
     const pooled = tf.mean(x, [1, 2]) as tf.Tensor2D;
-    return tf.add(tf.matMul(pooled, this.byName.get('head.fc.weight')! as tf.Tensor2D), this.byName.get('head.fc.bias')!);
+    return tf.add(tf.matMul(pooled, this.param('head.fc.weight') as tf.Tensor2D), this.param('head.fc.bias'));
   }
 
   private inputs(batch: Batch): { x: tf.Tensor4D; y: tf.Tensor1D } {
@@ -170,24 +244,31 @@ export class ResNet {
    * Forward and backward on one batch (BatchNorm in training mode). Writes the gradients of
    * the mean loss into `out` (allocated when omitted) in Architecture.params order.
    */
-  computeGradients(batch: Batch, out?: Float32Array): StepResult & { grads: Float32Array } {
+  computeGradients(batch: Batch, out?: Float32Array, readiness?: GradientReadiness): StepResult & { grads: Float32Array } {
     const grads = out ?? new Float32Array(this.arch.paramCount);
     if (grads.length !== this.arch.paramCount) throw new RangeError(`gradient buffer has ${grads.length} floats, the model ${this.arch.paramCount}`);
     let correct = 0;
-    const loss = tf.tidy(() => {
-      const { x, y } = this.inputs(batch);
-      let correctT: tf.Scalar | undefined;
-      const { value, grads: g } = tf.variableGrads(() => {
-        const r = this.lossAndCorrect(this.forward(x, true), y);
-        correctT = tf.keep(r.correct);
-        return r.loss;
-      }, this.vars);
-      correct = correctT!.dataSync()[0];
-      correctT!.dispose();
-      copyOut(this.vars.map((v) => g[v.name]), grads);
-      return value.dataSync()[0];
-    });
-    return { loss, correct, grads };
+    const tracker = readiness === undefined ? undefined : new ReadinessTracker(this.arch, grads, readiness);
+    this.tapSink = tracker === undefined ? undefined : (i, g) => tracker.deliver(i, g);
+    try {
+      const loss = tf.tidy(() => {
+        const { x, y } = this.inputs(batch);
+        let correctT: tf.Scalar | undefined;
+        const { value, grads: g } = tf.variableGrads(() => {
+          const r = this.lossAndCorrect(this.forward(x, true), y);
+          correctT = tf.keep(r.correct);
+          return r.loss;
+        }, this.vars);
+        correct = correctT!.dataSync()[0];
+        correctT!.dispose();
+        if (tracker === undefined) copyOut(this.vars.map((v) => g[v.name]), grads);
+        else tracker.finish((i) => g[this.vars[i].name]);
+        return value.dataSync()[0];
+      });
+      return { loss, correct, grads };
+    } finally {
+      this.tapSink = undefined;
+    }
   }
 
   /** One optimiser step with `grads` (already averaged across replicas, if distributed). */
@@ -240,5 +321,46 @@ export class ResNet {
   dispose(): void {
     tf.dispose([...this.vars, ...this.runningMean.values(), ...this.runningVar.values()]);
     this.optimizer.dispose();
+  }
+}
+
+/** computeGradients' bookkeeping of which parameters' gradients are in, per bucket. */
+class ReadinessTracker {
+  private readonly delivered: Uint8Array;
+  private readonly missing: number[];
+  private readonly fired: Uint8Array;
+  private readonly bucketOf: Int32Array;
+
+  constructor(
+    private readonly arch: Architecture,
+    private readonly out: Float32Array,
+    private readonly r: GradientReadiness,
+  ) {
+    this.delivered = new Uint8Array(arch.params.length);
+    this.fired = new Uint8Array(r.buckets.length);
+    this.bucketOf = new Int32Array(arch.params.length).fill(-1);
+    this.missing = r.buckets.map((b, k) => {
+      for (let i = b.firstParam; i < b.endParam; i++) this.bucketOf[i] = k;
+      return b.endParam - b.firstParam;
+    });
+  }
+
+  deliver(param: number, grad: tf.Tensor): void {
+    if (this.delivered[param]) return;
+    this.delivered[param] = 1;
+    this.out.set(grad.dataSync() as Float32Array, this.arch.params[param].offset);
+    const k = this.bucketOf[param];
+    if (k >= 0 && --this.missing[k] === 0) this.fire(k);
+  }
+
+  /** After the backward pass: any gradient not seen yet, then every bucket not reported yet. */
+  finish(gradOf: (param: number) => tf.Tensor): void {
+    for (let i = 0; i < this.delivered.length; i++) if (!this.delivered[i]) this.deliver(i, gradOf(i));
+    for (let k = 0; k < this.fired.length; k++) if (!this.fired[k]) this.fire(k);
+  }
+
+  private fire(k: number): void {
+    this.fired[k] = 1;
+    this.r.onBucketReady(k);
   }
 }
