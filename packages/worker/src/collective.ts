@@ -17,6 +17,24 @@ export interface Collective {
   allReduceSum(buf: Float32Array): Promise<void>;
   /** Rank `root`'s buffer copied into every rank's buffer. */
   broadcast(buf: Float32Array, root: number): Promise<void>;
+  /**
+   * allReduceMean in buckets ([from, to) ranges of `buf`) that the caller hands over one by one
+   * with `ready(i)` while it still computes the others: the overlap of the gradient all-reduce
+   * with the backward pass. Every float of `buf` must be in a bucket; ranks pass the same buckets.
+   * Optional: a trainer falls back to allReduceMean after the backward pass.
+   */
+  allReduceMeanStaged?(buf: Float32Array, buckets: BucketRanges): StagedReduce;
+}
+
+/** [from, to) float ranges of one buffer, reduced in this order. */
+export type BucketRanges = ReadonlyArray<readonly [number, number]>;
+
+/** An all-reduce in flight whose buckets are declared ready one by one. */
+export interface StagedReduce {
+  /** Bucket `index` holds this rank's final values. Call it once for every bucket. */
+  ready(index: number): void;
+  /** Settles when every bucket is reduced. */
+  readonly done: Promise<void>;
 }
 
 /** One process, world size 1: every collective is the identity. */
@@ -100,6 +118,23 @@ export function createInProcessGroup(worldSize: number): Collective[] {
     allReduceMean: (buf: Float32Array) => call(rank, 'mean', buf, -1),
     allReduceSum: (buf: Float32Array) => call(rank, 'sum', buf, -1),
     broadcast: (buf: Float32Array, root: number) => call(rank, 'broadcast', buf, root),
+    // Element-wise sums do not depend on the bucketing here: one mean once every bucket is ready.
+    allReduceMeanStaged: (buf: Float32Array, buckets: BucketRanges) => {
+      let left = buckets.length;
+      const seen = new Uint8Array(buckets.length);
+      let allReady!: () => void;
+      const done = new Promise<void>((resolve) => (allReady = resolve)).then(() => call(rank, 'mean', buf, -1));
+      if (left === 0) allReady();
+      return {
+        ready: (i: number) => {
+          if (!(i >= 0 && i < buckets.length)) throw new RangeError(`ready(${i}): there are ${buckets.length} buckets`);
+          if (seen[i]) return;
+          seen[i] = 1;
+          if (--left === 0) allReady();
+        },
+        done,
+      };
+    },
   }));
 }
 

@@ -28,7 +28,7 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
-import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, Ring } from '@dtrain/transport';
+import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, ThreadedRing } from '@dtrain/transport';
 import type { Collective } from './collective.js';
 import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
 import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
@@ -56,7 +56,16 @@ export interface DistributedConfig {
   regroup?: { root: number; stop: boolean; reason: string };
   /** FOR TESTS ONLY: make this worker SIGKILL itself at a given point (see `crashPoint`). */
   crash?: CrashSpec;
+  /** Gradient bucket size for the all-reduce that overlaps the backward pass (0: after it); default DEFAULT_BUCKET_MB. */
+  bucketBytes?: number;
 }
+
+/**
+ * `--bucket-mb`'s default. Measured with `pnpm bench scaling --modes comm` (README): small enough
+ * that the head's bucket starts early in the backward pass, large enough that the per-bucket
+ * latency of the ring stays small.
+ */
+export const DEFAULT_BUCKET_MB = 8;
 
 /** FOR TESTS ONLY: where a worker kills itself with SIGKILL, to test recovery at each phase. */
 export interface CrashSpec {
@@ -194,7 +203,7 @@ export async function runDistributedWorker(
   });
   if (onCoordinatorLost) control.onLost(onCoordinatorLost);
   const remote = env.rank < 0;
-  let ring: Ring | undefined;
+  let ring: ThreadedRing | undefined;
   let linkRef: CoordinatorLink | undefined;
   let elasticRef: ElasticRingCollective | undefined;
   // Every ring of this worker (the first, and a new one at each elastic regroup) binds the same way.
@@ -202,7 +211,7 @@ export async function runDistributedWorker(
   try {
     // The ring binds first: its endpoints go into the Hello.
     // A worker without RANK binds a ring of one and takes its rank and world size from the Welcome.
-    ring = await Ring.create({
+    ring = await ThreadedRing.create({
       rank: Math.max(0, env.rank),
       worldSize: env.worldSize > 0 ? env.worldSize : Math.max(0, env.rank) + 1,
       ...ringOptions,
@@ -323,6 +332,7 @@ export async function runDistributedWorker(
       resume: config.resume,
       data,
       collective,
+      bucketBytes: config.bucketBytes ?? DEFAULT_BUCKET_MB * 2 ** 20,
       hooks: {
         onStart: (info) => {
           log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);

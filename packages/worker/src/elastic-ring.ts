@@ -10,8 +10,8 @@
 //   3. the coordinator's Welcome of the next generation gives the new rank, world size and peers,
 //      and (in config_json) the root whose state everyone adopts and whether to stop;
 //   4. the new ring connects (the preflight of a launch), and the trainer syncs from the root.
-import { Ring, TransportError, type RingOptions } from '@dtrain/transport';
-import { GroupChangedError, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
+import { ThreadedRing, TransportError, type RingOptions } from '@dtrain/transport';
+import { GroupChangedError, type BucketRanges, type ElasticCollective, type Progress, type RegroupResult, type StagedReduce } from './collective.js';
 import { CommandKind, welcomePeers, type CommandBody, type CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
 import { RingCollective, type RingCollectiveOptions } from './ring-collective.js';
 
@@ -50,13 +50,13 @@ export interface ElasticRingOptions {
 export class ElasticRingCollective implements ElasticCollective {
   readonly elastic = true as const;
   readonly initialRoot: number;
-  private ring_: Ring;
+  private ring_: ThreadedRing;
   private inner: RingCollective;
   private requested = false;
   private leftBecause = '';
 
   constructor(
-    ring: Ring,
+    ring: ThreadedRing,
     private readonly o: ElasticRingOptions,
   ) {
     this.ring_ = ring;
@@ -65,7 +65,7 @@ export class ElasticRingCollective implements ElasticCollective {
     o.link.onCommand((c) => this.onCommand(c));
   }
 
-  get ring(): Ring {
+  get ring(): ThreadedRing {
     return this.ring_;
   }
   get rank(): number {
@@ -93,6 +93,11 @@ export class ElasticRingCollective implements ElasticCollective {
   }
   broadcast(buf: Float32Array, root: number): Promise<void> {
     return this.guard(() => this.inner.broadcast(buf, root));
+  }
+
+  allReduceMeanStaged(buf: Float32Array, buckets: BucketRanges): StagedReduce {
+    const staged = this.inner.allReduceMeanStaged(buf, buckets);
+    return { ready: (i) => staged.ready(i), done: this.guard(() => staged.done) };
   }
 
   private async guard(f: () => Promise<void>): Promise<void> {
@@ -169,11 +174,11 @@ export function parseAnnouncement(w: WelcomeBody): RegroupAnnouncement['regroup'
 }
 
 /** A fixed ring port may still be held by the ring just closed: retry the bind for a few seconds. */
-async function createRingRetrying(opts: RingOptions): Promise<Ring> {
+async function createRingRetrying(opts: RingOptions): Promise<ThreadedRing> {
   const deadline = Date.now() + 10_000;
   for (;;) {
     try {
-      return await Ring.create(opts);
+      return await ThreadedRing.create(opts);
     } catch (e) {
       if (!opts.port || Date.now() > deadline) throw e;
       await new Promise((r) => setTimeout(r, 200));

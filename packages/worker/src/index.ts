@@ -3,7 +3,7 @@ export type { TrainData, TrainerOptions, TrainerHooks, TrainResult, PhaseTimes, 
 export { runTraining, loadTrainData, defaultRunDir } from './run.js';
 export type { RunTrainingOptions, RunTrainingResult } from './run.js';
 export { SingleProcess, createInProcessGroup, GroupChangedError, isElastic } from './collective.js';
-export type { Collective, ElasticCollective, Progress, RegroupResult } from './collective.js';
+export type { Collective, ElasticCollective, Progress, RegroupResult, BucketRanges, StagedReduce } from './collective.js';
 export { ElasticRingCollective } from './elastic-ring.js';
 export type { RegroupReport, RegroupAnnouncement } from './elastic-ring.js';
 export { CoordinatorLink } from './coordinator-link.js';
@@ -36,7 +36,7 @@ export { writeFileAtomic, removeStaleTemporaries } from './files.js';
 export { TrainError, TrainSettingsError, CheckpointError, NoCheckpointError, ReplicaMismatchError, RunDirError } from './errors.js';
 export { RingCollective, hashFloats } from './ring-collective.js';
 export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
-export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY } from './distributed.js';
+export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY, DEFAULT_BUCKET_MB } from './distributed.js';
 export type { DistributedConfig, DoneReport, StartReport, WorkerReport, WorkerEnv, CrashSpec, RejectedReport } from './distributed.js';
 export { fetchOfferedFiles, isCached, sha256File, DataTransferError } from './dataset-fetch.js';
 export type { OfferedFile } from './dataset-fetch.js';

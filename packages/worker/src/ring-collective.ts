@@ -3,7 +3,10 @@
 // element summed once, by one rank, in a fixed order, then copied around).
 import { createHash } from 'node:crypto';
 import type { Ring } from '@dtrain/transport';
-import type { Collective } from './collective.js';
+import type { BucketRanges, Collective, StagedReduce } from './collective.js';
+
+/** What RingCollective needs of a ring: a Ring, or a ThreadedRing (the same ring in its own thread). */
+export type RingLike = Pick<Ring, 'rank' | 'worldSize' | 'allReduce' | 'broadcast' | 'allReduceStaged'>;
 
 export type CollectiveOp = 'mean' | 'sum' | 'broadcast';
 
@@ -38,7 +41,7 @@ export class RingCollective implements Collective {
   private stats_: CollectiveStats = { calls: 0, seconds: 0, floats: 0 };
 
   constructor(
-    readonly ring: Ring,
+    readonly ring: RingLike,
     private readonly opts: RingCollectiveOptions = {},
   ) {
     this.rank = ring.rank;
@@ -57,6 +60,26 @@ export class RingCollective implements Collective {
     return this.timed('broadcast', buf, () => this.ring.broadcast(buf, root));
   }
 
+  /**
+   * The gradient all-reduce overlapping the backward pass: `beforeOp` runs when the first bucket
+   * is handed over, `afterOp` when the last is reduced (the seconds in between are partly hidden
+   * behind the backward pass).
+   */
+  allReduceMeanStaged(buf: Float32Array, buckets: BucketRanges): StagedReduce {
+    const staged = this.ring.allReduceStaged(buf, buckets, { average: true });
+    let t0: number | undefined;
+    return {
+      ready: (i: number) => {
+        if (t0 === undefined) {
+          this.opts.beforeOp?.('mean', buf);
+          t0 = performance.now();
+        }
+        staged.ready(i);
+      },
+      done: staged.done.then(() => this.record('mean', buf, t0 ?? performance.now())),
+    };
+  }
+
   stats(): CollectiveStats {
     return { ...this.stats_ };
   }
@@ -69,6 +92,10 @@ export class RingCollective implements Collective {
     this.opts.beforeOp?.(op, buf);
     const t0 = performance.now();
     await f();
+    this.record(op, buf, t0);
+  }
+
+  private record(op: CollectiveOp, buf: Float32Array, t0: number): void {
     const seconds = (performance.now() - t0) / 1000;
     this.stats_.calls++;
     this.stats_.seconds += seconds;

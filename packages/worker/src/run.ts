@@ -24,6 +24,8 @@ export interface RunTrainingOptions {
   hooks?: TrainerHooks;
   cwd?: string;
   checkpointWrite?: AtomicWriteOptions;
+  /** TrainerOptions.bucketBytes: overlap the gradient all-reduce with the backward pass. */
+  bucketBytes?: number;
 }
 
 export interface RunTrainingResult extends TrainResult {
@@ -105,6 +107,7 @@ export async function runTraining(o: RunTrainingOptions): Promise<RunTrainingRes
     runDir,
     hooks: o.hooks,
     checkpointWrite: o.checkpointWrite,
+    bucketBytes: o.bucketBytes,
   });
   try {
     const result = await trainer.run(checkpoint);

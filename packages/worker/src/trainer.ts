@@ -8,8 +8,9 @@
 //                floats, one byte each: progress, epoch totals, history, optimiser steps and lr),
 //                weights, BatchNorm statistics, momentum buffers (so replicas start identical,
 //                also after a resume, also when only rank 0 could read the checkpoint)
-//   every step:  all-reduce-mean of [flat gradient, loss x n, correct, n, regroup flag]; the
-//                last four are multiplied back by the world size: the step's global sums
+//   every step:  all-reduce-mean of [loss x n, correct, n, regroup flag, flat gradient]; the
+//                first four are multiplied back by the world size: the step's global sums. With
+//                bucketBytes, in buckets that start during the backward pass (head first)
 //   every epoch: all-reduce-mean of BatchNorm running statistics (before evaluation and the
 //                checkpoint), all-reduce-sum of [eval loss sum, correct, count] (each rank
 //                evaluates its own contiguous shard, so every test image counts exactly once)
@@ -27,7 +28,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { loadBackend, type LoadedBackend } from '@dtrain/backend';
-import { ResNet, type ResNetConfig } from '@dtrain/core';
+import { ResNet, gradientBuckets, type GradientBucket, type ResNetConfig } from '@dtrain/core';
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
 import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
 import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
@@ -198,6 +199,13 @@ export interface TrainerOptions {
   checkpointWrite?: AtomicWriteOptions;
   /** Extra fields for config.json (e.g. the data set's origin). */
   configExtra?: Record<string, unknown>;
+  /**
+   * All-reduce the gradient in buckets of about this many bytes while the backward pass still
+   * runs (PyTorch DDP's bucket_cap_mb), where the collective can (Collective.allReduceMeanStaged)
+   * and there is more than one rank. 0 or absent: one all-reduce after the backward pass. Part of
+   * the summation order, so every rank must use the same value.
+   */
+  bucketBytes?: number;
 }
 
 export interface TrainResult {
@@ -233,7 +241,7 @@ interface SyncedState extends RunState {
   lr: number;
 }
 
-/** Floats after the gradient in the all-reduced buffer: [loss x n, correct, n, regroup flag]. */
+/** Floats before the gradient in the all-reduced buffer: [loss x n, correct, n, regroup flag]. */
 const STEP_SUMS = 4;
 
 function round(x: number, digits = 6): number {
@@ -264,9 +272,16 @@ export class Trainer {
   private readonly elastic: ElasticCollective | null;
   private readonly hooks: TrainerHooks;
   private readonly assembler: BatchAssembler;
-  /** The gradient, then STEP_SUMS floats; `gradView` is its gradient part. */
+  /**
+   * STEP_SUMS floats, then the gradient (`gradView`), on a SharedArrayBuffer: a ring in its own
+   * thread reduces it where it lies. The sums come first so that they ride in the bucket the
+   * backward pass completes last (the stem's), after they are known.
+   */
   private readonly grads: Float32Array;
   private readonly gradView: Float32Array;
+  /** Buckets of the model's gradient and the same as ranges of `grads`; empty: no overlap. */
+  private readonly modelBuckets: GradientBucket[];
+  private readonly bucketRanges: [number, number][];
   private readonly batchBuf: { x: Float32Array; y: Int32Array };
   private readonly evalBuf: { x: Float32Array; y: Int32Array };
   private readonly sampler: DistributedSampler;
@@ -299,8 +314,11 @@ export class Trainer {
       width: s.imageSize,
       augment: s.augment ? { cropPadding: AUGMENT_CROP_PADDING, horizontalFlip: true } : undefined,
     });
-    this.grads = new Float32Array(this.model.paramCount + STEP_SUMS);
-    this.gradView = this.grads.subarray(0, this.model.paramCount);
+    this.grads = new Float32Array(new SharedArrayBuffer((this.model.paramCount + STEP_SUMS) * 4));
+    this.gradView = this.grads.subarray(STEP_SUMS);
+    const overlap = (o.bucketBytes ?? 0) > 0 && this.collective.worldSize > 1 && this.collective.allReduceMeanStaged !== undefined;
+    this.modelBuckets = overlap ? gradientBuckets(this.model.arch, o.bucketBytes!) : [];
+    this.bucketRanges = this.modelBuckets.map((b, k) => [k === this.modelBuckets.length - 1 ? 0 : STEP_SUMS + b.from, STEP_SUMS + b.to]);
     const len = this.assembler.imageLength;
     this.batchBuf = { x: new Float32Array(s.batchSize * len), y: new Int32Array(s.batchSize) };
     this.evalBuf = { x: new Float32Array(s.evalBatchSize * len), y: new Int32Array(s.evalBatchSize) };
@@ -555,7 +573,6 @@ export class Trainer {
     // gets a stream of its own, which every rank derives from the same position.
     const rng = s.augment ? (start === 0 ? new Rng(s.seed, AUGMENT_STREAM, e, c.rank) : new Rng(s.seed, AUGMENT_STREAM, e, c.rank, start)) : undefined;
     const runDir = this.runDir;
-    const P = m.paramCount;
     const grads = this.grads;
     const t = st.totals;
     const trainBase = t.trainSec;
@@ -573,19 +590,32 @@ export class Trainer {
       const ta = now();
       const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
       const tb = now();
-      const r = m.computeGradients({ images: bt.x, labels: bt.y, n: bt.n }, this.gradView);
+      // With buckets, each one's all-reduce starts inside the backward pass as soon as its
+      // gradients are final (the head's first), except the stem's: it also carries the step's
+      // sums, written after the pass. 'compute' is then forward + backward with the all-reduce
+      // running beside it, 'allReduce' only the part left once the backward pass is over.
+      const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
+      staged?.done.catch(() => undefined);
+      const lastBucket = this.bucketRanges.length - 1;
+      const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
+      const r = m.computeGradients({ images: bt.x, labels: bt.y, n: bt.n }, this.gradView, readiness);
       // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
-      grads[P] = r.loss * bt.n;
-      grads[P + 1] = r.correct;
-      grads[P + 2] = bt.n;
-      grads[P + 3] = this.elastic?.regroupRequested ? 1 : 0;
+      grads[0] = r.loss * bt.n;
+      grads[1] = r.correct;
+      grads[2] = bt.n;
+      grads[3] = this.elastic?.regroupRequested ? 1 : 0;
       const tc = now();
-      await c.allReduceMean(grads);
+      if (staged) {
+        staged.ready(lastBucket);
+        await staged.done;
+      } else {
+        await c.allReduceMean(grads);
+      }
       const td = now();
-      const gLoss = grads[P] * w;
-      const gCorrect = Math.round(grads[P + 1] * w);
-      const gN = Math.round(grads[P + 2] * w);
-      const regroup = Math.round(grads[P + 3] * w) > 0;
+      const gLoss = grads[0] * w;
+      const gCorrect = Math.round(grads[1] * w);
+      const gN = Math.round(grads[2] * w);
+      const regroup = Math.round(grads[3] * w) > 0;
       if (!Number.isFinite(gLoss)) {
         const where = Number.isFinite(r.loss) ? `on another rank than ${c.rank}` : `on rank ${c.rank}`;
         throw new TrainSettingsError('lr', `the loss became ${Number.isFinite(r.loss) ? gLoss : r.loss} at step ${st.progress.step + 1} (epoch ${e + 1}) ${where}; training diverged, try a smaller --lr`);
