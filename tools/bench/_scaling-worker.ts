@@ -3,6 +3,11 @@
 //
 // - 'ring': a data-parallel worker whose compute is a fixed sleep (a GPU's step: the CPU waits,
 //   it does not work), followed by the real ring all-reduce of the real gradient size, every step.
+//   With `bucketMb` > 0 it does what the trainer does instead: the ring runs in its own thread
+//   (ThreadedRing), this thread is blocked for the "forward pass" (a third of the compute time),
+//   then for the "backward pass", handing over each gradient bucket (gradientBuckets of the real
+//   ResNet) at the moment the backward pass would finish it (backward time per layer in
+//   proportion to its FLOPs, from the head back), and waits for the rest of the all-reduce.
 //   Per step it records the step's wall time, the all-reduce's wall time and the CPU time this
 //   process (JavaScript and ZeroMQ's I/O threads together) spent during the all-reduce, so the
 //   parent can tell CPU-bound from waiting on the wire.
@@ -13,7 +18,8 @@
 // node with the channel's file descriptor and environment intact). Every wait has a timeout.
 import fs from 'node:fs';
 import net from 'node:net';
-import { Ring, type PeerInfo } from '@dtrain/transport';
+import { Ring, ThreadedRing, sharedFloat32Array, type PeerInfo } from '@dtrain/transport';
+import { bucketSchedule, FORWARD_SHARE } from './_overlap-model.js';
 
 export interface RingInit {
   role: 'ring';
@@ -31,6 +37,14 @@ export interface RingInit {
   steps: number;
   fp16: boolean;
   timeoutMs: number;
+  /** 0: all-reduce after the compute. Else: buckets of this many MiB, overlapping the backward pass. */
+  bucketMb: number;
+}
+
+const blockCell = new Int32Array(new SharedArrayBuffer(4));
+/** Blocks this thread (no event-loop turn) until performance.now() reaches `until`: a GPU step holding it. */
+function blockUntil(until: number): void {
+  for (let left = until - now(); left > 0; left = until - now()) Atomics.wait(blockCell, 0, 0, left);
 }
 
 export interface StepSample {
@@ -116,16 +130,19 @@ function send(m: object): Promise<void> {
 }
 
 async function ringRole(o: RingInit): Promise<void> {
-  const ring = await Ring.create({
+  const ringOpts = {
     rank: o.rank, worldSize: o.world, host: o.host, listen: o.listen, port: o.port,
     ipc: o.ipc, preferIpc: o.ipc, timeoutMs: o.timeoutMs, runId: 'bench-scaling',
-  });
+  };
+  const overlap = o.bucketMb > 0;
+  const ring = overlap ? await ThreadedRing.create(ringOpts) : await Ring.create(ringOpts);
+  const schedule = overlap ? bucketSchedule(o.floats, o.bucketMb) : undefined;
   try {
     await send({ type: 'endpoints', rank: o.rank, endpoints: ring.endpoints });
     const { peers } = await nextMessage<{ peers: PeerInfo[] }>('peer list', o.timeoutMs);
     await ring.connect(peers, { runId: 'bench-scaling', generation: 0 });
     // Gradient-like values: small, so that binary16 on the wire neither overflows nor flushes.
-    const grad = new Float32Array(o.floats);
+    const grad = overlap ? sharedFloat32Array(o.floats) : new Float32Array(o.floats);
     for (let i = 0; i < grad.length; i++) grad[i] = (Math.random() - 0.5) * 1e-2;
     // A barrier, so that every rank's first step starts together.
     await ring.allReduce(new Float32Array(o.world));
@@ -135,12 +152,25 @@ async function ringRole(o: RingInit): Promise<void> {
       if (s === o.warmup) timedStart = now();
       const t0 = now();
       const c0 = cpuMs();
-      if (o.computeMs > 0) await new Promise((r) => setTimeout(r, o.computeMs));
+      let staged: Promise<void> | undefined;
+      if (schedule) {
+        const s = ring.allReduceStaged(grad, schedule.ranges, { average: true, fp16: o.fp16 });
+        s.done.catch(() => undefined);
+        const backwardStart = t0 + FORWARD_SHARE * o.computeMs;
+        blockUntil(backwardStart);
+        schedule.readyAt.forEach((at, k) => {
+          blockUntil(backwardStart + at * (1 - FORWARD_SHARE) * o.computeMs);
+          s.ready(k);
+        });
+        blockUntil(t0 + o.computeMs);
+        staged = s.done;
+      } else if (o.computeMs > 0) await new Promise((r) => setTimeout(r, o.computeMs));
+      // From here: the all-reduce, or what is left of it after the backward pass.
       const js1 = schedstat(process.pid);
       const all1 = schedstat();
       const t1 = now();
       const c1 = cpuMs();
-      await ring.allReduce(grad, { average: true, fp16: o.fp16 });
+      await (staged ?? ring.allReduce(grad, { average: true, fp16: o.fp16 }));
       const t2 = now();
       const c2 = cpuMs();
       const js2 = schedstat(process.pid);
