@@ -82,6 +82,7 @@ const CASES: Case[] = [
   { name: 'zero --workers', args: () => ['launch', '--workers', '0', ...fm], says: () => /--workers must be a positive integer, got '0'/ },
   { name: 'non-numeric --workers', args: () => ['launch', '--workers', 'two', ...fm], says: () => /--workers must be a positive integer, got 'two'/ },
   { name: 'negative --timeout-s', args: () => [...launch1(), '--timeout-s', '-5'], says: () => /--timeout-s must be a positive integer, got '-5'/ },
+  { name: 'negative --bucket-mb', args: () => [...launch1(), '--bucket-mb', '-8'], says: () => /--bucket-mb must be a non-negative number, got '-8'/ },
   { name: '--metrics-port out of range', args: () => ['launch', '--workers', '1', ...fm, '--metrics-port', '70000'], says: () => /--metrics-port must be a TCP port \(0-65535\), got '70000'/ },
   { name: 'zero --join-timeout-s on join', args: () => ['join', '127.0.0.1:29500', '--workers', '1', '--join-timeout-s', '0'], says: () => /--join-timeout-s must be a positive integer, got '0'/ },
   // Names.

@@ -85,7 +85,8 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
   for (const c of cases) {
     it(`during ${c.phase}: the other two regroup, finish the run, and end bitwise identical`, async () => {
       const out = path.join(tmp(), 'run');
-      const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', String(c.epochs), '--out', out, '--test-crash', c.spec], { env: { DTRAIN_DEBUG: '1' } });
+      // With buckets handed to the ring's thread during the backward pass: a loss aborts that too.
+      const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', String(c.epochs), '--out', out, '--test-crash', c.spec, '--bucket-mb', '4'], { env: { DTRAIN_DEBUG: '1' } });
       const logs = () => [0, 1, 2].map((k) => { try { return fs.readFileSync(path.join(out, 'logs', `rank-${k}.log`), 'utf8'); } catch { return ''; } }).join('\n');
       expect(r.stderr, r.stdout + logs()).toBe('');
       expect(r.code, r.stdout).toBe(0);

@@ -25,7 +25,8 @@ function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr:
 }
 
 // Same flags for the uninterrupted run and the stopped-and-resumed one.
-const RUN = ['--workers', '2', '--synthetic-test-data', '96:64:12', '--batch-size', '8', '--lr', '0.02', '--seed', '3', '--metrics-port', '0'];
+// With gradient buckets overlapping the backward pass (off by default for CPU workers).
+const RUN = ['--workers', '2', '--synthetic-test-data', '96:64:12', '--batch-size', '8', '--lr', '0.02', '--seed', '3', '--metrics-port', '0', '--bucket-mb', '8'];
 const stateOf = (stdout: string) => /replicas identical: state sha256 ([0-9a-f]{16}) on all 2 workers/.exec(stdout)?.[1];
 
 describe('pnpm cli launch --workers 2', () => {
@@ -58,7 +59,7 @@ describe('pnpm cli launch --workers 2', () => {
     const first = await cli('launch', ...RUN, '--epochs', '1', '--out', out);
     expect(first.code).toBe(0);
     // In-memory test data is not in the checkpoint: name it again, as a user names the data dir.
-    const second = await cli('launch', '--workers', '2', '--synthetic-test-data', '96:64:12', '--resume', out, '--epochs', '2', '--metrics-port', '0');
+    const second = await cli('launch', '--workers', '2', '--synthetic-test-data', '96:64:12', '--resume', out, '--epochs', '2', '--metrics-port', '0', '--bucket-mb', '8');
     expect(second.stderr).toBe('');
     expect(second.code).toBe(0);
     expect(second.stdout).toMatch(/^resuming .* \(epoch 1, written by 2 workers\) with 2$/m);
@@ -98,7 +99,8 @@ describe('equivalence', () => {
     const runDir = path.join(tmp(), 'run');
     const synthetic = { train: 48, test: 16, size: 12 };
     const settings = { epochs: 1, batchSize: 8, lr: 0.05, momentum: 0.9, seed: 5 };
-    const config: DistributedConfig = { settings, out: runDir, synthetic };
+    // Buckets of >= 1 MiB handed over during the backward pass: same math, other summation order.
+    const config: DistributedConfig = { settings, out: runDir, synthetic, bucketBytes: 2 ** 20 };
     await launch({ workers: 2, entry: WORKER_ENTRY, runDir, config });
     const ck = await readLatestCheckpoint(runDir);
     expect(ck.header.step).toBe(3);

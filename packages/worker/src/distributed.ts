@@ -56,14 +56,15 @@ export interface DistributedConfig {
   regroup?: { root: number; stop: boolean; reason: string };
   /** FOR TESTS ONLY: make this worker SIGKILL itself at a given point (see `crashPoint`). */
   crash?: CrashSpec;
-  /** Gradient bucket size for the all-reduce that overlaps the backward pass (0: after it); default DEFAULT_BUCKET_MB. */
+  /** Gradient bucket size for the all-reduce that overlaps the backward pass; 0 or absent: after it. */
   bucketBytes?: number;
 }
 
 /**
- * `--bucket-mb`'s default. Measured with `pnpm bench scaling --modes comm` (README): small enough
- * that the head's bucket starts early in the backward pass, large enough that the per-bucket
- * latency of the ring stays small.
+ * `--bucket-mb`'s default for GPU workers. Measured with `pnpm bench scaling --modes comm,lan`
+ * (README): 2 workers reach 89.7% efficiency with 8 MiB, 82.3% with 25 MiB (DDP's default), 59.8%
+ * without overlap. CPU workers default to 0: their backward pass already keeps every core busy,
+ * and the ring's thread competing with it made 2 workers on 2 cores 6-9% slower.
  */
 export const DEFAULT_BUCKET_MB = 8;
 
@@ -332,7 +333,7 @@ export async function runDistributedWorker(
       resume: config.resume,
       data,
       collective,
-      bucketBytes: config.bucketBytes ?? DEFAULT_BUCKET_MB * 2 ** 20,
+      bucketBytes: config.bucketBytes ?? 0,
       hooks: {
         onStart: (info) => {
           log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
