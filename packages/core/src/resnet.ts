@@ -268,6 +268,7 @@ export class ResNet {
       return { loss, correct, grads };
     } finally {
       this.tapSink = undefined;
+      tracker?.dispose();
     }
   }
 
@@ -324,8 +325,14 @@ export class ResNet {
   }
 }
 
-/** computeGradients' bookkeeping of which parameters' gradients are in, per bucket. */
+/**
+ * computeGradients' bookkeeping of which parameters' gradients are in, per bucket. A gradient is
+ * kept as a tensor until its bucket is complete, then the bucket is read in one go: on a GPU each
+ * read waits for the device, so one wait per bucket (not per tensor) keeps the backward pass
+ * streaming.
+ */
 class ReadinessTracker {
+  private readonly held: (tf.Tensor | undefined)[];
   private readonly delivered: Uint8Array;
   private readonly missing: number[];
   private readonly fired: Uint8Array;
@@ -336,6 +343,7 @@ class ReadinessTracker {
     private readonly out: Float32Array,
     private readonly r: GradientReadiness,
   ) {
+    this.held = new Array(arch.params.length);
     this.delivered = new Uint8Array(arch.params.length);
     this.fired = new Uint8Array(r.buckets.length);
     this.bucketOf = new Int32Array(arch.params.length).fill(-1);
@@ -348,19 +356,42 @@ class ReadinessTracker {
   deliver(param: number, grad: tf.Tensor): void {
     if (this.delivered[param]) return;
     this.delivered[param] = 1;
-    this.out.set(grad.dataSync() as Float32Array, this.arch.params[param].offset);
     const k = this.bucketOf[param];
-    if (k >= 0 && --this.missing[k] === 0) this.fire(k);
+    if (k < 0) {
+      this.copy(param, grad);
+      return;
+    }
+    // The engine owns `grad`; a kept clone (same data, no copy) outlives the gradient scope.
+    this.held[param] = tf.keep(tf.clone(grad));
+    if (--this.missing[k] === 0) this.complete(k);
   }
 
   /** After the backward pass: any gradient not seen yet, then every bucket not reported yet. */
   finish(gradOf: (param: number) => tf.Tensor): void {
     for (let i = 0; i < this.delivered.length; i++) if (!this.delivered[i]) this.deliver(i, gradOf(i));
-    for (let k = 0; k < this.fired.length; k++) if (!this.fired[k]) this.fire(k);
+    for (let k = 0; k < this.fired.length; k++) if (!this.fired[k]) this.complete(k);
   }
 
-  private fire(k: number): void {
+  /** Drops gradients still held (computeGradients failed half-way). */
+  dispose(): void {
+    for (const t of this.held) t?.dispose();
+    this.held.fill(undefined);
+  }
+
+  private complete(k: number): void {
+    const b = this.r.buckets[k];
+    for (let i = b.firstParam; i < b.endParam; i++) {
+      const t = this.held[i];
+      if (t === undefined) continue;
+      this.copy(i, t);
+      t.dispose();
+      this.held[i] = undefined;
+    }
     this.fired[k] = 1;
     this.r.onBucketReady(k);
+  }
+
+  private copy(param: number, t: tf.Tensor): void {
+    this.out.set(t.dataSync() as Float32Array, this.arch.params[param].offset);
   }
 }
