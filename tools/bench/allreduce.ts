@@ -9,6 +9,8 @@
 // busbw = algbw * 2(n-1)/n. Also the CPU time (user + system, every thread) per timed call, summed
 // over the ranks: on a shared machine it moves less with other load than the times do, and it shows
 // what MPI's busy-polling costs. The load average is recorded before and after each row.
+// 'ring thread' is the same ring run as training workers run it (ThreadedRing: in a worker
+// thread of its own, on a SharedArrayBuffer).
 // --baseline adds a row (ipc://) for another copy of the transport package (e.g. an older commit
 // exported with `git archive`, placed where it resolves zeromq), for before/after in the same run.
 // Results: bench-results/allreduce.json and a table.
@@ -17,7 +19,7 @@ import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node
 import { cpus, hostname, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, workerEnv, type PeerInfo } from '@dtrain/transport';
+import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, sharedFloat32Array, ThreadedRing, workerEnv, type PeerInfo } from '@dtrain/transport';
 
 const SELF = fileURLToPath(import.meta.url);
 const ROOT = resolve(dirname(SELF), '..', '..');
@@ -151,21 +153,24 @@ interface ChildInit {
   fp16: boolean;
   /** Take Ring from this module instead of @dtrain/transport. */
   ringModule?: string;
+  /** Run the ring in its own thread (ThreadedRing), as training workers do. */
+  threaded?: boolean;
 }
 
 async function child(): Promise<void> {
   const init = await new Promise<ChildInit>((res) => process.once('message', (m) => res(m as ChildInit)));
   const RingClass = init.ringModule === undefined ? Ring : ((await import(init.ringModule)) as { Ring: typeof Ring }).Ring;
-  const ring = await RingClass.create({
+  const ringOpts = {
     rank: init.rank, worldSize: init.world, timeoutMs: 60_000, pieceBytes: init.pieceBytes,
     ipc: init.transport === 'ipc', preferIpc: init.transport === 'ipc', runId: 'bench',
-  });
+  };
+  const ring = init.threaded ? await ThreadedRing.create(ringOpts) : await RingClass.create(ringOpts);
   process.send!({ endpoints: ring.endpoints });
   const peers = await new Promise<PeerInfo[]>((res) => process.once('message', (m) => res((m as { peers: PeerInfo[] }).peers)));
   await ring.connect(peers);
-  const data = new Float32Array(init.floats);
+  const data = init.threaded ? sharedFloat32Array(init.floats) : new Float32Array(init.floats);
   for (let i = 0; i < data.length; i++) data[i] = 0.5 + Math.random();
-  const barrier = new Float32Array(init.world);
+  const barrier = init.threaded ? sharedFloat32Array(init.world) : new Float32Array(init.world);
   const ms: number[] = [];
   let cpu0 = process.cpuUsage();
   for (let it = 0; it < init.warmup + init.iters; it++) {
@@ -182,7 +187,7 @@ async function child(): Promise<void> {
   process.disconnect();
 }
 
-async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean, ringModule?: string): Promise<Run> {
+async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean, ringModule?: string, threaded = false): Promise<Run> {
   // Workers get the environment a launcher gives them (workerEnv), unless measuring without it.
   const env = tunedMalloc ? workerEnv() : { ...process.env, GLIBC_TUNABLES: '' };
   const kids = Array.from({ length: world }, () =>
@@ -205,7 +210,7 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
       if (m.ms !== undefined) results[rank] = m.ms;
       if (m.cpuMs !== undefined) cpuMs[rank] = m.cpuMs;
     });
-    k.send({ rank, world, floats: o.floats, iters: o.iters, warmup: o.warmup, transport, pieceBytes: o.pieceBytes, fp16: o.fp16, ringModule } satisfies ChildInit);
+    k.send({ rank, world, floats: o.floats, iters: o.iters, warmup: o.warmup, transport, pieceBytes: o.pieceBytes, fp16: o.fp16, ringModule, threaded } satisfies ChildInit);
   }));
   try {
     await Promise.all(exits);
@@ -277,6 +282,8 @@ export async function main(args: string[]): Promise<void> {
   for (const world of o.worlds) {
     const row: Record<string, unknown> = { world, loadAverageBefore: loadavg() };
     for (const t of o.transports) row[`ours_${t}`] = stats(await runOurs(world, o, t, true), bytes, world);
+    // As training workers run it: in its own thread, on a SharedArrayBuffer.
+    if (o.transports.includes('ipc')) row.ours_ipc_thread = stats(await runOurs(world, o, 'ipc', true, undefined, true), bytes, world);
     if (o.transports.includes('ipc') && o.defaultMalloc) row.ours_ipc_default_malloc = stats(await runOurs(world, o, 'ipc', false), bytes, world);
     if (o.baseline !== undefined) row.ours_baseline_ipc = stats(await runOurs(world, o, 'ipc', true, o.baseline), bytes, world);
     if (typeof mpi === 'string') {
@@ -294,7 +301,7 @@ export async function main(args: string[]): Promise<void> {
     const md = row.mpi_default as Stats | undefined;
     const mt = row.mpi_tcp as Stats | undefined;
     for (const [key, label] of [
-      ['ours_ipc', 'dtrain ring, ipc://'], ['ours_tcp', 'dtrain ring, tcp://'], ['ours_ipc_default_malloc', 'ring ipc, default malloc'],
+      ['ours_ipc', 'dtrain ring, ipc://'], ['ours_ipc_thread', 'ring thread, ipc://'], ['ours_tcp', 'dtrain ring, tcp://'], ['ours_ipc_default_malloc', 'ring ipc, default malloc'],
       ['ours_baseline_ipc', 'baseline ring, ipc://'], ['mpi_default', 'Open MPI default (sm)'], ['mpi_tcp', 'Open MPI btl tcp,self'],
     ] as const) {
       const s = row[key] as Stats | undefined;
