@@ -103,6 +103,30 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
       console.log(`fault: SIGKILL during ${c.phase} (elastic): loss reported ${((lost!.t - r.t0) / 1000).toFixed(1)}s into the run (the exit is seen at once), new group ${((regrouped!.t - lost!.t) / 1000).toFixed(2)}s later; run completed with 2 workers`);
     });
   }
+
+  it('after training completed, before its final report (the others sent theirs): the run completes at once, without a regroup', async () => {
+    const out = path.join(tmp(), 'run');
+    const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:final:0']);
+    expect(r.stderr, r.stdout).toBe('');
+    expect(r.code, r.stdout).toBe(0);
+    const lost = at(r, /^lost rank 2 on host \S+: was killed by SIGKILL; 2 workers left/);
+    expect(lost, r.stdout).toBeDefined();
+    expect(at(r, /^regrouped/), r.stdout).toBeUndefined();
+    expect(stateLine(r.stdout)?.[2]).toBe('2');
+    expect(r.stdout).toMatch(/done: 1 epochs?, .* on 48 images/);
+    // At once: not after the regroup's 10 s timeout.
+    const end = at(r, /^replicas identical/)!;
+    expect(end.t - lost!.t).toBeLessThan(5000);
+    console.log(`fault: SIGKILL after training, before the final report (elastic): run completed ${((end.t - lost!.t) / 1000).toFixed(2)}s after the loss`);
+  });
+
+  it('rank 0 lost the same way: the run ends non-zero, saying training completed and which files to check', async () => {
+    const out = path.join(tmp(), 'run');
+    const r = await cli(['launch', '--workers', '2', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '0:final:0']);
+    expect(r.code, r.stdout).not.toBe(0);
+    expect(r.stdout + r.stderr).toMatch(/rank 0 on host \S+ .*after training completed, before confirming the run's last files \(summary\.json, the final checkpoint\)/s);
+    expect(fs.existsSync(path.join(out, 'checkpoint-e0001.ckpt'))).toBe(true);
+  });
 });
 
 describe('without --elastic', () => {

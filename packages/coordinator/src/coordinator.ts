@@ -503,6 +503,18 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       failed(new WorkerFailedError(member.rank, member.host, null, null, `${reason}; no workers are left`, logTail ?? slot?.tail ?? [], logFile ?? slot?.logFile ?? `its log on host ${member.host}`));
       return;
     }
+    // Once any member sent its final report, training is over: a worker finishes only after the
+    // run's last collective, which every member (this one included) completed. Only this one's
+    // final report is missing; there is nothing to roll back, and finished members cannot regroup.
+    if (byRank.some((x) => x.final !== undefined)) {
+      if (member.rank === 0 && member.final === undefined) {
+        // Rank 0 writes the run's files after the last collective: they may be incomplete.
+        failed(new WorkerFailedError(member.rank, member.host, null, null, `${reason} after training completed, before confirming the run's last files (summary.json, the final checkpoint): check them; the checkpoints it had written are intact`, logTail ?? slot?.tail ?? [], logFile ?? slot?.logFile ?? `its log on host ${member.host}`));
+        return;
+      }
+      checkRemoteFinished();
+      return;
+    }
     startRegroup('rollback', `rank ${member.rank} on host ${member.host} was lost (${reason})`);
   }
   function refuseJoiners(why: string): void {

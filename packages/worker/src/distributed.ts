@@ -72,8 +72,9 @@ export const DEFAULT_BUCKET_MB = 8;
 export interface CrashSpec {
   rank: number;
   /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce;
-   * evaluate: at the start of the evaluation after epoch `epoch` (before it adds its share); checkpoint: right after rank 0 wrote a checkpoint. */
-  phase: 'compute' | 'allReduce' | 'evaluate' | 'checkpoint';
+   * evaluate: at the start of the evaluation after epoch `epoch` (before it adds its share); checkpoint: right after rank 0 wrote a checkpoint;
+   * final: after training completed, a second after the others sent their final reports, before its own (`at` is not used). */
+  phase: 'compute' | 'allReduce' | 'evaluate' | 'checkpoint' | 'final';
   /** Global optimiser step (compute, allReduce) or 1-based epoch (evaluate, checkpoint). */
   at: number;
   /** Only in this ring generation (default 1: the first group), so a regrouped run does not crash again. */
@@ -397,6 +398,10 @@ export async function runDistributedWorker(
         },
       },
     });
+    if (crash?.phase === 'final' && crashGeneration()) {
+      await new Promise((r) => setTimeout(r, 1000));
+      crashNow('after training completed, before its final report');
+    }
     const st = collective.stats();
     who = `rank ${collective.rank} on host ${env.host}`;
     const done: DoneReport = {

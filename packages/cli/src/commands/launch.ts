@@ -90,8 +90,8 @@ async function launchOrExplain(o: LaunchOptions): Promise<LaunchResult> {
 }
 
 function parseCrash(v: string): NonNullable<DistributedConfig['crash']> {
-  const m = /^(\d+):(compute|allReduce|evaluate|checkpoint):(\d+)(?::(\d+))?$/.exec(v);
-  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, evaluate or checkpoint, got '${v}'`);
+  const m = /^(\d+):(compute|allReduce|evaluate|checkpoint|final):(\d+)(?::(\d+))?$/.exec(v);
+  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, evaluate, checkpoint or final, got '${v}'`);
   return { rank: Number(m[1]), phase: m[2] as 'compute', at: Number(m[3]), generation: m[4] ? Number(m[4]) : undefined };
 }
 
@@ -119,7 +119,7 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
     .addOption(new Option('--metrics-linger-s <s>', 'keep serving metrics this long after the run ended, for a last scrape').default(0).argParser(nonNegativeNumber('--metrics-linger-s')))
     .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
-    .addOption(new Option('--test-crash <spec>', 'FOR TESTS: RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch)').argParser(parseCrash).hideHelp())
+    .addOption(new Option('--test-crash <spec>', 'FOR TESTS: RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch, final: before its final report)').argParser(parseCrash).hideHelp())
     .action(async (o) => {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
@@ -228,6 +228,6 @@ export function registerLaunch(program: Command) {
       });
       if (summary) console.log(formatSummaryLine(summary, allReduce, runDir));
       const hostCount = new Set(result.hosts).size;
-      console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.worldSize} workers${hostCount > 1 ? ` on ${hostCount} machines` : ''}`);
+      console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.finals.length} workers${hostCount > 1 ? ` on ${hostCount} machines` : ''}`);
     });
 }
