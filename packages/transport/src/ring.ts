@@ -12,7 +12,7 @@ import {
   RingUsageError,
   TransportError,
 } from './errors.js';
-import { accumulateHalf, encodeHalf, floatToHalf, HALF_TO_FLOAT } from './fp16.js';
+import { accumulateHalf, encodeHalf, finishHalf, HALF_TO_FLOAT } from './fp16.js';
 import { dtrain, dtypeSize, decodeMessage, encodeMessage, countRejected, countAuthRefused, logRejection, peerLabel, PROTOCOL_VERSION, type Message } from './protocol.js';
 import {
   clientSocketOptions,
@@ -881,14 +881,7 @@ export class Ring {
             accumulateHalf(acc, local);
           } else {
             // The owner keeps exactly what the others will decode, so every rank has the same bits.
-            const t = HALF_TO_FLOAT;
-            for (let i = 0; i < cnt; i++) {
-              let v = Math.fround(t[acc[i]] + local[i]);
-              if (average) v = Math.fround(v / n);
-              const h = floatToHalf(v);
-              acc[i] = h;
-              local[i] = t[h];
-            }
+            finishHalf(acc, local, average ? n : 1);
           }
           this.enqueueSend([header(last ? Phase.ALL_GATHER : Phase.REDUCE_SCATTER, last ? 0 : s + 1, c, p, off, cnt), bytesOfU16(acc, payload)]);
         }

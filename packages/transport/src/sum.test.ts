@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { addInto, addKernelName, addPlain, addUnrolled, makeWasmAdd, WASM_BLOCK, type AddKernel } from './sum.js';
-import { decodeHalf, encodeHalf, floatToHalf, HALF_TO_FLOAT, roundThroughHalf } from './fp16.js';
+import { accumulateHalf, decodeHalf, encodeHalf, finishHalf, floatToHalf, HALF_TO_FLOAT, roundThroughHalf } from './fp16.js';
 
 function random(n: number, seed: number): Float32Array {
   let s = seed;
@@ -113,5 +113,48 @@ describe('fp16', () => {
     const r = a.slice();
     roundThroughHalf(r);
     expect(bits(back).equals(bits(r))).toBe(true);
+  });
+
+  it('the bulk conversions round exactly as floatToHalf, bit for bit: every half, its neighbours and midpoints, specials, random bits', () => {
+    const cases: number[] = [];
+    const f = new Float32Array(1);
+    const u = new Uint32Array(f.buffer);
+    for (let h = 0; h < 0x10000; h++) {
+      f[0] = HALF_TO_FLOAT[h];
+      const b = u[0];
+      // The float itself, one float ulp either side, and the midpoint to the next half (a tie).
+      cases.push(b, b + 1, b - 1);
+      if ((h & 0x7c00) !== 0x7c00) {
+        f[0] = (HALF_TO_FLOAT[h] + HALF_TO_FLOAT[h + 1]) / 2;
+        cases.push(u[0], u[0] + 1, u[0] - 1);
+      }
+    }
+    let s = 7;
+    for (let i = 0; i < 1_000_000; i++) cases.push((s = (Math.imul(s, 1103515245) + 12345) >>> 0));
+    cases.push(0, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0x7f800001, 0x477fe000, 0x477ff000, 0x477fffff, 0x47800000, 0x33000000, 0x33000001, 0x387fffff, 0x38800000);
+    const src = new Float32Array(new Uint32Array(cases.map((c) => c >>> 0)).buffer);
+    const want = Uint16Array.from(src, (x) => floatToHalf(x));
+    const got = new Uint16Array(src.length);
+    encodeHalf(got, src);
+    const diff = got.findIndex((h, i) => h !== want[i] && !(Number.isNaN(HALF_TO_FLOAT[h]) && Number.isNaN(HALF_TO_FLOAT[want[i]])));
+    expect(diff, diff >= 0 ? `bits 0x${(cases[diff] >>> 0).toString(16)}: 0x${got[diff].toString(16)} vs 0x${want[diff].toString(16)}` : '').toBe(-1);
+
+    // The ring's two hops, against the per-element definition.
+    const local = random(50_001, 9);
+    const io = new Uint16Array(local.length);
+    encodeHalf(io, random(50_001, 10));
+    const sumRef = Uint16Array.from(io, (h, i) => floatToHalf(Math.fround(HALF_TO_FLOAT[h] + local[i])));
+    const acc = io.slice();
+    accumulateHalf(acc, local);
+    expect(Buffer.from(acc.buffer).equals(Buffer.from(sumRef.buffer))).toBe(true);
+    for (const divisor of [1, 3]) {
+      const wire = io.slice();
+      const mine = local.slice();
+      finishHalf(wire, mine, divisor);
+      for (let i = 0; i < io.length; i++) {
+        const h = floatToHalf(Math.fround(Math.fround(HALF_TO_FLOAT[io[i]] + local[i]) / divisor));
+        if (wire[i] !== h || mine[i] !== HALF_TO_FLOAT[h]) throw new Error(`finishHalf differs at ${i} (divisor ${divisor})`);
+      }
+    }
   });
 });
