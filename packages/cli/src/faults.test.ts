@@ -120,6 +120,22 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
     console.log(`fault: SIGKILL after training, before the final report (elastic): run completed ${((end.t - lost!.t) / 1000).toFixed(2)}s after the loss`);
   });
 
+  it('a worker whose last collective failed after the others completed it is stopped, not regrouped: the run completes at once', async () => {
+    const out = path.join(tmp(), 'run');
+    // Rank 2 finishes, then acts as if its final evaluation's ring had failed and asks to regroup.
+    const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:finalRegroup:0']);
+    expect(r.stderr, r.stdout).toBe('');
+    expect(r.code, r.stdout).toBe(0);
+    const stopped = at(r, /^stopped rank 2 on host \S+: its last collective failed after the others completed it .*; the run is complete without its final report/);
+    expect(stopped, r.stdout).toBeDefined();
+    expect(at(r, /^(regrouped|lost)/), r.stdout).toBeUndefined();
+    expect(stateLine(r.stdout)?.[2]).toBe('2');
+    const end = at(r, /^replicas identical/)!;
+    expect(end.t - stopped!.t).toBeLessThan(5000);
+    expect(fs.readFileSync(path.join(out, 'logs', 'rank-2.log'), 'utf8')).toMatch(/the coordinator stopped this worker: the run is complete: .*; this worker stops without a final report/);
+    console.log(`fault: last collective failed on one rank after the others completed it (elastic): stopped, run completed ${((end.t - stopped!.t) / 1000).toFixed(2)}s later`);
+  });
+
   it('rank 0 lost the same way: the run ends non-zero, saying training completed and which files to check', async () => {
     const out = path.join(tmp(), 'run');
     const r = await cli(['launch', '--workers', '2', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '0:final:0']);

@@ -92,6 +92,8 @@ export type RunEvent =
   | { kind: 'stall'; rank: number; host: string; silentSec: number; activity: string; step: number; timeoutSec: number }
   /** Elastic: a worker was lost (died, timed out, cut off); the others regroup without it. */
   | { kind: 'lost'; rank: number; host: string; reason: string; logTail: string[]; logFile: string; remaining: number }
+  /** Elastic: the run completed (others sent final reports) while this worker's last collective failed: it was stopped. */
+  | { kind: 'released'; rank: number; host: string; reason: string }
   /** Elastic: a new group formed (after a loss, or to admit joining workers). */
   | { kind: 'regrouped'; generation: number; worldSize: number; root: number; reason: string; stop: boolean; hosts: { host: string; ranks: number[] }[] };
 
@@ -215,6 +217,8 @@ interface Member {
   rejectedSeen: number;
   /** Why it was declared lost (elastic); a lost member is out of every later group. */
   lost?: string;
+  /** Elastic: released with STOP because the run completed while its last collective failed. */
+  released?: string;
 }
 
 const ACTIVITY_NAMES = ['idle', 'compute', 'all-reduce', 'evaluate', 'checkpoint', 'data'];
@@ -408,7 +412,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
           const mm = () => [...members.values()].find((x) => x.local && x.slot === rank);
           for (let i = 0; i < 40 && code === 0 && mm()?.final === undefined; i++) await new Promise((r) => setTimeout(r, 50));
           const member = mm() ?? lostMembers.find((x) => x.local && x.slot === rank);
-          if (member?.lost !== undefined) return resolve({ code, signal });
+          if (member?.lost !== undefined || member?.released !== undefined) return resolve({ code, signal });
           if (elastic && welcomed && member && (code !== 0 || member.final === undefined)) {
             const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
             declareLost(member, `${how}${member.error ? `: ${member.error}` : ''}`, signal ? 'signal' : 'exit');
@@ -482,7 +486,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     if (welcomed && byRank.every((x) => x.local || x.final !== undefined)) remoteFinished();
   }
   function declareLost(member: Member, reason: string, kind: 'exit' | 'signal' | 'timeout' | 'connection' | 'stalled', logTail?: string[], logFile?: string): void {
-    if (member.lost !== undefined || failure) return;
+    if (member.lost !== undefined || member.released !== undefined || failure) return;
     member.lost = reason;
     members.delete(member.peer.toString('hex'));
     lostMembers.push(member);
@@ -554,9 +558,32 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     }
     tryFinishRegroup();
   }
+  /**
+   * The run completed (a member sent its final report) but `member`'s copy of the last collective
+   * failed, so it asks to regroup: nobody finished can answer, and there is nothing to redo. It
+   * is stopped instead and leaves the group; the others' final reports stand. If it is rank 0,
+   * which writes the run's last files after that collective, they are missing: the run fails.
+   */
+  function release(member: Member, why: string): void {
+    if (member.released !== undefined || member.lost !== undefined) return;
+    member.released = why;
+    const i = byRank.indexOf(member);
+    if (i >= 0) byRank.splice(i, 1);
+    void server.send(member.peer, 'command', { kind: 6, reason: `the run is complete: ${why}` }).catch(() => undefined);
+    emit({ kind: 'released', rank: member.rank, host: member.host, reason: why });
+    if (member.rank === 0) {
+      const slot = member.local ? slots[member.slot] : undefined;
+      failed(new WorkerFailedError(member.rank, member.host, null, null, `${why}, before it could write the run's last files (summary.json, the final checkpoint): check them; the checkpoints it had written are intact`, slot?.tail ?? [], slot?.logFile ?? `its log on host ${member.host}`));
+      return;
+    }
+    checkRemoteFinished();
+  }
   function onRegroupReport(member: Member, r: RegroupReport): void {
     if (r.generation !== generation || !byRank.includes(member)) return metrics.countMalformedMessages();
     if (!Array.isArray(r.endpoints) || !r.endpoints.length || typeof r.committed !== 'object' || r.committed === null) return metrics.countMalformedMessages();
+    if (byRank.some((x) => x.final !== undefined)) {
+      return release(member, `its last collective failed after the others completed it (${typeof r.reason === 'string' ? r.reason : 'its ring failed'})`);
+    }
     // A worker whose ring failed (a neighbour died or went silent) regroups on its own, often
     // before this process has noticed anything: its report starts the regroup for everyone.
     if (!regroupState) startRegroup('rollback', `rank ${member.rank} on host ${member.host} left the group: ${typeof r.reason === 'string' ? r.reason : 'its ring failed'}`);
@@ -747,6 +774,14 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
         member.final = detail;
         // The acknowledgement lets the worker exit knowing its report arrived.
         void server.send(e.peer, 'command', { kind: 6, reason: 'done' }).catch(() => undefined);
+        // A regroup started before this report (a member failed in the last collective) is moot:
+        // training is over. Those that already asked to regroup are released; later askers too.
+        const st = regroupState;
+        if (st) {
+          clearTimeout(st.timer);
+          regroupState = undefined;
+          for (const x of [...st.ready.keys()]) if (x.final === undefined) release(x, 'its last collective failed after others completed it');
+        }
         checkRemoteFinished();
       }
       emit({ kind: 'report', rank, detail });

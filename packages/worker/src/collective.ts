@@ -200,6 +200,18 @@ export class GroupChangedError extends Error {
   }
 }
 
+/**
+ * The coordinator answered a regroup with STOP: other ranks already completed the run's last
+ * collective and sent their final reports, so the run is complete without this rank (its last
+ * collective failed, e.g. a neighbour died in the final evaluation). Not a failure: stop cleanly.
+ */
+export class RunCompleteError extends Error {
+  readonly code = 'E_RUN_COMPLETE' as const;
+  override get name(): string {
+    return 'RunCompleteError';
+  }
+}
+
 export function isElastic(c: Collective): c is ElasticCollective {
   return (c as Partial<ElasticCollective>).elastic === true;
 }

@@ -8,6 +8,7 @@
 // coordinator warns about a late worker only past max(5 heartbeat intervals, 2 of its step times, a quarter of the timeout)
 // and declares it lost only after the timeout, which must exceed the longest step.
 import { ControlTimeoutError, dtrain, type ControlClient, type ControlMessage, type PeerInfo } from '@dtrain/transport';
+import { RunCompleteError } from './collective.js';
 
 export type Activity = 'idle' | 'compute' | 'allReduce' | 'evaluate' | 'checkpoint' | 'data';
 
@@ -116,20 +117,32 @@ export class CoordinatorLink {
     if (changed) this.sendHeartbeat();
   }
 
-  /** The next Welcome (a regroup's), or an error after `timeoutMs`. */
+  /**
+   * The next Welcome (a regroup's), or an error after `timeoutMs`; RunCompleteError when the
+   * coordinator answers with STOP instead (the run completed without this rank).
+   */
   nextWelcome(during: string, timeoutMs: number): Promise<WelcomeBody> {
     const queued = this.welcomes.shift();
     if (queued) return Promise.resolve(queued);
     if (this.lostError) return Promise.reject(this.lostError);
+    if (this.stopSeen) return Promise.reject(this.completeError());
     return new Promise<WelcomeBody>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.welcomeWaiter = undefined;
+        this.completeWaiter = undefined;
         reject(new Error(`${this.o.who}: no Welcome from the coordinator at ${this.o.endpoint} within ${timeoutMs} ms during ${during}`));
       }, timeoutMs);
       this.welcomeWaiter = (w) => {
         clearTimeout(timer);
         this.welcomeWaiter = undefined;
+        this.completeWaiter = undefined;
         resolve(w);
+      };
+      this.completeWaiter = () => {
+        clearTimeout(timer);
+        this.welcomeWaiter = undefined;
+        this.completeWaiter = undefined;
+        reject(this.completeError());
       };
       this.lostWaiters.push((e) => {
         clearTimeout(timer);
@@ -139,6 +152,12 @@ export class CoordinatorLink {
   }
 
   private lostWaiters: ((e: Error) => void)[] = [];
+  private completeWaiter: (() => void) | undefined;
+  private stopReason = '';
+
+  private completeError(): RunCompleteError {
+    return new RunCompleteError(`${this.o.who}: the coordinator stopped this worker: ${this.stopReason || 'the run is complete'}`);
+  }
 
   /** Resolves at the coordinator's Command STOP (the acknowledgement of the final report). */
   waitForStop(timeoutMs: number): Promise<void> {
@@ -207,7 +226,9 @@ export class CoordinatorLink {
       const c = m.body as CommandBody;
       if (c.kind === CommandKind.STOP) {
         this.stopSeen = true;
+        this.stopReason = c.reason ?? '';
         this.stopWaiter?.();
+        this.completeWaiter?.();
         return;
       }
       this.commandHandler?.(c);

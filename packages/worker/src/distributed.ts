@@ -29,7 +29,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
 import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, ThreadedRing } from '@dtrain/transport';
-import type { Collective } from './collective.js';
+import { RunCompleteError, type Collective } from './collective.js';
 import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
 import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
 import { ElasticRingCollective, parseAnnouncement, type RegroupReport } from './elastic-ring.js';
@@ -73,8 +73,9 @@ export interface CrashSpec {
   rank: number;
   /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce;
    * evaluate: at the start of the evaluation after epoch `epoch` (before it adds its share); checkpoint: right after rank 0 wrote a checkpoint;
-   * final: after training completed, a second after the others sent their final reports, before its own (`at` is not used). */
-  phase: 'compute' | 'allReduce' | 'evaluate' | 'checkpoint' | 'final';
+   * final: after training completed, a second after the others sent their final reports, before its own (`at` is not used);
+   * finalRegroup: at the same point, it acts as if its last collective had failed and asks to regroup (instead of dying). */
+  phase: 'compute' | 'allReduce' | 'evaluate' | 'checkpoint' | 'final' | 'finalRegroup';
   /** Global optimiser step (compute, allReduce) or 1-based epoch (evaluate, checkpoint). */
   at: number;
   /** Only in this ring generation (default 1: the first group), so a regrouped run does not crash again. */
@@ -193,7 +194,7 @@ export async function runDistributedWorker(
   env: WorkerEnv,
   log: (line: string) => void = console.log,
   onCoordinatorLost?: (e: Error) => void,
-): Promise<DoneReport> {
+): Promise<DoneReport | undefined> {
   let who = env.rank >= 0 ? `rank ${env.rank} on host ${env.host}` : `local rank ${env.localRank} on host ${env.host}`;
   // CURVE: the control link checks the coordinator's key; the ring's data socket admits the keys
   // of this machine's allow-list, and each link to the next rank checks that rank's key.
@@ -398,9 +399,11 @@ export async function runDistributedWorker(
         },
       },
     });
-    if (crash?.phase === 'final' && crashGeneration()) {
+    if ((crash?.phase === 'final' || crash?.phase === 'finalRegroup') && crashGeneration()) {
       await new Promise((r) => setTimeout(r, 1000));
-      crashNow('after training completed, before its final report');
+      if (crash.phase === 'final') crashNow('after training completed, before its final report');
+      log(`${who}: TEST: acting as if the last collective had failed: regroup`);
+      await elastic!.regroup({ epoch: 0, done: 0, step: 0 });
     }
     const st = collective.stats();
     who = `rank ${collective.rank} on host ${env.host}`;
@@ -427,6 +430,13 @@ export async function runDistributedWorker(
   } catch (err) {
     const e = err as Error;
     linkRef?.stop();
+    if (err instanceof RunCompleteError) {
+      // Others completed the run's last collective and reported; this rank's copy of it failed.
+      log(`${who}: ${e.message}; this worker stops without a final report`);
+      await (elasticRef?.ring ?? ring)?.close().catch(() => undefined);
+      await control.close().catch(() => undefined);
+      return undefined;
+    }
     await control
       .send('error', { code: 6, message: e.message ?? String(err), rank: env.rank, host: env.host })
       .catch(() => undefined);

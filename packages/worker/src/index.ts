@@ -2,7 +2,7 @@ export { Trainer, AUGMENT_STREAM, AUGMENT_CROP_PADDING, layoutHash, readMetrics 
 export type { TrainData, TrainerOptions, TrainerHooks, TrainResult, PhaseTimes, StepInfo, StepMetrics, EpochMetrics, Summary, StartInfo } from './trainer.js';
 export { runTraining, loadTrainData, defaultRunDir } from './run.js';
 export type { RunTrainingOptions, RunTrainingResult } from './run.js';
-export { SingleProcess, createInProcessGroup, GroupChangedError, isElastic } from './collective.js';
+export { SingleProcess, createInProcessGroup, GroupChangedError, RunCompleteError, isElastic } from './collective.js';
 export type { Collective, ElasticCollective, Progress, RegroupResult, BucketRanges, StagedReduce } from './collective.js';
 export { ElasticRingCollective } from './elastic-ring.js';
 export type { RegroupReport, RegroupAnnouncement } from './elastic-ring.js';

@@ -90,8 +90,8 @@ async function launchOrExplain(o: LaunchOptions): Promise<LaunchResult> {
 }
 
 function parseCrash(v: string): NonNullable<DistributedConfig['crash']> {
-  const m = /^(\d+):(compute|allReduce|evaluate|checkpoint|final):(\d+)(?::(\d+))?$/.exec(v);
-  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, evaluate, checkpoint or final, got '${v}'`);
+  const m = /^(\d+):(compute|allReduce|evaluate|checkpoint|final|finalRegroup):(\d+)(?::(\d+))?$/.exec(v);
+  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, evaluate, checkpoint, final or finalRegroup, got '${v}'`);
   return { rank: Number(m[1]), phase: m[2] as 'compute', at: Number(m[3]), generation: m[4] ? Number(m[4]) : undefined };
 }
 
@@ -191,6 +191,8 @@ export function registerLaunch(program: Command) {
           console.log(`warning: rank ${e.rank} on host ${e.host} is late: no heartbeat for ${e.silentSec.toFixed(1)} s (last activity: ${e.activity} at step ${e.step}); it is declared lost after ${e.timeoutSec} s`);
         } else if (e.kind === 'lost') {
           console.log(`lost rank ${e.rank} on host ${e.host}: ${e.reason}; ${e.remaining} worker${e.remaining === 1 ? '' : 's'} left. Last lines of its log (${e.logFile}):\n${e.logTail.slice(-5).map((l) => `  ${l}`).join('\n') || '  (empty)'}`);
+        } else if (e.kind === 'released') {
+          console.log(`stopped rank ${e.rank} on host ${e.host}: ${e.reason}; the run is complete without its final report`);
         } else if (e.kind === 'regrouped') {
           console.log(`regrouped: generation ${e.generation}, ${e.worldSize} workers (${e.hosts.map((h) => `${h.host}: ${h.ranks.length}`).join(', ')}), state from rank ${e.root}${e.stop ? `; fewer than --min-workers ${o.minWorkers}: stopping after a checkpoint` : ''} (${e.reason})`);
         }
