@@ -13,6 +13,17 @@ async function exit(code: number, why: string): Promise<never> {
   process.exit(code);
 }
 
+// A crash anywhere still leaves through exit(): Node's own exit on an uncaught error would tear
+// the ring's thread down with its sockets open (SIGABRT instead of exit code 1).
+for (const event of ['uncaughtException', 'unhandledRejection'] as const) {
+  process.on(event, (err: unknown) => {
+    const e = err as Error;
+    console.error(`error: ${e?.message ?? String(err)}`);
+    console.error(e?.stack ?? '');
+    void exit(1, 'this worker crashed');
+  });
+}
+
 async function main(): Promise<void> {
   const env = readWorkerEnv();
   await runDistributedWorker(env, (line) => console.log(line), (e) => {
