@@ -391,9 +391,23 @@ export class ControlClient {
       }
     }
     const frame = encodeMessage(kind, b, this.runId, PROTOCOL_VERSION, ++this.sendSeq);
-    const p = this.sendChain.then(() => this.dealer.send(frame));
+    const p = this.sendChain
+      .then(() => this.dealer.send(frame))
+      .catch((e: unknown) => {
+        // ZeroMQ's own "Operation was not possible or timed out": no connection within the timeout.
+        if ((e as { code?: string }).code === 'EAGAIN') throw this.silenceError(this.timeoutMs, `sending its ${kind}`);
+        throw e;
+      });
     this.sendChain = p.catch(() => undefined);
     return p;
+  }
+
+  private silenceError(timeoutMs: number, during: string): ControlTimeoutError {
+    return new ControlTimeoutError(
+      `${this.who} heard nothing from the coordinator at ${this.endpoint} for ${timeoutMs} ms during ${during}: ` +
+        `check the coordinator's address and port (MASTER_ADDR/MASTER_PORT), that it is running and that the port is open` +
+        (this.refused ? ` (${this.refused})` : this.connected ? ' (the connection itself was up: the coordinator is waiting for something else)' : ' (no connection was made)'),
+    );
   }
 
   /**
@@ -433,11 +447,7 @@ export class ControlClient {
       if (m.seq !== 0) this.recvSeq = m.seq;
       return { ...m, payload: frames.slice(1) };
     }
-    throw new ControlTimeoutError(
-      `${this.who} heard nothing from the coordinator at ${this.endpoint} for ${timeoutMs} ms during ${during}: ` +
-        `check the coordinator's address and port (MASTER_ADDR/MASTER_PORT), that it is running and that the port is open` +
-        (this.refused ? ` (${this.refused})` : this.connected ? ' (the connection itself was up: the coordinator is waiting for something else)' : ' (no connection was made)'),
-    );
+    throw this.silenceError(timeoutMs, during);
   }
 
   /** Waits until queued sends are handed to ZeroMQ, then closes (linger 0 after a short grace). */
