@@ -513,7 +513,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     if (byRank.some((x) => x.final !== undefined)) {
       if (member.rank === 0 && member.final === undefined) {
         // Rank 0 writes the run's files after the last collective: they may be incomplete.
-        failed(new WorkerFailedError(member.rank, member.host, null, null, `${reason} after training completed, before confirming the run's last files (summary.json, the final checkpoint): check them; the checkpoints it had written are intact`, logTail ?? slot?.tail ?? [], logFile ?? slot?.logFile ?? `its log on host ${member.host}`));
+        failed(lastFilesMissing(member, `${reason} after training completed`, logTail, logFile));
         return;
       }
       checkRemoteFinished();
@@ -564,6 +564,15 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
    * is stopped instead and leaves the group; the others' final reports stand. If it is rank 0,
    * which writes the run's last files after that collective, they are missing: the run fails.
    */
+  /** Rank 0 gone after the last collective, before confirming summary.json and the final checkpoint. */
+  function lastFilesMissing(member: Member, what: string, logTail?: string[], logFile?: string): WorkerFailedError {
+    const slot = member.local ? slots[member.slot] : undefined;
+    return new WorkerFailedError(
+      member.rank, member.host, null, null,
+      `${what}, before confirming the run's last files (summary.json, the final checkpoint): check them; the checkpoints it had written are intact`,
+      logTail ?? slot?.tail ?? [], logFile ?? slot?.logFile ?? `its log on host ${member.host}`,
+    );
+  }
   function release(member: Member, why: string): void {
     if (member.released !== undefined || member.lost !== undefined) return;
     member.released = why;
@@ -572,8 +581,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     void server.send(member.peer, 'command', { kind: 6, reason: `the run is complete: ${why}` }).catch(() => undefined);
     emit({ kind: 'released', rank: member.rank, host: member.host, reason: why });
     if (member.rank === 0) {
-      const slot = member.local ? slots[member.slot] : undefined;
-      failed(new WorkerFailedError(member.rank, member.host, null, null, `${why}, before it could write the run's last files (summary.json, the final checkpoint): check them; the checkpoints it had written are intact`, slot?.tail ?? [], slot?.logFile ?? `its log on host ${member.host}`));
+      failed(lastFilesMissing(member, why));
       return;
     }
     checkRemoteFinished();

@@ -689,12 +689,10 @@ export class Ring {
     };
     const run = async (): Promise<void> => {
       this.checkUsable();
-      let end = 0;
       for (const [from, to] of buckets) {
         if (!(Number.isInteger(from) && Number.isInteger(to) && from >= 0 && from <= to && to <= data.length)) {
           throw new RingUsageError(`rank ${this.rank}: bucket [${from}, ${to}) is not a range of the ${data.length}-float buffer`);
         }
-        end = Math.max(end, to);
       }
       for (let i = 0; i < buckets.length; i++) {
         if (!gates[i].isOpen) await this.untilOpenOrBroken(gates[i].opened);
