@@ -1,5 +1,5 @@
 // pnpm bench allreduce [--world 2,4] [--floats 11200000] [--iters 10] [--warmup 2]
-//                      [--transport ipc,tcp] [--piece-bytes 4194304] [--fp16] [--no-mpi] [--no-kernels]
+//                      [--transport shm,ipc,tcp] [--piece-bytes 4194304] [--fp16] [--no-mpi] [--no-kernels]
 //                      [--no-default-malloc] [--baseline path/to/transport/src/index.ts]
 //
 // Our ring all-reduce between real processes on this machine, side by side with Open MPI's
@@ -9,8 +9,10 @@
 // busbw = algbw * 2(n-1)/n. Also the CPU time (user + system, every thread) per timed call, summed
 // over the ranks: on a shared machine it moves less with other load than the times do, and it shows
 // what MPI's busy-polling costs. The load average is recorded before and after each row.
+// Transports: shm = same-host links in shared memory (the ring's default between processes of one
+// host; headers still go over ZeroMQ), ipc = every link a ZeroMQ ipc:// socket, tcp = loopback TCP.
 // 'ring thread' is the same ring run as training workers run it (ThreadedRing: in a worker
-// thread of its own, on a SharedArrayBuffer).
+// thread of its own, on a SharedArrayBuffer), over the first transport listed.
 // --baseline adds a row (ipc://) for another copy of the transport package (e.g. an older commit
 // exported with `git archive`, placed where it resolves zeromq), for before/after in the same run.
 // Results: bench-results/allreduce.json and a table.
@@ -24,12 +26,16 @@ import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, sharedFloat32A
 const SELF = fileURLToPath(import.meta.url);
 const ROOT = resolve(dirname(SELF), '..', '..');
 
+/** shm: same-host links in shared memory (the default); ipc, tcp: every link a socket. */
+type Transport = 'shm' | 'ipc' | 'tcp';
+const TRANSPORTS: readonly Transport[] = ['shm', 'ipc', 'tcp'];
+
 interface Options {
   worlds: number[];
   floats: number;
   iters: number;
   warmup: number;
-  transports: ('ipc' | 'tcp')[];
+  transports: Transport[];
   pieceBytes: number;
   fp16: boolean;
   mpi: boolean;
@@ -40,7 +46,7 @@ interface Options {
 
 function parse(args: string[]): Options {
   const o: Options = {
-    worlds: [2, 4], floats: 11_200_000, iters: 10, warmup: 2, transports: ['ipc', 'tcp'],
+    worlds: [2, 4], floats: 11_200_000, iters: 10, warmup: 2, transports: ['shm', 'ipc', 'tcp'],
     pieceBytes: 4 << 20, fp16: false, mpi: true, kernels: true, defaultMalloc: true, baseline: undefined,
   };
   for (let i = 0; i < args.length; i++) {
@@ -62,8 +68,8 @@ function parse(args: string[]): Options {
     else if (a === '--piece-bytes') o.pieceBytes = int(val(), 64);
     else if (a === '--transport') {
       o.transports = val().split(',').map((t) => {
-        if (t !== 'ipc' && t !== 'tcp') throw new Error(`--transport takes ipc and/or tcp, got ${t}`);
-        return t;
+        if (!TRANSPORTS.includes(t as Transport)) throw new Error(`--transport takes shm, ipc and/or tcp, got ${t}`);
+        return t as Transport;
       });
     } else if (a === '--fp16') o.fp16 = true;
     else if (a === '--no-mpi') o.mpi = false;
@@ -148,7 +154,7 @@ interface ChildInit {
   floats: number;
   iters: number;
   warmup: number;
-  transport: 'ipc' | 'tcp';
+  transport: Transport;
   pieceBytes: number;
   fp16: boolean;
   /** Take Ring from this module instead of @dtrain/transport. */
@@ -162,7 +168,7 @@ async function child(): Promise<void> {
   const RingClass = init.ringModule === undefined ? Ring : ((await import(init.ringModule)) as { Ring: typeof Ring }).Ring;
   const ringOpts = {
     rank: init.rank, worldSize: init.world, timeoutMs: 60_000, pieceBytes: init.pieceBytes,
-    ipc: init.transport === 'ipc', preferIpc: init.transport === 'ipc', runId: 'bench',
+    ipc: init.transport !== 'tcp', preferIpc: init.transport !== 'tcp', sharedMemory: init.transport === 'shm', runId: 'bench',
   };
   const ring = init.threaded ? await ThreadedRing.create(ringOpts) : await RingClass.create(ringOpts);
   process.send!({ endpoints: ring.endpoints });
@@ -182,12 +188,14 @@ async function child(): Promise<void> {
     if (it >= init.warmup) ms.push(dt);
   }
   const cpu = process.cpuUsage(cpu0);
+  const st = ring.stats();
   await ring.close();
-  process.send!({ ms, cpuMs: (cpu.user + cpu.system) / 1e3 / init.iters });
+  if (init.transport === 'shm' && !st.shm.toNext) throw new Error(`rank ${init.rank}: its link to the next rank is not a shared-memory one (see the transport's log line above)`);
+  process.send!({ ms, cpuMs: (cpu.user + cpu.system) / 1e3 / init.iters, spilled: st.piecesViaSocket });
   process.disconnect();
 }
 
-async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tunedMalloc: boolean, ringModule?: string, threaded = false): Promise<Run> {
+async function runOurs(world: number, o: Options, transport: Transport, tunedMalloc: boolean, ringModule?: string, threaded = false): Promise<Run> {
   // Workers get the environment a launcher gives them (workerEnv), unless measuring without it.
   const env = tunedMalloc ? workerEnv() : { ...process.env, GLIBC_TUNABLES: '' };
   const kids = Array.from({ length: world }, () =>
@@ -196,10 +204,11 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
   const endpoints: string[][] = new Array(world);
   const results: number[][] = new Array(world);
   const cpuMs: number[] = new Array(world).fill(0);
+  let spilled = 0;
   let got = 0;
   const exits = kids.map((k, rank) => new Promise<void>((res, rej) => {
     k.on('exit', (code) => (code === 0 ? res() : rej(new Error(`bench worker rank ${rank} exited with ${code}`))));
-    k.on('message', (m: { endpoints?: string[]; ms?: number[]; cpuMs?: number }) => {
+    k.on('message', (m: { endpoints?: string[]; ms?: number[]; cpuMs?: number; spilled?: number }) => {
       if (m.endpoints !== undefined) {
         endpoints[rank] = m.endpoints;
         if (++got === world) {
@@ -209,6 +218,7 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
       }
       if (m.ms !== undefined) results[rank] = m.ms;
       if (m.cpuMs !== undefined) cpuMs[rank] = m.cpuMs;
+      if (m.spilled !== undefined) spilled += m.spilled;
     });
     k.send({ rank, world, floats: o.floats, iters: o.iters, warmup: o.warmup, transport, pieceBytes: o.pieceBytes, fp16: o.fp16, ringModule, threaded } satisfies ChildInit);
   }));
@@ -218,6 +228,7 @@ async function runOurs(world: number, o: Options, transport: 'ipc' | 'tcp', tune
     for (const k of kids) if (k.exitCode === null) k.kill('SIGKILL');
   }
   // Each call's time is its slowest rank's, as for MPI.
+  if (transport === 'shm' && spilled > 0) console.log(`  (shm, ${world} ranks: ${spilled} pieces went in socket frames because every slot was still unread)`);
   return { ms: results[0].map((_, i) => Math.max(...results.map((r) => r[i]))), cpuMsPerOp: cpuMs.reduce((a, b) => a + b, 0) };
 }
 
@@ -283,7 +294,8 @@ export async function main(args: string[]): Promise<void> {
     const row: Record<string, unknown> = { world, loadAverageBefore: loadavg() };
     for (const t of o.transports) row[`ours_${t}`] = stats(await runOurs(world, o, t, true), bytes, world);
     // As training workers run it: in its own thread, on a SharedArrayBuffer.
-    if (o.transports.includes('ipc')) row.ours_ipc_thread = stats(await runOurs(world, o, 'ipc', true, undefined, true), bytes, world);
+    const first = o.transports[0];
+    row.ours_thread = { transport: first, ...stats(await runOurs(world, o, first, true, undefined, true), bytes, world) };
     if (o.transports.includes('ipc') && o.defaultMalloc) row.ours_ipc_default_malloc = stats(await runOurs(world, o, 'ipc', false), bytes, world);
     if (o.baseline !== undefined) row.ours_baseline_ipc = stats(await runOurs(world, o, 'ipc', true, o.baseline), bytes, world);
     if (typeof mpi === 'string') {
@@ -301,7 +313,7 @@ export async function main(args: string[]): Promise<void> {
     const md = row.mpi_default as Stats | undefined;
     const mt = row.mpi_tcp as Stats | undefined;
     for (const [key, label] of [
-      ['ours_ipc', 'dtrain ring, ipc://'], ['ours_ipc_thread', 'ring thread, ipc://'], ['ours_tcp', 'dtrain ring, tcp://'], ['ours_ipc_default_malloc', 'ring ipc, default malloc'],
+      ['ours_shm', 'dtrain ring, shared mem'], ['ours_ipc', 'dtrain ring, ipc://'], ['ours_thread', `ring thread, ${o.transports[0]}`], ['ours_tcp', 'dtrain ring, tcp://'], ['ours_ipc_default_malloc', 'ring ipc, default malloc'],
       ['ours_baseline_ipc', 'baseline ring, ipc://'], ['mpi_default', 'Open MPI default (sm)'], ['mpi_tcp', 'Open MPI btl tcp,self'],
     ] as const) {
       const s = row[key] as Stats | undefined;

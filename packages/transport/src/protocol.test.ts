@@ -19,8 +19,8 @@ const samples: { [K in BodyKind]: Parameters<typeof encodeMessage<K>>[1] } = {
   welcome: { rank: 1, worldSize: 2, generation: 3, peers: [{ rank: 0, host: 'a', dataEndpoints: ['tcp://a:1'] }, { rank: 1, host: 'b', dataEndpoints: ['tcp://b:1'] }], heartbeatMs: 1000, timeoutMs: 30000, configJson: '{}' },
   error: { code: dtrain.Error.Code.PROTOCOL_VERSION, message: 'no', rank: -1, host: 'x', logTail: ['a', 'b'] },
   heartbeat: { rank: 3, seq: 2 ** 40, step: 7, activity: dtrain.Heartbeat.Activity.ALL_REDUCE, unixMs: 1_700_000_000_000 },
-  ringHello: { rank: 1, worldSize: 4, generation: 2, host: 'h' },
-  ringChunk: { generation: 1, opId: 2 ** 33, rank: 2, phase: dtrain.RingChunk.Phase.ALL_GATHER, step: 1, chunk: 3, piece: 4, offset: 11_200_000, count: 262144, dtype: dtrain.RingChunk.DType.F16 },
+  ringHello: { rank: 1, worldSize: 4, generation: 2, host: 'h', shmPath: '/dev/shm/dtrain-1-2-ab', shmToken: Buffer.alloc(16, 7), shmSlots: 16, shmSlotBytes: 4 << 20, shmAccepted: true },
+  ringChunk: { generation: 1, opId: 2 ** 33, rank: 2, phase: dtrain.RingChunk.Phase.ALL_GATHER, step: 1, chunk: 3, piece: 4, offset: 11_200_000, count: 262144, dtype: dtrain.RingChunk.DType.F16, shmSlot: 3 },
   ringAbort: { generation: 1, opId: 9, failedRank: 2, failedHost: 'h2', reason: 'gone', reporterRank: 3 },
   shardAssignment: { epoch: 2, generation: 1, seed: 123, datasetSize: 50000, firstStep: 100, batchSize: 64, indices: [5, 4, 3, 49999] },
   command: { kind: dtrain.Command.Kind.COMMIT, epoch: 1, step: 55, reason: '' },
@@ -28,6 +28,7 @@ const samples: { [K in BodyKind]: Parameters<typeof encodeMessage<K>>[1] } = {
   fileRequest: { name: 'data_batch_1.bin', offset: 4096 },
   fileChunk: { name: 'data_batch_1.bin', offset: 4096, totalSize: 30730000, sha256: 'aa' },
   ringClose: { rank: 1, generation: 2, ack: true },
+  ringCredit: { generation: 2, rank: 3, pieces: 2 ** 40 },
 };
 
 describe('protocol', () => {
@@ -123,7 +124,7 @@ describe('protocol', () => {
 
 function withoutDefaults(v: unknown): unknown {
   if (Array.isArray(v)) return v.map(withoutDefaults);
-  if (typeof v !== 'object' || v === null) return v;
+  if (typeof v !== 'object' || v === null || v instanceof Uint8Array) return v;
   const out: Record<string, unknown> = {};
   for (const [k, x] of Object.entries(v)) {
     if (x === 0 || x === '' || x === false || (Array.isArray(x) && x.length === 0)) continue;

@@ -24,11 +24,13 @@ export type BodyKind =
   | 'stepReport'
   | 'fileRequest'
   | 'fileChunk'
-  | 'ringClose';
+  | 'ringClose'
+  | 'ringCredit';
 
 export const BODY_KINDS: readonly BodyKind[] = [
   'hello', 'welcome', 'error', 'heartbeat', 'ringHello', 'ringChunk', 'ringAbort',
   'shardAssignment', 'command', 'stepReport', 'fileRequest', 'fileChunk', 'ringClose',
+  'ringCredit',
 ];
 
 /** The message types by body name, with the properties generated from the .proto. */
@@ -46,6 +48,7 @@ export interface Bodies {
   fileRequest: dtrain.FileRequest.$Properties;
   fileChunk: dtrain.FileChunk.$Properties;
   ringClose: dtrain.RingClose.$Properties;
+  ringCredit: dtrain.RingCredit.$Properties;
 }
 
 /** A decoded, verified envelope: exactly one body, protocol version checked by the caller. */
@@ -139,6 +142,11 @@ const logState = new Map<string, { last: number; suppressed: number }>();
 /** Where rejection and refusal lines go (default: stderr). `undefined` restores the default. */
 export function setTransportLogger(fn: Logger | undefined): void {
   logger = fn ?? defaultLogger;
+}
+
+/** One line to the transport's log (the caller makes sure it is not repeated per message). */
+export function logTransport(line: string): void {
+  logger(line);
 }
 
 /** Logs a rejected message or refused connection from `peer`, rate-limited per peer. */

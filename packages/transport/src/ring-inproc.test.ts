@@ -5,7 +5,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import * as zmq from 'zeromq';
 import { PeerTimeoutError, ProtocolVersionError, RingAbortedError, RingSetupError, RingUsageError } from './errors.js';
 import { encodeMessage } from './protocol.js';
-import { Ring, type PeerInfo } from './ring.js';
+import { Ring, type PeerInfo, type RingOptions } from './ring.js';
 import { makeData, ringReference } from './testing/data.js';
 
 const cleanup: (() => unknown)[] = [];
@@ -13,8 +13,8 @@ afterEach(async () => {
   for (const f of cleanup.splice(0)) await f();
 });
 
-async function ringOf(n: number, opts: { timeoutMs?: number; runId?: string; pieceBytes?: number } = {}): Promise<Ring[]> {
-  const rings = await Promise.all(Array.from({ length: n }, (_, rank) => Ring.create({ rank, worldSize: n, ...opts })));
+async function ringOf(n: number, opts: { timeoutMs?: number; runId?: string; pieceBytes?: number } = {}, perRank: (rank: number) => Partial<RingOptions> = () => ({})): Promise<Ring[]> {
+  const rings = await Promise.all(Array.from({ length: n }, (_, rank) => Ring.create({ rank, worldSize: n, ...opts, ...perRank(rank) })));
   cleanup.push(() => Promise.all(rings.map((r) => r.close())));
   const peers: PeerInfo[] = rings.map((r) => ({ rank: r.rank, host: r.host, endpoints: r.endpoints }));
   await Promise.all(rings.map((r) => r.connect(peers)));
@@ -22,6 +22,24 @@ async function ringOf(n: number, opts: { timeoutMs?: number; runId?: string; pie
 }
 
 describe('ring in one process', () => {
+  it('a rank without shared memory next to ranks with it: its two links are sockets, the third is shared, same bits', async () => {
+    const rings = await ringOf(3, { pieceBytes: 16 * 1024 }, (rank) => ({ sharedMemory: rank !== 1 }));
+    expect(rings.map((r) => r.stats().shm)).toEqual([
+      { toNext: false, fromPrev: true }, // 0 -> 1 refused by rank 1; 2 -> 0 shared
+      { toNext: false, fromPrev: false },
+      { toNext: true, fromPrev: false },
+    ]);
+    for (const opts of [{}, { average: true }, { fp16: true }]) {
+      const spec = { len: 100_003, seed: 9 };
+      const data = rings.map((r) => makeData(spec, r.rank));
+      const want = ringReference([0, 1, 2].map((rank) => makeData(spec, rank)), opts);
+      await Promise.all(rings.map((r, i) => r.allReduce(data[i], opts)));
+      for (const d of data) expect(d).toEqual(want);
+    }
+    expect(rings[2].stats().piecesViaShm).toBeGreaterThan(0);
+    expect(rings[1].stats().piecesViaShm).toBe(0);
+  });
+
   it('rings bound before their ranks were known take rank and world size from connect() (the Welcome)', async () => {
     // As `dtrain join` workers do: bind first (the endpoints go into the Hello), learn the rank later.
     const rings = await Promise.all([0, 1, 2].map(() => Ring.create({ rank: 0, worldSize: 1, timeoutMs: 5000 })));

@@ -153,7 +153,8 @@ export class ThreadedRing {
   }
 
   stats(): RingStats {
-    return this.state.stats ?? { ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {}, authRefused: 0 };
+    return this.state.stats ?? { ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {}, authRefused: 0,
+      shm: { toNext: false, fromPrev: false }, piecesViaShm: 0, piecesViaSocket: 0 };
   }
 
   connect(peers: PeerInfo[], ids: ConnectIds = {}): Promise<void> {

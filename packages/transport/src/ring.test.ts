@@ -11,12 +11,19 @@ type Failed = Extract<WorkerMessage, { type: 'error' }>;
 
 const sha = (a: Float32Array) => createHash('sha256').update(Buffer.from(a.buffer, a.byteOffset, a.byteLength)).digest('hex');
 
-async function runAndCheck(n: number, ops: WorkerOp[], extra: { preferIpc?: boolean; pieceBytes?: number } = {}): Promise<RingRun> {
+type Closed = Extract<WorkerMessage, { type: 'closed' }>;
+
+interface Extra { preferIpc?: boolean; pieceBytes?: number; sharedMemory?: boolean; shmBytes?: number }
+
+async function runAndCheck(n: number, ops: WorkerOp[], extra: Extra = {}): Promise<RingRun> {
   const run = startRing(n, { timeoutMs: 20_000, ops, returnUpTo: 4096, ...extra });
   const codes = await run.exited;
   const errors = run.messages.flat().filter((m): m is Failed => m.type === 'error');
   expect(errors, JSON.stringify(errors)).toEqual([]);
   expect(codes).toEqual(new Array(n).fill(0));
+  // All ranks run on this host: every link is a shared-memory one unless turned off.
+  const shm = n > 1 && extra.sharedMemory !== false;
+  for (const st of closedStats(run)) expect(st.shm, `world ${n}`).toEqual({ toNext: shm, fromPrev: shm });
   for (let i = 0; i < ops.length; i++) {
     const op = ops[i];
     const inputs = Array.from({ length: n }, (_, r) => makeData(op, r));
@@ -52,6 +59,10 @@ async function runAndCheck(n: number, ops: WorkerOp[], extra: { preferIpc?: bool
   return run;
 }
 
+function closedStats(run: RingRun): Closed['stats'][] {
+  return run.messages.map((ms) => ms.find((m): m is Closed => m.type === 'closed')!.stats);
+}
+
 const small: WorkerOp[] = [
   { len: 0, seed: 1 },
   { len: 1, seed: 2 },
@@ -67,6 +78,27 @@ describe('ring all-reduce between processes', () => {
     await runAndCheck(n, small);
   });
 
+  it('every link a socket (sharedMemory false), world 4: the same bits as the reference', async () => {
+    const run = await runAndCheck(4, small, { sharedMemory: false });
+    for (const st of closedStats(run)) expect(st.piecesViaShm).toBe(0);
+  });
+
+  it('shared-memory links with too few slots send the rest in socket frames: same bits, no deadlock, world 3', async () => {
+    // 2 slots of 4 KiB per link; an op of 100,003 floats is ~100 pieces per rank, so most of
+    // them find every slot still unread and go as frames, mixed with slot pieces on one link.
+    const run = await runAndCheck(
+      3,
+      [
+        { len: 100_003, seed: 41 },
+        { len: 100_003, seed: 42, fp16: true, average: true },
+        { len: 100_003, seed: 43, broadcastRoot: 2 },
+      ],
+      { pieceBytes: 4096, shmBytes: 8192 },
+    );
+    const st = closedStats(run);
+    expect(st.every((s) => s.piecesViaShm > 0 && s.piecesViaSocket > 0), JSON.stringify(st)).toBe(true);
+  });
+
   it('NaN and Inf propagate (+Inf + -Inf = NaN) on every rank', async () => {
     const run = await runAndCheck(3, [{ len: 64, seed: 4, specials: true }]);
     const done = run.messages[2].find((m): m is Done => m.type === 'op-done')!;
@@ -77,9 +109,11 @@ describe('ring all-reduce between processes', () => {
     expect(got[6]).toBe(-Infinity);
   });
 
-  it('11.2M floats (the ResNet gradient), world 2 over ipc and world 3 over TCP with average', async () => {
-    await runAndCheck(2, [{ len: 11_200_000, seed: 11 }]);
-    await runAndCheck(3, [{ len: 11_200_000, seed: 12, average: true }], { preferIpc: false });
+  it('11.2M floats (the ResNet gradient), world 2 over shared memory and world 3 over TCP with average', async () => {
+    const run = await runAndCheck(2, [{ len: 11_200_000, seed: 11 }]);
+    // The default 16 slots of 4 MiB hold a whole 2-rank all-reduce of this size: nothing spills.
+    for (const st of closedStats(run)) expect(st.piecesViaSocket).toBe(0);
+    await runAndCheck(3, [{ len: 11_200_000, seed: 12, average: true }], { preferIpc: false, sharedMemory: false });
   });
 
   it('fp16 on the wire, bucketing, small pieces and broadcast, world 3', async () => {
@@ -98,10 +132,10 @@ describe('ring all-reduce between processes', () => {
 });
 
 describe('a peer that dies or hangs', () => {
-  async function faultRun(signal: 'SIGKILL' | 'SIGSTOP', timeoutMs: number) {
+  async function faultRun(signal: 'SIGKILL' | 'SIGSTOP', timeoutMs: number, sharedMemory = true) {
     const n = 3;
     const victim = 1;
-    const run = startRing(n, { timeoutMs, ops: [{ len: 3_000_000, seed: 31 }], returnUpTo: 0, gated: true, pieceBytes: 64 * 1024 });
+    const run = startRing(n, { timeoutMs, ops: [{ len: 3_000_000, seed: 31 }], returnUpTo: 0, gated: true, pieceBytes: 64 * 1024, sharedMemory });
     try {
       // Every rank has its data ready; release them together, then hit the victim mid-op.
       await Promise.all(run.children.map((_, r) => run.waitFor(r, 'endpoints')));
@@ -122,9 +156,9 @@ describe('a peer that dies or hangs', () => {
     }
   }
 
-  it('SIGKILL mid all-reduce: the others fail fast with an error naming the rank and host', async () => {
+  it.each([['shared-memory', true], ['socket', false]])('SIGKILL mid all-reduce (%s links): the others fail fast with an error naming the rank and host', async (_, shm) => {
     const timeoutMs = 15_000;
-    const { results, elapsed } = await faultRun('SIGKILL', timeoutMs);
+    const { results, elapsed } = await faultRun('SIGKILL', timeoutMs, shm);
     expect(elapsed).toBeLessThan(timeoutMs);
     for (const m of results) {
       expect(m.type).toBe('error');

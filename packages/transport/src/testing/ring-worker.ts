@@ -1,7 +1,7 @@
 // A worker process for the multi-process tests: forked by ring.test.ts with an IPC channel,
 // it joins a real ring over real sockets and runs the collectives it is told to.
 import { createHash } from 'node:crypto';
-import { Ring, TransportError, type PeerInfo } from '../index.js';
+import { Ring, TransportError, type PeerInfo, type RingStats } from '../index.js';
 import { makeData, type DataSpec } from './data.js';
 
 export interface WorkerOp extends DataSpec {
@@ -18,6 +18,9 @@ export interface WorkerInit {
   timeoutMs: number;
   pieceBytes?: number;
   preferIpc?: boolean;
+  /** Ring options of the same names (shared-memory links between same-host ranks). */
+  sharedMemory?: boolean;
+  shmBytes?: number;
   ops: WorkerOp[];
   /** Send results (base64) for ops up to this length. */
   returnUpTo: number;
@@ -30,7 +33,7 @@ export type WorkerMessage =
   | { type: 'op-start'; op: number }
   | { type: 'op-done'; op: number; sha256: string; data?: string; ms: number }
   | { type: 'error'; op: number; code: string; message: string; ms: number; errorName: string }
-  | { type: 'closed'; stats: unknown };
+  | { type: 'closed'; stats: RingStats };
 
 const send = (m: WorkerMessage) => process.send!(m);
 
@@ -54,6 +57,8 @@ async function main(): Promise<void> {
     timeoutMs: init.timeoutMs,
     pieceBytes: init.pieceBytes,
     preferIpc: init.preferIpc,
+    sharedMemory: init.sharedMemory,
+    shmBytes: init.shmBytes,
     runId: 'test',
   });
   send({ type: 'endpoints', endpoints: ring.endpoints });
