@@ -64,8 +64,10 @@ describe('shared-memory segments', () => {
   });
 
   it('segments left by dead processes are removed when a new one is created; live ones stay', () => {
-    const dead = spawnSync(process.execPath, ['-e', 'console.log(process.pid)'], { encoding: 'utf8' });
-    const deadPid = Number(dead.stdout.trim());
+    // A process that has exited (spawnSync waits for it), by the pid the system gave it.
+    const deadPid = spawnSync(process.execPath, ['-e', ''], { stdio: 'ignore' }).pid;
+    expect(Number.isInteger(deadPid) && deadPid > 0).toBe(true);
+    expect(() => process.kill(deadPid, 0)).toThrow(/ESRCH/);
     const stale = path.join(dir, `dtrain-${deadPid}-0g0-aaaaaaaaaaaa`);
     const live = path.join(dir, `dtrain-${process.ppid}-0g0-bbbbbbbbbbbb`);
     const unrelated = path.join(dir, 'notes.txt');
