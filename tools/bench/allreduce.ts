@@ -21,7 +21,7 @@ import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node
 import { cpus, hostname, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { addKernelName, addPlain, addUnrolled, makeWasmAdd, Ring, sharedFloat32Array, ThreadedRing, workerEnv, type PeerInfo } from '@dtrain/transport';
+import { addKernelNames, addPlain, addUnrolled, makeWasmAdd, Ring, sharedFloat32Array, ThreadedRing, workerEnv, type PeerInfo } from '@dtrain/transport';
 
 const SELF = fileURLToPath(import.meta.url);
 const ROOT = resolve(dirname(SELF), '..', '..');
@@ -274,14 +274,14 @@ export async function main(args: string[]): Promise<void> {
   const bytes = o.floats * 4;
   const result: Record<string, unknown> = {
     bench: 'allreduce', date: new Date().toISOString(), host: hostname(), cpus: cpus().length,
-    node: process.version, options: o, kernelUsed: addKernelName,
+    node: process.version, options: o, kernelUsed: addKernelNames(),
   };
   console.log(`all-reduce of ${o.floats} float32 (${(bytes / 1e6).toFixed(1)} MB), ${o.iters} timed calls after ${o.warmup} warm-up, on ${cpus().length} CPUs`);
 
   if (o.kernels) {
     const k = benchKernels(o.floats, o.pieceBytes);
     result.kernels = k;
-    console.log(`\nsumming kernel: acc += local in place over ${o.floats} floats, in pieces of ${o.pieceBytes} bytes (9 interleaved rounds; used: ${addKernelName})`);
+    console.log(`\nsumming kernel: acc += local in place over ${o.floats} floats, in pieces of ${o.pieceBytes} bytes (9 interleaved rounds; chosen here: in place ${addKernelNames().inPlace}, into another buffer ${addKernelNames().outOfPlace})`);
     for (const [name, r] of Object.entries(k)) console.log(`  ${name.padEnd(30)} median ${fmt(r.medianMs).padStart(6)} ms  min ${fmt(r.minMs).padStart(6)} ms  ${fmt(r.GBs, 2)} GB/s`);
   }
 

@@ -37,7 +37,7 @@ export {
   type Message,
   type DecodeResult,
 } from './protocol.js';
-export { addInto, addKernelName, addPlain, addUnrolled, makeWasmAdd, type AddKernel } from './sum.js';
+export { addInto, addKernelNames, chooseAddKernels, addPlain, addUnrolled, makeWasmAdd, type AddKernel } from './sum.js';
 export { floatToHalf, HALF_TO_FLOAT, encodeHalf, decodeHalf, roundThroughHalf } from './fp16.js';
 export { workerEnv, WORKER_GLIBC_TUNABLES } from './env.js';
 export {

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { addInto, addKernelName, addPlain, addUnrolled, makeWasmAdd, WASM_BLOCK, type AddKernel } from './sum.js';
+import { addInto, addKernelNames, chooseAddKernels, addPlain, addUnrolled, makeWasmAdd, WASM_BLOCK, type AddKernel } from './sum.js';
 import { accumulateHalf, decodeHalf, encodeHalf, finishHalf, floatToHalf, HALF_TO_FLOAT, roundThroughHalf } from './fp16.js';
 
 function random(n: number, seed: number): Float32Array {
@@ -19,9 +19,21 @@ describe('sum kernels', () => {
   const kernels: [string, AddKernel][] = [['unrolled', addUnrolled], ['addInto', addInto]];
   if (wasm !== undefined) kernels.push(['wasm', wasm], ['wasm small blocks', makeWasmAdd(64)!]);
 
-  it('has WebAssembly SIMD on Node 20 (measured against the JS loops in the benchmark)', () => {
+  it('has WebAssembly SIMD on Node 20; the ring picks a kernel per use by timing both here, or as forced', () => {
     expect(wasm).toBeDefined();
-    expect(addKernelName).toBe('js-unrolled');
+    const names = addKernelNames();
+    for (const use of ['inPlace', 'outOfPlace'] as const) expect(['js-unrolled', 'wasm-simd']).toContain(names[use]);
+    const saved = process.env.DTRAIN_SUM_KERNEL;
+    try {
+      process.env.DTRAIN_SUM_KERNEL = 'wasm';
+      expect(chooseAddKernels().names).toEqual({ inPlace: 'wasm-simd', outOfPlace: 'wasm-simd' });
+      process.env.DTRAIN_SUM_KERNEL = 'js';
+      expect(chooseAddKernels().names).toEqual({ inPlace: 'js-unrolled', outOfPlace: 'js-unrolled' });
+    } finally {
+      if (saved === undefined) delete process.env.DTRAIN_SUM_KERNEL;
+      else process.env.DTRAIN_SUM_KERNEL = saved;
+      chooseAddKernels();
+    }
   });
 
   it('match the plain loop bit for bit, at every length around block edges, aliased or not', () => {

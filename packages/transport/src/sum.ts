@@ -1,10 +1,13 @@
 // The summing step of the all-reduce: out[i] = a[i] + b[i] over float32 (out may alias a).
-// Measured as the ring uses it (in place, acc += local, piece by piece over 11.2M floats;
-// tools/bench/allreduce.ts prints the comparison each run): the 8-way unrolled JS loop written as
-// `a[i] += b[i]` is fastest (17 ms; 7.9 GB/s of memory traffic), ahead of WebAssembly SIMD over
-// cache-sized blocks copied into its memory (24.5 ms: the copies in and out cost more than SIMD
-// saves) and the plain loop (33 ms). All give identical bits: IEEE single addition, a + b in that
-// operand order, no reassociation. The WebAssembly kernel stays here, measured in every run.
+// Two uses: in place (acc += local: a received socket frame, then sent on) and into another
+// buffer (out = received + local: a shared-memory slot in, the next slot out). Which kernel is
+// fastest depends on the machine, so the ring measures them once per thread (chooseAddKernels)
+// and keeps the faster for each use. Measured (tools/bench/allreduce.ts prints it each run), in
+// place over 11.2M floats in 4 MiB pieces: on the 2-vCPU AMD EPYC of our CI, the 8-way unrolled JS
+// loop `a[i] += b[i]` 17.6 ms, WebAssembly SIMD over cache-sized blocks copied into its memory
+// 24.6 ms; on a 16-core Intel Xeon, JS 19.9 ms, WebAssembly 11.7 ms. All give identical bits
+// (IEEE single addition, a + b in that operand order, no reassociation), so the choice changes
+// speed only, and ranks that choose differently still agree bit for bit.
 
 export type AddKernel = (out: Float32Array, a: Float32Array, b: Float32Array, also?: Float32Array) => void;
 
@@ -196,9 +199,61 @@ export function makeWasmAdd(block = WASM_BLOCK, unroll = 4): AddKernel | undefin
   };
 }
 
-/** The kernel the all-reduce uses: the fastest correct one measured (see top of file). */
-export const addInto: AddKernel = addUnrolled;
-export const addKernelName = 'js-unrolled';
+export interface AddKernelChoice {
+  inPlace: AddKernel;
+  outOfPlace: AddKernel;
+  names: { inPlace: string; outOfPlace: string };
+}
+
+let choice: AddKernelChoice | undefined;
+
+/**
+ * Times the JS and WebAssembly kernels here, in both uses, on 4 MiB buffers (the ring's piece
+ * size: memory-bound as in the ring), alternating, best of 4; keeps the faster for each use.
+ * About 50 ms, once per thread, at the first all-reduce. DTRAIN_SUM_KERNEL=js or wasm forces one.
+ */
+export function chooseAddKernels(): AddKernelChoice {
+  const wasm = makeWasmAdd();
+  const forced = process.env.DTRAIN_SUM_KERNEL;
+  const js = { name: 'js-unrolled', k: addUnrolled };
+  if (wasm === undefined || forced === 'js') return (choice = { inPlace: addUnrolled, outOfPlace: addUnrolled, names: { inPlace: js.name, outOfPlace: js.name } });
+  const w = { name: 'wasm-simd', k: wasm };
+  if (forced === 'wasm') return (choice = { inPlace: wasm, outOfPlace: wasm, names: { inPlace: w.name, outOfPlace: w.name } });
+  const n = 1 << 20;
+  const a = new Float32Array(n);
+  const b = new Float32Array(n);
+  const o = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    a[i] = (i % 251) * 0.25;
+    b[i] = (i % 97) * 0.5;
+  }
+  const time = (f: () => void) => {
+    const t0 = performance.now();
+    f();
+    return performance.now() - t0;
+  };
+  const best = { jsIn: Infinity, wIn: Infinity, jsOut: Infinity, wOut: Infinity };
+  for (let r = 0; r < 4; r++) {
+    best.jsIn = Math.min(best.jsIn, time(() => addUnrolled(a, a, b)));
+    best.wIn = Math.min(best.wIn, time(() => wasm(a, a, b)));
+    best.jsOut = Math.min(best.jsOut, time(() => addUnrolled(o, a, b)));
+    best.wOut = Math.min(best.wOut, time(() => wasm(o, a, b)));
+  }
+  const inPlace = best.wIn < best.jsIn ? w : js;
+  const outOfPlace = best.wOut < best.jsOut ? w : js;
+  return (choice = { inPlace: inPlace.k, outOfPlace: outOfPlace.k, names: { inPlace: inPlace.name, outOfPlace: outOfPlace.name } });
+}
+
+/** The kernels this thread uses (measured at the first call). */
+export function addKernelNames(): AddKernelChoice['names'] {
+  return (choice ?? chooseAddKernels()).names;
+}
+
+/** The kernel the all-reduce uses: in place or not, the faster one on this machine. */
+export const addInto: AddKernel = (out, a, b, also) => {
+  const c = choice ?? chooseAddKernels();
+  return (out === a && also === undefined ? c.inPlace : c.outOfPlace)(out, a, b, also);
+};
 
 /** out[i] = a[i] / d, in place allowed. Division (not multiplication by 1/d) so averaging gives
  * the correctly rounded quotient. */
