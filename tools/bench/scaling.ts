@@ -8,7 +8,9 @@
 //           the real ring, in real processes. Efficiency = throughput(N) / (N x throughput(1)).
 //           Once per --bucket-mb value: 0 all-reduces after the compute; B > 0 hands buckets of B
 //           MiB to the ring's thread during the "backward pass", as the trainer does
-//           (_overlap-model.ts says when each bucket is ready).
+//           (_overlap-model.ts says when each bucket is ready). --comm-links tcp (default: each
+//           rank a machine of its own, over loopback TCP) and/or shm (all ranks on one host, as
+//           `launch --gpus N`: shared-memory links).
 // 3. lan    The same across Linux network namespaces (one per worker, veth pairs into a bridge
 //           that lives in a namespace of its own: nothing is added to the host's network), every
 //           link shaped with tc tbf to each --rates value in both directions (a full-duplex switch
@@ -526,6 +528,7 @@ export async function main(args: string[]): Promise<void> {
     modes: 'real,comm,lan',
     workers: '1,2,4',
     'comm-workers': '1,2,4,8',
+    'comm-links': 'tcp',
     'lan-workers': '2,4,8',
     rates: '10gbit,1gbit',
     fp16: 'both',
@@ -543,6 +546,8 @@ export async function main(args: string[]): Promise<void> {
     'timeout-s': '300',
   });
   const modes = new Set(o.modes.split(','));
+  const commLinks = o['comm-links'].split(',');
+  for (const l of commLinks) if (l !== 'tcp' && l !== 'shm') throw new Error(`--comm-links takes tcp and/or shm, got '${l}'`);
   for (const m of modes) if (!['real', 'comm', 'lan'].includes(m)) throw new Error(`--modes takes real, comm and/or lan, got '${m}'`);
   if (!['both', 'on', 'off'].includes(o.fp16)) throw new Error(`--fp16 takes both, on or off, got '${o.fp16}'`);
   const cores = os.cpus().length;
@@ -605,25 +610,30 @@ export async function main(args: string[]): Promise<void> {
   let baseline: number | null = null;
   const commRows: CommRow[] = [];
   const loop = (r: number): Placement => ({ listen: '127.0.0.1', host: `loopback-${r}`, ipc: false });
+  // One host name for every rank: the ring makes each link a shared-memory one.
+  const sameHost = (): Placement => ({ listen: '127.0.0.1', host: 'this-host', ipc: true });
   try {
     if (modes.has('comm') || modes.has('lan')) {
       const worlds = modes.has('comm') ? ints(o['comm-workers'], 'comm-workers') : [1];
       if (!worlds.includes(1)) worlds.unshift(1);
-      console.log(`\n## Communication only, loopback TCP (compute = sleep ${co.computeMs} ms, all-reduce of ${co.floats} float32 = ${f((co.floats * 4) / 1e6)} MB, mean of ${co.steps} steps after ${co.warmup} warm-up, ${batch} images per worker-step)\n`);
-      // World 1 once (compute only: the baseline), then every world with every bucket size.
-      for (const bucketMb of bucketMbs) {
-        for (const w of worlds.sort((a, b) => a - b)) {
-          if (w === 1 && baseline !== null) continue;
-          const bo = { ...co, bucketMb: w === 1 ? 0 : bucketMb };
-          process.stdout.write(`${w} worker${w > 1 ? 's' : ''}, all-reduce ${overlapName(bo.bucketMb)}... `);
-          const run = await runRing(w, bo, loop, sampler);
-          const row = commRow(run, w, bo, batch, 'loopback tcp', null, baseline);
-          if (w === 1) baseline = row.imagesPerSec;
-          commRows.push(row);
-          console.log(`${f(row.imagesPerSec)} images/s, efficiency ${pct(row.efficiency)}, all-reduce ${f(row.allReduceMs.median)} ms`);
+      for (const links of modes.has('comm') ? commLinks : ['tcp']) {
+        const label = links === 'tcp' ? 'loopback tcp' : 'same host, shm';
+        console.log(`\n## Communication only, ${links === 'tcp' ? 'loopback TCP (each rank a machine of its own)' : 'one host, shared-memory links'} (compute = sleep ${co.computeMs} ms, all-reduce of ${co.floats} float32 = ${f((co.floats * 4) / 1e6)} MB, mean of ${co.steps} steps after ${co.warmup} warm-up, ${batch} images per worker-step)\n`);
+        // World 1 once (compute only: the baseline), then every world with every bucket size.
+        for (const bucketMb of bucketMbs) {
+          for (const w of worlds.sort((a, b) => a - b)) {
+            if (w === 1 && baseline !== null) continue;
+            const bo = { ...co, bucketMb: w === 1 ? 0 : bucketMb };
+            process.stdout.write(`${w} worker${w > 1 ? 's' : ''}, ${label}, all-reduce ${overlapName(bo.bucketMb)}... `);
+            const run = await runRing(w, bo, links === 'tcp' ? loop : sameHost, sampler);
+            const row = commRow(run, w, bo, batch, label, null, baseline);
+            if (w === 1) baseline = row.imagesPerSec;
+            commRows.push(row);
+            console.log(`${f(row.imagesPerSec)} images/s, efficiency ${pct(row.efficiency)}, all-reduce ${f(row.allReduceMs.median)} ms`);
+          }
         }
       }
-      result.comm = { options: co, transport: 'tcp over 127.0.0.1 (ipc:// off, so every byte goes through the TCP stack)', rows: commRows };
+      result.comm = { options: co, transport: 'loopback tcp: tcp over 127.0.0.1 (ipc:// off, so every byte goes through the TCP stack); same host, shm: shared-memory links (headers over ipc://)', rows: commRows };
       save();
       console.log(`\n${commTable(commRows)}`);
     }
