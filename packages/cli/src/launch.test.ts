@@ -25,7 +25,7 @@ function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr:
 }
 
 // Same flags for the uninterrupted run and the stopped-and-resumed one.
-// With gradient buckets overlapping the backward pass (off by default for CPU workers).
+// With gradient buckets overlapping the backward pass (the default, spelled out).
 const RUN = ['--workers', '2', '--synthetic-test-data', '96:64:12', '--batch-size', '8', '--lr', '0.02', '--seed', '3', '--metrics-port', '0', '--bucket-mb', '8'];
 const stateOf = (stdout: string) => /replicas identical: state sha256 ([0-9a-f]{16}) on all 2 workers/.exec(stdout)?.[1];
 

@@ -115,7 +115,7 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--heartbeat-ms <ms>', 'heartbeat interval between the coordinator and every worker; a worker silent for a quarter of --timeout-s (and longer than 5 intervals and 2 of its step times) is reported as late').default(1000).argParser(positiveInt('--heartbeat-ms')))
     .option('--elastic', 'survive lost workers: the others roll back the step in flight, regroup without it and go on; pnpm cli join adds workers while the run is in progress (default: off, a lost worker ends the run)')
     .addOption(new Option('--min-workers <k>', 'with --elastic: below K workers the run stops after a checkpoint (exit code 3); --resume continues it').default(1).argParser(positiveInt('--min-workers')))
-    .addOption(new Option('--bucket-mb <mb>', `all-reduce the gradient in buckets of this many MiB while the backward pass still runs, as PyTorch DDP's bucket_cap_mb; 0: one all-reduce after the backward pass (default: ${DEFAULT_BUCKET_MB} with --gpus, 0 with --workers, whose backward pass already keeps every core busy)`).argParser(nonNegativeNumber('--bucket-mb')))
+    .addOption(new Option('--bucket-mb <mb>', `all-reduce the gradient in buckets of this many MiB while the backward pass still runs, as PyTorch DDP's bucket_cap_mb; 0: one all-reduce after the backward pass (default: ${DEFAULT_BUCKET_MB})`).argParser(nonNegativeNumber('--bucket-mb')))
     .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
     .addOption(new Option('--metrics-linger-s <s>', 'keep serving metrics this long after the run ended, for a last scrape').default(0).argParser(nonNegativeNumber('--metrics-linger-s')))
     .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
@@ -153,7 +153,7 @@ export function registerLaunch(program: Command) {
       let dataDir: string | null | undefined;
       // Settle every setting here, so a wrong flag fails before any process starts.
       let runDir: string;
-      const config: DistributedConfig = { settings: input, synthetic: o.syntheticTestData, crash: o.testCrash, bucketBytes: Math.round((o.bucketMb ?? (gpus ? DEFAULT_BUCKET_MB : 0)) * 2 ** 20) };
+      const config: DistributedConfig = { settings: input, synthetic: o.syntheticTestData, crash: o.testCrash, bucketBytes: Math.round((o.bucketMb ?? DEFAULT_BUCKET_MB) * 2 ** 20) };
       if (o.resume) {
         runDir = path.resolve(o.resume);
         if (o.out && path.resolve(o.out) !== runDir) throw new UsageError(`--out ${o.out} and --resume ${o.resume} differ: a resumed run continues in its own folder`);
