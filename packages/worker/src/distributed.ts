@@ -255,7 +255,12 @@ export async function runDistributedWorker(
     // The connectivity preflight: connect() returns only when both ring links answered, and names
     // both hosts and the endpoint when one does not.
     await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1, rank, worldSize });
-    log(`${who}: ring of ${worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId}, ${keys ? `CURVE, key ${keys.publicKey}` : 'no encryption'})`);
+    const links = ring.stats().shm;
+    const via = (shared: boolean) => (shared ? 'shared memory' : 'socket');
+    log(
+      `${who}: ring of ${worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId}, ${keys ? `CURVE, key ${keys.publicKey}` : 'no encryption'}` +
+        `${worldSize > 1 ? `; link to the next rank: ${via(links.toNext)}, from the previous: ${via(links.fromPrev)}` : ''})`,
+    );
 
     // A worker on another machine (started without RANK, by `dtrain join`) uses its own data
     // directory, and receives there the files the coordinator offers that it lacks.
