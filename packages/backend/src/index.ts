@@ -64,6 +64,25 @@ export function listGpus(): GpuInfo[] {
 }
 
 /**
+ * Throws unless TensorFlow registered a GPU device. libtensorflow loads the CUDA libraries by name
+ * when it starts (libcudart.so.11.0, libcublas.so.11, libcublasLt.so.11, libcufft.so.10,
+ * libcurand.so.10, libcusolver.so.11, libcusparse.so.11, libcudnn.so.8 for 2.9.1); when one is
+ * missing it logs a line and goes on with the CPU alone, which would turn `--gpus N` into N CPU
+ * workers without a word. A machine whose driver is newer (CUDA 12 or 13 only) is the usual case.
+ */
+export function requireGpuDevice(tf: Tf): void {
+  const usingGpu = (tf.backend() as unknown as { isUsingGpuDevice?: boolean }).isUsingGpuDevice === true;
+  if (!usingGpu) {
+    throw new BackendError(
+      'TensorFlow loaded but registered no GPU device, although the NVIDIA driver is present: it could not load the ' +
+        'CUDA 11.2 / cuDNN 8.1 libraries that libtensorflow 2.9.1 needs (libcudart.so.11.0, libcublas.so.11, libcudnn.so.8, ...). ' +
+        'Install them (a driver for CUDA 12 or 13 runs them) or put them on LD_LIBRARY_PATH; run with TF_CPP_MIN_LOG_LEVEL=0 ' +
+        'to see which library failed. Use --workers N to train on the CPU instead.',
+    );
+  }
+}
+
+/**
  * Loads the backend once per process. For 'gpu', call it after CUDA_VISIBLE_DEVICES is set
  * (the launcher sets it per worker); TensorFlow reads it when the library initialises.
  */
@@ -102,6 +121,7 @@ export async function loadBackend(kind: BackendKind = 'cpu'): Promise<LoadedBack
     const ok = await tf.setBackend('tensorflow');
     if (!ok) throw new BackendError(`${packageName} loaded but the 'tensorflow' backend did not initialise`);
   }
+  if (kind === 'gpu') requireGpuDevice(tf);
   const bindingVersion = (tf.backend() as unknown as { binding?: { TF_Version?: string } }).binding?.TF_Version;
   loaded = {
     kind,
