@@ -1196,6 +1196,9 @@ export class Ring {
     this.dealer?.close();
     this.router.close();
     this.zapReg?.release();
+    // The shared pages go back when the mappings are collected (a ring object may outlive this).
+    this.outShm = undefined;
+    this.inShm = undefined;
     if (this.ipcPath !== undefined) rmSync(this.ipcPath, { force: true });
   }
 
