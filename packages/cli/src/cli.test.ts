@@ -49,5 +49,7 @@ describe('dtrain CLI', () => {
     const d = JSON.parse(r.stdout);
     expect(d.matmulGflops).toBeGreaterThan(0);
     expect(d.checks[0]).toMatchObject({ ok: true });
+    // pnpm install built the shared-memory module and this machine has /dev/shm.
+    expect(d.checks.find((c: { name: string }) => c.name.startsWith('Shared-memory links'))).toMatchObject({ ok: true, detail: expect.stringMatching(/MiB free/) });
   });
 });

@@ -10,6 +10,7 @@ export {
   type StagedAllReduce,
 } from './ring.js';
 export { ThreadedRing, sharedFloat32Array, closeThreadedRings } from './ring-thread.js';
+export { sharedMemoryUnavailable, shmDir } from './shm.js';
 export {
   TransportError,
   ProtocolVersionError,

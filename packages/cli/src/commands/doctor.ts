@@ -6,11 +6,23 @@ import os from 'node:os';
 import { Command } from '@commander-js/extra-typings';
 import { listGpus, loadBackend, measureMatmulGflops } from '@dtrain/backend';
 import { fashionMnistCacheFile, hasCifar10, resolveDataDir } from '@dtrain/data';
+import { sharedMemoryUnavailable, shmDir } from '@dtrain/transport';
 
 interface Check {
   name: string;
   ok: boolean;
   detail: string;
+}
+
+/** Whether workers on this machine can link through shared memory, and the room there. */
+function sharedMemoryCheck(): Check {
+  const name = 'Shared-memory links (workers of one machine)';
+  const why = sharedMemoryUnavailable();
+  if (why !== undefined) return { name, ok: false, detail: `${why}; workers of one machine use sockets (slower)` };
+  const dir = shmDir();
+  const st = fs.statfsSync(dir);
+  const freeMiB = Math.floor((st.bavail * st.bsize) / 2 ** 20);
+  return { name, ok: true, detail: `${dir}: ${freeMiB} MiB free (64 MiB per worker; with less, links fall back to sockets)` };
 }
 
 /**
@@ -65,6 +77,7 @@ export function registerDoctor(program: Command) {
         detail: gpus.length ? gpus.map((g) => `${g.index}: ${g.name} (${g.memoryMiB} MiB)`).join('; ') : 'none visible (CPU workers only: use --workers N)',
       });
       if (gpus.length > 0) checks.push(probeGpuBackend());
+      checks.push(sharedMemoryCheck());
       const dataDir = resolveDataDir(opts.dataDir);
       facts.dataDir = dataDir;
       const cifar = await hasCifar10(dataDir);
