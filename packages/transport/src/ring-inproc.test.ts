@@ -1,10 +1,14 @@
 // Rings whose ranks live in this process (real sockets still): protocol refusals, strangers
 // sending garbage, timeouts, usage errors.
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as zmq from 'zeromq';
 import { PeerTimeoutError, ProtocolVersionError, RingAbortedError, RingSetupError, RingUsageError } from './errors.js';
-import { encodeMessage } from './protocol.js';
+import { encodeMessage, setTransportLogger } from './protocol.js';
 import { Ring, type PeerInfo, type RingOptions } from './ring.js';
 import { makeData, ringReference } from './testing/data.js';
 
@@ -21,7 +25,49 @@ async function ringOf(n: number, opts: { timeoutMs?: number; runId?: string; pie
   return rings;
 }
 
+/** A tmpfs of `mib` MiB as the shared-memory directory for `fn` (root only: mount). */
+async function withSmallShm(mib: number, fn: (lines: string[]) => Promise<void>): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'small-shm-'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${mib}m`, 'tmpfs', dir]);
+  const saved = process.env.DTRAIN_SHM_DIR;
+  const lines: string[] = [];
+  process.env.DTRAIN_SHM_DIR = dir;
+  setTransportLogger((l) => lines.push(l));
+  try {
+    await fn(lines);
+    expect(fs.readdirSync(dir)).toEqual([]); // every segment unlinked once mapped
+  } finally {
+    setTransportLogger(undefined);
+    if (saved === undefined) delete process.env.DTRAIN_SHM_DIR;
+    else process.env.DTRAIN_SHM_DIR = saved;
+    // Lazily: the rings' mappings keep it busy until they are collected.
+    execFileSync('umount', ['-l', dir]);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 describe('ring in one process', () => {
+  // A container's /dev/shm is often 64 MiB: links take smaller segments, or sockets, and say so.
+  it.skipIf(process.getuid?.() !== 0)('a full shared-memory directory gives smaller segments, then sockets; same bits either way', async () => {
+    const spec = { len: 300_001, seed: 13 };
+    const want = ringReference([0, 1].map((rank) => makeData(spec, rank)));
+    const check = async (mib: number, expectShared: boolean[], said: RegExp) => {
+      await withSmallShm(mib, async (lines) => {
+        // 16 slots of 1 MiB wanted per link (17 MiB with the header); the directory has less.
+        const rings = await ringOf(2, { pieceBytes: 1 << 20 }, () => ({ shmBytes: 16 << 20 }));
+        expect(rings.map((r) => r.stats().shm.toNext)).toEqual(expectShared);
+        expect(lines.join('\n')).toMatch(said);
+        const data = rings.map((r) => makeData(spec, r.rank));
+        await Promise.all(rings.map((r, i) => r.allReduce(data[i])));
+        for (const d of data) expect(d).toEqual(want);
+      });
+    };
+    // 13 MiB: the first link gets 8 slots, the second 4 (what is left), both shared.
+    await check(13, [true, true], /room for 8 of 16 slots[\s\S]*room for 4 of 16 slots/);
+    // 1 MiB: not even 2 slots fit; both links are sockets, and the log says what is wanted.
+    await check(1, [false, false], /no shared memory for its link to rank 1 .*ENOSPC.*bytes are wanted per link/);
+  });
+
   it('a rank without shared memory next to ranks with it: its two links are sockets, the third is shared, same bits', async () => {
     const rings = await ringOf(3, { pieceBytes: 16 * 1024 }, (rank) => ({ sharedMemory: rank !== 1 }));
     expect(rings.map((r) => r.stats().shm)).toEqual([

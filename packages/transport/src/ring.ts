@@ -503,16 +503,28 @@ export class Ring {
       }
       return undefined;
     }
-    const slots = Math.min(SHM_MAX_SLOTS, Math.max(1, Math.floor(this.shmBytes / this.pieceBytes)));
-    try {
-      return ShmSegment.create(slots, this.pieceBytes, `${this.rank}g${this.generation}`);
-    } catch (e) {
-      logTransport(
-        `rank ${this.rank}: no shared memory for its link to rank ${next.rank} (${(e as Error).message}); that link uses a socket. ` +
-          `${ShmSegment.bytes(slots, this.pieceBytes)} bytes are needed per link in the shared-memory directory ` +
-          `(in a container: docker run --shm-size=1g).`,
-      );
-      return undefined;
+    const wanted = Math.min(SHM_MAX_SLOTS, Math.max(1, Math.floor(this.shmBytes / this.pieceBytes)));
+    const container = '(in a container: docker run --shm-size=1g)';
+    // A full directory (a container's 64 MiB /dev/shm) gets a smaller segment, down to 2 slots:
+    // fewer slots only make more pieces go in socket frames.
+    for (let slots = wanted; ; slots = Math.max(2, Math.floor(slots / 2))) {
+      try {
+        const seg = ShmSegment.create(slots, this.pieceBytes, `${this.rank}g${this.generation}`);
+        if (slots < wanted) {
+          logTransport(
+            `rank ${this.rank}: the shared-memory directory had room for ${slots} of ${wanted} slots of its link to rank ${next.rank} ` +
+              `(${ShmSegment.bytes(slots, this.pieceBytes)} of ${ShmSegment.bytes(wanted, this.pieceBytes)} bytes); pieces that find no free slot go through the socket. Give it more room ${container}.`,
+          );
+        }
+        return seg;
+      } catch (e) {
+        if ((e as { code?: string }).code === 'ENOSPC' && slots > 2) continue;
+        logTransport(
+          `rank ${this.rank}: no shared memory for its link to rank ${next.rank} (${(e as Error).message}); that link uses a socket. ` +
+            `${ShmSegment.bytes(wanted, this.pieceBytes)} bytes are wanted per link in the shared-memory directory ${container}.`,
+        );
+        return undefined;
+      }
     }
   }
 
