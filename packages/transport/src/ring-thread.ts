@@ -11,7 +11,7 @@
 import { Worker } from 'node:worker_threads';
 import { PeerLostError, PeerTimeoutError, ProtocolVersionError, RingAbortedError, RingSetupError, RingUsageError, TransportError } from './errors.js';
 import { addTransportCounters, type TransportCounters } from './protocol.js';
-import type { AllReduceOptions, PeerInfo, RingOptions, RingStats, StagedAllReduce } from './ring.js';
+import { emptyRingStats, type AllReduceOptions, type PeerInfo, type RingOptions, type RingStats, type StagedAllReduce } from './ring.js';
 
 type ConnectIds = { runId?: string; generation?: number; rank?: number; worldSize?: number };
 type Buckets = ReadonlyArray<readonly [number, number]>;
@@ -153,8 +153,7 @@ export class ThreadedRing {
   }
 
   stats(): RingStats {
-    return this.state.stats ?? { ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {}, authRefused: 0,
-      shm: { toNext: false, fromPrev: false }, piecesViaShm: 0, piecesViaSocket: 0 };
+    return this.state.stats ?? emptyRingStats();
   }
 
   connect(peers: PeerInfo[], ids: ConnectIds = {}): Promise<void> {

@@ -110,6 +110,14 @@ export interface RingStats {
   piecesViaSocket: number;
 }
 
+/** The counters of a ring that has done nothing yet. */
+export function emptyRingStats(): RingStats {
+  return {
+    ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {}, authRefused: 0,
+    shm: { toNext: false, fromPrev: false }, piecesViaShm: 0, piecesViaSocket: 0,
+  };
+}
+
 /**
  * Whether ipc:// beats loopback TCP between processes on one host, as measured by
  * tools/bench/allreduce.ts on our machines (see README).
@@ -242,10 +250,7 @@ export class Ring {
   private liveInbound = 0;
   private prevSeen = false;
   private pendingReceive: Promise<Buffer[]> | undefined;
-  private readonly stats_: RingStats = {
-    ops: 0, bytesSent: 0, bytesReceived: 0, messagesSent: 0, messagesReceived: 0, rejected: {}, authRefused: 0,
-    shm: { toNext: false, fromPrev: false }, piecesViaShm: 0, piecesViaSocket: 0,
-  };
+  private readonly stats_: RingStats = emptyRingStats();
   private readonly sharedMemory: boolean;
   private readonly shmBytes: number;
   /** The shared-memory link to the next rank (we write its slots), once the next rank accepted. */
@@ -944,15 +949,7 @@ export class Ring {
       // Copied: the caller may change `data` as soon as this returns, before the bytes are sent.
       for (let p = 0; p < pieces; p++) {
         const h = header(p);
-        const src = bytesOf(data.subarray(h.offset, h.offset + h.count));
-        const slot = this.freeSlot();
-        if (slot >= 0) {
-          const out = this.slotBuffer(slot, src.byteLength);
-          src.copy(out);
-          this.sendPiece(h, out, slot);
-        } else {
-          this.sendPiece(h, Buffer.from(src), -1);
-        }
+        this.sendCopyOf(h, bytesOf(data.subarray(h.offset, h.offset + h.count)), false);
       }
     } else {
       const forward = this.next.rank !== root;
@@ -962,7 +959,7 @@ export class Ring {
         const m = await this.receiveValid(`broadcast op ${opId}`, (msg, fr) => this.chunkCheck(msg, fr, opId, exp, DType.F32));
         const input = this.payloadOf(m, h.count * 4);
         data.set(asF32(input.buf), h.offset);
-        if (forward) this.forwardPiece(h, input);
+        if (forward) this.sendCopyOf(h, input.buf, !input.shared);
         if (input.shared) this.releaseSlot();
       }
     }
@@ -1147,23 +1144,26 @@ export class Ring {
           const t = HALF_TO_FLOAT;
           for (let i = 0; i < cnt; i++) local[i] = t[h[i]];
         }
-        if (forward) this.forwardPiece(header(Phase.ALL_GATHER, s + 1, c, p, off, cnt), input);
+        if (forward) this.sendCopyOf(header(Phase.ALL_GATHER, s + 1, c, p, off, cnt), input.buf, !input.shared);
         if (input.shared) this.releaseSlot();
       }
     }
     await this.flushSends();
   }
 
-  /** Sends a received piece on unchanged: a received frame is forwarded itself (ours, never
-   * written again, no copy); a shared slot's data is copied to a slot of the next link, or out. */
-  private forwardPiece(h: dtrain.RingChunk.$Properties, input: { buf: Buffer; shared: boolean }): void {
+  /**
+   * Sends `bytes` unchanged: copied into the next free slot of the shared link, else in a frame:
+   * `bytes` itself when it is `ours` (a received frame, never written again: no copy), else a
+   * copy (a shared slot, or the caller's buffer, which may change once the call returns).
+   */
+  private sendCopyOf(h: dtrain.RingChunk.$Properties, bytes: Buffer, ours: boolean): void {
     const slot = this.freeSlot();
     if (slot >= 0) {
-      const out = this.slotBuffer(slot, input.buf.byteLength);
-      input.buf.copy(out);
+      const out = this.slotBuffer(slot, bytes.byteLength);
+      bytes.copy(out);
       this.sendPiece(h, out, slot);
     } else {
-      this.sendPiece(h, input.shared ? Buffer.from(input.buf) : input.buf, -1);
+      this.sendPiece(h, ours ? bytes : Buffer.from(bytes), -1);
     }
   }
 
