@@ -558,12 +558,6 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     }
     tryFinishRegroup();
   }
-  /**
-   * The run completed (a member sent its final report) but `member`'s copy of the last collective
-   * failed, so it asks to regroup: nobody finished can answer, and there is nothing to redo. It
-   * is stopped instead and leaves the group; the others' final reports stand. If it is rank 0,
-   * which writes the run's last files after that collective, they are missing: the run fails.
-   */
   /** Rank 0 gone after the last collective, before confirming summary.json and the final checkpoint. */
   function lastFilesMissing(member: Member, what: string, logTail?: string[], logFile?: string): WorkerFailedError {
     const slot = member.local ? slots[member.slot] : undefined;
@@ -573,6 +567,12 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       logTail ?? slot?.tail ?? [], logFile ?? slot?.logFile ?? `its log on host ${member.host}`,
     );
   }
+  /**
+   * The run completed (a member sent its final report) but `member`'s copy of the last collective
+   * failed, so it asks to regroup: nobody finished can answer, and there is nothing to redo. It
+   * is stopped instead and leaves the group; the others' final reports stand. If it is rank 0,
+   * which writes the run's last files after that collective, they are missing: the run fails.
+   */
   function release(member: Member, why: string): void {
     if (member.released !== undefined || member.lost !== undefined) return;
     member.released = why;
