@@ -18,6 +18,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { nodeGypEnv } from './node-gyp-env.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const backendPkg = path.join(root, 'packages', 'backend', 'package.json');
@@ -52,39 +53,13 @@ function addonLoads(dir) {
   return { ok: r.status === 0, stderr: (r.stderr ?? '').trim().split('\n').slice(-3).join('\n') };
 }
 
-/** Node's headers: node-gyp downloads them unless told where they are (offline machines). */
-function nodedirEnv() {
-  if (process.env.npm_config_nodedir) return {};
-  const prefix = path.resolve(path.dirname(process.execPath), '..');
-  const header = path.join(prefix, 'include', 'node', 'node_version.h');
-  if (fs.existsSync(header)) {
-    const text = fs.readFileSync(header, 'utf8');
-    const v = (k) => text.match(new RegExp(`#define NODE_${k}_VERSION (\\d+)`))?.[1];
-    if (`v${v('MAJOR')}.${v('MINOR')}.${v('PATCH')}` === process.version) {
-      return { npm_config_nodedir: prefix };
-    }
-  }
-  return {};
-}
-
-function nodeGypEnv() {
-  const req = createRequire(path.join(root, 'package.json'));
-  const env = { ...process.env, ...nodedirEnv() };
-  try {
-    env.npm_config_node_gyp = req.resolve('node-gyp/bin/node-gyp.js');
-  } catch {
-    /* node-pre-gyp falls back to the node-gyp that npm bundles */
-  }
-  return env;
-}
-
 /** tfjs-node's own route: download libtensorflow and the prebuilt addon from Google storage. */
 function officialInstall(dir, libType) {
   log(`trying the official download for ${path.basename(dir)} (timeout ${DOWNLOAD_TIMEOUT_MS / 1000} s)`);
   const r = spawnSync(process.execPath, ['scripts/install.js', libType], {
     cwd: dir,
     stdio: 'inherit',
-    env: nodeGypEnv(),
+    env: nodeGypEnv(root),
     timeout: DOWNLOAD_TIMEOUT_MS,
   });
   return r.status === 0;
@@ -166,7 +141,7 @@ function buildAddon(dir) {
   const r = spawnSync(process.execPath, [preGyp, 'install', '--build-from-source'], {
     cwd: dir,
     stdio: 'inherit',
-    env: nodeGypEnv(),
+    env: nodeGypEnv(root),
   });
   return r.status === 0;
 }

@@ -4,10 +4,10 @@
 // newer than its sources. A failed build does not fail the install: the ring then uses sockets
 // between processes of one host and says why once; this script prints what to install.
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, statSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join, resolve } from 'node:path';
+import { existsSync, statSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { nodeGypEnv } from '../../../tools/node-gyp-env.mjs';
 
 const pkg = join(dirname(fileURLToPath(import.meta.url)), '..');
 const native = join(pkg, 'native');
@@ -17,25 +17,10 @@ const sources = ['shm.c', 'binding.gyp'].map((f) => join(native, f));
 const newest = Math.max(...sources.map((f) => statSync(f).mtimeMs));
 if (existsSync(out) && statSync(out).mtimeMs >= newest && !process.argv.includes('--force')) process.exit(0);
 
-let gyp;
-try {
-  gyp = createRequire(join(pkg, '..', '..', 'package.json')).resolve('node-gyp/bin/node-gyp.js');
-} catch {
-  warn('node-gyp is not installed (it is a root devDependency: run pnpm install at the repository root)');
-}
-
-// node-gyp downloads Node's headers unless told where they are; use the installed ones when they
-// match this Node (offline machines), as tools/provision-tfjs.mjs does.
-const env = { ...process.env };
-if (!env.npm_config_nodedir) {
-  const prefix = resolve(dirname(process.execPath), '..');
-  const header = join(prefix, 'include', 'node', 'node_version.h');
-  if (existsSync(header)) {
-    const text = readFileSync(header, 'utf8');
-    const v = (k) => text.match(new RegExp(`#define NODE_${k}_VERSION (\\d+)`))?.[1];
-    if (`v${v('MAJOR')}.${v('MINOR')}.${v('PATCH')}` === process.version) env.npm_config_nodedir = prefix;
-  }
-}
+// node-gyp with Node's installed headers where they match (offline machines), as for tfjs-node.
+const env = nodeGypEnv(join(pkg, '..', '..'));
+const gyp = env.npm_config_node_gyp;
+if (gyp === undefined) warn('node-gyp is not installed (it is a root devDependency: run pnpm install at the repository root)');
 const r = spawnSync(process.execPath, [gyp, 'rebuild', '--loglevel=error'], { cwd: native, env, encoding: 'utf8', timeout: 300_000 });
 if (r.status !== 0 || !existsSync(out)) {
   warn(`node-gyp failed (exit ${r.status ?? r.signal}):\n${`${r.stdout ?? ''}${r.stderr ?? ''}`.trim().split('\n').slice(-15).join('\n')}`);
