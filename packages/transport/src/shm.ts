@@ -12,6 +12,7 @@ import { randomBytes, timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 /** Bytes before the first slot: the magic and the token (a page, so slots stay aligned). */
 export const SHM_HEADER_BYTES = 4096;
@@ -33,7 +34,7 @@ let addonTried = false;
 function loadAddon(): Addon | undefined {
   if (!addonTried) {
     addonTried = true;
-    const file = path.join(path.dirname(new URL(import.meta.url).pathname), '..', 'native', 'build', 'Release', 'dtrain_shm.node');
+    const file = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'native', 'build', 'Release', 'dtrain_shm.node');
     try {
       addon = createRequire(import.meta.url)(file) as Addon;
     } catch (e) {
