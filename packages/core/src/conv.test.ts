@@ -22,6 +22,7 @@ const cases: Array<[string, number, number, number, ConvSpec]> = [
   ['3x3/2 64->128 odd', 7, 64, 128, { kernel: 3, stride: 2, padding: 1, inputGrad: true }],
   ['1x1/2 64->128 even', 8, 64, 128, { kernel: 1, stride: 2, padding: 0, inputGrad: true }],
   ['1x1/2 64->128 odd', 7, 64, 128, { kernel: 1, stride: 2, padding: 0, inputGrad: true }],
+  ['1x1/1 64->128 (not in the network; the 1x1 path supports it)', 5, 64, 128, { kernel: 1, stride: 1, padding: 0, inputGrad: true }],
   ['3x3/1 128', 4, 128, 128, { kernel: 3, stride: 1, padding: 1, inputGrad: true }],
   ['3x3/2 128->256', 4, 128, 256, { kernel: 3, stride: 2, padding: 1, inputGrad: true }],
   ['1x1/2 128->256', 3, 128, 256, { kernel: 1, stride: 2, padding: 0, inputGrad: true }],

@@ -17,6 +17,16 @@
 // Padding: tfjs-node offers only 'same'/'valid'; 'same' puts the odd pixel of a stride-2
 // window at the bottom/right where PyTorch pads symmetrically, so stride-2 layers pad
 // explicitly and convolve 'valid'.
+//
+// 1x1 kernels (the shortcuts) never reach TensorFlow's convolution kernels: forward, dX and dW
+// are the matrix products a 1x1 convolution is. Two reasons. (1) oneDNN's brgemm 1x1
+// convolution, which TensorFlow uses on AVX-512 CPUs without AMX (e.g. AMD EPYC Zen 4/5),
+// divides by zero while choosing its blocking for (Cin, Cout) in {(256,1024), (512,1024),
+// (512,2048), (1024,512), (1024,2048)} (a size heuristic in brg_blocking_t::est_eff_1x1; the
+// process dies by SIGFPE; tensorflow/tensorflow#57749). The polyphase dX of the 256->512
+// shortcut was exactly such a convolution (512 -> 4*256). (2) For k=1 that polyphase kernel is
+// three-quarters zeros: the product with the transposed filter, scattered onto the even
+// pixels, does a quarter of its FLOPs.
 
 import * as tf from '@tensorflow/tfjs-core';
 
@@ -126,9 +136,59 @@ function inputGrad(dy: tf.Tensor4D, w: tf.Tensor4D, xShape: number[], spec: Conv
   return tf.slice(dxp, [0, p, p, 0], [n, h, wd, cin]);
 }
 
+/** Rows of [N*H*W, C]: a 1x1 convolution's input as the left operand of a matMul. */
+function pixelRows(x: tf.Tensor4D): tf.Tensor2D {
+  const [n, h, w, c] = x.shape;
+  return tf.reshape(x, [n * h * w, c]);
+}
+
+/** The pixels a 1x1 convolution with this stride and padding reads (all of them at stride 1). */
+function sampledPixels(x: tf.Tensor4D, spec: ConvSpec): tf.Tensor4D {
+  const p = spec.padding;
+  const xp = p > 0 ? tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]]) : x;
+  if (spec.stride === 1) return xp;
+  const [n, h, w, c] = xp.shape;
+  return tf.stridedSlice(xp, [0, 0, 0, 0], [n, h, w, c], [1, 2, 2, 1]) as tf.Tensor4D;
+}
+
+/** dX of a 1x1 convolution: dy . W^T, placed at the pixels the forward read (zeros elsewhere). */
+function inputGrad1x1(dy: tf.Tensor4D, w: tf.Tensor4D, xShape: number[], spec: ConvSpec): tf.Tensor4D {
+  const [n, ho, wo, cout] = dy.shape;
+  const [, h, wd, cin] = xShape as [number, number, number, number];
+  const g = tf.matMul(tf.reshape(dy, [n * ho * wo, cout]), tf.reshape(w, [cin, cout]), false, true);
+  const p = spec.padding;
+  if (spec.stride === 1) return tf.reshape(g, [n, h, wd, cin]);
+  // Row/column pairs (read, skipped): [N, Ho, 2, Wo, 2, Cin] is the stride-2 grid of the padded input.
+  const grid = tf.pad(tf.reshape(g, [n, ho, 1, wo, 1, cin]), [[0, 0], [0, 0], [0, 1], [0, 0], [0, 1], [0, 0]]);
+  return tf.slice(tf.reshape(grid, [n, 2 * ho, 2 * wo, cin]), [0, p, p, 0], [n, h, wd, cin]);
+}
+
+/** A 1x1 convolution and its gradients as matrix products (see the header for why). */
+function makeConv1x1(spec: ConvSpec): Conv2dFn {
+  const op = (...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
+    const [x, w, save] = args as [tf.Tensor4D, tf.Tensor4D, tf.GradSaveFunc];
+    const xs = sampledPixels(x, spec);
+    const [n, ho, wo] = xs.shape;
+    const [, , cin, cout] = w.shape;
+    save([xs, w]);
+    const y = tf.matMul(pixelRows(xs), tf.reshape(w, [cin, cout]));
+    return {
+      value: tf.reshape(y, [n, ho, wo, cout]) as tf.Tensor4D,
+      gradFunc: (dy: tf.Tensor4D, saved: tf.Tensor[]) => {
+        const [xsSaved, ws] = saved as [tf.Tensor4D, tf.Tensor4D];
+        const dw = tf.reshape(tf.matMul(pixelRows(xsSaved), pixelRows(dy), true, false), ws.shape) as tf.Tensor4D;
+        const dx = spec.inputGrad ? inputGrad1x1(dy, ws, x.shape, spec) : tf.zeros(x.shape);
+        return [dx, dw];
+      },
+    };
+  };
+  return tf.customGrad(op) as unknown as Conv2dFn;
+}
+
 /** A differentiable conv with the fast gradients above; one instance per layer shape. */
 export function makeConv2d(spec: ConvSpec): Conv2dFn {
   validateConvSpec(spec);
+  if (spec.kernel === 1) return makeConv1x1(spec);
   const op = (...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
     const [x, w, save] = args as [tf.Tensor4D, tf.Tensor4D, tf.GradSaveFunc];
     save([x, w]);
