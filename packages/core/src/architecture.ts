@@ -195,3 +195,25 @@ export function describeResNet(config: ResNetConfig): Architecture {
     flopsPerImage: layers.reduce((a, l) => a + l.flops, 0),
   };
 }
+
+/**
+ * The fewest values per channel a training-mode BatchNorm may normalise (batch x map area).
+ * With 1 its output is beta whatever the input (PyTorch refuses that: "Expected more than 1
+ * value per channel when training"). With 2 the normalised pair is (+a, -a), a = d/sqrt(d^2+eps)
+ * for d half their difference: almost exactly +-1 whatever the input, so the true gradient,
+ * (dy1-dy2) eps / (2 (d^2+eps)^1.5), is about 0, except where the two values nearly tie, where it
+ * reaches 1/sqrt(eps) (316 at eps 1e-5) per BatchNorm. At 32x32 input and below the last stage's
+ * maps are 1x1, so a per-rank batch of 2 multiplies those spikes over several BatchNorms: seen as
+ * gradients of 2e8 and a NaN loss two steps later. With 3 or more the output keeps a degree of
+ * freedom and the gradient its scale.
+ */
+export const MIN_BATCHNORM_VALUES = 3;
+
+/** The smallest per-rank training batch for which every BatchNorm sees MIN_BATCHNORM_VALUES values per channel. */
+export function minTrainingBatch(a: Architecture): number {
+  const areas = a.batchNorms.map((bn) => {
+    const [h, w] = a.layers.find((l) => l.name === bn.name)!.outputShape;
+    return h * w;
+  });
+  return Math.ceil(MIN_BATCHNORM_VALUES / Math.min(...areas));
+}

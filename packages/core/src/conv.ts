@@ -157,10 +157,10 @@ function inputGrad1x1(dy: tf.Tensor4D, w: tf.Tensor4D, xShape: number[], spec: C
   const [, h, wd, cin] = xShape as [number, number, number, number];
   const g = tf.matMul(tf.reshape(dy, [n * ho * wo, cout]), tf.reshape(w, [cin, cout]), false, true);
   const p = spec.padding;
-  if (spec.stride === 1) return tf.reshape(g, [n, h, wd, cin]);
+  if (spec.stride === 1) return tf.reshape(g, [n, h, wd, cin]) as tf.Tensor4D;
   // Row/column pairs (read, skipped): [N, Ho, 2, Wo, 2, Cin] is the stride-2 grid of the padded input.
   const grid = tf.pad(tf.reshape(g, [n, ho, 1, wo, 1, cin]), [[0, 0], [0, 0], [0, 1], [0, 0], [0, 1], [0, 0]]);
-  return tf.slice(tf.reshape(grid, [n, 2 * ho, 2 * wo, cin]), [0, p, p, 0], [n, h, wd, cin]);
+  return tf.slice(tf.reshape(grid, [n, 2 * ho, 2 * wo, cin]) as tf.Tensor4D, [0, p, p, 0], [n, h, wd, cin]);
 }
 
 /** A 1x1 convolution and its gradients as matrix products (see the header for why). */

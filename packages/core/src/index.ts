@@ -1,4 +1,4 @@
-export { describeResNet, validateConfig, ModelConfigError, TUTORIAL_CONFIG } from './architecture.js';
+export { describeResNet, validateConfig, minTrainingBatch, MIN_BATCHNORM_VALUES, ModelConfigError, TUTORIAL_CONFIG } from './architecture.js';
 export type { Architecture, ParamSpec, LayerSummary, ResNetConfig } from './architecture.js';
 export { ResNet, BN_MOMENTUM, gradientBuckets } from './resnet.js';
 export type { Batch, StepResult, ResNetOptions, GradientBucket, GradientReadiness } from './resnet.js';

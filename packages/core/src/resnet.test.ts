@@ -1,7 +1,7 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { loadBackend } from '@dtrain/backend';
-import { describeResNet, type Architecture } from './architecture.js';
+import { describeResNet, minTrainingBatch, type Architecture } from './architecture.js';
 import { gradientBuckets, ResNet, type Batch } from './resnet.js';
 import { TUTORIAL_CONFIG } from './architecture.js';
 
@@ -89,6 +89,15 @@ describe('architecture', () => {
       off += p.size;
     }
     expect(off).toBe(a.paramCount);
+  });
+
+  it('names the smallest per-rank batch whose BatchNorms see 3 values per channel: 3 where the last maps are 1x1, 1 at 96x96 (3x3)', () => {
+    expect(minTrainingBatch(describeResNet({ inChannels: 3, classes: 10, imageSize: 96 }))).toBe(1);
+    expect(minTrainingBatch(describeResNet({ inChannels: 3, classes: 10, imageSize: 32 }))).toBe(3);
+    expect(minTrainingBatch(describeResNet({ inChannels: 1, classes: 10, imageSize: 28 }))).toBe(3);
+    expect(minTrainingBatch(describeResNet({ inChannels: 1, classes: 10, imageSize: 8 }))).toBe(3);
+    // 40x40: stem 17, pool 9, stages 9 / 5 / 3 / 2: the last maps are 2x2, so 1 image gives 4 values.
+    expect(minTrainingBatch(describeResNet({ inChannels: 3, classes: 10, imageSize: 40 }))).toBe(1);
   });
 
   it('rejects impossible configurations with a clear message', () => {

@@ -67,7 +67,9 @@ function fulfilled<T>(r: PromiseSettledResult<T>): T {
 describe('elastic training (in-process group)', () => {
   it('a replica lost mid-epoch: the survivors redo the failed step, re-shard the rest, finish identical', async () => {
     // 31 images, 3 x batch 4: step 0 takes positions 0..11. Rank 0 (the writer) dies in step 1;
-    // the 2 survivors redo it and share the 19 left: 10 each, one padding repeat (position 12).
+    // the 2 survivors redo it and share the 19 left: 10 each, one padding repeat (position 12),
+    // as 4 + 6: at 8x8 a last batch of 2 would leave every BatchNorm 2 values per channel
+    // (steps.ts; before, that step's gradients reached 2e8 and the loss NaN two steps later).
     const data = syntheticData(31, 10, 8);
     const out = path.join(await tempDir(), 'run');
     const group = new ElasticInProcessGroup(3);
@@ -95,8 +97,9 @@ describe('elastic training (in-process group)', () => {
     expectEpochCoverage(usage.counts(1), order, 12, 1);
     // Epoch 2 entirely with 2 workers: 31 -> 16 each, one repeat of the order's first image.
     expectEpochCoverage(usage.counts(2), new DistributedSampler({ size: 31, seed: 2 }).permutation(1), 0, 1);
-    // Steps: 1 with 3 workers, then 3 + 4 with 2 (the failed one redone, never counted twice).
-    expect(a.summary).toMatchObject({ status: 'completed', steps: 8, worldSize: 2, globalBatch: 8, runDir: out });
+    // Steps: 1 with 3 workers, then 2 + 4 with 2 (the failed one redone, never counted twice).
+    expect(a.summary).toMatchObject({ status: 'completed', steps: 7, worldSize: 2, globalBatch: 8, runDir: out });
+    expect(usage.steps.filter((s) => s.replica === 1 && s.info.epoch === 1).map((s) => s.info.n)).toEqual([4, 4, 6]);
     expect(b.runDir).toBeNull();
     expect(a.epochs.map((e) => [e.epoch, e.images, e.worldSize, e.testImages])).toEqual([
       [1, 32, 2, 10],
@@ -162,9 +165,9 @@ describe('elastic training (in-process group)', () => {
   });
 
   it('a voluntary regroup admits a 4th replica with no state, which ends identical', async () => {
-    // 40 images, 3 x batch 4. A join is requested during step 1; step 2 carries the flag, is
-    // applied, then the group regroups (36 done) and 4 workers take the last 4 images.
-    const data = syntheticData(40, 9, 8);
+    // 48 images, 3 x batch 4. A join is requested after step 2; step 3 carries the flag, is
+    // applied, then the group regroups (36 done) and 4 workers take the last 12 images, 3 each.
+    const data = syntheticData(48, 9, 8);
     const out = path.join(await tempDir(), 'run');
     const group = new ElasticInProcessGroup(3);
     const usage = new Usage();
@@ -189,17 +192,52 @@ describe('elastic training (in-process group)', () => {
     expect(group.generations[0]).toMatchObject({ members: [0, 1, 2, 3], root: 0, stop: false });
     const hashes = [...results, newcomer].map(stateHash);
     expect(new Set(hashes).size).toBe(1);
-    expectEpochCoverage(usage.counts(1), new DistributedSampler({ size: 40, seed: 2 }).permutation(0), 36, 0);
+    expectEpochCoverage(usage.counts(1), new DistributedSampler({ size: 48, seed: 2 }).permutation(0), 36, 0);
     expect(usage.steps.filter((s) => s.info.epoch === 1).map((s) => `${s.replica}:${s.info.step}:${s.info.worldSize}`)).toEqual(
       expect.arrayContaining(['0:3:3', '3:4:4']),
     );
     expect(newcomer.summary).toMatchObject({ steps: 4, worldSize: 4 });
     // The newcomer joined in epoch 1 and reports it with the group's numbers (totals adopted from the root).
     expect(newcomer.epochs.map((e) => e.epoch)).toEqual([1]);
-    expect(newcomer.epochs[0]).toMatchObject({ images: 40, worldSize: 4, step: 4 });
+    expect(newcomer.epochs[0]).toMatchObject({ images: 48, worldSize: 4, step: 4 });
     expect(newcomer.epochs[0].loss).toBe(results[0].epochs[0].loss);
     expect(newcomer.epochs[0].testAcc).toBe(results[0].epochs[0].testAcc);
     expect(newcomer.runDir).toBeNull();
+  });
+
+  it('a regroup that leaves fewer images than one healthy batch per rank: they sit the epoch out, the run goes on identical', async () => {
+    // Only a group that grows can get there (a shrinking one spreads a rest of at least one healthy
+    // step over fewer ranks). 1 worker, 12 images, batch 4: a join requested after step 1 rides on
+    // step 2; the group regroups with 8 done; the 4 left would be batches of 2 on 2 ranks, below
+    // the 3 the 1x1 maps at 8x8 need (steps.ts). They sit epoch 1 out; epoch 2: 6 each, one step.
+    const data = syntheticData(12, 6, 8);
+    const out = path.join(await tempDir(), 'run');
+    const group = new ElasticInProcessGroup(1);
+    const usage = new Usage();
+    let joined: Promise<RunTrainingResult> | undefined;
+    const settings = { ...base, epochs: 2 };
+    const res = launch(group, {
+      out,
+      data,
+      settings,
+      usage,
+      hooks: () => ({
+        onStep: (s) => {
+          if (s.step === 1 && !joined) joined = group.join().then((collective) => runTraining({ data, collective, out, settings, hooks: usage.hooks(collective.id) }));
+        },
+      }),
+    });
+    const [first] = (await res).map(fulfilled);
+    const newcomer = await joined!;
+    expect(stateHash(first)).toBe(stateHash(newcomer));
+    const order = new DistributedSampler({ size: 12, seed: 2 }).permutation(0);
+    expect(new Map([...usage.counts(1)].sort((x, y) => x[0] - y[0]))).toEqual(new Map([...order.subarray(0, 8)].sort((x, y) => x - y).map((i) => [i, 1])));
+    expect(usage.steps.filter((s) => s.info.epoch === 2).map((s) => s.info.n)).toEqual([6, 6]);
+    expect(first.epochs.map((e) => [e.epoch, e.images, e.worldSize])).toEqual([
+      [1, 8, 2],
+      [2, 12, 2],
+    ]);
+    expect(first.summary).toMatchObject({ status: 'completed', steps: 3, worldSize: 2 });
   });
 
   it('below --min-workers: a mid-epoch checkpoint and status stopped; a resume with another world size completes the run', async () => {
@@ -227,7 +265,8 @@ describe('elastic training (in-process group)', () => {
     expect(stateHash(resumed[0])).toBe(stateHash(resumed[1]));
     expect(stateHash(resumed[0])).toBe(stateHash(resumed[2]));
     expectEpochCoverage(usage.counts(1), new DistributedSampler({ size: 30, seed: 2 }).permutation(0), 8, 2);
-    expect(resumed[0].summary).toMatchObject({ status: 'completed', resumed: true, worldSize: 3, steps: 1 + 2 + 3 });
+    // Epoch 2 with 3: 10 each, as 4 + 6 (a last batch of 2 folded into the step before it).
+    expect(resumed[0].summary).toMatchObject({ status: 'completed', resumed: true, worldSize: 3, steps: 1 + 2 + 2 });
     expect(resumed[0].epochs.map((e) => [e.epoch, e.images, e.worldSize])).toEqual([
       [1, 8 + 24, 3],
       [2, 30, 3],

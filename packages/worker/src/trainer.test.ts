@@ -250,3 +250,14 @@ describe('learning-rate scaling with warmup (two replicas in one process)', () =
     expect(firstDifference(last.momentum, full[0].momentum)).toBe(-1);
   });
 });
+
+describe('batches too small for BatchNorm (steps.ts)', () => {
+  it('refuses a batch size, or a share per worker, that leaves a BatchNorm under 3 values per channel, naming the fix', async () => {
+    const data = syntheticData(12, 4, 8);
+    await expect(runTraining({ data, out: path.join(await tempDir(), 'a'), settings: { epochs: 1, batchSize: 2, imageSize: 8 } })).rejects.toThrow(/--batch-size 2: .* use --batch-size 3 or more/);
+    const group = createInProcessGroup(6);
+    const runs = group.map((collective) => runTraining({ data: syntheticData(12, 4, 8), collective, settings: { epochs: 1, batchSize: 4, imageSize: 8 } }));
+    const results = await Promise.allSettled(runs);
+    for (const r of results) expect(r.status === 'rejected' && String(r.reason)).toMatch(/each of the 6 workers gets 2 of the 12 training images .* use at most 4 workers/);
+  });
+});

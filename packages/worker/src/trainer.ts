@@ -28,13 +28,14 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { loadBackend, type LoadedBackend } from '@dtrain/backend';
-import { ResNet, gradientBuckets, type GradientBucket, type ResNetConfig } from '@dtrain/core';
+import { ResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig } from '@dtrain/core';
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
 import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
 import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
 import { CheckpointError, ReplicaMismatchError, TrainSettingsError } from './errors.js';
 import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
 import { lrAt, peakLr } from './schedule.js';
+import { maxStepImages, stepBounds, stepsOfShare } from './steps.js';
 import { TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
 
 /** Stream id mixed into the augmentation generator's seed, so it never repeats the sampler's stream. */
@@ -309,6 +310,8 @@ export class Trainer {
     const config: ResNetConfig = { inChannels: train.channels, classes: train.classNames.length, imageSize: s.imageSize };
     this.model = new ResNet(config, { seed: s.seed, sgd: { lr: s.lr, momentum: s.momentum, weightDecay: s.weightDecay } });
     this.layout = layoutHash(this.model);
+    this.minBatch = minTrainingBatch(this.model.arch);
+    this.checkBatchNormRoom(s.batchSize, Math.ceil(train.count / this.collective.worldSize), this.collective.worldSize);
     this.assembler = new BatchAssembler(train, {
       height: s.imageSize,
       width: s.imageSize,
@@ -320,13 +323,16 @@ export class Trainer {
     this.modelBuckets = overlap ? gradientBuckets(this.model.arch, o.bucketBytes!) : [];
     this.bucketRanges = this.modelBuckets.map((b, k) => [k === this.modelBuckets.length - 1 ? 0 : STEP_SUMS + b.from, STEP_SUMS + b.to]);
     const len = this.assembler.imageLength;
-    this.batchBuf = { x: new Float32Array(s.batchSize * len), y: new Int32Array(s.batchSize) };
+    const most = maxStepImages(s.batchSize, this.minBatch);
+    this.batchBuf = { x: new Float32Array(most * len), y: new Int32Array(most) };
     this.evalBuf = { x: new Float32Array(s.evalBatchSize * len), y: new Int32Array(s.evalBatchSize) };
     // Only its unpadded order is used: shardFrom shards it over whatever the group is.
     this.sampler = new DistributedSampler({ size: train.count, seed: s.seed, shuffle: true, dropLast: false });
   }
 
   private readonly checkpointWrite: AtomicWriteOptions | undefined;
+  /** The smallest healthy per-rank batch for this image size (@dtrain/core's minTrainingBatch). */
+  private readonly minBatch: number;
   private readonly configExtra: Record<string, unknown>;
   private state: RunState = { progress: { epoch: 0, done: 0, step: 0 }, totals: zeroTotals(), history: emptyHistory() };
   private committed: { state: RunState; bn: Float32Array } | null = null;
@@ -356,7 +362,20 @@ export class Trainer {
 
   /** Steps of a whole epoch with the current world size. */
   get stepsPerEpoch(): number {
-    return Math.ceil(Math.ceil(this.data.train.count / this.collective.worldSize) / this.settings.batchSize);
+    return stepsOfShare(Math.ceil(this.data.train.count / this.collective.worldSize), this.settings.batchSize, this.minBatch);
+  }
+
+  /**
+   * Refuses a batch, or a rank's share of an epoch, with which some BatchNorm would normalise
+   * fewer than MIN_BATCHNORM_VALUES values per channel (a degenerate gradient: steps.ts).
+   */
+  private checkBatchNormRoom(batchSize: number, share: number, worldSize: number): void {
+    const min = this.minBatch;
+    const why = `at ${this.settings.imageSize}x${this.settings.imageSize} input the last stage's maps are too small for BatchNorm to see ${MIN_BATCHNORM_VALUES} values per channel with fewer than ${min} images per worker`;
+    if (batchSize < min) throw new TrainSettingsError('batchSize', `--batch-size ${batchSize}: ${why}; use --batch-size ${min} or more (or a larger --image-size)`);
+    if (share < min) {
+      throw new TrainSettingsError('dataset', `each of the ${worldSize} workers gets ${share} of the ${this.data.train.count} training images per epoch: ${why}; use at most ${Math.floor(this.data.train.count / min)} workers`);
+    }
   }
 
   get globalBatch(): number {
@@ -563,7 +582,10 @@ export class Trainer {
     const w = c.worldSize;
     const b = s.batchSize;
     const mine = shardFrom(this.epochOrder(e), start, w, c.rank);
-    const segSteps = Math.ceil(mine.length / b);
+    if (start === 0) this.checkBatchNormRoom(b, mine.length, w);
+    // 0 only for the rest of an epoch after a regroup, shorter than one healthy batch per rank:
+    // those few images sit this epoch out (DataLoader's drop_last, for this one case).
+    const segSteps = stepsOfShare(mine.length, b, this.minBatch);
     const stepsInEpoch = st.totals.steps + segSteps;
     if (this.startedEpoch !== e) {
       this.startedEpoch = e;
@@ -586,7 +608,7 @@ export class Trainer {
       const before = start + j * b * w;
       const lr = start === 0 ? lrAt(s, w, e, j, segSteps) : lrAt(s, w, e, before, n);
       m.optimizer.lr = lr;
-      const batchIdx = mine.subarray(j * b, Math.min((j + 1) * b, mine.length));
+      const batchIdx = mine.subarray(...stepBounds(j, segSteps, mine.length, b));
       const ta = now();
       const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
       const tb = now();
@@ -623,7 +645,8 @@ export class Trainer {
       m.applyGradients(this.gradView);
       const te = now();
       st.progress.step++;
-      st.progress.done = start + Math.min(n - start, (j + 1) * b * w);
+      // The last step completes the epoch (it may hold the folded-in remainder: steps.ts).
+      st.progress.done = j === segSteps - 1 ? n : start + (j + 1) * b * w;
       const step = st.progress.step;
       const p: PhaseTimes = { data: tb - ta, compute: tc - tb, allReduce: td - tc, optimizer: te - td };
       for (const key of Object.keys(p) as (keyof PhaseTimes)[]) {
@@ -661,6 +684,10 @@ export class Trainer {
       t.trainSec = trainBase + (now() - segStart);
       this.commit();
       if (regroup) return true;
+    }
+    if (segSteps === 0) {
+      st.progress.done = n;
+      this.commit();
     }
     return false;
   }
