@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildCharts, phaseBreakdown, writeReport } from './report.js';
+import { buildCharts, phaseBreakdown, runFacts, writeReport } from './report.js';
 import { collectRuns, formatRunTable } from './commands/runs.js';
 import { readRun } from './run-files.js';
 import { writeRunFixture } from './testing/run-fixture.js';
@@ -119,6 +119,24 @@ describe('runs', () => {
     expect(table[1]).toContain('2025-03-04 05:06');
     expect(table[1]).toContain(`${(fixture.summary!.finalTestAcc * 100).toFixed(2)}%`);
     expect(table[2]).toMatch(/cifar10\s+4\s+2\/20/);
+  });
+
+  it('lists a diverged run (summary.json status diverged) as diverged, with its last finished epoch', async () => {
+    const dir = path.join(root, 'diverged', '20250306-070809-fashion-mnist-cccccc');
+    const { epochs } = writeRunFixture(dir, { epochs: 4, finished: 2 });
+    const last = epochs[1];
+    const stopReason = 'the loss became NaN at step 30 (epoch 3) on rank 0; training diverged, try a smaller --lr';
+    // The finished-epoch figures of the summary the trainer writes; NaN (none finished) reads back as null.
+    const summary = { status: 'diverged', stopReason, dataset: 'fashion-mnist', epochs: 4, steps: 30, finalTrainLoss: last.loss, finalTrainAcc: last.trainAcc, finalTestLoss: last.testLoss, finalTestAcc: last.testAcc, bestTestAcc: last.testAcc, bestEpoch: 2, testImages: 1000, totalSec: last.totalElapsedSec, trainSec: null, imagesPerSec: null, worldSize: 2, globalBatch: 128, runDir: dir, lastCheckpoint: null, resumed: false };
+    fs.writeFileSync(path.join(dir, 'summary.json'), JSON.stringify(summary));
+    const { rows } = await collectRuns(path.join(root, 'diverged'));
+    expect(rows[0]).toMatchObject({ epochsDone: 2, epochs: 4, finalTestAcc: last.testAcc, durationSec: last.totalElapsedSec, status: 'diverged' });
+    expect(formatRunTable(rows).split('\n')[1]).toMatch(/2\/4\s+\d+\.\d\d%\s+\S+\s+diverged$/);
+    const facts = runFacts(await readRun(dir));
+    expect(facts.title).toBe('20250306-070809-fashion-mnist-cccccc: fashion-mnist, 2 workers (diverged after 2 of 4 epochs)');
+    expect(facts.lines).toContain(`diverged: ${stopReason}`);
+    // The summary's nulls (NaN) fall back to the last finished epoch's figures.
+    expect(facts.lines[1]).toBe(`test accuracy ${(last.testAcc * 100).toFixed(2)}% (best ${(last.testAcc * 100).toFixed(2)}% at epoch 2), ${last.totalElapsedSec.toFixed(1)} s, ${last.imagesPerSec.toFixed(1)} images/s`);
   });
 
   it('CLI: runs --dir prints the table, --json the rows; a missing folder has none', async () => {

@@ -18,11 +18,10 @@ import path from 'node:path';
 import { Resvg } from '@resvg/resvg-js';
 import * as echarts from 'echarts';
 import type { EpochMetrics } from '@dtrain/worker';
-import { readRun, RunFolderError, type RunFiles } from './run-files.js';
+import { readRun, RunFolderError, runStatus, type RunFiles } from './run-files.js';
 
 const CHART_W = 700;
 const CHART_H = 400;
-const HEADER_H = 96;
 const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#7f7f7f'];
 
 type Point = [number, number];
@@ -42,6 +41,15 @@ function stepsPerEpoch(run: RunFiles): number | null {
   return first ? first.step : null;
 }
 
+/**
+ * The legend of the step lines' series: config.json's logEverySteps, or in a config without it the
+ * first line's window. Only for a run that has step lines.
+ */
+function stepSeriesName(run: RunFiles): string {
+  const every = run.config.settings.logEverySteps ?? run.steps[0].steps;
+  return every === 1 ? 'every step' : `every ${every} steps`;
+}
+
 function render(option: echarts.EChartsCoreOption): string {
   const chart = echarts.init(null, null, { renderer: 'svg', ssr: true, width: CHART_W, height: CHART_H });
   try {
@@ -59,11 +67,10 @@ const base = (title: string, subtitle: string) => ({
   grid: { left: 64, right: 36, top: 66, bottom: 80 },
 });
 
-const line = (name: string, data: Point[], o: { thin?: boolean; step?: boolean } = {}) => ({
+const line = (name: string, data: Point[], o: { thin?: boolean } = {}) => ({
   name,
   type: 'line',
   data,
-  step: o.step ? 'end' : undefined,
   showSymbol: !o.thin && data.length <= 60,
   symbolSize: 6,
   lineStyle: { width: o.thin ? 1 : 2.5, opacity: o.thin ? 0.55 : 1 },
@@ -71,7 +78,7 @@ const line = (name: string, data: Point[], o: { thin?: boolean; step?: boolean }
 
 function lossChart(run: RunFiles, spe: number | null): Chart {
   const series = [line('train (epoch mean)', run.epochs.map((e) => [e.epoch, e.loss])), line('test (after epoch)', run.epochs.map((e) => [e.epoch, e.testLoss]))];
-  if (spe && run.steps.length > 0) series.push(line(`train (every ${run.steps[0].steps} steps)`, run.steps.map((s) => [s.step / spe, s.loss]), { thin: true }));
+  if (spe && run.steps.length > 0) series.push(line(`train (${stepSeriesName(run)})`, run.steps.map((s) => [s.step / spe, s.loss]), { thin: true }));
   return {
     id: 'loss',
     title: 'Loss',
@@ -87,7 +94,7 @@ function lossChart(run: RunFiles, spe: number | null): Chart {
 function accuracyChart(run: RunFiles, spe: number | null): Chart {
   const pct = (x: number) => Math.round(x * 10000) / 100;
   const series = [line('train (epoch)', run.epochs.map((e) => [e.epoch, pct(e.trainAcc)])), line('test (after epoch)', run.epochs.map((e) => [e.epoch, pct(e.testAcc)]))];
-  if (spe && run.steps.length > 0) series.push(line(`train (every ${run.steps[0].steps} steps)`, run.steps.map((s) => [s.step / spe, pct(s.trainAcc)]), { thin: true }));
+  if (spe && run.steps.length > 0) series.push(line(`train (${stepSeriesName(run)})`, run.steps.map((s) => [s.step / spe, pct(s.trainAcc)]), { thin: true }));
   const best = run.epochs.reduce<EpochMetrics | null>((b, e) => (!b || e.testAcc > b.testAcc ? e : b), null);
   return {
     id: 'accuracy',
@@ -101,16 +108,23 @@ function accuracyChart(run: RunFiles, spe: number | null): Chart {
   };
 }
 
-function throughputChart(run: RunFiles): Chart {
+/**
+ * Images per second of all workers against minutes since the start: per step line and per epoch.
+ * A step line's imagesPerSec already counts every rank's images (the step's global sums).
+ */
+export function throughputPoints(run: RunFiles): { steps: Point[]; epochs: Point[] } {
   const times = [...run.steps.map((s) => s.time), ...run.epochs.map((e) => e.time)].map((t) => Date.parse(t)).filter(Number.isFinite);
   const created = run.config.createdAt ? Date.parse(run.config.createdAt) : NaN;
   const t0 = Number.isFinite(created) ? created : Math.min(...times);
   const min = (t: string) => Math.round(((Date.parse(t) - t0) / 60_000) * 1000) / 1000;
+  return { steps: run.steps.map((s) => [min(s.time), s.imagesPerSec]), epochs: run.epochs.map((e) => [min(e.time), e.imagesPerSec]) };
+}
+
+function throughputChart(run: RunFiles): Chart {
   const w = run.config.worldSize;
-  const series = [
-    line(w > 1 ? `every ${run.steps[0]?.steps ?? '?'} steps (rank 0 x ${w})` : `every ${run.steps[0]?.steps ?? '?'} steps`, run.steps.map((s) => [min(s.time), s.imagesPerSec * w]), { thin: true }),
-    line('epoch average', run.epochs.map((e) => [min(e.time), e.imagesPerSec]), { step: false }),
-  ];
+  const points = throughputPoints(run);
+  const series = [line('epoch average', points.epochs)];
+  if (run.steps.length > 0) series.unshift(line(stepSeriesName(run), points.steps, { thin: true }));
   return {
     id: 'throughput',
     title: 'Throughput',
@@ -186,21 +200,48 @@ function fmtSec(s: number): string {
   return `${(s / 3600).toFixed(2)} h`;
 }
 
+/** What became of the run, as the title says it. */
+function statusText(run: RunFiles): string {
+  const done = run.epochs[run.epochs.length - 1]?.epoch ?? 0;
+  const of = `${done} of ${run.config.settings.epochs} epochs`;
+  switch (runStatus(run)) {
+    case 'completed':
+      return 'completed';
+    case 'stopped':
+      return `stopped after ${of}`;
+    case 'diverged':
+      return `diverged after ${of}`;
+    case 'incomplete':
+      return `incomplete: ${of}`;
+  }
+}
+
+/** A short run logs no step line when it makes fewer steps than --log-every: say so, and what to do. */
+function missingStepLines(run: RunFiles): string[] {
+  const last = run.epochs[run.epochs.length - 1];
+  if (run.steps.length > 0 || !last) return [];
+  const every = run.config.settings.logEverySteps;
+  const why = every ? ` (one every ${every} steps, and the run made ${last.step})` : '';
+  return [`no step lines in metrics.jsonl${why}: the charts show epochs only; train with a smaller --log-every to see the course within an epoch`];
+}
+
 /** One line per fact about the run, for the PNG header and the HTML page. */
 export function runFacts(run: RunFiles): { title: string; lines: string[] } {
   const c = run.config;
   const s = run.summary;
   const last = run.epochs[run.epochs.length - 1];
-  const done = last?.epoch ?? 0;
-  const status = s ? 'completed' : `incomplete: ${done} of ${c.settings.epochs} epochs`;
-  const acc = s ? s.finalTestAcc : last?.testAcc;
-  const secs = s ? s.totalSec : last?.totalElapsedSec;
-  const ips = s ? s.imagesPerSec : last?.imagesPerSec;
+  // `??`: a summary's NaN (no finished epoch) reads back as null.
+  const acc = s?.finalTestAcc ?? last?.testAcc;
+  const secs = s?.totalSec ?? last?.totalElapsedSec;
+  const ips = s?.imagesPerSec ?? last?.imagesPerSec;
+  const best = s && s.bestEpoch > 0 ? ` (best ${(s.bestTestAcc * 100).toFixed(2)}% at epoch ${s.bestEpoch})` : '';
   return {
-    title: `${run.name}: ${c.settings.dataset}, ${c.worldSize} worker${c.worldSize > 1 ? 's' : ''} (${status})`,
+    title: `${run.name}: ${c.settings.dataset}, ${c.worldSize} worker${c.worldSize > 1 ? 's' : ''} (${statusText(run)})`,
     lines: [
-      `epochs ${c.settings.epochs}, global batch ${c.globalBatch}, lr ${c.settings.lr}, image ${c.settings.imageSize}px, backend ${c.settings.backend ?? '?'}${c.createdAt ? `, started ${c.createdAt.replace('T', ' ').replace(/\.\d+Z$/, ' UTC')}` : ''}`,
-      `test accuracy ${acc === undefined ? '-' : `${(acc * 100).toFixed(2)}%`}${s ? ` (best ${(s.bestTestAcc * 100).toFixed(2)}% at epoch ${s.bestEpoch})` : ''}, ${fmtSec(secs ?? NaN)}, ${ips === undefined ? '-' : ips.toFixed(1)} images/s`,
+      `epochs ${c.settings.epochs}, global batch ${c.globalBatch}, lr ${c.settings.lr}, image ${c.settings.imageSize}px, backend ${c.settings.backend ?? '-'}${c.createdAt ? `, started ${c.createdAt.replace('T', ' ').replace(/\.\d+Z$/, ' UTC')}` : ''}`,
+      `test accuracy ${acc === undefined ? '-' : `${(acc * 100).toFixed(2)}%`}${best}, ${fmtSec(secs ?? NaN)}, ${ips === undefined ? '-' : ips.toFixed(1)} images/s`,
+      ...(s?.stopReason ? [`${runStatus(run)}: ${s.stopReason}`] : []),
+      ...missingStepLines(run),
     ],
   };
 }
@@ -210,8 +251,10 @@ export function composeSvg(run: RunFiles, charts: Chart[]): string {
   const cols = 2;
   const rows = Math.ceil(charts.length / cols);
   const W = cols * CHART_W;
-  const H = HEADER_H + rows * CHART_H;
   const f = runFacts(run);
+  // The title, then 20 px per fact line (two lines: 96 px).
+  const header = 56 + 20 * f.lines.length;
+  const H = header + rows * CHART_H;
   const parts = [
     `<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">`,
     `<rect width="${W}" height="${H}" fill="#ffffff"/>`,
@@ -220,7 +263,7 @@ export function composeSvg(run: RunFiles, charts: Chart[]): string {
   ];
   charts.forEach((c, i) => {
     const x = (i % cols) * CHART_W;
-    const y = HEADER_H + Math.floor(i / cols) * CHART_H;
+    const y = header + Math.floor(i / cols) * CHART_H;
     parts.push(c.svg.replace(/^<svg /, `<svg x="${x}" y="${y}" `));
   });
   parts.push('</svg>');

@@ -18,7 +18,8 @@ export class RunFolderError extends Error {
 
 /** The parts of config.json the report and the run list use. */
 export interface RunConfig {
-  settings: { dataset: string; epochs: number; batchSize: number; lr: number; imageSize: number; backend?: string };
+  /** `logEverySteps`: steps per `kind: 'step'` line of metrics.jsonl (absent in configs of older runs). */
+  settings: { dataset: string; epochs: number; batchSize: number; lr: number; imageSize: number; backend?: string; logEverySteps?: number };
   worldSize: number;
   globalBatch: number;
   createdAt?: string;
@@ -26,13 +27,27 @@ export interface RunConfig {
   host?: { hostname?: string };
 }
 
+/**
+ * summary.json as read back. 'diverged': the loss stopped being finite. The trainer's Summary has no
+ * such status yet (it throws before writing summary.json, so such a run reads as 'incomplete'); the
+ * readers take it already. A NaN the trainer wrote (finalTestAcc of a run without a finished epoch)
+ * reads back as null.
+ */
+export type RunSummary = Omit<Summary, 'status'> & { status: Summary['status'] | 'diverged' };
+
+/**
+ * What became of a run: summary.json's status; without summary.json it is still running, or was
+ * killed or crashed before the end ('incomplete').
+ */
+export type RunStatus = RunSummary['status'] | 'incomplete';
+
 export interface RunFiles {
   dir: string;
   name: string;
   config: RunConfig;
   epochs: EpochMetrics[];
   steps: StepMetrics[];
-  summary: Summary | null;
+  summary: RunSummary | null;
   /** metrics.jsonl lines that did not parse (a half-written last line after a crash). */
   badLines: number;
 }
@@ -76,15 +91,19 @@ export async function readRun(dir: string): Promise<RunFiles> {
     else if (v.kind === 'step') steps.push(v as StepMetrics);
   }
   const summaryText = await readText(path.join(abs, 'summary.json'));
-  let summary: Summary | null = null;
+  let summary: RunSummary | null = null;
   if (summaryText !== null) {
     try {
-      summary = JSON.parse(summaryText) as Summary;
+      summary = JSON.parse(summaryText) as RunSummary;
     } catch {
       summary = null;
     }
   }
   return { dir: abs, name: path.basename(abs), config, epochs, steps, summary, badLines };
+}
+
+export function runStatus(r: RunFiles): RunStatus {
+  return r.summary?.status ?? 'incomplete';
 }
 
 /** Every run folder (one with a config.json) directly under `root`, oldest first. */

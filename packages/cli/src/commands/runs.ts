@@ -1,7 +1,7 @@
 // `dtrain runs [--dir runs] [--json]`: the runs under runs/, oldest first, one line each.
 import path from 'node:path';
 import { Command } from '@commander-js/extra-typings';
-import { listRunDirs, readRun, type RunFiles } from '../run-files.js';
+import { listRunDirs, readRun, runStatus, type RunFiles, type RunStatus } from '../run-files.js';
 
 export interface RunRow {
   run: string;
@@ -16,7 +16,11 @@ export interface RunRow {
   finalTestAcc: number | null;
   /** Wall time of the run so far, resumes included. */
   durationSec: number | null;
-  status: 'completed' | 'stopped' | 'incomplete';
+  /**
+   * 'stopped': an elastic run that fell below --min-workers and wrote a checkpoint (--resume
+   * continues it); 'diverged': its loss stopped being finite; 'incomplete': no summary.json.
+   */
+  status: RunStatus;
 }
 
 export function runRow(r: RunFiles): RunRow {
@@ -29,10 +33,10 @@ export function runRow(r: RunFiles): RunRow {
     worldSize: r.config.worldSize,
     epochsDone: s?.status === 'completed' ? s.epochs : (last?.epoch ?? 0),
     epochs: r.config.settings.epochs,
-    finalTestAcc: s ? s.finalTestAcc : (last?.testAcc ?? null),
-    durationSec: s ? s.totalSec : (last?.totalElapsedSec ?? null),
-    // 'stopped': an elastic run that fell below --min-workers and wrote a checkpoint (--resume continues it).
-    status: s?.status === 'completed' ? 'completed' : s?.status === 'stopped' ? 'stopped' : 'incomplete',
+    // `??`: a summary's NaN (no finished epoch) reads back as null.
+    finalTestAcc: s?.finalTestAcc ?? last?.testAcc ?? null,
+    durationSec: s?.totalSec ?? last?.totalElapsedSec ?? null,
+    status: runStatus(r),
   };
 }
 

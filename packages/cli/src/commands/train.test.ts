@@ -4,7 +4,7 @@ import path from 'node:path';
 import { Command } from '@commander-js/extra-typings';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { UsageError } from '../errors.js';
-import { formatEpochLine, registerTrain } from './train.js';
+import { defaultLogEvery, formatEpochLine, registerTrain } from './train.js';
 
 function program(): Command {
   const p = new Command().name('dtrain').exitOverride().configureOutput({ writeErr: () => {}, writeOut: () => {} });
@@ -43,6 +43,21 @@ describe('dtrain train: flags', () => {
     }
   });
 
+  it('leaves no run folder when the data set is not there, and says how to get it', async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dtrain-cli-'));
+    const data = path.join(dir, 'data');
+    const err = await run('--dataset', 'cifar10', '--epochs', '1', '--data-dir', data, '--out', path.join(dir, 'runs', 'cifar10')).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    expect(err?.code).toBe('DATA_FILE_MISSING');
+    expect(err?.message).toBe(
+      `${path.join(data, 'cifar-10-batches-bin', 'batches.meta.txt')} does not exist. Run 'pnpm cli data download cifar10 --dir ${data}', ` +
+        `or download cifar-10-binary.tar.gz by hand and unpack it there so that ${path.join(data, 'cifar-10-batches-bin', 'data_batch_1.bin')} exists`,
+    );
+    expect(await fs.readdir(dir)).toEqual([]);
+  });
+
   it('refuses to resume a folder without a checkpoint, naming it', async () => {
     const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dtrain-cli-'));
     await expect(run('--resume', dir)).rejects.toThrow(new RegExp(`no checkpoint .* in ${dir}`));
@@ -62,6 +77,13 @@ describe('dtrain train: a tiny real run', () => {
     expect(lines[2]).toMatch(new RegExp(`^done: 1 epochs, final test acc .* run folder ${out}$`));
     const summary = JSON.parse(await fs.readFile(path.join(out, 'summary.json'), 'utf8'));
     expect(summary).toMatchObject({ dataset: 'fashion-mnist', epochs: 1, steps: 2, testImages: 20 });
+  });
+});
+
+describe('defaultLogEvery', () => {
+  it('gives an epoch of under 500 steps ten step lines or more, and keeps 50 for longer ones', () => {
+    // 3000 Fashion-MNIST images at batch 64 (the README's first run): 47 steps, a line every 4.
+    expect([1, 3, 19, 20, 47, 499, 500, 782, 938].map(defaultLogEvery)).toEqual([1, 1, 1, 2, 4, 49, 50, 50, 50]);
   });
 });
 

@@ -3,11 +3,16 @@ import { Command, Option } from '@commander-js/extra-typings';
 import cliProgress from 'cli-progress';
 import { DATASET_NAMES } from '@dtrain/data';
 import {
+  DEFAULTS,
+  loadTrainData,
+  resolveSettings,
   runTraining,
   type EpochMetrics,
   type StartInfo,
   type StepInfo,
+  type TrainData,
   type TrainerHooks,
+  type TrainSettingsInput,
 } from '@dtrain/worker';
 import { oneOf, UsageError } from '../errors.js';
 import { addTrainOptions, settingsFromFlags, toUsage } from './train-options.js';
@@ -87,21 +92,60 @@ export function epochProgress(out: NodeJS.WriteStream = process.stderr): Trainer
   };
 }
 
+/** Step lines per epoch that `train` writes at least, when --log-every is not given. */
+const STEP_LINES_PER_EPOCH = 10;
+
+/**
+ * The step-line interval when --log-every is not given. The library's default (a line every 50
+ * steps) leaves a run of fewer steps, such as the README's first one (47), without a single step
+ * line, and its report without a course; epochs of under 500 steps get a line every tenth of the
+ * epoch or more often. Epochs of 500 steps or more keep the default.
+ */
+export function defaultLogEvery(stepsPerEpoch: number): number {
+  return Math.max(1, Math.min(DEFAULTS.logEverySteps, Math.floor(stepsPerEpoch / STEP_LINES_PER_EPOCH)));
+}
+
+/**
+ * A new run's data, loaded before runTraining creates the run folder (so that data that cannot be
+ * read, such as CIFAR-10 before `data download`, leaves no empty folder behind), and its settings
+ * with the step-line interval that fits its epoch.
+ */
+export async function prepareNewRun(input: TrainSettingsInput): Promise<{ settings: TrainSettingsInput; data: TrainData & { name: string } }> {
+  const resolved = resolveSettings(input);
+  const data = await loadTrainData(resolved);
+  // One process: about ceil(images / batch) steps an epoch (the trainer may fold a short last batch).
+  const stepsPerEpoch = Math.ceil(data.train.count / resolved.batchSize);
+  return {
+    settings: { ...input, logEverySteps: input.logEverySteps ?? defaultLogEvery(stepsPerEpoch) },
+    data: { ...data, name: resolved.dataset },
+  };
+}
+
+/** The shared flag's help names the library's default; `train` chooses by epoch length (defaultLogEvery). */
+function describeLogEvery(cmd: { readonly options: readonly Option[] }): void {
+  const o = cmd.options.find((x) => x.long === '--log-every');
+  if (o) o.description = `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps}, or a tenth of an epoch if that is fewer)`;
+}
+
 export function registerTrain(program: Command): void {
-  addTrainOptions(
+  const cmd = addTrainOptions(
     program
       .command('train')
       .description(
         'Train the ResNet in this process (one worker). Writes config.json, metrics.jsonl, a checkpoint per epoch and ' +
           'summary.json into the run folder. Fashion-MNIST needs no download; CIFAR-10 needs `dtrain data download cifar10`.',
       ),
-  )
+  );
+  describeLogEvery(cmd);
+  cmd
     .addOption(new Option('--backend <kind>', 'native TensorFlow backend (default cpu)').choices(BACKENDS).argParser(oneOf('--backend', BACKENDS)))
     .action(async (opts) => {
       if (!opts.resume && !opts.dataset && !opts.preset) {
         throw new UsageError(`choose a data set: --dataset ${DATASET_NAMES.join('|')} (or --preset tutorial), or --resume DIR`);
       }
-      const settings = settingsFromFlags(opts, opts.backend);
+      const flags = settingsFromFlags(opts, opts.backend);
+      // A resumed run keeps its folder, data set and interval (unless --log-every is given).
+      const fresh = opts.resume ? undefined : await prepareNewRun(flags).catch(toUsage);
       const progress = epochProgress();
       let runDir: string | null = null;
       const onSignal = (sig: NodeJS.Signals) => {
@@ -114,7 +158,8 @@ export function registerTrain(program: Command): void {
       process.once('SIGTERM', onSignal);
       try {
         const result = await runTraining({
-          settings,
+          settings: fresh?.settings ?? flags,
+          data: fresh?.data,
           resume: opts.resume,
           out: opts.out,
           hooks: {
