@@ -47,6 +47,52 @@ export class JoinTimeoutError extends CoordinatorError {
 /** Workers finished with different final states: the replicas diverged (a bug, never expected). */
 export class ReplicaDivergedError extends CoordinatorError {
   readonly code = 'E_REPLICAS_DIVERGED' as const;
+  constructor(
+    message: string,
+    /** The ranks whose state differs from the reference state (see replicaDivergence), by rank. */
+    readonly diverged: ReplicaState[],
+    /** The ranks that hold the reference state. */
+    readonly agreeing: ReplicaState[],
+  ) {
+    super(message);
+  }
+}
+
+/** A rank's final report as the divergence check sees it; `log` says where its log is. */
+export interface ReplicaState {
+  rank: number;
+  host: string;
+  stateSha256: string;
+  log: string;
+}
+
+/**
+ * The invariant every "replicas identical" line rests on: all ranks finish with the same state
+ * hash. The reference is the hash most ranks hold (rank 0's on a tie, since rank 0 wrote the
+ * run's files); every other rank is named with its host. Undefined when all agree.
+ */
+export function replicaDivergence(states: ReplicaState[]): ReplicaDivergedError | undefined {
+  const groups = new Map<string, ReplicaState[]>();
+  for (const s of states) groups.set(s.stateSha256, [...(groups.get(s.stateSha256) ?? []), s]);
+  if (groups.size <= 1) return undefined;
+  const most = Math.max(...[...groups.values()].map((g) => g.length));
+  const tied = [...groups.values()].filter((g) => g.length === most);
+  const reference = tied.find((g) => g.some((s) => s.rank === 0)) ?? tied[0];
+  const diverged = states.filter((s) => !reference.includes(s));
+  const short = (h: string) => h.slice(0, 12);
+  const ranks = (xs: ReplicaState[]) => `rank${xs.length > 1 ? 's' : ''} ${xs.map((s) => s.rank).join(', ')}`;
+  const basis = most * 2 > states.length ? 'the majority' : reference.some((s) => s.rank === 0) ? "no majority: compared with rank 0's" : 'no majority: compared with the most common state';
+  const rank0 = states.find((s) => s.rank === 0);
+  return new ReplicaDivergedError(
+    `the replicas diverged: ${diverged.map((s) => `rank ${s.rank} on host ${s.host} (state sha256 ${short(s.stateSha256)}, log ${s.log})`).join('; ')} ` +
+      `finished with another state than ${ranks(reference)} (state sha256 ${short(reference[0].stateSha256)}, ${basis}). ` +
+      `Rank 0 wrote the run's checkpoints and summary.json from its own copy${rank0 && diverged.includes(rank0) ? ', one of those that differ' : ''}. ` +
+      `Next: check that every machine runs the same dtrain, Node.js and TensorFlow.js versions and backend (pnpm cli doctor on each), ` +
+      `compare the logs of the ranks named with rank 0's${rank0 ? ` (${rank0.log})` : ''}, and run again (or continue with --resume from a checkpoint); ` +
+      `equal versions must give equal states, so if it happens again report it as a bug with these logs`,
+    diverged,
+    reference,
+  );
 }
 
 /**
@@ -936,10 +982,10 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   await stopMetrics();
 
   const finals = byRank.map((x) => x.final!);
-  const hashes = new Set(finals.map((f) => f.stateSha256));
-  if (hashes.size !== 1) {
-    throw new ReplicaDivergedError(`the workers finished with different weights: ${finals.map((f, r) => `rank ${r} ${String(f.stateSha256).slice(0, 12)}`).join(', ')}`);
-  }
+  const diverged = replicaDivergence(
+    byRank.map((x) => ({ rank: x.rank, host: x.host, stateSha256: String(x.final!.stateSha256), log: x.local ? slots[x.slot].logFile : `its log on host ${x.host}` })),
+  );
+  if (diverged) throw diverged;
   const summary0 = finals[0]?.summary as { status?: string; stopReason?: string; lastCheckpoint?: string | null; runDir?: string | null } | undefined;
   if (summary0?.status === 'stopped') {
     throw new RunStoppedError(

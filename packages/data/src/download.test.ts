@@ -147,6 +147,18 @@ describe('downloadCifar10', () => {
     expect(await leftovers()).toEqual([]);
   });
 
+  it('an archive already on this machine, given as a file: URL or a path: the message says how to unpack that file', async () => {
+    const local = path.join(work, 'copied', 'cifar-10-binary.tar.gz');
+    for (const url of [`file://${local}`, local]) {
+      const err = await downloadCifar10({ dir, url, md5: archiveMd5 }).catch((e) => e);
+      expect(err, url).toBeInstanceOf(DownloadError);
+      expect(err.message, url).toMatch(url === local ? /is not a valid URL/ : /unsupported protocol file:/);
+      expect(err.message, url).toContain(`to use the archive ${local}: check that its MD5 is ${archiveMd5} and run 'tar xzf ${local} -C ${dir}'`);
+      expect(err.message, url).not.toContain('on a machine with internet');
+    }
+    expect(await leftovers()).toEqual([]);
+  });
+
   it('times out when the server stops sending, or never answers, and leaves nothing behind', async () => {
     const t0 = Date.now();
     const stall = await downloadCifar10({ dir, url: `${base}/stall`, md5: archiveMd5, idleTimeoutMs: 300 }).catch((e) => e);

@@ -6,6 +6,7 @@ import https from 'node:https';
 import path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { fileURLToPath } from 'node:url';
 import * as tar from 'tar';
 import { CIFAR10_ALL_FILES, CIFAR10_DIRNAME, hasCifar10 } from './cifar10.js';
 import { ChecksumMismatchError, DataFormatError, DownloadError } from './errors.js';
@@ -47,11 +48,23 @@ export interface DownloadResult {
 }
 
 function manualHint(url: string, md5: string, dir: string): string {
-  return (
-    `To place the files by hand: download ${url} on a machine with internet, check that its MD5 is ${md5}, ` +
-    `copy it to this machine and run 'tar xzf cifar-10-binary.tar.gz -C ${dir}' so that ` +
-    `${path.join(dir, CIFAR10_DIRNAME, 'data_batch_1.bin')} exists`
-  );
+  const unpack = (archive: string) => `run 'tar xzf ${archive} -C ${dir}' so that ${path.join(dir, CIFAR10_DIRNAME, 'data_batch_1.bin')} exists`;
+  const local = localArchive(url);
+  if (local !== undefined) return `Only http:// and https:// addresses are downloaded; to use the archive ${local}: check that its MD5 is ${md5} and ${unpack(local)}`;
+  return `To place the files by hand: download ${url} on a machine with internet, check that its MD5 is ${md5}, copy it to this machine and ${unpack('cifar-10-binary.tar.gz')}`;
+}
+
+/** An archive already on this machine given as the URL (a file: URL or a path): its path. */
+function localArchive(url: string): string | undefined {
+  if (/^file:/i.test(url)) {
+    try {
+      return fileURLToPath(url);
+    } catch {
+      return undefined;
+    }
+  }
+  // Any other scheme (http:, ftp:) names a server, not a file here.
+  return /^[a-z][a-z0-9+.-]*:/i.test(url) ? undefined : path.resolve(url);
 }
 
 /**

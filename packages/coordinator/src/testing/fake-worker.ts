@@ -2,12 +2,23 @@
 // sockets but trains nothing (no TensorFlow), so failure handling is tested in seconds.
 // FAKE_MODE: 'ok' (join, report done, exit 0), 'crash' (rank FAKE_RANK prints and exits 3 after
 // the Welcome), 'silent' (rank FAKE_RANK never says Hello), 'claim' (rank FAKE_RANK connects with
-// its allowed key but names another one in its Hello). With DTRAIN_COORDINATOR_KEY: CURVE.
+// its allowed key but names another one in its Hello), 'diverge' (every rank reports the same
+// realistic state hash, except rank FAKE_RANK: the replica-divergence check, which no real worker
+// can reach without a bug). FAKE_HOSTS: host names by rank, comma-separated (default fakehost).
+// With DTRAIN_COORDINATOR_KEY: CURVE.
+import { createHash } from 'node:crypto';
 import { ControlClient, curveClientSecurity, curveKeyPair, loadKeyDir } from '@dtrain/transport';
 
 const rank = Number(process.env.RANK);
 const mode = process.env.FAKE_MODE ?? 'ok';
 const target = Number(process.env.FAKE_RANK ?? -1);
+const host = process.env.FAKE_HOSTS?.split(',')[rank] || 'fakehost';
+
+/** What this rank says its final state hashes to. */
+function stateSha256(): string {
+  if (mode !== 'diverge') return 'same';
+  return createHash('sha256').update(rank === target ? 'a replica that drifted' : 'the replicas').digest('hex');
+}
 
 async function main(): Promise<void> {
   if (mode === 'silent' && rank === target) {
@@ -19,7 +30,7 @@ async function main(): Promise<void> {
   const keys = coordinatorKey ? loadKeyDir(process.env.DTRAIN_KEYS_DIR) : undefined;
   const c = new ControlClient(`tcp://${process.env.MASTER_ADDR}:${process.env.MASTER_PORT}`, { timeoutMs: 20_000, security: keys && coordinatorKey ? curveClientSecurity(keys, coordinatorKey) : undefined });
   const curvePublicKey = mode === 'claim' && rank === target ? curveKeyPair().publicKey : (keys?.publicKey ?? '');
-  await c.send('hello', { host: 'fakehost', pid: process.pid, localRank: Number(process.env.LOCAL_RANK), requestedRank: rank, dataEndpoints: [`tcp://127.0.0.1:${1000 + rank}`], curvePublicKey });
+  await c.send('hello', { host, pid: process.pid, localRank: Number(process.env.LOCAL_RANK), requestedRank: rank, dataEndpoints: [`tcp://127.0.0.1:${1000 + rank}`], curvePublicKey });
   const w = await c.receive('welcome');
   if (w.kind === 'error') {
     console.error(`refused: ${(w.body as { message?: string }).message}`);
@@ -34,7 +45,7 @@ async function main(): Promise<void> {
     console.error('Error: out of memory in the fake forward pass');
     process.exit(3);
   }
-  await c.send('stepReport', { rank, detailJson: JSON.stringify({ kind: 'done', rank, stateSha256: 'same' }) });
+  await c.send('stepReport', { rank, detailJson: JSON.stringify({ kind: 'done', rank, host, stateSha256: stateSha256() }) });
   await c.receive('ack');
   await c.close();
   process.exit(0);

@@ -1,0 +1,96 @@
+// The coordinator's data set file server (FileRequest -> FileChunk on the control socket), as a
+// worker of another machine meets it: launch() with nodes 2 (one local fake worker), and this test
+// as the other machine's only worker, speaking the real protocol. It answers only for the files it
+// offers, within their size; a name that leaves the offered folder gets nothing of the file.
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { ControlClient, type ControlMessage } from '@dtrain/transport';
+import { launch } from './index.js';
+
+const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-files-'));
+const num = (x: unknown) => (typeof x === 'number' ? x : ((x as { toNumber?: () => number } | undefined)?.toNumber?.() ?? 0));
+
+/** The next message that is not a heartbeat. */
+async function next(c: ControlClient, during: string): Promise<ControlMessage> {
+  for (;;) {
+    const m = await c.receive(during, 10_000);
+    if (m.kind !== 'heartbeat') return m;
+  }
+}
+
+/** Sends a FileRequest and returns the answer: a chunk (its header and bytes) or the error message. */
+async function request(c: ControlClient, name: string, offset: number): Promise<{ chunk?: { name: string; offset: number; totalSize: number; sha256: string; bytes: Buffer }; error?: string }> {
+  await c.send('fileRequest', { name, offset });
+  const m = await next(c, `the answer for ${name}`);
+  if (m.kind === 'error') return { error: (m.body as { message?: string }).message };
+  expect(m.kind).toBe('fileChunk');
+  const b = m.body as { name?: string; offset?: unknown; totalSize?: unknown; sha256?: string };
+  return { chunk: { name: b.name ?? '', offset: num(b.offset), totalSize: num(b.totalSize), sha256: b.sha256 ?? '', bytes: m.payload[0] ?? Buffer.alloc(0) } };
+}
+
+describe("the coordinator's data set file server", () => {
+  it('serves an offered file; refuses names it does not offer (one that leaves its folder too) and offsets past the end', async () => {
+    const root = tmp();
+    const offeredRoot = path.join(root, 'data');
+    fs.mkdirSync(path.join(offeredRoot, 'set'), { recursive: true });
+    const content = Buffer.from('the offered bytes\n');
+    fs.writeFileSync(path.join(offeredRoot, 'set', 'f.bin'), content);
+    // Next to the offered folder: what a traversing name would reach.
+    fs.writeFileSync(path.join(root, 'secret.txt'), 'not offered\n');
+
+    let endpoint = '';
+    let listening!: () => void;
+    const ready = new Promise<void>((r) => (listening = r));
+    const run = launch({
+      workers: 1,
+      nodes: 2,
+      entry: FAKE,
+      runDir: path.join(root, 'run'),
+      config: {},
+      env: { FAKE_MODE: 'ok', DTRAIN_HOST: 'host-a' },
+      offerFiles: { root: offeredRoot, names: ['set/f.bin'] },
+      joinTimeoutMs: 20_000,
+      timeoutMs: 10_000,
+      onEvent: (e) => {
+        if (e.kind !== 'listening') return;
+        endpoint = e.endpoint;
+        listening();
+      },
+    });
+    run.catch(() => undefined);
+    await ready;
+
+    const c = new ControlClient(endpoint, { timeoutMs: 10_000, who: 'local rank 0 on host host-b' });
+    try {
+      await c.send('hello', { host: 'host-b', pid: process.pid, localRank: 0, localWorldSize: 1, requestedRank: -1, dataEndpoints: ['tcp://127.0.0.1:1'], curvePublicKey: '' });
+      const w = await next(c, 'the Welcome');
+      expect(w.kind).toBe('welcome');
+      c.runId = w.runId;
+      const offered = (JSON.parse((w.body as { configJson?: string }).configJson ?? '{}') as { offeredFiles?: unknown }).offeredFiles;
+      const sha256 = createHash('sha256').update(content).digest('hex');
+      expect(offered).toEqual([{ name: 'set/f.bin', size: content.length, sha256 }]);
+
+      // Not offered: refused by name, and no byte of the file it would reach comes back.
+      for (const name of ['../secret.txt', 'set/../../secret.txt', path.join(root, 'secret.txt'), 'set/other.bin']) {
+        expect(await request(c, name, 0), name).toEqual({ error: `this coordinator does not offer '${name}'` });
+      }
+      expect(await request(c, 'set/f.bin', content.length + 1)).toEqual({ error: `offset ${content.length + 1} is beyond the ${content.length} bytes of set/f.bin` });
+
+      // Offered: from any offset up to its end, never more than its size.
+      expect(await request(c, 'set/f.bin', 4)).toEqual({ chunk: { name: 'set/f.bin', offset: 4, totalSize: content.length, sha256, bytes: content.subarray(4) } });
+      expect((await request(c, 'set/f.bin', content.length)).chunk?.bytes.length).toBe(0);
+
+      await c.send('stepReport', { rank: 1, detailJson: JSON.stringify({ kind: 'done', rank: 1, host: 'host-b', stateSha256: 'same' }) });
+      expect((await next(c, 'the acknowledgement')).kind).toBe('command');
+    } finally {
+      await c.close();
+    }
+    const r = await run;
+    expect(r.hosts).toEqual(['fakehost', 'host-b']);
+  });
+});
