@@ -2,29 +2,18 @@
 // Every wrong flag value, unknown name, busy port, unreachable coordinator, missing or corrupt
 // --resume folder or checkpoint and bad --keys folder is ONE line on stderr (no stack trace) that
 // names the flag, file or host, with exit code 2; and nothing starts training.
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { initKeyDir } from '@dtrain/transport';
 import { freePort } from '../../coordinator/src/testing/metrics-fixtures.js';
+import { runCli } from './testing/processes.js';
 
-const cliDir = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
-const main = path.join(cliDir, 'src', 'main.ts');
-
-function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string; ms: number }> {
-  const t0 = Date.now();
-  // No keys from the environment: only what the case passes.
-  const env: NodeJS.ProcessEnv = { ...process.env, DTRAIN_KEYS_DIR: path.join(os.tmpdir(), 'dtrain-no-such-keys-dir') };
-  delete env.DTRAIN_DEBUG;
-  return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, ...args], { cwd: cliDir, timeout: 90_000, env }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout, stderr, ms: Date.now() - t0 });
-    });
-  });
+/** The CLI with no keys from the environment (only what the case passes) and no debug output. */
+function cli(ctx: TestContext, args: string[]) {
+  return runCli(ctx, args, { env: { DTRAIN_KEYS_DIR: path.join(os.tmpdir(), 'dtrain-no-such-keys-dir'), DTRAIN_DEBUG: undefined } });
 }
 
 /** Fixtures shared by the cases: folders, a busy TCP port, a closed one. */
@@ -117,8 +106,9 @@ const CASES: Case[] = [
 ];
 
 describe.concurrent('bad input on the command line: one line, exit code 2', () => {
-  it.each(CASES.map((c) => [c.name, c] as const))('%s', async (_name, c) => {
-    const r = await cli(c.args());
+  // it.for, not it.each: concurrent cases need their own context, to end their own processes.
+  it.for(CASES)('$name', { timeout: 120_000 }, async (c, ctx) => {
+    const r = await cli(ctx, c.args());
     const lines = r.stderr.trim().split('\n');
     expect(r.code, `exit code; stderr:\n${r.stderr}`).toBe(2);
     expect(lines, `one line on stderr:\n${r.stderr}`).toHaveLength(1);
@@ -127,10 +117,10 @@ describe.concurrent('bad input on the command line: one line, exit code 2', () =
     expect(r.stderr).not.toMatch(/\n\s+at /);
     if (c.name === 'join: unreachable coordinator') {
       // It gave up after its 2 s join timeout (plus start-up), not after the 120 s default.
-      expect(r.ms).toBeGreaterThanOrEqual(2000);
-      expect(r.ms).toBeLessThan(45_000);
+      expect(r.t1 - r.t0).toBeGreaterThanOrEqual(2000);
+      expect(r.t1 - r.t0).toBeLessThan(45_000);
     }
-  }, 120_000);
+  });
 });
 
 describe('after the bad input', () => {

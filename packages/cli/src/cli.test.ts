@@ -1,51 +1,40 @@
 // The CLI as a user runs it: a real process, real arguments, real exit codes.
-import { execFile } from 'node:child_process';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, type TestContext } from 'vitest';
+import { runCli } from './testing/processes.js';
 
-const main = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
-
-function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, ...args], { timeout: 120_000 }, (err, stdout, stderr) => {
-      const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
+const cli = (ctx: TestContext, ...args: string[]) => runCli(ctx, args);
 
 describe('dtrain CLI', () => {
-  it('--help lists the commands', async () => {
-    const r = await cli('--help');
+  it('--help lists the commands', async (ctx) => {
+    const r = await cli(ctx, '--help');
     expect(r.code).toBe(0);
     for (const c of ['doctor', 'data', 'model']) expect(r.stdout).toContain(c);
   });
 
-  it('model summary --json gives PyTorch’s parameter count and the layer shapes', async () => {
-    const r = await cli('model', 'summary', '--json');
+  it('model summary --json gives PyTorch’s parameter count and the layer shapes', async (ctx) => {
+    const r = await cli(ctx, 'model', 'summary', '--json');
     expect(r.code).toBe(0);
     const s = JSON.parse(r.stdout);
     expect(s.paramCount).toBe(11_180_810);
     expect(s.layers.find((l: { name: string }) => l.name === 'head.pool').type).toContain('3x3');
-    const gray = JSON.parse((await cli('model', 'summary', '--json', '--in-channels', '1', '--image-size', '28')).stdout);
+    const gray = JSON.parse((await cli(ctx, 'model', 'summary', '--json', '--in-channels', '1', '--image-size', '28')).stdout);
     expect(gray.paramCount).toBe(11_180_810 - 2 * 7 * 7 * 64);
   });
 
-  it('a wrong flag value is one clear line naming the flag, exit code 2, no stack trace', async () => {
-    const r = await cli('model', 'summary', '--image-size', '-3');
+  it('a wrong flag value is one clear line naming the flag, exit code 2, no stack trace', async (ctx) => {
+    const r = await cli(ctx, 'model', 'summary', '--image-size', '-3');
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain('--image-size');
     expect(r.stderr).not.toMatch(/\n\s+at /);
-    const small = await cli('model', 'summary', '--image-size', '4');
+    const small = await cli(ctx, 'model', 'summary', '--image-size', '4');
     expect(small.code).toBe(2);
     expect(small.stderr.trim().split('\n')).toHaveLength(1);
     expect(small.stderr).toMatch(/imageSize must be at least 7/);
   });
 
-  it('doctor loads the native backend and measures matmul speed', async () => {
-    const r = await cli('doctor', '--json');
-    expect(r.code).toBe(0);
+  it('doctor loads the native backend and measures matmul speed', async (ctx) => {
+    const r = await cli(ctx, 'doctor', '--json');
+    expect(r.code, r.stderr).toBe(0);
     const d = JSON.parse(r.stdout);
     expect(d.matmulGflops).toBeGreaterThan(0);
     expect(d.checks[0]).toMatchObject({ ok: true });

@@ -3,29 +3,20 @@
 // join and is refused at the handshake (the run goes on without it: a stranger cannot take the
 // place of an expected machine); and runs that reach beyond loopback refuse to start without
 // --keys or --insecure. The same wiring across network namespaces: multi-machine.test.ts.
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, type TestContext } from 'vitest';
 import { addAllowedKey, initKeyDir } from '@dtrain/transport';
 import { freePort } from '../../coordinator/src/testing/metrics-fixtures.js';
+import { runCli, testTimeoutFor } from './testing/processes.js';
 
-const cliDir = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
-const main = path.join(cliDir, 'src', 'main.ts');
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-curve-'));
 
-function cli(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, ...args], { cwd: cliDir, timeout: 150_000, env: { ...process.env, ...env } }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
-}
+const cli = (ctx: TestContext, args: string[], env: NodeJS.ProcessEnv = {}) => runCli(ctx, args, { env });
 
 describe('launch/join with CURVE keys', () => {
-  it('a run with --keys completes with identical replicas; a join whose key is not allow-listed is refused, named and counted', async () => {
+  it('a run with --keys completes with identical replicas; a join whose key is not allow-listed is refused, named and counted', async (ctx) => {
     const root = tmp();
     const a = initKeyDir({ dir: path.join(root, 'a'), name: 'host-a' });
     const b = initKeyDir({ dir: path.join(root, 'b'), name: 'host-b' });
@@ -37,12 +28,13 @@ describe('launch/join with CURVE keys', () => {
     const port = await freePort();
     const out = path.join(tmp(), 'run');
     const coordinator = cli(
+      ctx,
       ['launch', '--workers', '1', '--nodes', '2', '--listen', `127.0.0.1:${port}`, '--keys', a.dir,
         '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--seed', '2', '--metrics-port', '0', '--out', out, '--join-timeout-s', '60', '--timeout-s', '30'],
       { DTRAIN_HOST: 'host-a' },
     );
-    const stranger = await cli(['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'host-s', '--keys', s.dir, '--log-dir', path.join(tmp(), 's'), '--join-timeout-s', '6']);
-    const joined = cli(['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'host-b', '--keys', b.dir, '--coordinator-key', `${a.publicKey} host-a`, '--log-dir', path.join(tmp(), 'b'), '--join-timeout-s', '60', '--timeout-s', '30']);
+    const stranger = await cli(ctx, ['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'host-s', '--keys', s.dir, '--log-dir', path.join(tmp(), 's'), '--join-timeout-s', '6']);
+    const joined = cli(ctx, ['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'host-b', '--keys', b.dir, '--coordinator-key', `${a.publicKey} host-a`, '--log-dir', path.join(tmp(), 'b'), '--join-timeout-s', '60', '--timeout-s', '30']);
     const [c, j] = await Promise.all([coordinator, joined]);
 
     expect(stranger.code).toBe(2);
@@ -60,14 +52,14 @@ describe('launch/join with CURVE keys', () => {
     const log0 = fs.readFileSync(path.join(out, 'logs', 'rank-0.log'), 'utf8');
     // The two "machines" have different host names: their links are sockets, not shared memory.
     expect(log0).toContain(`CURVE, key ${a.publicKey}; link to the next rank: socket, from the previous: socket)`);
-  }, 150_000);
+  }, testTimeoutFor(1));
 
-  it('a run that reaches beyond loopback refuses to start without --keys or --insecure, in one line', async () => {
+  it('a run that reaches beyond loopback refuses to start without --keys or --insecure, in one line', async (ctx) => {
     // Refused before anything binds or connects: 10.213.9.x is never contacted.
     const [l, j, both] = await Promise.all([
-      cli(['launch', '--workers', '1', '--nodes', '2', '--listen', '10.213.9.1:29500', '--synthetic-test-data', '16:8:12', '--metrics-port', '0', '--out', path.join(tmp(), 'never')]),
-      cli(['join', '10.213.9.1:29500', '--workers', '1', '--advertise', '10.213.9.2']),
-      cli(['launch', '--workers', '1', '--keys', tmp(), '--insecure', '--synthetic-test-data', '16:8:12', '--metrics-port', '0']),
+      cli(ctx, ['launch', '--workers', '1', '--nodes', '2', '--listen', '10.213.9.1:29500', '--synthetic-test-data', '16:8:12', '--metrics-port', '0', '--out', path.join(tmp(), 'never')]),
+      cli(ctx, ['join', '10.213.9.1:29500', '--workers', '1', '--advertise', '10.213.9.2']),
+      cli(ctx, ['launch', '--workers', '1', '--keys', tmp(), '--insecure', '--synthetic-test-data', '16:8:12', '--metrics-port', '0']),
     ]);
     expect(l.code).toBe(2);
     expect(l.stderr).toBe(

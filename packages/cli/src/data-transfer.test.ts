@@ -7,10 +7,11 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, type TestContext } from 'vitest';
 import { join, launch, WorkerFailedError } from '@dtrain/coordinator';
 import { CIFAR10_DIRNAME, CIFAR10_META_FILE, CIFAR10_RECORD_BYTES, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, readCifar10Batch, readCifar10ClassNames } from '@dtrain/data';
 import { WORKER_ENTRY, type DistributedConfig } from '@dtrain/worker';
+import { killWorkersAtEnd, testTimeoutFor } from './testing/processes.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-xfer-'));
 const RECORDS = 20;
@@ -34,8 +35,12 @@ function makeCifarLike(dataDir: string): void {
   fs.writeFileSync(path.join(dir, CIFAR10_META_FILE), 'airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n');
 }
 
-/** One run: coordinator (host-a, 1 worker) and a join (host-b, 1 worker) caching into `cache`. */
-async function run(source: string, cache: string, onOffered?: () => void) {
+/**
+ * One run: coordinator (host-a, 1 worker) and a join (host-b, 1 worker) caching into `cache`, both in
+ * this process; their workers are killed when the test ends.
+ */
+async function run(ctx: TestContext, source: string, cache: string, onOffered?: () => void) {
+  const spawned = killWorkersAtEnd(ctx);
   const runDir = tmp();
   const logDir = path.join(tmp(), 'b');
   const config: DistributedConfig = { settings: { batchSize: 8, epochs: 1 }, out: path.join(runDir, 'run'), synthetic: { train: 16, test: 8, size: 12 } };
@@ -54,6 +59,7 @@ async function run(source: string, cache: string, onOffered?: () => void) {
     joinTimeoutMs: 60_000,
     timeoutMs: 60_000,
     onEvent: (e) => {
+      spawned(e);
       if (e.kind === 'offered') onOffered?.();
       if (e.kind === 'listening') {
         endpoint = e.endpoint;
@@ -64,7 +70,7 @@ async function run(source: string, cache: string, onOffered?: () => void) {
   coordinator.catch(() => undefined);
   await ready;
   const port = Number(endpoint.slice(endpoint.lastIndexOf(':') + 1));
-  const joined = join({ masterAddr: '127.0.0.1', masterPort: port, workers: 1, entry: WORKER_ENTRY, host: 'host-b', advertise: '127.0.0.1', logDir, dataDir: cache, joinTimeoutMs: 60_000, timeoutMs: 60_000 });
+  const joined = join({ masterAddr: '127.0.0.1', masterPort: port, workers: 1, entry: WORKER_ENTRY, host: 'host-b', advertise: '127.0.0.1', logDir, dataDir: cache, joinTimeoutMs: 60_000, timeoutMs: 60_000, onEvent: spawned });
   const [c, j] = await Promise.allSettled([coordinator, joined]);
   return { c, j, log: fs.readFileSync(path.join(logDir, 'local-0.log'), 'utf8') };
 }
@@ -74,8 +80,8 @@ describe('a worker on another machine receives the data set from the coordinator
   makeCifarLike(source);
   const cache = tmp();
 
-  it('missing files are sent, sha256-verified, cached in its data dir and readable; a damaged cached file is sent again, the rest kept', async () => {
-    const first = await run(source, cache);
+  it('missing files are sent, sha256-verified, cached in its data dir and readable; a damaged cached file is sent again, the rest kept', async (ctx) => {
+    const first = await run(ctx, source, cache);
     expect(first.c.status, String((first.c as PromiseRejectedResult).reason)).toBe('fulfilled');
     expect(first.j.status).toBe('fulfilled');
     for (const name of NAMES) expect(sha(path.join(cache, name)), name).toBe(sha(path.join(source, name)));
@@ -92,19 +98,19 @@ describe('a worker on another machine receives the data set from the coordinator
     const bytes = fs.readFileSync(damaged);
     bytes[100] ^= 0xff;
     fs.writeFileSync(damaged, bytes);
-    const second = await run(source, cache);
+    const second = await run(ctx, source, cache);
     expect(second.c.status).toBe('fulfilled');
     expect(second.log).toMatch(/data files in .*: 6 cached, 1 received from the coordinator/);
     expect(second.log).toContain('received cifar-10-batches-bin/data_batch_3.bin');
     expect(sha(damaged)).toBe(sha(path.join(source, CIFAR10_DIRNAME, 'data_batch_3.bin')));
-  }, 120_000);
+  }, testTimeoutFor(2));
 
-  it('bytes that do not match the checksum are discarded and the run fails naming the file', async () => {
+  it('bytes that do not match the checksum are discarded and the run fails naming the file', async (ctx) => {
     const src = tmp();
     makeCifarLike(src);
     const fresh = tmp();
     // The file changes after the coordinator hashed it: what the worker receives cannot match.
-    const r = await run(src, fresh, () => {
+    const r = await run(ctx, src, fresh, () => {
       const f = path.join(src, CIFAR10_DIRNAME, 'data_batch_1.bin');
       const bytes = fs.readFileSync(f);
       bytes[5] ^= 1;
@@ -117,5 +123,5 @@ describe('a worker on another machine receives the data set from the coordinator
     expect(r.j.status).toBe('rejected');
     expect(fs.existsSync(path.join(fresh, CIFAR10_DIRNAME, 'data_batch_1.bin'))).toBe(false);
     expect(fs.readdirSync(path.join(fresh, CIFAR10_DIRNAME)).filter((f) => f.includes('.tmp-'))).toEqual([]);
-  }, 120_000);
+  }, testTimeoutFor(1));
 });

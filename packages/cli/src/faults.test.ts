@@ -1,57 +1,18 @@
 // Faults, end to end (issue 7): real worker processes on 127.0.0.1 killed with SIGKILL at each
 // phase of a step (the worker kills itself at a chosen point: --test-crash), stopped with SIGSTOP,
-// a coordinator killed, a worker joining a run in progress. Every run has a hard time limit; the
+// a coordinator killed, a worker joining a run in progress. Every run is killed with its workers
+// when its test ends, at the latest shortly before the test's timeout (testing/processes.ts); the
 // measured detection times are printed (`fault:` lines) for the table in the issue note.
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, type TestContext } from 'vitest';
+import { runCli, testTimeoutFor, type ProcessRun, type StartOptions } from './testing/processes.js';
 
-const main = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-faults-'));
 
-interface Line {
-  t: number;
-  text: string;
-}
-interface Run {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  lines: Line[];
-  stdout: string;
-  stderr: string;
-  t0: number;
-}
-
-/** Runs the CLI with a hard limit; `onLine` sees every output line as it comes (with the child). */
-function cli(args: string[], opts: { limitMs?: number; env?: NodeJS.ProcessEnv; onLine?: (l: Line, child: ReturnType<typeof spawn>) => void } = {}): Promise<Run> {
-  return new Promise((resolve) => {
-    const t0 = Date.now();
-    const child = spawn(process.execPath, ['--import', 'tsx', main, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } });
-    const lines: Line[] = [];
-    let stdout = '';
-    let stderr = '';
-    const take = (chunk: Buffer, which: 'out' | 'err') => {
-      const text = chunk.toString();
-      if (which === 'out') stdout += text;
-      else stderr += text;
-      for (const l of text.split('\n').filter(Boolean)) {
-        const line = { t: Date.now(), text: l };
-        lines.push(line);
-        opts.onLine?.(line, child);
-      }
-    };
-    child.stdout.on('data', (c: Buffer) => take(c, 'out'));
-    child.stderr.on('data', (c: Buffer) => take(c, 'err'));
-    const limit = setTimeout(() => child.kill('SIGKILL'), opts.limitMs ?? 150_000);
-    child.on('close', (code, signal) => {
-      clearTimeout(limit);
-      resolve({ code, signal, lines, stdout, stderr, t0 });
-    });
-  });
-}
+type Run = ProcessRun;
+const cli = (ctx: TestContext, args: string[], opts: StartOptions = {}): Promise<Run> => runCli(ctx, args, opts);
 
 const SYN = ['--synthetic-test-data', '96:48:12', '--batch-size', '8', '--lr', '0.02', '--seed', '5', '--metrics-port', '0'];
 const FAST = ['--timeout-s', '10', '--heartbeat-ms', '250'];
@@ -83,10 +44,10 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
     { phase: 'checkpoint', spec: '0:checkpoint:1', epochs: 2, lostRank: 0 },
   ];
   for (const c of cases) {
-    it(`during ${c.phase}: the other two regroup, finish the run, and end bitwise identical`, async () => {
+    it(`during ${c.phase}: the other two regroup, finish the run, and end bitwise identical`, async (ctx) => {
       const out = path.join(tmp(), 'run');
       // With buckets handed to the ring's thread during the backward pass: a loss aborts that too.
-      const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', String(c.epochs), '--out', out, '--test-crash', c.spec, '--bucket-mb', '4'], { env: { DTRAIN_DEBUG: '1' } });
+      const r = await cli(ctx, ['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', String(c.epochs), '--out', out, '--test-crash', c.spec, '--bucket-mb', '4'], { env: { DTRAIN_DEBUG: '1' } });
       const logs = () => [0, 1, 2].map((k) => { try { return fs.readFileSync(path.join(out, 'logs', `rank-${k}.log`), 'utf8'); } catch { return ''; } }).join('\n');
       expect(r.stderr, r.stdout + logs()).toBe('');
       expect(r.code, r.stdout).toBe(0);
@@ -101,12 +62,12 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
       expect(r.stdout).toMatch(/on 48 images/);
       expect(fs.existsSync(path.join(out, `checkpoint-e${String(c.epochs).padStart(4, '0')}.ckpt`))).toBe(true);
       console.log(`fault: SIGKILL during ${c.phase} (elastic): loss reported ${((lost!.t - r.t0) / 1000).toFixed(1)}s into the run (the exit is seen at once), new group ${((regrouped!.t - lost!.t) / 1000).toFixed(2)}s later; run completed with 2 workers`);
-    });
+    }, testTimeoutFor(1));
   }
 
-  it('after training completed, before its final report (the others sent theirs): the run completes at once, without a regroup', async () => {
+  it('after training completed, before its final report (the others sent theirs): the run completes at once, without a regroup', async (ctx) => {
     const out = path.join(tmp(), 'run');
-    const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:final:0']);
+    const r = await cli(ctx, ['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:final:0']);
     expect(r.stderr, r.stdout).toBe('');
     expect(r.code, r.stdout).toBe(0);
     const lost = at(r, /^lost rank 2 on host \S+: was killed by SIGKILL; 2 workers left/);
@@ -118,12 +79,12 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
     const end = at(r, /^replicas identical/)!;
     expect(end.t - lost!.t).toBeLessThan(5000);
     console.log(`fault: SIGKILL after training, before the final report (elastic): run completed ${((end.t - lost!.t) / 1000).toFixed(2)}s after the loss`);
-  });
+  }, testTimeoutFor(1));
 
-  it('a worker whose last collective failed after the others completed it is stopped, not regrouped: the run completes at once', async () => {
+  it('a worker whose last collective failed after the others completed it is stopped, not regrouped: the run completes at once', async (ctx) => {
     const out = path.join(tmp(), 'run');
     // Rank 2 finishes, then acts as if its final evaluation's ring had failed and asks to regroup.
-    const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:finalRegroup:0']);
+    const r = await cli(ctx, ['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:finalRegroup:0']);
     expect(r.stderr, r.stdout).toBe('');
     expect(r.code, r.stdout).toBe(0);
     const stopped = at(r, /^stopped rank 2 on host \S+: its last collective failed after the others completed it .*; the run is complete without its final report/);
@@ -134,40 +95,40 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
     expect(end.t - stopped!.t).toBeLessThan(5000);
     expect(fs.readFileSync(path.join(out, 'logs', 'rank-2.log'), 'utf8')).toMatch(/the coordinator stopped this worker: the run is complete: .*; this worker stops without a final report/);
     console.log(`fault: last collective failed on one rank after the others completed it (elastic): stopped, run completed ${((end.t - stopped!.t) / 1000).toFixed(2)}s later`);
-  });
+  }, testTimeoutFor(1));
 
-  it('rank 0 lost the same way: the run ends non-zero, saying training completed and which files to check', async () => {
+  it('rank 0 lost the same way: the run ends non-zero, saying training completed and which files to check', async (ctx) => {
     const out = path.join(tmp(), 'run');
-    const r = await cli(['launch', '--workers', '2', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '0:final:0']);
+    const r = await cli(ctx, ['launch', '--workers', '2', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '0:final:0']);
     expect(r.code, r.stdout).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/rank 0 on host \S+ .*after training completed, before confirming the run's last files \(summary\.json, the final checkpoint\)/s);
     expect(fs.existsSync(path.join(out, 'checkpoint-e0001.ckpt'))).toBe(true);
-  });
+  }, testTimeoutFor(1));
 });
 
 describe('without --elastic', () => {
-  it('a worker killed in its all-reduce ends the run within the timeout, naming it, and --resume completes the run', async () => {
+  it('a worker killed in its all-reduce ends the run within the timeout, naming it, and --resume completes the run', async (ctx) => {
     const out = path.join(tmp(), 'run');
     // 2 epochs, the crash in epoch 2 (step 6): epoch 1's checkpoint exists.
-    const r = await cli(['launch', '--workers', '3', ...SYN, ...FAST, '--epochs', '2', '--out', out, '--test-crash', '1:allReduce:6']);
+    const r = await cli(ctx, ['launch', '--workers', '3', ...SYN, ...FAST, '--epochs', '2', '--out', out, '--test-crash', '1:allReduce:6']);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/^error: rank 1 on host \S+ (was killed by SIGKILL|failed)/);
     expect(r.stderr).toMatch(/Continue from the last checkpoint with: pnpm cli launch --resume \S+ --workers N/);
     const crash = at(r, /^epoch 1\/2 /)!;
     expect(Date.now() - crash.t).toBeLessThan(60_000);
-    const resumed = await cli(['launch', '--workers', '2', '--synthetic-test-data', '96:48:12', '--metrics-port', '0', '--resume', out]);
+    const resumed = await cli(ctx, ['launch', '--workers', '2', '--synthetic-test-data', '96:48:12', '--metrics-port', '0', '--resume', out]);
     expect(resumed.stderr).toBe('');
     expect(resumed.code).toBe(0);
     expect(resumed.stdout).toMatch(/^epoch 2\/2 .*world 2/m);
     console.log(`fault: SIGKILL during allReduce (not elastic): run ended with exit ${r.code} ${((r.lines.at(-1)!.t - crash.t) / 1000).toFixed(1)}s after epoch 1's line; --resume with 2 workers completed`);
-  });
+  }, testTimeoutFor(2));
 });
 
 describe('a stopped worker (SIGSTOP)', () => {
-  it('is reported late first, declared lost after --timeout-s, and the elastic run goes on without it', async () => {
+  it('is reported late first, declared lost after --timeout-s, and the elastic run goes on without it', async (ctx) => {
     const out = path.join(tmp(), 'run');
     let stoppedAt = 0;
-    const r = await cli(['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '2', '--out', out], {
+    const r = await cli(ctx, ['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '2', '--out', out], {
       onLine: (l) => {
         // Stop rank 2 once training runs.
         if (stoppedAt === 0 && /^epoch 1\/2 /.test(l.text)) {
@@ -192,15 +153,18 @@ describe('a stopped worker (SIGSTOP)', () => {
     expect(late!.t).toBeLessThan(lost!.t);
     expect(stateLine(r.stdout)?.[2]).toBe('2');
     console.log(`fault: SIGSTOP (elastic, timeout 10 s, heartbeat 250 ms): warned after ${((late!.t - stoppedAt) / 1000).toFixed(1)}s, declared lost after ${detect.toFixed(1)}s; run completed with 2 workers`);
-  });
+  }, testTimeoutFor(1));
 });
 
 describe('the coordinator killed with SIGKILL', () => {
-  it('leaves no worker behind: every worker exits within the timeout', async () => {
+  it('leaves no worker behind: every worker exits within the timeout', async (ctx) => {
     const out = path.join(tmp(), 'run');
     let pids: number[] = [];
     let killedAt = 0;
-    await cli(['launch', '--workers', '2', ...SYN, ...FAST, '--epochs', '3', '--out', out], {
+    // keepGroup: the workers that outlive their coordinator are what this test watches; the helper
+    // kills them only when the test ends.
+    await cli(ctx, ['launch', '--workers', '2', ...SYN, ...FAST, '--epochs', '3', '--out', out], {
+      keepGroup: true,
       onLine: (l, child) => {
         if (killedAt === 0 && /^epoch 1\/3 /.test(l.text)) {
           pids = [0, 1].map((rank) => pidOf(out, rank)).filter((p): p is number => p !== undefined);
@@ -216,32 +180,32 @@ describe('the coordinator killed with SIGKILL', () => {
       await new Promise((r) => setTimeout(r, 100));
     }
     console.log(`fault: coordinator SIGKILL: both workers exited ${((Date.now() - killedAt) / 1000).toFixed(1)}s later (timeout 10 s)`);
-  });
+  }, testTimeoutFor(1));
 });
 
 describe('--min-workers', () => {
-  it('below it the run stops with a checkpoint and exit code 3, and --resume with another worker count completes it', async () => {
+  it('below it the run stops with a checkpoint and exit code 3, and --resume with another worker count completes it', async (ctx) => {
     const out = path.join(tmp(), 'run');
-    const r = await cli(['launch', '--workers', '3', '--elastic', '--min-workers', '3', ...SYN, ...FAST, '--epochs', '2', '--out', out, '--test-crash', '2:allReduce:6']);
+    const r = await cli(ctx, ['launch', '--workers', '3', '--elastic', '--min-workers', '3', ...SYN, ...FAST, '--epochs', '2', '--out', out, '--test-crash', '2:allReduce:6']);
     expect(r.code, r.stdout + r.stderr).toBe(3);
     expect(r.stderr).toMatch(/^error: the run stopped: .*continue with: pnpm cli launch --resume \S+ --workers N/m);
-    const resumed = await cli(['launch', '--workers', '2', '--synthetic-test-data', '96:48:12', '--metrics-port', '0', '--resume', out]);
+    const resumed = await cli(ctx, ['launch', '--workers', '2', '--synthetic-test-data', '96:48:12', '--metrics-port', '0', '--resume', out]);
     expect(resumed.stderr).toBe('');
     expect(resumed.code).toBe(0);
     expect(resumed.stdout).toMatch(/^epoch 2\/2 .*world 2/m);
     console.log('fault: below --min-workers: stopped with exit 3 after a mid-epoch checkpoint; --resume with 2 workers completed');
-  });
+  }, testTimeoutFor(2));
 });
 
 describe('a worker joining an --elastic run in progress', () => {
-  it('is admitted at a step boundary, receives the state, and ends identical to the others', async () => {
+  it('is admitted at a step boundary, receives the state, and ends identical to the others', async (ctx) => {
     const out = path.join(tmp(), 'run');
     const port = 20000 + Math.floor(Math.random() * 20000);
     let joiner: Promise<Run> | undefined;
-    const r = await cli(['launch', '--workers', '2', '--elastic', ...SYN, ...FAST, '--epochs', '3', '--out', out, '--port', String(port)], {
+    const r = await cli(ctx, ['launch', '--workers', '2', '--elastic', ...SYN, ...FAST, '--epochs', '3', '--out', out, '--port', String(port)], {
       onLine: (l) => {
         if (!joiner && /^epoch 1\/3 /.test(l.text)) {
-          joiner = cli(['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'joiner', '--advertise', '127.0.0.1', '--timeout-s', '10', '--log-dir', path.join(out, 'joiner-logs')]);
+          joiner = cli(ctx, ['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'joiner', '--advertise', '127.0.0.1', '--timeout-s', '10', '--log-dir', path.join(out, 'joiner-logs')]);
         }
       },
     });
@@ -252,11 +216,11 @@ describe('a worker joining an --elastic run in progress', () => {
     expect(at(r, /^regrouped: generation 2, 3 workers/), r.stdout).toBeDefined();
     expect(stateLine(r.stdout)?.[2]).toBe('3');
     expect(r.stdout).toMatch(/^epoch 3\/3 .*world 3/m);
-  });
+  }, testTimeoutFor(1));
 });
 
 describe('garbage on every port during a run', () => {
-  it('random and mutated messages to the control socket and every ring socket: no crash, counted in the metric, training unaffected', async () => {
+  it('random and mutated messages to the control socket and every ring socket: no crash, counted in the metric, training unaffected', async (ctx) => {
     const zmq = await import('zeromq');
     const { encodeMessage } = await import('@dtrain/transport');
     const out = path.join(tmp(), 'run');
@@ -277,7 +241,7 @@ describe('garbage on every port during a run', () => {
       for (let k = 0; k < 3; k++) m[Math.floor(rng() * m.length)] ^= 1 << Math.floor(rng() * 8);
       return kind < 0.8 ? [m] : [m, Buffer.alloc(Math.floor(rng() * 5000))];
     };
-    const r = await cli(['launch', '--workers', '2', '--synthetic-test-data', '96:48:12', '--batch-size', '8', '--lr', '0.02', '--seed', '5', '--timeout-s', '20', '--epochs', '2', '--out', out, '--metrics-port', String(metricsPort), '--metrics-linger-s', '3'], {
+    const r = await cli(ctx, ['launch', '--workers', '2', '--synthetic-test-data', '96:48:12', '--batch-size', '8', '--lr', '0.02', '--seed', '5', '--timeout-s', '20', '--epochs', '2', '--out', out, '--metrics-port', String(metricsPort), '--metrics-linger-s', '3'], {
       onLine: (l) => {
         // The run's metric after the last epoch (the exporter lingers 3 s after the end).
         if (/^epoch 2\/2 /.test(l.text)) {
@@ -285,7 +249,7 @@ describe('garbage on every port during a run', () => {
         }
         const control = /^coordinator (tcp:\/\/[\d.]+:\d+),/.exec(l.text);
         if (control && !attack) {
-          attack = (async () => {
+          attack = (async (ctx) => {
             // Wait for the workers' ring sockets, then flood every port while they train.
             let rings: string[] = [];
             for (let i = 0; i < 200 && rings.length < 2; i++) {
@@ -332,5 +296,5 @@ describe('garbage on every port during a run', () => {
     // and the workers' reported through the control channel); ZeroMQ may drop a few on connect.
     expect(counted, text.slice(0, 2000)).toBeGreaterThan(0.5 * sent);
     console.log(`fault: ${sent} garbage messages to the control socket and both ring sockets during a 2-worker run: no crash, ${counted} counted in dtrain_malformed_messages_rejected_total, run completed, replicas identical`);
-  });
+  }, testTimeoutFor(1));
 });

@@ -1,40 +1,34 @@
 // Distributed training end to end: real worker processes, real sockets on 127.0.0.1, the native
 // TensorFlow backend, synthetic 12x12 images (an 11M-parameter step still costs ~0.3 s here).
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, type TestContext } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
 import { launch } from '@dtrain/coordinator';
 import { ResNet } from '@dtrain/core';
 import { BatchAssembler, batchesOf, DistributedSampler, makeSyntheticTestDataset } from '@dtrain/data';
 import { readLatestCheckpoint, WORKER_ENTRY, type DistributedConfig } from '@dtrain/worker';
+import { killWorkersAtEnd, runCli, testTimeoutFor } from './testing/processes.js';
 
-const main = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-launch-'));
 
-function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, ...args], { timeout: 240_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
-}
+const cli = (ctx: TestContext, ...args: string[]) => runCli(ctx, args);
 
 // Same flags for the uninterrupted run and the stopped-and-resumed one.
 // With gradient buckets overlapping the backward pass (the default, spelled out).
 const RUN = ['--workers', '2', '--synthetic-test-data', '96:64:12', '--batch-size', '8', '--lr', '0.02', '--seed', '3', '--metrics-port', '0', '--bucket-mb', '8'];
 const stateOf = (stdout: string) => /replicas identical: state sha256 ([0-9a-f]{16}) on all 2 workers/.exec(stdout)?.[1];
 
+// Each launch is killed with its workers when its test ends, at the latest KILL_MARGIN_MS before the
+// test's timeout (testing/processes.ts); tests that train get RUN_LIMIT_MS per launch run in turn.
 describe('pnpm cli launch --workers 2', () => {
   let uninterrupted: string | undefined;
 
-  it('trains: one line per epoch with world size and all-reduce share, a summary, identical replicas, per-rank logs', async () => {
+  it('trains: one line per epoch with world size and all-reduce share, a summary, identical replicas, per-rank logs', async (ctx) => {
     const out = path.join(tmp(), 'run');
-    const r = await cli('launch', ...RUN, '--epochs', '2', '--out', out);
+    const r = await cli(ctx, 'launch', ...RUN, '--epochs', '2', '--out', out);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const epochs = r.stdout.split('\n').filter((l) => l.startsWith('epoch '));
@@ -51,29 +45,29 @@ describe('pnpm cli launch --workers 2', () => {
       const log = fs.readFileSync(path.join(out, 'logs', `rank-${rank}.log`), 'utf8');
       expect(log).toMatch(new RegExp(`^\\[rank ${rank}\\] rank ${rank} on host \\S+: done, state sha256`, 'm'));
     }
-  });
+  }, testTimeoutFor(1));
 
-  it('a run stopped after epoch 1 and resumed with --resume ends in the same state as the uninterrupted run', async () => {
+  it('a run stopped after epoch 1 and resumed with --resume ends in the same state as the uninterrupted run', async (ctx) => {
     expect(uninterrupted, 'needs the previous test').toBeDefined();
     const out = path.join(tmp(), 'run');
-    const first = await cli('launch', ...RUN, '--epochs', '1', '--out', out);
+    const first = await cli(ctx, 'launch', ...RUN, '--epochs', '1', '--out', out);
     expect(first.code).toBe(0);
     // In-memory test data is not in the checkpoint: name it again, as a user names the data dir.
-    const second = await cli('launch', '--workers', '2', '--synthetic-test-data', '96:64:12', '--resume', out, '--epochs', '2', '--metrics-port', '0', '--bucket-mb', '8');
+    const second = await cli(ctx, 'launch', '--workers', '2', '--synthetic-test-data', '96:64:12', '--resume', out, '--epochs', '2', '--metrics-port', '0', '--bucket-mb', '8');
     expect(second.stderr).toBe('');
     expect(second.code).toBe(0);
     expect(second.stdout).toMatch(/^resuming .* \(epoch 1, written by 2 workers\) with 2$/m);
     expect(second.stdout.split('\n').filter((l) => l.startsWith('epoch '))).toEqual([expect.stringMatching(/^epoch 2\/2 /)]);
     expect(stateOf(second.stdout)).toBe(uninterrupted);
-  });
+  }, testTimeoutFor(2));
 
-  it('a --metrics-port in use is one line naming the port and the flag, before any worker starts', async () => {
+  it('a --metrics-port in use is one line naming the port and the flag, before any worker starts', async (ctx) => {
     const busy = net.createServer();
     await new Promise<void>((resolve) => busy.listen(0, '0.0.0.0', resolve));
     const port = (busy.address() as net.AddressInfo).port;
     try {
       const out = path.join(tmp(), 'never');
-      const r = await cli('launch', '--workers', '2', '--synthetic-test-data', '16:8:12', '--out', out, '--metrics-port', String(port));
+      const r = await cli(ctx, 'launch', '--workers', '2', '--synthetic-test-data', '16:8:12', '--out', out, '--metrics-port', String(port));
       expect(r.code).toBe(2);
       expect(r.stderr).toBe(`error: cannot serve metrics on 0.0.0.0:${port} (the port is in use); choose another --metrics-port, or --metrics-port 0 to serve none\n`);
       expect(fs.existsSync(path.join(out, 'logs'))).toBe(false);
@@ -82,8 +76,8 @@ describe('pnpm cli launch --workers 2', () => {
     }
   });
 
-  it('--gpus on a machine without enough GPUs fails before anything starts', async () => {
-    const r = await cli('launch', '--gpus', '64', '--dataset', 'fashion-mnist', '--out', path.join(tmp(), 'never'));
+  it('--gpus on a machine without enough GPUs fails before anything starts', async (ctx) => {
+    const r = await cli(ctx, 'launch', '--gpus', '64', '--dataset', 'fashion-mnist', '--out', path.join(tmp(), 'never'));
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(/^error: --gpus 64: nvidia-smi reports \d+ GPUs? on this machine/);
     expect(fs.existsSync(path.join(tmp(), 'never'))).toBe(false);
@@ -95,13 +89,13 @@ describe('equivalence', () => {
   // of b and averages their gradients. (One batch of 2b would differ: BatchNorm in training mode
   // normalises with its batch's statistics, and each worker only sees its own b images, as in
   // PyTorch DDP without SyncBatchNorm. This is that per-micro-batch semantics, made exact.)
-  it('2 workers x batch 8 == 1 process, batch 16 as 2 micro-batches of 8, over 3 steps', async () => {
+  it('2 workers x batch 8 == 1 process, batch 16 as 2 micro-batches of 8, over 3 steps', async (ctx) => {
     const runDir = path.join(tmp(), 'run');
     const synthetic = { train: 48, test: 16, size: 12 };
     const settings = { epochs: 1, batchSize: 8, lr: 0.05, momentum: 0.9, seed: 5 };
     // Buckets of >= 1 MiB handed over during the backward pass: same math, other summation order.
     const config: DistributedConfig = { settings, out: runDir, synthetic, bucketBytes: 2 ** 20 };
-    await launch({ workers: 2, entry: WORKER_ENTRY, runDir, config });
+    await launch({ workers: 2, entry: WORKER_ENTRY, runDir, config, onEvent: killWorkersAtEnd(ctx) });
     const ck = await readLatestCheckpoint(runDir);
     expect(ck.header.step).toBe(3);
 
@@ -131,5 +125,5 @@ describe('equivalence', () => {
     model.dispose();
     // Float tolerance; in practice the two agree bit for bit (a + b is commutative for 2 ranks).
     expect(worst).toBeLessThan(1e-5);
-  });
+  }, testTimeoutFor(1));
 });

@@ -4,20 +4,19 @@
 // its worker run in host a (`pnpm cli launch --nodes 3 --listen 10.213.7.1:PORT`), `pnpm cli join`
 // in b and c. Nothing here touches an address outside the namespaces or 127.0.0.0/8; every
 // namespace and process is removed afterwards, also on failure. Where namespaces cannot be made
-// (not root, no iproute2), the same scenario runs on 127.0.0.2-4 and the test says so.
+// (not root, no iproute2, no CAP_NET_ADMIN), the same scenario runs on 127.0.0.2-4 and the test
+// says so; the cases that need a network of their own are then reported as skipped.
 // Also across these hosts: --resume of a 3-machine run on 2 machines, a machine joining an
 // --elastic run in progress, and a machine whose link goes down (namespaces only; the measured
 // detection time is printed as a `fault:` line, like faults.test.ts).
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { addAllowedKey, initKeyDir } from '@dtrain/transport';
+import { runCli, testTimeoutFor, type Line, type ProcessRun } from './testing/processes.js';
 
-const cliDir = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
-const main = path.join(cliDir, 'src', 'main.ts');
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-mm-'));
 const prefix = `dtmm${process.pid}`;
 const HOSTS = ['a', 'b', 'c'] as const;
@@ -78,75 +77,15 @@ function makeNet(): Net {
   }
 }
 
-const children = new Set<ChildProcess>();
+type CliRun = ProcessRun;
 
-interface Line {
-  t: number;
-  text: string;
-}
-interface CliRun {
-  code: number | null;
-  out: string;
-  /** Every output line with the time it came, for measured delays. */
-  lines: Line[];
-  t0: number;
-  /** When the process ended. */
-  t1: number;
-  /** Whether a process of its group (a worker) was still there when it ended (it was then killed). */
-  leftBehind: boolean;
-}
-
-/** Runs the CLI on a host; its own process group, so cleanup reaches its workers too. `onLine` sees each line as it comes. */
-function cliOn(net: Net, h: Host, args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 180_000, onLine?: (l: Line) => void): Promise<CliRun> {
-  const argv = [...net.exec[h], process.execPath, '--import', 'tsx', main, ...args];
-  const t0 = Date.now();
-  const child = spawn(argv[0], argv.slice(1), { cwd: cliDir, env: { ...process.env, DTRAIN_HOST: `host-${h}`, ...env }, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(child);
-  let out = '';
-  const lines: Line[] = [];
-  let partial = '';
-  const take = (d: Buffer) => {
-    const text = d.toString();
-    out += text;
-    const parts = (partial + text).split('\n');
-    partial = parts.pop()!;
-    for (const p of parts.filter(Boolean)) {
-      const l = { t: Date.now(), text: p };
-      lines.push(l);
-      onLine?.(l);
-    }
-  };
-  child.stdout!.on('data', take);
-  child.stderr!.on('data', take);
-  const timer = setTimeout(() => killGroup(child), timeoutMs);
-  return new Promise((resolve) => {
-    child.on('close', (code) => {
-      const t1 = Date.now();
-      if (partial) lines.push({ t: t1, text: partial });
-      clearTimeout(timer);
-      children.delete(child);
-      const leftBehind = groupAlive(child);
-      killGroup(child); // workers left behind, if any
-      resolve({ code, out, lines, t0, t1, leftBehind });
-    });
-  });
-}
-
-function groupAlive(c: ChildProcess): boolean {
-  try {
-    if (c.pid) process.kill(-c.pid, 0);
-    return c.pid !== undefined;
-  } catch {
-    return false;
-  }
-}
-
-function killGroup(c: ChildProcess): void {
-  try {
-    if (c.pid) process.kill(-c.pid, 'SIGKILL');
-  } catch {
-    // already gone
-  }
+/**
+ * Runs the CLI on a host (under `ip netns exec` with namespaces), in a process group of its own
+ * that is killed with its workers when the test ends (testing/processes.ts); workers left behind
+ * when it ends are reported (`leftBehind`) and killed then. `onLine` sees each line as it comes.
+ */
+function cliOn(ctx: TestContext, h: Host, args: string[], onLine?: (l: Line) => void): Promise<CliRun> {
+  return runCli(ctx, args, { prefix: net.exec[h], env: { DTRAIN_HOST: `host-${h}` }, onLine });
 }
 
 let net: Net;
@@ -157,9 +96,11 @@ beforeAll(() => {
   }
 });
 afterAll(() => {
-  for (const c of children) killGroup(c);
   if (net?.kind === 'netns') removeNamespaces();
 });
+
+/** Skips (reported as skipped, not passed) a case that needs a network of its own. */
+const needsNamespaces = (ctx: TestContext) => ctx.skip(net.kind !== 'netns', `needs network namespaces (${net.why})`);
 
 // Ports inside the namespaces (or on 127.0.0.x): fixed, so --ring-port-base is exercised too.
 const PORT = 29_500 + (process.pid % 200);
@@ -175,11 +116,11 @@ function clusterKeys(): Record<Host, string> {
 }
 
 describe('three machines: launch --nodes 3 in one, join in the others', () => {
-  it('a short run with CURVE keys completes, ranks grouped by host, TCP between hosts, identical replicas', async () => {
+  it('a short run with CURVE keys completes, ranks grouped by host, TCP between hosts, identical replicas', async (ctx) => {
     const out = path.join(tmp(), 'run');
     const logs = tmp();
     const keys = clusterKeys();
-    const coordinator = cliOn(net, 'a', [
+    const coordinator = cliOn(ctx, 'a', [
       'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT}`, '--ring-port-base', String(RING), '--keys', keys.a,
       '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--seed', '5', '--metrics-port', '0',
       '--out', out, '--join-timeout-s', '90', '--timeout-s', '60',
@@ -187,7 +128,7 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     // Host c finds its address itself (the local address that routes to the coordinator), where it can.
     const advertise = (h: Host) => (net.kind === 'netns' && h === 'c' ? [] : ['--advertise', net.addr[h]]);
     const joins = (['b', 'c'] as const).map((h) =>
-      cliOn(net, h, ['join', `${net.addr.a}:${PORT}`, '--workers', '1', '--host', `host-${h}`, ...advertise(h), '--ring-port-base', String(RING), '--keys', keys[h], '--coordinator-key', 'host-a', '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--timeout-s', '60']),
+      cliOn(ctx, h, ['join', `${net.addr.a}:${PORT}`, '--workers', '1', '--host', `host-${h}`, ...advertise(h), '--ring-port-base', String(RING), '--keys', keys[h], '--coordinator-key', 'host-a', '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--timeout-s', '60']),
     );
     const [c, b, cc] = await Promise.all([coordinator, ...joins]);
     expect(c.out).toMatch(/all 3 workers joined \(host-a: rank 0, host-b: rank 1, host-c: rank 2\)/);
@@ -214,15 +155,15 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     expect(log0).toContain(`ring socket tcp://${net.addr.a}:${RING} `);
     hashes.push(/rank 0 on host host-a: done, state sha256 ([0-9a-f]{64})$/m.exec(log0)![1]);
     expect(new Set(hashes).size).toBe(1);
-  }, 240_000);
+  }, testTimeoutFor(1));
 
-  it('a machine that never joins: the join timeout names it and what did join; every process ends', async () => {
+  it('a machine that never joins: the join timeout names it and what did join; every process ends', async (ctx) => {
     const out = path.join(tmp(), 'run');
-    const coordinator = cliOn(net, 'a', [
+    const coordinator = cliOn(ctx, 'a', [
       'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT + 1}`,
       '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--metrics-port', '0', '--out', out, '--join-timeout-s', '15', '--insecure',
     ]);
-    const joined = cliOn(net, 'b', ['join', `${net.addr.a}:${PORT + 1}`, '--workers', '2', '--host', 'host-b', '--log-dir', path.join(tmp(), 'b'), '--join-timeout-s', '60', '--insecure']);
+    const joined = cliOn(ctx, 'b', ['join', `${net.addr.a}:${PORT + 1}`, '--workers', '2', '--host', 'host-b', '--log-dir', path.join(tmp(), 'b'), '--join-timeout-s', '60', '--insecure']);
     const [c, b] = await Promise.all([coordinator, joined]);
     expect(c.code).toBe(2);
     expect(c.out).toMatch(/only 3 of 3\+ workers joined the coordinator at tcp:\/\/[\d.]+:\d+ within 15000 ms \(3 machines expected\)/);
@@ -232,21 +173,21 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     // The join process hears the end from the coordinator and exits non-zero, naming it.
     expect(b.code).not.toBe(0);
     expect(b.out).toMatch(/the coordinator at [\d.]+:\d+ ended the run: only 3 of 3\+ workers joined/);
-  }, 120_000);
+  }, testTimeoutFor(1));
 
   // Only with namespaces: an address no other host can route to needs a network of its own.
-  it.skipIf(process.getuid?.() !== 0)('connectivity preflight: a host that advertises an address the others cannot reach is named with both hosts and the port', async () => {
-    if (net.kind !== 'netns') return console.warn('multi-machine preflight test: SKIPPED, needs network namespaces');
+  it('connectivity preflight: a host that advertises an address the others cannot reach is named with both hosts and the port', async (ctx) => {
+    needsNamespaces(ctx);
     // Host c has a second network (10.213.8.0/24, again only inside its namespace) and advertises it.
     ip('-n', `${prefix}c`, 'addr', 'add', '10.213.8.3/24', 'dev', 'eth0');
     const out = path.join(tmp(), 'run');
     const common = ['--ring-port-base', String(RING + 100), '--join-timeout-s', '60', '--timeout-s', '8', '--insecure'];
-    const coordinator = cliOn(net, 'a', [
+    const coordinator = cliOn(ctx, 'a', [
       'launch', '--workers', '1', '--nodes', '3', '--listen', `${net.addr.a}:${PORT + 2}`, ...common,
       '--synthetic-test-data', '48:32:12', '--batch-size', '8', '--epochs', '1', '--metrics-port', '0', '--out', out,
     ]);
-    const b = cliOn(net, 'b', ['join', `${net.addr.a}:${PORT + 2}`, '--workers', '1', '--host', 'host-b', '--advertise', net.addr.b, '--log-dir', path.join(tmp(), 'b'), ...common]);
-    const c = cliOn(net, 'c', ['join', `${net.addr.a}:${PORT + 2}`, '--workers', '1', '--host', 'host-c', '--advertise', '10.213.8.3', '--log-dir', path.join(tmp(), 'c'), ...common]);
+    const b = cliOn(ctx, 'b', ['join', `${net.addr.a}:${PORT + 2}`, '--workers', '1', '--host', 'host-b', '--advertise', net.addr.b, '--log-dir', path.join(tmp(), 'b'), ...common]);
+    const c = cliOn(ctx, 'c', ['join', `${net.addr.a}:${PORT + 2}`, '--workers', '1', '--host', 'host-c', '--advertise', '10.213.8.3', '--log-dir', path.join(tmp(), 'c'), ...common]);
     const t0 = Date.now();
     const [rc, rb, rcc] = await Promise.all([coordinator, b, c]);
     expect(rc.code, rc.out).toBe(2);
@@ -256,7 +197,7 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     expect(rb.code).not.toBe(0);
     expect(rcc.code).not.toBe(0);
     expect(Date.now() - t0).toBeLessThan(60_000);
-  }, 120_000);
+  }, testTimeoutFor(1));
 });
 
 // Across the namespace hosts: --resume with fewer machines, a machine joining an --elastic run in
@@ -266,19 +207,19 @@ describe('three machines: resume, elastic join, link down', () => {
   const FAST = ['--timeout-s', '10', '--heartbeat-ms', '250'];
   const stateLine = (stdout: string) => /replicas identical: state sha256 ([0-9a-f]{16}) on all (\d+) workers(?: on (\d+) machines)?/.exec(stdout);
   const at = (r: CliRun, re: RegExp) => r.lines.find((l) => re.test(l.text));
-  const joinOn = (h: Host, port: number, ring: number, logs: string, extra: string[] = [], onLine?: (l: Line) => void) =>
-    cliOn(net, h, ['join', `${net.addr.a}:${port}`, '--workers', '1', '--host', `host-${h}`, '--advertise', net.addr[h], '--ring-port-base', String(ring), '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--insecure', ...extra], {}, 180_000, onLine);
+  const joinOn = (ctx: TestContext, h: Host, port: number, ring: number, logs: string, extra: string[] = [], onLine?: (l: Line) => void) =>
+    cliOn(ctx, h, ['join', `${net.addr.a}:${port}`, '--workers', '1', '--host', `host-${h}`, '--advertise', net.addr[h], '--ring-port-base', String(ring), '--log-dir', path.join(logs, h), '--join-timeout-s', '90', '--insecure', ...extra], onLine);
 
-  it('--resume of a 3-machine run as a 2-machine run completes epoch 2 with identical replicas', async () => {
+  it('--resume of a 3-machine run as a 2-machine run completes epoch 2 with identical replicas', async (ctx) => {
     const out = path.join(tmp(), 'run');
     const logs = tmp();
     const port = PORT + 3;
     const ring = RING + 200;
     const common = ['--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--timeout-s', '60', '--insecure'];
     const first = await Promise.all([
-      cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '3', ...common, ...SYN, '--epochs', '1', '--out', out]),
-      joinOn('b', port, ring, logs, ['--timeout-s', '60']),
-      joinOn('c', port, ring, logs, ['--timeout-s', '60']),
+      cliOn(ctx, 'a', ['launch', '--workers', '1', '--nodes', '3', ...common, ...SYN, '--epochs', '1', '--out', out]),
+      joinOn(ctx, 'b', port, ring, logs, ['--timeout-s', '60']),
+      joinOn(ctx, 'c', port, ring, logs, ['--timeout-s', '60']),
     ]);
     expect(first[0].code, first[0].out).toBe(0);
     expect(first[1].code, first[1].out).toBe(0);
@@ -288,8 +229,8 @@ describe('three machines: resume, elastic join, link down', () => {
     // The run folder is on host a: the resumed run's coordinator is there again, with one machine less.
     const logs2 = tmp();
     const [c, b] = await Promise.all([
-      cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '2', ...common, ...SYN, '--epochs', '2', '--resume', out]),
-      joinOn('b', port, ring, logs2, ['--timeout-s', '60']),
+      cliOn(ctx, 'a', ['launch', '--workers', '1', '--nodes', '2', ...common, ...SYN, '--epochs', '2', '--resume', out]),
+      joinOn(ctx, 'b', port, ring, logs2, ['--timeout-s', '60']),
     ]);
     expect(c.code, c.out).toBe(0);
     expect(b.code, b.out).toBe(0);
@@ -301,9 +242,9 @@ describe('three machines: resume, elastic join, link down', () => {
     expect(b.out).toMatch(/done: ranks 1 of 2 on host host-b completed/);
     expect(fs.existsSync(path.join(out, 'checkpoint-e0002.ckpt'))).toBe(true);
     console.log(`multi-machine: 3-machine run of 1 epoch ${((first[0].t1 - first[0].t0) / 1000).toFixed(1)}s, --resume on 2 machines (epoch 2) ${((c.t1 - c.t0) / 1000).toFixed(1)}s (${net.kind})`);
-  }, 300_000);
+  }, testTimeoutFor(2));
 
-  it('a machine joins an --elastic run in progress: admitted at a step boundary, the run completes with 3 workers, identical replicas', async () => {
+  it('a machine joins an --elastic run in progress: admitted at a step boundary, the run completes with 3 workers, identical replicas', async (ctx) => {
     const out = path.join(tmp(), 'run');
     const logs = tmp();
     const port = PORT + 4;
@@ -311,13 +252,13 @@ describe('three machines: resume, elastic join, link down', () => {
     let late: Promise<CliRun> | undefined;
     let lateAt = 0;
     const [c, b] = await Promise.all([
-      cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '2', '--elastic', '--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--insecure', ...FAST, ...SYN, '--synthetic-test-data', '480:48:12', '--epochs', '3', '--out', out], {}, 240_000, (l) => {
+      cliOn(ctx, 'a', ['launch', '--workers', '1', '--nodes', '2', '--elastic', '--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--insecure', ...FAST, ...SYN, '--synthetic-test-data', '480:48:12', '--epochs', '3', '--out', out], (l) => {
         if (!late && /^epoch 1\/3 /.test(l.text)) {
           lateAt = Date.now();
-          late = joinOn('c', port, ring, logs, FAST.slice(0, 2));
+          late = joinOn(ctx, 'c', port, ring, logs, FAST.slice(0, 2));
         }
       }),
-      joinOn('b', port, ring, logs, FAST.slice(0, 2)),
+      joinOn(ctx, 'b', port, ring, logs, FAST.slice(0, 2)),
     ]);
     expect(late, c.out).toBeDefined();
     const j = await late!;
@@ -333,11 +274,11 @@ describe('three machines: resume, elastic join, link down', () => {
     expect(j.out).toMatch(/done: ranks 2 of 3 on host host-c completed/);
     expect(j.leftBehind || b.leftBehind || c.leftBehind).toBe(false);
     console.log(`multi-machine: elastic join from host c (${net.kind}): started ${((lateAt - c.t0) / 1000).toFixed(1)}s into the run, admitted (generation 2) ${((regrouped!.t - lateAt) / 1000).toFixed(1)}s later; run ${((c.t1 - c.t0) / 1000).toFixed(1)}s`);
-  }, 300_000);
+  }, testTimeoutFor(2));
 
   // Only with namespaces: a link to take down needs a network of its own.
-  it.skipIf(process.getuid?.() !== 0)('a machine cut off (its link down) in an --elastic run: late, then lost after --timeout-s; the others finish; its join and workers stop on their own', async () => {
-    if (net.kind !== 'netns') return console.warn('multi-machine link-down test: SKIPPED, needs network namespaces');
+  it('a machine cut off (its link down) in an --elastic run: late, then lost after --timeout-s; the others finish; its join and workers stop on their own', async (ctx) => {
+    needsNamespaces(ctx);
     const out = path.join(tmp(), 'run');
     const logs = tmp();
     const port = PORT + 5;
@@ -357,14 +298,15 @@ describe('three machines: resume, elastic join, link down', () => {
     };
     try {
       const [c, b, cc] = await Promise.all([
-        cliOn(net, 'a', ['launch', '--workers', '1', '--nodes', '3', '--elastic', '--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--insecure', ...FAST, ...SYN, '--epochs', '2', '--out', out], {}, 240_000, cut),
-        joinOn('b', port, ring, logs, FAST.slice(0, 2)),
-        joinOn('c', port, ring, logs, FAST.slice(0, 2)),
+        cliOn(ctx, 'a', ['launch', '--workers', '1', '--nodes', '3', '--elastic', '--listen', `${net.addr.a}:${port}`, '--ring-port-base', String(ring), '--join-timeout-s', '90', '--insecure', ...FAST, ...SYN, '--epochs', '2', '--out', out], cut),
+        joinOn(ctx, 'b', port, ring, logs, FAST.slice(0, 2)),
+        joinOn(ctx, 'c', port, ring, logs, FAST.slice(0, 2)),
       ]);
       expect(cutAt, c.out).toBeGreaterThan(0);
       expect(c.code, c.out).toBe(0);
       expect(b.code, b.out).toBe(0);
-      const late = at(c, /^warning: rank 2 on host host-c is late: no heartbeat for/);
+      // The first warning after the cut: a loaded machine can also be late (and recover) before it.
+      const late = c.lines.find((l) => l.t >= cutAt && /^warning: rank 2 on host host-c is late: no heartbeat for/.test(l.text));
       const lost = at(c, /^lost rank 2 on host host-c: no heartbeat for [\d.]+ s/);
       expect(late, c.out).toBeDefined();
       expect(lost, c.out).toBeDefined();
@@ -387,5 +329,5 @@ describe('three machines: resume, elastic join, link down', () => {
     } finally {
       ip('-n', `${prefix}sw`, 'link', 'set', 'pc', 'up');
     }
-  }, 300_000);
+  }, testTimeoutFor(2));
 });

@@ -4,19 +4,16 @@
 // launcher keeps serving for --metrics-linger-s), every PromQL expression of the Grafana dashboard
 // must return finite data, the images Prometheus counted must equal the images the run trained
 // (metrics.jsonl, summary.json), and the epoch durations it stored must match the run's own log.
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { readMetrics } from '@dtrain/worker';
 // The dashboard and scrape-config readers the coordinator's own Prometheus test uses (test helpers,
 // deliberately not part of the coordinator's public API).
 import { dashboardQueries, ENSURE_PROMETHEUS as ENSURE, findPrometheus, IN_CI as inCi, PROMETHEUS_CONFIG, resolveGrafanaVariables } from '../../coordinator/src/testing/dashboard.js';
 import { freePort } from '../../coordinator/src/testing/metrics-fixtures.js';
-
-const main = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');
+import { runCli, startProcess, testTimeoutFor } from './testing/processes.js';
 
 const bin = findPrometheus();
 if (!bin && !inCi) console.warn(`prometheus-launch.test.ts skipped: no prometheus binary (install it with: bash ${ENSURE})`);
@@ -29,21 +26,14 @@ interface Sample {
 }
 
 describe.runIf(bin || inCi)('a real Prometheus scraping a real 2-worker launch', () => {
-  let prom: ChildProcess | null = null;
-  let promLog = '';
   let tmp = '';
 
-  afterAll(async () => {
-    if (prom && prom.exitCode === null) {
-      const exited = new Promise((r) => prom!.once('exit', r));
-      prom.kill('SIGTERM');
-      await Promise.race([exited, sleep(5000)]);
-      if (prom.exitCode === null && prom.signalCode === null) prom.kill('SIGKILL');
-    }
+  // Prometheus and the run are killed by testing/processes.ts when the test ends, before this.
+  afterAll(() => {
     if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
   });
 
-  it('every dashboard expression returns data; images counted == images trained; epoch durations match the log', async () => {
+  it('every dashboard expression returns data; images counted == images trained; epoch durations match the log', async (ctx) => {
     if (!bin) throw new Error(`CI=true and no prometheus binary: run \`bash ${ENSURE}\` first`);
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-promlaunch-'));
     const metricsPort = await freePort();
@@ -56,33 +46,22 @@ describe.runIf(bin || inCi)('a real Prometheus scraping a real 2-worker launch',
       .replace(/scrape_timeout: 4s/, 'scrape_timeout: 1s');
     expect(config).toContain(`127.0.0.1:${metricsPort}`);
     fs.writeFileSync(path.join(tmp, 'prometheus.yml'), config);
-    prom = spawn(bin, [`--config.file=${path.join(tmp, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(tmp, 'data')}`, `--web.listen-address=127.0.0.1:${promPort}`, '--log.level=warn'], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    prom.stdout!.on('data', (d: Buffer) => (promLog += d.toString()));
-    prom.stderr!.on('data', (d: Buffer) => (promLog += d.toString()));
+    const prom = startProcess(ctx, bin, [`--config.file=${path.join(tmp, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(tmp, 'data')}`, `--web.listen-address=127.0.0.1:${promPort}`, '--log.level=warn']);
+    const promLog = () => prom.run.out;
     for (const deadline = Date.now() + 20_000; ; ) {
-      if (prom.exitCode !== null) throw new Error(`prometheus exited with ${prom.exitCode}:\n${promLog}`);
+      if (prom.child.exitCode !== null) throw new Error(`prometheus exited with ${prom.child.exitCode}:\n${promLog()}`);
       if (await fetch(`${promUrl}/-/ready`, { signal: AbortSignal.timeout(1000) }).then((r) => r.ok, () => false)) break;
-      if (Date.now() > deadline) throw new Error(`prometheus not ready on ${promUrl} after 20 s:\n${promLog}`);
+      if (Date.now() > deadline) throw new Error(`prometheus not ready on ${promUrl} after 20 s:\n${promLog()}`);
       await sleep(200);
     }
 
     // The run. Its metrics server lingers 4 s after the end: at least 3 scrapes see the final figures.
     const out = path.join(tmp, 'run');
     const args = ['launch', '--workers', '2', '--synthetic-test-data', '96:32:12', '--batch-size', '8', '--epochs', '2', '--seed', '1', '--out', out, '--metrics-port', String(metricsPort), '--metrics-linger-s', '4'];
-    const child = spawn(process.execPath, ['--import', 'tsx', main, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    let doneAt = 0;
-    let lastEpochAt = 0;
-    child.stdout!.on('data', (d: Buffer) => {
-      stdout += d.toString();
-      if (!lastEpochAt && /^epoch 2\/2 /m.test(stdout)) lastEpochAt = Date.now();
-      if (!doneAt && /^done: /m.test(stdout)) doneAt = Date.now();
-    });
-    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-    const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+    const run = await runCli(ctx, args);
+    const { code, stdout, stderr } = run;
+    const doneAt = run.lines.find((l) => /^done: /.test(l.text))?.t ?? 0;
+    const lastEpochAt = run.lines.find((l) => /^epoch 2\/2 /.test(l.text))?.t ?? 0;
     expect(stderr).toBe('');
     expect(code, stdout).toBe(0);
     expect(stdout).toContain(`metrics: http://127.0.0.1:${metricsPort}/metrics`);
@@ -120,7 +99,7 @@ describe.runIf(bin || inCi)('a real Prometheus scraping a real 2-worker launch',
       const r = await query(resolveGrafanaVariables(q.expr));
       if (r.length === 0 || !r.every((s) => Number.isFinite(Number(s.value[1])))) missing.push(`${q.panel} (${q.refId}): ${q.expr} -> ${JSON.stringify(r.map((s) => s.value[1]))}`);
     }
-    expect(missing, `expressions without data at the end of the run; prometheus log:\n${promLog}`).toEqual([]);
+    expect(missing, `expressions without data at the end of the run; prometheus log:\n${promLog()}`).toEqual([]);
 
     // Both workers, each under this machine's host name.
     const perWorker = await query('dtrain_steps_completed_total');
@@ -161,5 +140,5 @@ describe.runIf(bin || inCi)('a real Prometheus scraping a real 2-worker launch',
     const [info] = await query('dtrain_build_info');
     expect(info.metric).toMatchObject({ backend: 'cpu', world_size: '2', node: process.versions.node });
     expect(info.metric.tfjs).toMatch(/^\d+\.\d+\.\d+$/);
-  });
+  }, testTimeoutFor(1));
 });

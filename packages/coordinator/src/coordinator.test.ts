@@ -4,18 +4,36 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, type TestContext } from 'vitest';
 import { initKeyDir, loadKeyDir, transportCounters } from '@dtrain/transport';
 import { JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
 
 const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-coord-'));
 
+/**
+ * launch()'s onEvent: records the events, and kills the workers when the test ends, however it ends
+ * (a test that times out leaves launch() running). They are children of this process and in its
+ * process group, so they are killed by pid.
+ */
+function recorded(ctx: TestContext, events: RunEvent[] = []): (e: RunEvent) => void {
+  ctx.onTestFinished(() => {
+    for (const e of events) {
+      try {
+        if (e.kind === 'spawned') process.kill(e.pid, 'SIGKILL');
+      } catch {
+        // exited
+      }
+    }
+  });
+  return (e) => events.push(e);
+}
+
 describe('launch', () => {
-  it('3 workers: torchrun env, ranks and config handed out, reports collected, logs prefixed by rank', async () => {
+  it('3 workers: torchrun env, ranks and config handed out, reports collected, logs prefixed by rank', async (ctx) => {
     const runDir = tmp();
     const events: RunEvent[] = [];
-    const r = await launch({ workers: 3, entry: FAKE, runDir, config: { hello: 'workers' }, onEvent: (e) => events.push(e), env: { FAKE_MODE: 'ok' } });
+    const r = await launch({ workers: 3, entry: FAKE, runDir, config: { hello: 'workers' }, onEvent: recorded(ctx, events), env: { FAKE_MODE: 'ok' } });
     expect(r.worldSize).toBe(3);
     expect(r.finals.map((f) => f.rank)).toEqual([0, 1, 2]);
     expect(events.filter((e) => e.kind === 'joined')).toHaveLength(3);
@@ -23,10 +41,10 @@ describe('launch', () => {
     expect(log1).toMatch(/^\[rank 1\] rank 1 welcomed with config \{"hello":"workers"\}$/m);
   });
 
-  it('a worker that exits non-zero ends the run: rank, host, exit code and its last log lines', async () => {
+  it('a worker that exits non-zero ends the run: rank, host, exit code and its last log lines', async (ctx) => {
     const runDir = tmp();
     const t0 = Date.now();
-    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, env: { FAKE_MODE: 'crash', FAKE_RANK: '1' } }).catch((e: unknown) => e);
+    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, env: { FAKE_MODE: 'crash', FAKE_RANK: '1' }, onEvent: recorded(ctx) }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(WorkerFailedError);
     const e = err as WorkerFailedError;
     expect(e.code).toBe('E_WORKER_FAILED');
@@ -38,10 +56,10 @@ describe('launch', () => {
     expect(Date.now() - t0).toBeLessThan(30_000);
   });
 
-  it('a worker that never joins: JoinTimeoutError names the missing rank, and no process is left', async () => {
+  it('a worker that never joins: JoinTimeoutError names the missing rank, and no process is left', async (ctx) => {
     const runDir = tmp();
     const events: RunEvent[] = [];
-    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, joinTimeoutMs: 4000, env: { FAKE_MODE: 'silent', FAKE_RANK: '0' }, onEvent: (e) => events.push(e) }).catch((e: unknown) => e);
+    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, joinTimeoutMs: 4000, env: { FAKE_MODE: 'silent', FAKE_RANK: '0' }, onEvent: recorded(ctx, events) }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(JoinTimeoutError);
     expect((err as Error).message).toMatch(/only 1 of 2 workers joined .* within 4000 ms; missing ranks 0/);
     for (const e of events) {
@@ -50,20 +68,20 @@ describe('launch', () => {
     }
   });
 
-  it('with keys: CURVE control socket, workers get the coordinator key by env, Welcome.peers carry their keys', async () => {
+  it('with keys: CURVE control socket, workers get the coordinator key by env, Welcome.peers carry their keys', async (ctx) => {
     const runDir = tmp();
     const keys = initKeyDir({ dir: path.join(tmp(), 'keys'), name: 'fakehost' });
-    const r = await launch({ workers: 2, entry: FAKE, runDir, config: {}, env: { FAKE_MODE: 'ok' }, keys: loadKeyDir(keys.dir) });
+    const r = await launch({ workers: 2, entry: FAKE, runDir, config: {}, env: { FAKE_MODE: 'ok' }, keys: loadKeyDir(keys.dir), onEvent: recorded(ctx) });
     expect(r.worldSize).toBe(2);
     const log1 = fs.readFileSync(path.join(runDir, 'logs', 'rank-1.log'), 'utf8');
     expect(log1).toContain(`peer keys ${keys.publicKey},${keys.publicKey}`);
   });
 
-  it('with keys: a Hello naming a key that is not allow-listed is refused (key and host named, counted)', async () => {
+  it('with keys: a Hello naming a key that is not allow-listed is refused (key and host named, counted)', async (ctx) => {
     const runDir = tmp();
     const keys = loadKeyDir(initKeyDir({ dir: path.join(tmp(), 'keys'), name: 'fakehost' }).dir);
     const before = transportCounters().authByReason['hello key not allowed'] ?? 0;
-    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, joinTimeoutMs: 15_000, env: { FAKE_MODE: 'claim', FAKE_RANK: '1' }, keys }).catch((e: unknown) => e);
+    const err = await launch({ workers: 2, entry: FAKE, runDir, config: {}, joinTimeoutMs: 15_000, env: { FAKE_MODE: 'claim', FAKE_RANK: '1' }, keys, onEvent: recorded(ctx) }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(WorkerFailedError);
     expect((err as Error).message).toMatch(/^rank 1 on host \S+ exited with code 4/);
     expect((err as Error).message).toMatch(/refused: host fakehost is not allowed: its key \S{40} is not in the coordinator's allow-list \(.*allowed_keys\)/);
