@@ -28,12 +28,10 @@ export interface RunConfig {
 }
 
 /**
- * summary.json as read back. 'diverged': the loss stopped being finite. The trainer's Summary has no
- * such status yet (it throws before writing summary.json, so such a run reads as 'incomplete'); the
- * readers take it already. A NaN the trainer wrote (finalTestAcc of a run without a finished epoch)
- * reads back as null.
+ * summary.json as read back. A NaN the trainer wrote (finalTestAcc of a run without a finished
+ * epoch) reads back as null.
  */
-export type RunSummary = Omit<Summary, 'status'> & { status: Summary['status'] | 'diverged' };
+export type RunSummary = Summary;
 
 /**
  * What became of a run: summary.json's status; without summary.json it is still running, or was

@@ -1,12 +1,13 @@
 // `report` and `runs` on run folders the real trainer wrote (report.test.ts uses hand-written
-// ones): a 2-epoch Fashion-MNIST run through the `train` command, and a 2-worker run of the trainer
-// (both ranks in this process) on synthetic data. About 20 s of training on 2 cores.
+// ones): a 2-epoch Fashion-MNIST run through the `train` command, a 2-worker run of the trainer
+// (both ranks in this process) on synthetic data, and a run whose learning rate makes it diverge.
+// About 20 s of training on 2 cores.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Command } from '@commander-js/extra-typings';
 import { makeSyntheticTestDataset } from '@dtrain/data';
-import { createInProcessGroup, runTraining, type Summary } from '@dtrain/worker';
+import { createInProcessGroup, runTraining, TrainingDivergedError, type Summary } from '@dtrain/worker';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
@@ -37,10 +38,13 @@ const readSummary = (dir: string) => JSON.parse(fs.readFileSync(path.join(dir, '
 let root = '';
 let fashion = '';
 let twoWorkers = '';
+let diverged = '';
+let divergedError: unknown;
 beforeAll(async () => {
   root = fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-real-runs-'));
   fashion = path.join(root, 'runs', 'a-fashion-mnist');
   twoWorkers = path.join(root, 'runs', 'b-synthetic-2-workers');
+  diverged = path.join(root, 'runs', 'c-diverged');
   // 48 images, batch 16: 3 steps per epoch, no --log-every.
   await dtrain('train', '--dataset', 'fashion-mnist', '--epochs', '2', '--limit-train', '48', '--limit-test', '32', '--image-size', '16', '--batch-size', '16', '--out', fashion);
   const data = {
@@ -52,6 +56,9 @@ beforeAll(async () => {
   await Promise.all(
     createInProcessGroup(2).map((collective) => runTraining({ data, collective, out: twoWorkers, settings: { epochs: 1, batchSize: 8, lr: 0.01, logEverySteps: 1 } })),
   );
+  // lr 1e30: the first update makes the weights ~1e29, the next loss overflows float32.
+  const [one] = createInProcessGroup(1);
+  divergedError = await runTraining({ data, collective: one, out: diverged, settings: { epochs: 2, batchSize: 8, lr: 1e30, logEverySteps: 1 } }).catch((e: unknown) => e);
 });
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
@@ -127,7 +134,8 @@ describe('runs on real runs', () => {
     expect(table[0]).toMatch(/^run\s+date\s+dataset\s+world\s+epochs\s+test acc\s+duration\s+status$/);
     expect(table[1]).toMatch(new RegExp(`^a-fashion-mnist\\s+\\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d\\s+fashion-mnist\\s+1\\s+2/2\\s+${(a.finalTestAcc * 100).toFixed(2)}%\\s+\\S+\\s+completed$`));
     expect(table[2]).toMatch(new RegExp(`^b-synthetic-2-workers\\s+.*synthetic-test\\s+2\\s+1/1\\s+${(b.finalTestAcc * 100).toFixed(2)}%\\s+.*completed$`));
-    expect(table).toHaveLength(3);
+    expect(table[3]).toMatch(/^c-diverged\s+.*synthetic-test\s+1\s+0\/2\s+.*diverged$/);
+    expect(table).toHaveLength(4);
     const rows = JSON.parse((await dtrain('runs', '--dir', path.join(root, 'runs'), '--json')).join('\n'));
     expect(rows[0]).toEqual({
       run: 'a-fashion-mnist',
@@ -140,5 +148,17 @@ describe('runs on real runs', () => {
       durationSec: a.totalSec,
       status: 'completed',
     });
+  });
+});
+
+describe('a run that diverged', () => {
+  it('ends with TrainingDivergedError, and its summary.json says diverged, why, and how far it got', async () => {
+    expect(divergedError).toBeInstanceOf(TrainingDivergedError);
+    const e = divergedError as TrainingDivergedError;
+    expect(e.message).toMatch(/^the loss became (NaN|-?Infinity) at step \d+ \(epoch 1\) on rank 0; training diverged, try a smaller --lr$/);
+    const summary = readSummary(diverged);
+    expect(summary).toMatchObject({ status: 'diverged', stopReason: e.message, steps: e.step - 1, epochs: 2, worldSize: 1 });
+    const facts = runFacts(await readRun(diverged));
+    expect(facts.title).toBe('c-diverged: synthetic-test, 1 worker (diverged after 0 of 2 epochs)');
   });
 });

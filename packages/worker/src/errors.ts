@@ -22,6 +22,20 @@ export class TrainSettingsError extends TrainError {
   }
 }
 
+/**
+ * The loss stopped being finite: the run cannot go on from here. A settings error (the usual cause
+ * is the learning rate); the run folder's summary.json says 'diverged' before it is thrown.
+ */
+export class TrainingDivergedError extends TrainSettingsError {
+  constructor(
+    readonly step: number,
+    readonly epoch: number,
+    message: string,
+  ) {
+    super('lr', message);
+  }
+}
+
 /** A checkpoint file is truncated, damaged, of another format, or for another model. */
 export class CheckpointError extends TrainError {
   readonly code = 'CHECKPOINT_INVALID' as const;

@@ -33,7 +33,7 @@ export {
 } from './checkpoint.js';
 export type { Checkpoint, CheckpointHeader, CheckpointHistory, CheckpointContent } from './checkpoint.js';
 export { writeFileAtomic, removeStaleTemporaries } from './files.js';
-export { TrainError, TrainSettingsError, CheckpointError, NoCheckpointError, ReplicaMismatchError, RunDirError } from './errors.js';
+export { TrainError, TrainSettingsError, TrainingDivergedError, CheckpointError, NoCheckpointError, ReplicaMismatchError, RunDirError } from './errors.js';
 export { RingCollective, hashFloats } from './ring-collective.js';
 export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
 export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY, DEFAULT_BUCKET_MB } from './distributed.js';

@@ -32,7 +32,7 @@ import { ResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type G
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
 import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
 import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
-import { CheckpointError, ReplicaMismatchError, TrainSettingsError } from './errors.js';
+import { CheckpointError, ReplicaMismatchError, TrainingDivergedError, TrainSettingsError } from './errors.js';
 import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
 import { lrAt, peakLr } from './schedule.js';
 import { maxStepImages, stepBounds, stepsOfShare } from './steps.js';
@@ -139,9 +139,12 @@ export interface EpochMetrics {
 }
 
 export interface Summary {
-  /** 'stopped': an elastic run fell below --min-workers; it wrote a checkpoint of its position. */
-  status: 'completed' | 'stopped';
-  /** Why a stopped run stopped (the regroup's reason). */
+  /**
+   * 'stopped': an elastic run fell below --min-workers; it wrote a checkpoint of its position.
+   * 'diverged': the loss stopped being finite (the run ended with TrainingDivergedError).
+   */
+  status: 'completed' | 'stopped' | 'diverged';
+  /** Why a stopped or diverged run ended (the regroup's reason, the divergence's message). */
   stopReason?: string;
   dataset: string;
   epochs: number;
@@ -415,32 +418,53 @@ export class Trainer {
       runDir,
     });
 
-    while (!outcome?.stop && this.state.progress.epoch < s.epochs) {
-      this.voluntaryRegroup = false;
-      outcome = await this.recover(async () => {
-        if (await this.trainRest()) this.voluntaryRegroup = true;
-        else await this.endEpoch();
-      });
-      // Voluntary: the step that carried the flag was applied and committed; nothing to roll back.
-      if (!outcome && this.voluntaryRegroup) outcome = await this.regroupAndSync();
+    try {
+      while (!outcome?.stop && this.state.progress.epoch < s.epochs) {
+        this.voluntaryRegroup = false;
+        outcome = await this.recover(async () => {
+          if (await this.trainRest()) this.voluntaryRegroup = true;
+          else await this.endEpoch();
+        });
+        // Voluntary: the step that carried the flag was applied and committed; nothing to roll back.
+        if (!outcome && this.voluntaryRegroup) outcome = await this.regroupAndSync();
+      }
+    } catch (err) {
+      // `runs` and `report` then say 'diverged' with the reason, not 'incomplete'.
+      if (err instanceof TrainingDivergedError) await this.writeSummary(this.summaryOf('diverged', err.message, resumeFrom !== undefined));
+      throw err;
     }
 
-    const st = this.state;
     let stopReason: string | undefined;
     if (outcome?.stop) {
       stopReason = outcome.reason;
       const dir = this.runDir;
       if (dir) {
-        this.lastCheckpoint = await this.saveCheckpoint(dir, st);
+        this.lastCheckpoint = await this.saveCheckpoint(dir, this.state);
         this.hooks.onCheckpoint?.(this.lastCheckpoint);
       }
     }
+    const resumedFinal = this.epochs.length === 0 ? await this.resumedFinalMetrics(this.runDir) : undefined;
+    const summary = this.summaryOf(stopReason === undefined ? 'completed' : 'stopped', stopReason, resumeFrom !== undefined, resumedFinal);
+    await this.writeSummary(summary);
+    return { summary, epochs: this.epochs };
+  }
+
+  /** summary.json in the run folder (rank 0 only: others have none). */
+  private async writeSummary(summary: Summary): Promise<void> {
+    if (summary.runDir) await writeFileAtomic(path.join(summary.runDir, 'summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
+  }
+
+  /** The run's summary as it stands; `resumedFinal`: the last epoch's line when this process trained none. */
+  private summaryOf(status: Summary['status'], stopReason: string | undefined, resumed: boolean, resumedFinal?: EpochMetrics): Summary {
+    const s = this.settings;
+    const c = this.collective;
+    const st = this.state;
     const dir = this.runDir;
     const history = st.history;
     const last = this.epochs[this.epochs.length - 1];
-    const lastTrain = last ?? (await this.resumedFinalMetrics(dir));
-    const summary: Summary = {
-      status: stopReason === undefined ? 'completed' : 'stopped',
+    const lastTrain = last ?? resumedFinal;
+    return {
+      status,
       ...(stopReason === undefined ? {} : { stopReason }),
       dataset: s.dataset,
       epochs: s.epochs,
@@ -459,10 +483,8 @@ export class Trainer {
       globalBatch: this.globalBatch,
       runDir: dir,
       lastCheckpoint: this.lastCheckpoint,
-      resumed: resumeFrom !== undefined,
+      resumed,
     };
-    if (dir) await writeFileAtomic(path.join(dir, 'summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
-    return { summary, epochs: this.epochs };
   }
 
   dispose(): void {
@@ -640,7 +662,7 @@ export class Trainer {
       const regroup = Math.round(grads[3] * w) > 0;
       if (!Number.isFinite(gLoss)) {
         const where = Number.isFinite(r.loss) ? `on another rank than ${c.rank}` : `on rank ${c.rank}`;
-        throw new TrainSettingsError('lr', `the loss became ${Number.isFinite(r.loss) ? gLoss : r.loss} at step ${st.progress.step + 1} (epoch ${e + 1}) ${where}; training diverged, try a smaller --lr`);
+        throw new TrainingDivergedError(st.progress.step + 1, e + 1, `the loss became ${Number.isFinite(r.loss) ? gLoss : r.loss} at step ${st.progress.step + 1} (epoch ${e + 1}) ${where}; training diverged, try a smaller --lr`);
       }
       m.applyGradients(this.gradView);
       const te = now();
