@@ -1,5 +1,5 @@
 // The environment for node-gyp builds started by our install scripts (tools/provision-tfjs.mjs,
-// packages/transport/scripts/build-native.mjs): node-gyp downloads Node's headers unless told
+// tools/build-native-addon.mjs): node-gyp downloads Node's headers unless told
 // where they are, which fails on offline machines; Node's installed headers are used when they
 // match this Node. The root's node-gyp (a devDependency) is named for tools that look for one.
 import fs from 'node:fs';

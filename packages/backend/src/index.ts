@@ -10,6 +10,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import type * as tfTypes from '@tensorflow/tfjs-core';
+import { loadQuietly } from './quiet-load.js';
 
 export type BackendKind = 'cpu' | 'gpu';
 export type Tf = typeof tfTypes;
@@ -93,7 +94,7 @@ export async function loadBackend(kind: BackendKind = 'cpu'): Promise<LoadedBack
     }
     return loaded;
   }
-  // TensorFlow's C++ start-up banner is noise on every worker; errors still show.
+  // TensorFlow's C++ start-up banner is noise on every worker; errors still show (quiet-load.ts).
   process.env.TF_CPP_MIN_LOG_LEVEL ??= '2';
   const packageName = kind === 'gpu' ? '@tensorflow/tfjs-node-gpu' : '@tensorflow/tfjs-node';
   if (kind === 'gpu') {
@@ -107,7 +108,7 @@ export async function loadBackend(kind: BackendKind = 'cpu'): Promise<LoadedBack
   }
   let mod: Tf & { version: Record<string, string> };
   try {
-    mod = require(packageName);
+    mod = loadQuietly(() => require(packageName));
   } catch (err) {
     const detail = err instanceof Error ? err.message.split('\n')[0] : String(err);
     const hint =
