@@ -1,4 +1,5 @@
 // Shared by the benchmarks: statistics, the machine description, and the results file.
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -25,10 +26,24 @@ export function stats(xs: number[]): Stats {
   return { n, mean, median, min: s[0], max: s[n - 1], stdev };
 }
 
+/**
+ * The vector extensions that decide which oneDNN kernels run (AVX-512 without AMX is where its
+ * 1x1 convolution divided by zero): a figure is only comparable between machines that share them.
+ */
+function cpuFeatures(): string[] {
+  try {
+    const flags = /^flags\s*:(.*)$/m.exec(fs.readFileSync('/proc/cpuinfo', 'utf8'))?.[1].trim().split(/\s+/) ?? [];
+    return ['avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile'].filter((f) => flags.includes(f));
+  } catch {
+    return [];
+  }
+}
+
 export function machine() {
   return {
     cpus: os.cpus().length,
     cpuModel: os.cpus()[0]?.model ?? '?',
+    cpuFeatures: cpuFeatures(),
     memoryGiB: +(os.totalmem() / 2 ** 30).toFixed(1),
     node: process.version,
     platform: `${os.platform()} ${os.arch()}`,
@@ -36,12 +51,28 @@ export function machine() {
   };
 }
 
-export function writeResults(name: string, data: unknown): string {
+/** The commit the benchmark ran on, and whether the checkout had changes to tracked files. */
+export function gitRevision(): { commit: string; dirty: boolean } | null {
+  try {
+    const git = (...args: string[]) => execFileSync('git', args, { cwd: REPO_ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    return { commit: git('rev-parse', 'HEAD'), dirty: git('status', '--porcelain', '--untracked-files=no') !== '' };
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Writes bench-results/<name>.json atomically, with what makes a figure traceable: the command as
+ * typed, the git revision, when it was written and the machine with its load at the end (the
+ * benchmark's own fields, every sample among them, follow). README cites copies under results/.
+ */
+export function writeResults(name: string, data: Record<string, unknown>): string {
   const dir = path.join(REPO_ROOT, 'bench-results');
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, `${name}.json`);
   const tmp = `${file}.tmp-${process.pid}`;
-  fs.writeFileSync(tmp, JSON.stringify(data, null, 2) + '\n');
+  const provenance = { command: `pnpm bench ${process.argv.slice(2).join(' ')}`.trim(), git: gitRevision(), writtenAt: new Date().toISOString(), machineAtEnd: machine() };
+  fs.writeFileSync(tmp, JSON.stringify({ ...provenance, ...data }, null, 2) + '\n');
   fs.renameSync(tmp, file);
   return file;
 }

@@ -17,10 +17,11 @@
 // exported with `git archive`, placed where it resolves zeromq), for before/after in the same run.
 // Results: bench-results/allreduce.json and a table.
 import { execFileSync, fork, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, statSync } from 'node:fs';
 import { cpus, hostname, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { machine, writeResults } from './_common.js';
 import { addKernelNames, addPlain, addUnrolled, makeWasmAdd, Ring, sharedFloat32Array, ThreadedRing, workerEnv, type PeerInfo } from '@dtrain/transport';
 
 const SELF = fileURLToPath(import.meta.url);
@@ -273,8 +274,7 @@ export async function main(args: string[]): Promise<void> {
   const o = parse(args);
   const bytes = o.floats * 4;
   const result: Record<string, unknown> = {
-    bench: 'allreduce', date: new Date().toISOString(), host: hostname(), cpus: cpus().length,
-    node: process.version, options: o, kernelUsed: addKernelNames(),
+    bench: 'allreduce', date: new Date().toISOString(), host: hostname(), machine: machine(), options: o, kernelUsed: addKernelNames(),
   };
   console.log(`all-reduce of ${o.floats} float32 (${(bytes / 1e6).toFixed(1)} MB), ${o.iters} timed calls after ${o.warmup} warm-up, on ${cpus().length} CPUs`);
 
@@ -327,12 +327,7 @@ export async function main(args: string[]): Promise<void> {
   }
   console.log('ratio = busbw(ours) / busbw(MPI): above 1 means ours is faster. cpu ms/op: user + system time per call, all ranks.');
 
-  const dir = join(ROOT, 'bench-results');
-  mkdirSync(dir, { recursive: true });
-  const file = join(dir, 'allreduce.json');
-  writeFileSync(`${file}.tmp`, JSON.stringify(result, null, 2));
-  renameSync(`${file}.tmp`, file);
-  console.log(`\nwrote ${file}`);
+  console.log(`\nwrote ${writeResults('allreduce', result)}`);
 }
 
 if (process.argv[1] !== undefined && resolve(process.argv[1]) === SELF) {
