@@ -327,7 +327,8 @@ export async function main(args: string[]): Promise<void> {
   }
   console.log('ratio = busbw(ours) / busbw(MPI): above 1 means ours is faster. cpu ms/op: user + system time per call, all ranks.');
 
-  console.log(`\nwrote ${writeResults('allreduce', result)}`);
+  const mpiVersion = spawnSync('mpirun', ['--version'], { encoding: 'utf8' }).stdout?.split('\n')[0] || null;
+  console.log(`\nwrote ${writeResults('allreduce', { ...result, mpiVersion })}`);
 }
 
 if (process.argv[1] !== undefined && resolve(process.argv[1]) === SELF) {

@@ -92,16 +92,20 @@ export async function main(args: string[]): Promise<void> {
   const { tf: tfb, versions } = await loadBackend('cpu');
   const matmul = measureMatmulGflops(tfb);
   console.log(`native backend: tfjs ${versions.tfjs}, TensorFlow ${versions.tensorflow}; matmul ${matmul.toFixed(1)} GFLOP/s; batch ${batch}, ${warmup} warm-up + ${steps} timed steps`);
-  const rows: Array<{ size: number; ours: Stats; layers: Stats; oursImgS: number; layersImgS: number; ratio: number; gflops: number; fractionOfMatmul: number }> = [];
+  const rows: Array<{ size: number; ours: Stats; layers: Stats; oursSamplesS: number[]; layersSamplesS: number[]; oursImgS: number; layersImgS: number; ratio: number; gflops: number; fractionOfMatmul: number }> = [];
   for (const size of sizes) {
     const c: ResNetConfig = { inChannels: Number(o.channels), classes: 10, imageSize: size };
     const trainFlops = 3 * describeResNet(c).flopsPerImage * batch;
-    const ours = stats(timeOurs(c, batch, warmup, steps));
-    const layers = stats(await timeLayers(c, batch, warmup, steps));
+    const oursSamplesS = timeOurs(c, batch, warmup, steps);
+    const layersSamplesS = await timeLayers(c, batch, warmup, steps);
+    const ours = stats(oursSamplesS);
+    const layers = stats(layersSamplesS);
     const row = {
       size,
       ours,
       layers,
+      oursSamplesS,
+      layersSamplesS,
       oursImgS: batch / ours.median,
       layersImgS: batch / layers.median,
       ratio: layers.median / ours.median,
