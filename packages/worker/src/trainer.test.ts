@@ -8,7 +8,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
 import { listCheckpoints, readCheckpoint } from './checkpoint.js';
 import { createInProcessGroup } from './collective.js';
-import { RunDirError, TrainSettingsError } from './errors.js';
+import { RunDirError, TrainingDivergedError, TrainSettingsError } from './errors.js';
 import { runTraining } from './run.js';
 import { firstDifference, syntheticData, tempDir } from './testing/helpers.js';
 import { readMetrics, type EpochMetrics, type StepMetrics, type Summary } from './trainer.js';
@@ -259,5 +259,21 @@ describe('batches too small for BatchNorm (steps.ts)', () => {
     const runs = group.map((collective) => runTraining({ data: syntheticData(12, 4, 8), collective, settings: { epochs: 1, batchSize: 4, imageSize: 8 } }));
     const results = await Promise.allSettled(runs);
     for (const r of results) expect(r.status === 'rejected' && String(r.reason)).toMatch(/each of the 6 workers gets 2 of the 12 training images .* use at most 4 workers/);
+  });
+});
+
+describe('a run that diverges', () => {
+  it('weights made non-finite by the last step of an epoch: the evaluation stops the run, no checkpoint is written, summary.json says diverged', async () => {
+    // lr 1e30: the one step's loss is finite (initial weights), its update is not survivable.
+    const out = path.join(await tempDir(), 'run');
+    const err = await runTraining({ data: syntheticData(8, 8), out, settings: { epochs: 1, batchSize: 8, lr: 1e30, seed: 1 } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(TrainingDivergedError);
+    const e = err as TrainingDivergedError;
+    expect(e.message).toMatch(/^the test loss became (NaN|-?Infinity) after epoch 1 \(step 1\): the weights are no longer finite; training diverged, no checkpoint was written, try a smaller --lr$/);
+    expect([e.step, e.epoch]).toEqual([1, 1]);
+    expect(await listCheckpoints(out)).toEqual([]);
+    const summary = JSON.parse(await fs.readFile(path.join(out, 'summary.json'), 'utf8')) as Summary;
+    expect(summary).toMatchObject({ status: 'diverged', stopReason: e.message, steps: 1, epochs: 1 });
+    expect((await readMetrics(out)).filter((l) => l.kind === 'epoch')).toEqual([]);
   });
 });

@@ -138,6 +138,12 @@ export interface EpochMetrics {
   time: string;
 }
 
+/** The index of the first NaN or infinity in `a`, or -1. */
+function firstNonFinite(a: Float32Array): number {
+  for (let i = 0; i < a.length; i++) if (a[i] - a[i] !== 0) return i; // NaN and +-Infinity only
+  return -1;
+}
+
 export interface Summary {
   /**
    * 'stopped': an elastic run fell below --min-workers; it wrote a checkpoint of its position.
@@ -725,6 +731,11 @@ export class Trainer {
     await this.averageBatchNormStats();
     this.hooks.onEvalStart?.(e + 1, this.data.test.count);
     const ev = await this.evaluate();
+    // The loss check of each step sees the weights before its update: weights that the last
+    // update made non-finite show here first (every rank has the same summed loss, so all stop).
+    if (!Number.isFinite(ev.loss)) {
+      throw new TrainingDivergedError(st.progress.step, e + 1, `the test loss became ${ev.loss} after epoch ${e + 1} (step ${st.progress.step}): the weights are no longer finite; training diverged, no checkpoint was written, try a smaller --lr`);
+    }
     // No collective after this point: the epoch end cannot fail half-way through a group change.
     const evalSec = now() - evalStart;
     const elapsedSec = t.trainSec + evalSec;
@@ -884,7 +895,11 @@ export class Trainer {
       history: st.history,
       ...(done > 0 ? { position: { done, totals: st.totals } } : {}),
     };
-    return writeCheckpoint(runDir, { ...header, weights: m.getWeights(), bnStats: m.getBatchNormStats(), momentum: opt.buffers }, s.keepCheckpoints, this.checkpointWrite);
+    const weights = m.getWeights();
+    // A checkpoint of non-finite weights is worth nothing and would replace a good one (one pass).
+    const bad = firstNonFinite(weights);
+    if (bad >= 0) throw new TrainingDivergedError(step, epoch + (done > 0 ? 1 : 0), `weight ${bad} of ${m.paramCount} is ${weights[bad]} at step ${step}: training diverged, no checkpoint was written, try a smaller --lr`);
+    return writeCheckpoint(runDir, { ...header, weights, bnStats: m.getBatchNormStats(), momentum: opt.buffers }, s.keepCheckpoints, this.checkpointWrite);
   }
 
   private async writeConfig(runDir: string, resumeFrom: Checkpoint | undefined): Promise<void> {
