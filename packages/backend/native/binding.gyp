@@ -1,8 +1,9 @@
 {
   "targets": [
     {
-      "target_name": "dtrain_stderr",
-      "sources": ["stderr.c"],
+      "target_name": "dtrain_loader",
+      "sources": ["loader.c"],
+      "libraries": ["-ldl"],
       "cflags": ["-O2", "-Wall", "-Wextra"]
     }
   ]

@@ -1,4 +1,6 @@
-// Holds back what the native TensorFlow library writes to file descriptor 2 while it loads.
+// What loading the native libraries needs beyond what Node offers:
+//
+// 1. Holding back what the native TensorFlow library writes to file descriptor 2 while it loads.
 //
 // libtensorflow logs through Abseil, whose messages before absl::InitializeLog() ignore both
 // TF_CPP_MIN_LOG_LEVEL and Abseil's own threshold, and it logs from static initialisers: no
@@ -8,6 +10,13 @@
 //
 //   hold()    -> undefined   fd 2 now writes to an unlinked temporary file (throws if it cannot)
 //   release() -> string      fd 2 restored; what was written meanwhile
+//
+// 2. Loading a shared library by path, for good: Dawn dlopen()s "libvulkan.so.1" by name, and the
+//    Vulkan loader of the software GPU (tools/software-gpu) lives in a project folder, not on the
+//    library path; LD_LIBRARY_PATH is read when a process starts, too late for one that finds out
+//    at run time. Once loaded (RTLD_GLOBAL), a dlopen by that soname finds this copy.
+//   preload(path) -> undefined   dlopen(path, RTLD_NOW | RTLD_GLOBAL), never closed (throws dlerror())
+#include <dlfcn.h>
 #include <node_api.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,12 +69,29 @@ static napi_value release(napi_env env, napi_callback_info info) {
   return out;
 }
 
+static napi_value preload(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  char path[4096];
+  size_t len = 0;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &len) != napi_ok || len == 0 || len >= sizeof path - 1) {
+    return fail(env, "preload(path): a path is needed");
+  }
+  if (dlopen(path, RTLD_NOW | RTLD_GLOBAL) == NULL) {
+    const char *why = dlerror();
+    return fail(env, why != NULL ? why : "dlopen failed");
+  }
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"hold", NULL, hold, NULL, NULL, NULL, napi_default, NULL},
       {"release", NULL, release, NULL, NULL, NULL, napi_default, NULL},
+      {"preload", NULL, preload, NULL, NULL, NULL, napi_default, NULL},
   };
-  napi_define_properties(env, exports, 2, props);
+  napi_define_properties(env, exports, 3, props);
   return exports;
 }
 

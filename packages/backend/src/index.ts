@@ -11,8 +11,10 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import type * as tfTypes from '@tensorflow/tfjs-core';
 import { loadQuietly } from './quiet-load.js';
+import { adapterInfo, openWebGpu, softwareGpu, type WebGpuAdapterInfo } from './webgpu.js';
 
-export type BackendKind = 'cpu' | 'gpu';
+/** cpu: libtensorflow on the CPU; gpu: libtensorflow with CUDA 11.2 (tfjs-node-gpu); webgpu: Dawn (webgpu.ts). */
+export type BackendKind = 'cpu' | 'gpu' | 'webgpu';
 export type Tf = typeof tfTypes;
 
 export class BackendError extends Error {
@@ -32,10 +34,20 @@ export interface LoadedBackend {
   versions: { tfjs: string; tensorflow: string };
   /** CUDA_VISIBLE_DEVICES as this process sees it (GPU only). */
   visibleGpus?: string;
+  /** The adapter in use (webgpu only). */
+  adapter?: WebGpuAdapterInfo;
+}
+
+export interface LoadOptions {
+  /** webgpu: accept a software adapter (lavapipe: tests only; refused otherwise). */
+  allowSoftwareGpu?: boolean;
 }
 
 export interface GpuInfo {
+  /** nvidia-smi's index (PCI bus order), which CUDA_VISIBLE_DEVICES uses when CUDA_DEVICE_ORDER=PCI_BUS_ID. */
   index: number;
+  /** GPU-...: what CUDA_VISIBLE_DEVICES may also name it by. */
+  uuid: string;
   name: string;
   memoryMiB: number;
 }
@@ -43,10 +55,10 @@ export interface GpuInfo {
 const require = createRequire(import.meta.url);
 let loaded: LoadedBackend | undefined;
 
-/** GPUs the NVIDIA driver reports; [] when there is no driver or no GPU. */
+/** Every GPU the NVIDIA driver reports, whatever CUDA_VISIBLE_DEVICES says; [] when there is no driver or no GPU. */
 export function listGpus(): GpuInfo[] {
   try {
-    const out = execFileSync('nvidia-smi', ['--query-gpu=index,name,memory.total', '--format=csv,noheader,nounits'], {
+    const out = execFileSync('nvidia-smi', ['--query-gpu=index,uuid,name,memory.total', '--format=csv,noheader,nounits'], {
       encoding: 'utf8',
       timeout: 10_000,
       stdio: ['ignore', 'pipe', 'ignore'],
@@ -56,8 +68,8 @@ export function listGpus(): GpuInfo[] {
       .split('\n')
       .filter(Boolean)
       .map((line) => {
-        const [index, name, mem] = line.split(',').map((s) => s.trim());
-        return { index: Number(index), name: name ?? '?', memoryMiB: Number(mem) };
+        const [index, uuid, name, mem] = line.split(',').map((s) => s.trim());
+        return { index: Number(index), uuid: uuid ?? '', name: name ?? '?', memoryMiB: Number(mem) };
       });
   } catch {
     return [];
@@ -87,11 +99,15 @@ export function requireGpuDevice(tf: Tf): void {
  * Loads the backend once per process. For 'gpu', call it after CUDA_VISIBLE_DEVICES is set
  * (the launcher sets it per worker); TensorFlow reads it when the library initialises.
  */
-export async function loadBackend(kind: BackendKind = 'cpu'): Promise<LoadedBackend> {
+export async function loadBackend(kind: BackendKind = 'cpu', opts: LoadOptions = {}): Promise<LoadedBackend> {
   if (loaded) {
     if (loaded.kind !== kind) {
       throw new BackendError(`this process already loaded the ${loaded.kind} backend; one process cannot switch to ${kind}`);
     }
+    return loaded;
+  }
+  if (kind === 'webgpu') {
+    loaded = await loadWebGpuBackend(opts.allowSoftwareGpu === true);
     return loaded;
   }
   // TensorFlow's C++ start-up banner is noise on every worker; errors still show (quiet-load.ts).
@@ -135,6 +151,46 @@ export async function loadBackend(kind: BackendKind = 'cpu'): Promise<LoadedBack
 }
 
 /**
+ * TensorFlow.js on WebGPU, on the adapter Dawn ranks first (high-performance), with a device that
+ * has the adapter's own limits (one 64x96x96x64 float32 activation is 151 MB, above WebGPU's
+ * defaults). libtensorflow is not loaded: `@tensorflow/tfjs` registers the gradients.
+ */
+async function loadWebGpuBackend(allowSoftware: boolean): Promise<LoadedBackend> {
+  const gpu = await openWebGpu();
+  const adapter = await gpu.requestAdapter({ powerPreference: 'high-performance' });
+  if (!adapter) {
+    const sw = softwareGpu();
+    throw new BackendError(
+      'no WebGPU adapter: Dawn found no Vulkan driver with a device. On a machine with a GPU, install its Vulkan driver and the Vulkan loader (libvulkan1); ' +
+        (sw ? `the software GPU in ${sw.dir} gave none either (run FORCE=1 pnpm setup:software-gpu). ` : 'for the software GPU of the tests, run pnpm setup:software-gpu. ') +
+        'Use --workers N to train on the CPU.',
+    );
+  }
+  const info = adapterInfo(adapter);
+  if (info.software && !allowSoftware) {
+    throw new BackendError(`the only WebGPU adapter is a software one (${info.description}): it runs on the CPU and is meant for tests. Use --workers N to train on the CPU, or --allow-software-gpu to use it anyway.`);
+  }
+  const l = adapter.limits;
+  const device = await adapter.requestDevice({
+    requiredLimits: {
+      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+      maxBufferSize: l.maxBufferSize,
+      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
+      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+    },
+  });
+  const tf = require('@tensorflow/tfjs') as Tf & { version: Record<string, string> };
+  const { WebGPUBackend } = require('@tensorflow/tfjs-backend-webgpu') as { WebGPUBackend: new (d: GPUDevice, i?: GPUAdapterInfo) => unknown };
+  // Our device, with our limits, in place of the one the module's own factory would open.
+  tf.removeBackend('webgpu');
+  tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info) as never, 3);
+  if (!(await tf.setBackend('webgpu'))) throw new BackendError(`the WebGPU backend did not initialise on ${info.description}`);
+  return { kind: 'webgpu', tf, packageName: '@tensorflow/tfjs-backend-webgpu', versions: { tfjs: tf.version['tfjs-core'] ?? '?', tensorflow: 'none (WebGPU)' }, adapter: info };
+}
+
+/**
  * Measured float32 matmul throughput of the loaded backend, in GFLOP/s (2*n^3 FLOPs per
  * n x n product): the ceiling that `dtrain doctor` and the train-step benchmark compare with.
  */
@@ -154,3 +210,5 @@ export function measureMatmulGflops(tf: Tf, n = 1024, reps = 10): number {
   tf.dispose([a, b]);
   return (2 * n ** 3 * reps) / seconds / 1e9;
 }
+
+export { listWebGpuAdapters, softwareGpu, type SoftwareGpu, type WebGpuAdapterInfo } from './webgpu.js';

@@ -46,7 +46,7 @@ describe('loading the native library', () => {
     });
 
   it('the module that holds back the log was built by pnpm install', () => {
-    expect(fs.existsSync(path.join(pkg, 'native', 'build', 'Release', 'dtrain_stderr.node'))).toBe(true);
+    expect(fs.existsSync(path.join(pkg, 'native', 'build', 'Release', 'dtrain_loader.node'))).toBe(true);
   });
 
   it('prints no start-up banner by default, and all of it with TF_CPP_MIN_LOG_LEVEL=0', () => {

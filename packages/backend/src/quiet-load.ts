@@ -1,29 +1,8 @@
-// TensorFlow's start-up log, held back while the native library loads (native/stderr.c says why
+// TensorFlow's start-up log, held back while the native library loads (native/loader.c says why
 // no setting can do it) and written back through the filter that TF_CPP_MIN_LOG_LEVEL describes:
 // at the default of 2 (set by loadBackend) the banner goes ("WARNING: All log messages before
 // absl::InitializeLog()...", "I... port.cc] oneDNN custom operations are on...") and errors stay.
-import fs from 'node:fs';
-import { createRequire } from 'node:module';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-
-const require = createRequire(import.meta.url);
-
-interface StderrHold {
-  hold(): void;
-  release(): string;
-}
-
-/** The native module, or null when it was not built (then the log passes as it is). */
-function stderrModule(): StderrHold | null {
-  const file = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'native', 'build', 'Release', 'dtrain_stderr.node');
-  if (!fs.existsSync(file)) return null;
-  try {
-    return require(file) as StderrHold;
-  } catch {
-    return null;
-  }
-}
+import { nativeLoader } from './native.js';
 
 // Abseil/TensorFlow lines: severity letter I, W, E or F, MMDD, the time (before absl::InitializeLog
 // the seconds are since the epoch: "I0000 00:00:1796586894.014914").
@@ -62,7 +41,7 @@ export function tfMinLogLevel(env: NodeJS.ProcessEnv = process.env): number {
 
 /** Runs `load` (a synchronous require of the native library) with its log filtered, as above. */
 export function loadQuietly<T>(load: () => T): T {
-  const native = stderrModule();
+  const native = nativeLoader();
   if (!native) return load();
   native.hold();
   try {

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { Command } from '@commander-js/extra-typings';
-import { listGpus, loadBackend, measureMatmulGflops } from '@dtrain/backend';
+import { listGpus, loadBackend, measureMatmulGflops, type WebGpuAdapterInfo } from '@dtrain/backend';
 import { fashionMnistCacheFile, hasCifar10, resolveDataDir } from '@dtrain/data';
 import { sharedMemoryUnavailable, shmDir } from '@dtrain/transport';
 
@@ -44,6 +44,26 @@ function probeGpuBackend(): Check {
   return { name: 'GPU backend (@tensorflow/tfjs-node-gpu)', ok, detail };
 }
 
+/**
+ * The WebGPU adapters Dawn finds, listed by a child process (Dawn keeps a process alive while it
+ * holds the GPU; a broken Vulkan driver must not take the doctor down with it).
+ */
+function probeWebGpu(): Check[] {
+  const name = 'WebGPU adapters (Dawn)';
+  const require = createRequire(import.meta.url);
+  const script = `import(${JSON.stringify(require.resolve('@dtrain/backend'))}).then(async (b) => { console.log(JSON.stringify(await b.listWebGpuAdapters())); process.exit(0); }).catch((e) => { console.error(e.message.split('\\n')[0]); process.exit(3); });`;
+  const r = spawnSync(process.execPath, ['--import', 'tsx', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+  if (r.status !== 0) return [{ name, ok: false, detail: r.stderr.trim().split('\n').pop() ?? `failed (${r.signal ?? r.status})` }];
+  const adapters = JSON.parse(r.stdout.trim().split('\n').pop() ?? '[]') as WebGpuAdapterInfo[];
+  if (adapters.length === 0) return [{ name, ok: false, detail: 'none: no Vulkan driver with a device (a GPU needs its Vulkan driver and libvulkan1; for tests: pnpm setup:software-gpu)' }];
+  const mib = (b: number) => `${Math.floor(b / 2 ** 20)} MiB`;
+  return adapters.map((a) => ({
+    name,
+    ok: !a.software,
+    detail: `${a.description || a.device} (vendor ${a.vendor || '?'}, ${a.architecture || '?'}${a.software ? ', SOFTWARE: runs on the CPU, for tests' : ''}); max storage binding ${mib(a.maxStorageBufferBindingSize)}, max buffer ${mib(a.maxBufferSize)}`,
+  }));
+}
+
 export function registerDoctor(program: Command) {
   program
     .command('doctor')
@@ -77,6 +97,7 @@ export function registerDoctor(program: Command) {
         detail: gpus.length ? gpus.map((g) => `${g.index}: ${g.name} (${g.memoryMiB} MiB)`).join('; ') : 'none visible (CPU workers only: use --workers N)',
       });
       if (gpus.length > 0) checks.push(probeGpuBackend());
+      checks.push(...probeWebGpu());
       checks.push(sharedMemoryCheck());
       const dataDir = resolveDataDir(opts.dataDir);
       facts.dataDir = dataDir;
