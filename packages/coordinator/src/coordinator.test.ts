@@ -6,7 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it, type TestContext } from 'vitest';
 import { initKeyDir, loadKeyDir, transportCounters } from '@dtrain/transport';
-import { JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
+import { GpuSelectionError, JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
 
 const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-coord-'));
@@ -39,6 +39,21 @@ describe('launch', () => {
     expect(events.filter((e) => e.kind === 'joined')).toHaveLength(3);
     const log1 = fs.readFileSync(path.join(runDir, 'logs', 'rank-1.log'), 'utf8');
     expect(log1).toMatch(/^\[rank 1\] rank 1 welcomed with config \{"hello":"workers"\}$/m);
+  });
+
+  it("--gpus: worker i gets the i-th GPU of the user's CUDA_VISIBLE_DEVICES, not GPU i", async (ctx) => {
+    const runDir = tmp();
+    await launch({ workers: 2, gpus: true, entry: FAKE, runDir, config: {}, onEvent: recorded(ctx), env: { FAKE_MODE: 'ok', CUDA_VISIBLE_DEVICES: '2,3' } });
+    const sees = (r: number) => /sees CUDA_VISIBLE_DEVICES=(.*)$/m.exec(fs.readFileSync(path.join(runDir, 'logs', `rank-${r}.log`), 'utf8'))?.[1];
+    expect([sees(0), sees(1)]).toEqual(['2', '3']);
+  });
+
+  it('--gpus with fewer GPUs visible than workers: refused before any worker starts', async (ctx) => {
+    const events: RunEvent[] = [];
+    const err = await launch({ workers: 2, gpus: true, entry: FAKE, runDir: tmp(), config: {}, onEvent: recorded(ctx, events), env: { FAKE_MODE: 'ok', CUDA_VISIBLE_DEVICES: '5' } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(GpuSelectionError);
+    expect((err as Error).message).toMatch(/^--gpus 2: CUDA_VISIBLE_DEVICES="5" makes 1 GPU visible; use --gpus 1/);
+    expect(events).toEqual([]);
   });
 
   it('a worker that exits non-zero ends the run: rank, host, exit code and its last log lines', async (ctx) => {

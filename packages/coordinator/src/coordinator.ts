@@ -9,6 +9,7 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { ControlServer, countAuthRefused, curveServerSecurity, transportCounters, workerEnv, type ControlEnvelope, type KeyMaterial } from '@dtrain/transport';
+import { deviceForLocalRank } from './gpus.js';
 import { startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
 
 export class CoordinatorError extends Error {
@@ -154,7 +155,7 @@ export interface LaunchOptions {
   runDir: string;
   /** Sent to every worker as Welcome.config_json (opaque here; an object gets `offeredFiles` added). */
   config: unknown;
-  /** Worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i). */
+  /** Worker i sees only the i-th GPU of the user's CUDA_VISIBLE_DEVICES (unset: GPU i); see gpus.ts. */
   gpus?: boolean;
   /** Control socket address and port (default 127.0.0.1, any free port). */
   listen?: string;
@@ -304,6 +305,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const nodesExpected = o.nodes ?? 1;
   if (!Number.isInteger(n) || n < 1) throw new RangeError(`workers must be a positive integer, got ${n}`);
   if (!Number.isInteger(nodesExpected) || nodesExpected < 1) throw new RangeError(`nodes must be a positive integer, got ${nodesExpected}`);
+  if (o.gpus) deviceForLocalRank(0, n, { ...process.env, ...o.env }); // too few visible GPUs: refused before anything starts
   const multi = nodesExpected > 1;
   const tailLines = o.tailLines ?? 15;
   const joinTimeoutMs = o.joinTimeoutMs ?? 120_000;
@@ -421,7 +423,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       env.DTRAIN_HOST = localHost;
     }
     if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + rank);
-    if (o.gpus) env.CUDA_VISIBLE_DEVICES = String(rank);
+    if (o.gpus) env.CUDA_VISIBLE_DEVICES = deviceForLocalRank(rank, n, { ...process.env, ...o.env });
     delete env.DTRAIN_COORDINATOR_KEY;
     if (o.keys) {
       env.DTRAIN_KEYS_DIR = o.keys.dir;

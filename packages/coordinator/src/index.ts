@@ -4,3 +4,4 @@ export { TrainingMetrics, startMetricsServer, MetricsPortError } from './metrics
 export type { WorkerStepReport, EpochReport, PhaseSeconds, BuildInfo, MetricsServer } from './metrics.js';
 export { join, JoinFailedError } from './join.js';
 export type { JoinOptions, JoinEvent, JoinResult } from './join.js';
+export { deviceForLocalRank, visibleDeviceIds, visibleGpus, GpuSelectionError } from './gpus.js';

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { ControlClient, ControlTimeoutError, curveClientSecurity, workerEnv, type KeyMaterial } from '@dtrain/transport';
 import { CoordinatorError, NODE_AGENT_RANK, type AgentExitReport } from './coordinator.js';
+import { deviceForLocalRank } from './gpus.js';
 
 /** A worker of this machine failed, the coordinator refused the host, or it ended the run. */
 export class JoinFailedError extends CoordinatorError {
@@ -34,6 +35,7 @@ export interface JoinOptions {
   logDir: string;
   /** Data sets the coordinator sends are cached here (DTRAIN_DATA_DIR of the workers). */
   dataDir?: string;
+  /** Worker i sees only the i-th GPU of the user's CUDA_VISIBLE_DEVICES (unset: GPU i); see gpus.ts. */
   gpus?: boolean;
   /** How long to wait for the coordinator's answer and for the run to start (default 120 s). */
   joinTimeoutMs?: number;
@@ -61,6 +63,7 @@ export interface JoinResult {
 export async function join(o: JoinOptions): Promise<JoinResult> {
   const n = o.workers;
   if (!Number.isInteger(n) || n < 1) throw new RangeError(`workers must be a positive integer, got ${n}`);
+  if (o.gpus) deviceForLocalRank(0, n, { ...process.env, ...o.env }); // too few visible GPUs: refused before anything starts
   const joinTimeoutMs = o.joinTimeoutMs ?? 120_000;
   const tailLines = o.tailLines ?? 15;
   const emit = o.onEvent ?? (() => undefined);
@@ -120,7 +123,7 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
     delete env.WORLD_SIZE;
     if (o.dataDir) env.DTRAIN_DATA_DIR = path.resolve(o.dataDir);
     if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + i);
-    if (o.gpus) env.CUDA_VISIBLE_DEVICES = String(i);
+    if (o.gpus) env.CUDA_VISIBLE_DEVICES = deviceForLocalRank(i, n, { ...process.env, ...o.env });
     delete env.DTRAIN_COORDINATOR_KEY;
     if (o.keys && o.coordinatorKey) {
       env.DTRAIN_KEYS_DIR = o.keys.dir;

@@ -6,11 +6,11 @@ import dgram from 'node:dgram';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { Command, Option } from '@commander-js/extra-typings';
-import { listGpus } from '@dtrain/backend';
 import { join } from '@dtrain/coordinator';
 import { curveClientSecurity, describeSecurity } from '@dtrain/transport';
 import { WORKER_ENTRY } from '@dtrain/worker';
 import { nonNegativeInt, positiveInt, UsageError } from '../errors.js';
+import { requireGpus } from './gpus.js';
 import { chooseSecurity, coordinatorKeyOf, INSECURE_HELP, KEYS_HELP } from './security.js';
 
 /** `ADDR:PORT` (IPv4 address or host name, port 1-65535). */
@@ -43,7 +43,7 @@ export function registerJoin(program: Command) {
     .description("Add this machine's workers to a run whose coordinator waits at ADDR:PORT (pnpm cli launch --nodes M --listen ADDR:PORT); training options come from the coordinator")
     .argument('<addr:port>', "the coordinator's control socket, as given to launch --listen")
     .addOption(new Option('--workers <n>', 'CPU worker processes on this machine').argParser(positiveInt('--workers')))
-    .addOption(new Option('--gpus <n>', 'GPU workers: worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i)').argParser(positiveInt('--gpus')))
+    .addOption(new Option('--gpus <n>', 'GPU workers: worker i gets the i-th GPU of CUDA_VISIBLE_DEVICES (unset: GPU i) and sees only that one').argParser(positiveInt('--gpus')))
     .option('--advertise <addr>', 'address of this machine the other machines reach (default: the local address that routes to the coordinator)')
     .option('--host <name>', 'name of this machine in messages; must differ between machines (default: $DTRAIN_HOST, else the host name)')
     .addOption(new Option('--ring-port-base <port>', 'worker i binds its ring socket on this port + i (default: any free port; fix it to open a port range in a firewall)').argParser(nonNegativeInt('--ring-port-base')))
@@ -59,10 +59,7 @@ export function registerJoin(program: Command) {
       const n = (o.workers ?? o.gpus)!;
       const gpus = o.gpus !== undefined;
       const { host: masterAddr, port: masterPort } = parseHostPort('the coordinator address', target);
-      if (gpus) {
-        const found = listGpus();
-        if (found.length < n) throw new UsageError(`--gpus ${n}: nvidia-smi reports ${found.length} GPUs on this machine; use fewer, or --workers ${n} for CPU workers`);
-      }
+      if (gpus) requireGpus(n);
       const host = o.host || process.env.DTRAIN_HOST || hostname();
       const advertise = o.advertise ?? (await localAddressTowards(masterAddr, masterPort));
       if (!advertise) throw new UsageError(`no local address routes to ${masterAddr}: check the address, or give --advertise ADDR`);

@@ -3,7 +3,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Command, Option } from '@commander-js/extra-typings';
-import { listGpus } from '@dtrain/backend';
 import { launch, RunStoppedError, WorkerFailedError, type LaunchOptions, type LaunchResult, type RunEvent } from '@dtrain/coordinator';
 import { curveServerSecurity, describeSecurity } from '@dtrain/transport';
 import { DEFAULT_METRICS_PORT } from '@dtrain/core';
@@ -20,6 +19,7 @@ import {
   type Summary,
 } from '@dtrain/worker';
 import { nonNegativeInt, nonNegativeNumber, positiveInt, UsageError } from '../errors.js';
+import { requireGpus } from './gpus.js';
 import { parseHostPort } from './join.js';
 import { chooseSecurity, INSECURE_HELP, KEYS_HELP } from './security.js';
 import { addTrainOptions, settingsFromFlags } from './train-options.js';
@@ -101,7 +101,7 @@ export function registerLaunch(program: Command) {
       .command('launch')
       .description('Distributed training: a coordinator and one worker process per CPU slot (--workers) or GPU (--gpus) on this machine; with --nodes M, also the workers of M-1 other machines (pnpm cli join)')
       .addOption(new Option('--workers <n>', 'CPU worker processes').argParser(positiveInt('--workers')))
-      .addOption(new Option('--gpus <n>', 'GPU workers: worker i sees only GPU i (CUDA_VISIBLE_DEVICES=i)').argParser(positiveInt('--gpus'))),
+      .addOption(new Option('--gpus <n>', 'GPU workers: worker i gets the i-th GPU of CUDA_VISIBLE_DEVICES (unset: GPU i) and sees only that one').argParser(positiveInt('--gpus'))),
   )
     .addOption(new Option('--port <n>', 'coordinator control port (default: any free port)').argParser(nonNegativeInt('--port')))
     .addOption(new Option('--nodes <m>', 'machines in the run, this one included; the others run pnpm cli join ADDR:PORT').default(1).argParser(positiveInt('--nodes')))
@@ -124,15 +124,7 @@ export function registerLaunch(program: Command) {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
       const gpus = o.gpus !== undefined;
-      if (gpus) {
-        const found = listGpus();
-        if (found.length < n) {
-          throw new UsageError(
-            `--gpus ${n}: nvidia-smi reports ${found.length} GPU${found.length === 1 ? '' : 's'} on this machine${found.length ? ` (${found.map((g) => g.name).join(', ')})` : ''}; ` +
-              `use --gpus ${found.length || 'N'} with fewer workers, or --workers ${n} for CPU workers`,
-          );
-        }
-      }
+      if (gpus) requireGpus(n);
       let listen: string | undefined;
       let port = o.port;
       if (o.listen !== undefined) {

@@ -39,6 +39,7 @@ async function main(): Promise<void> {
   if (w.kind !== 'welcome') throw new Error(`expected welcome, got ${w.kind}`);
   c.runId = w.runId;
   console.log(`rank ${rank} welcomed with config ${(w.body as { configJson?: string }).configJson}`);
+  console.log(`rank ${rank} sees CUDA_VISIBLE_DEVICES=${process.env.CUDA_VISIBLE_DEVICES ?? '(unset)'}`);
   if (keys) console.log(`peer keys ${((w.body as { peers?: { curvePublicKey?: string }[] }).peers ?? []).map((p) => p.curvePublicKey).join(',')}`);
   if (mode === 'crash' && rank === target) {
     console.log('computing step 1');
