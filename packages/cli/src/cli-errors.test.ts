@@ -83,7 +83,7 @@ const CASES: Case[] = [
   { name: 'unknown data set to download', args: () => ['data', 'download', 'imagenet'], says: () => /the data set to download must be one of cifar10, got 'imagenet'/ },
   { name: 'unknown --split', args: () => ['data', 'inspect', 'fashion-mnist', '--index', '0', '--split', 'val'], says: () => /--split must be one of train, test, got 'val'/ },
   // Ports and the coordinator.
-  { name: '--metrics-port in use', args: () => ['launch', '--workers', '1', ...fm, '--out', fx.out('metrics-busy'), '--metrics-port', String(fx.busyPort)], says: () => new RegExp(`metrics on 0\\.0\\.0\\.0:${fx.busyPort} \\(the port is in use\\); choose another --metrics-port`) },
+  { name: '--metrics-port in use', args: () => ['launch', '--workers', '1', ...fm, '--out', fx.out('metrics-busy'), '--metrics-port', String(fx.busyPort)], says: () => new RegExp(`metrics on 127\\.0\\.0\\.1:${fx.busyPort} \\(the port is in use\\); choose another --metrics-port`) },
   { name: '--port in use', args: () => [...launch1(), '--port', String(fx.busyPort)], says: () => new RegExp(`could not listen on tcp://127\\.0\\.0\\.1:${fx.busyPort} .*--port`) },
   { name: 'join: coordinator address without a port', args: () => ['join', 'coordinator-host', '--workers', '1'], says: () => /ADDR:PORT.*'coordinator-host'/ },
   {

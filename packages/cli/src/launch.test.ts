@@ -69,7 +69,7 @@ describe('pnpm cli launch --workers 2', () => {
       const out = path.join(tmp(), 'never');
       const r = await cli(ctx, 'launch', '--workers', '2', '--synthetic-test-data', '16:8:12', '--out', out, '--metrics-port', String(port));
       expect(r.code).toBe(2);
-      expect(r.stderr).toBe(`error: cannot serve metrics on 0.0.0.0:${port} (the port is in use); choose another --metrics-port, or --metrics-port 0 to serve none\n`);
+      expect(r.stderr).toBe(`error: cannot serve metrics on 127.0.0.1:${port} (the port is in use); choose another --metrics-port, or --metrics-port 0 to serve none\n`);
       expect(fs.existsSync(path.join(out, 'logs'))).toBe(false);
     } finally {
       busy.close();

@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import http from 'node:http';
 import { METRIC_DEFS, METRICS } from '@dtrain/core';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -183,6 +184,15 @@ describe('startMetricsServer', () => {
     expect(await get(`http://127.0.0.1:${server!.port}/healthz`)).toMatchObject({ status: 200, body: 'ok\n' });
     expect((await get(`http://127.0.0.1:${server!.port}/nope`)).status).toBe(404);
     expect((await get(server!.url, 'POST')).status).toBe(405);
+  });
+
+  it('binds 127.0.0.1 unless told otherwise: the metrics have no authentication', async () => {
+    server = await startMetricsServer(new TrainingMetrics({ defaultMetrics: false }), { port: await freePort() });
+    expect(server!.host).toBe('127.0.0.1');
+    expect(server!.url).toBe(`http://127.0.0.1:${server!.port}/metrics`);
+    // What the socket is bound to, as the kernel has it (not only what we asked for).
+    const bound = fs.readFileSync('/proc/net/tcp', 'utf8').split('\n').map((l) => l.trim().split(/\s+/)[1]).filter((a) => a?.endsWith(`:${server!.port.toString(16).toUpperCase().padStart(4, '0')}`));
+    expect(bound).toEqual(['0100007F:' + server!.port.toString(16).toUpperCase().padStart(4, '0')]);
   });
 
   it('port 0 serves nothing', async () => {

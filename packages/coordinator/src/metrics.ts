@@ -297,13 +297,14 @@ export class MetricsPortError extends Error {
 
 /**
  * Serves GET /metrics (Prometheus text format) and GET /healthz on `host:port`. Port 0 means
- * metrics are off: nothing listens and the result is null. `host` defaults to every interface, so
- * a Prometheus on another machine (or in a container) can scrape it.
+ * metrics are off: nothing listens and the result is null. `host` defaults to 127.0.0.1: the
+ * metrics carry host names, ranks, losses and versions without authentication, so reaching them
+ * from another machine (or a container) is the operator's choice (`--metrics-host`).
  */
 export async function startMetricsServer(metrics: TrainingMetrics, o: { port: number; host?: string }): Promise<MetricsServer | null> {
   if (o.port === 0) return null;
   if (!Number.isInteger(o.port) || o.port < 0 || o.port > 65535) throw new RangeError(`metrics port must be 0-65535, got ${o.port}`);
-  const host = o.host ?? '0.0.0.0';
+  const host = o.host ?? '127.0.0.1';
   const server = http.createServer((req, res) => {
     const url = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {

@@ -117,6 +117,7 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--min-workers <k>', 'with --elastic: below K workers the run stops after a checkpoint (exit code 3); --resume continues it').default(1).argParser(positiveInt('--min-workers')))
     .addOption(new Option('--bucket-mb <mb>', `all-reduce the gradient in buckets of this many MiB while the backward pass still runs, as PyTorch DDP's bucket_cap_mb; 0: one all-reduce after the backward pass (default: ${DEFAULT_BUCKET_MB})`).argParser(nonNegativeNumber('--bucket-mb')))
     .addOption(new Option('--metrics-port <port>', 'serve Prometheus metrics on this port (0: none)').default(DEFAULT_METRICS_PORT).argParser(portNumber('--metrics-port')))
+    .addOption(new Option('--metrics-host <addr>', 'address the metrics bind (default: the --listen address, else 127.0.0.1; 0.0.0.0 for a Prometheus on another machine or in a container: metrics have no authentication)'))
     .addOption(new Option('--metrics-linger-s <s>', 'keep serving metrics this long after the run ended, for a last scrape').default(0).argParser(nonNegativeNumber('--metrics-linger-s')))
     .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
     .addOption(new Option('--test-crash <spec>', 'FOR TESTS: RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch, final: before its final report)').argParser(parseCrash).hideHelp())
@@ -168,7 +169,7 @@ export function registerLaunch(program: Command) {
       let summary: Summary | undefined;
       const allReduce = { sec: 0, trainSec: 0 };
       const onEvent = (e: RunEvent) => {
-        if (e.kind === 'metrics') console.log(`metrics: ${e.url} (Prometheus; --metrics-port ${e.port}, 0 to serve none)`);
+        if (e.kind === 'metrics') console.log(`metrics: ${e.url} (Prometheus; --metrics-port ${e.port}, 0 to serve none${/\/\/127\./.test(e.url) ? '; this machine only: --metrics-host 0.0.0.0 to serve others' : ''})`);
         else if (e.kind === 'listening') {
           console.log(`${describeSecurity(keys ? curveServerSecurity(keys) : { kind: 'none' }, `the control socket and the rings (${e.endpoint})`)}${keys ? `; keys in ${keys.dir}` : ''}`);
           console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
@@ -218,6 +219,7 @@ export function registerLaunch(program: Command) {
         onEvent,
         keys,
         metricsPort: o.metricsPort,
+        metricsHost: o.metricsHost ?? listen ?? '127.0.0.1',
         metricsLingerMs: o.metricsLingerS * 1000,
       });
       if (summary) console.log(formatSummaryLine(summary, allReduce, runDir));
