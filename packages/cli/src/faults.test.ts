@@ -202,7 +202,9 @@ describe('a worker joining an --elastic run in progress', () => {
     const out = path.join(tmp(), 'run');
     const port = 20000 + Math.floor(Math.random() * 20000);
     let joiner: Promise<Run> | undefined;
-    const r = await cli(ctx, ['launch', '--workers', '2', '--elastic', ...SYN, ...FAST, '--epochs', '3', '--out', out, '--port', String(port)], {
+    // 30 steps an epoch: the joiner (a process, then its worker loading TensorFlow) is admitted
+    // within the 2 epochs left even on a loaded machine; with 6 it came after the end there.
+    const r = await cli(ctx, ['launch', '--workers', '2', '--elastic', ...SYN, '--synthetic-test-data', '480:48:12', ...FAST, '--epochs', '3', '--out', out, '--port', String(port)], {
       onLine: (l) => {
         if (!joiner && /^epoch 1\/3 /.test(l.text)) {
           joiner = cli(ctx, ['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'joiner', '--advertise', '127.0.0.1', '--timeout-s', '10', '--log-dir', path.join(out, 'joiner-logs')]);

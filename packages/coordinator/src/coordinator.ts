@@ -198,7 +198,7 @@ export interface LaunchOptions {
   onEvent?: (e: RunEvent) => void;
   /** Serve Prometheus metrics (GET /metrics, /healthz) on this port; 0 or absent: none. */
   metricsPort?: number;
-  /** Address the metrics server binds (default 0.0.0.0, so a Prometheus elsewhere can scrape it). */
+  /** Address the metrics server binds (default 127.0.0.1: they carry no authentication; 0.0.0.0 for a Prometheus elsewhere). */
   metricsHost?: string;
   /** Keep serving metrics this long after the run ended, so a last scrape sees the final figures (default 0). */
   metricsLingerMs?: number;
@@ -807,7 +807,8 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       const rank = member.rank;
       if (!r.detailJson) {
         if (r.stepMs !== undefined) member.stepMs = r.stepMs;
-        return observeStep(metrics, rank, r.host || member.host, r);
+        // The host label is the one it joined with: a report cannot mint new series.
+        return observeStep(metrics, rank, member.host, r);
       }
       let detail: Record<string, unknown>;
       try {
@@ -909,6 +910,16 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     await Promise.all(slots.map((s) => s.exited));
     clearTimeout(grace);
   };
+  /**
+   * Workers waiting for admission into an elastic run, and machines none of whose workers got in,
+   * hear why the run ends without them (their join exits non-zero saying so), before the socket closes.
+   */
+  const tellNotAdmitted = async (why: string) => {
+    const waiting = pendingJoiners.splice(0).map((x) => server.send(x.peer, 'error', { code: 7, message: `${why}: local rank ${x.localRank} of host ${x.host}`, rank: -1, host: localHost }));
+    const outside = [...nodes.values()].filter((node) => node.agent && !byRank.some((x) => x.host === node.host));
+    const agents = outside.map((node) => server.send(node.agent!, 'error', { code: 7, message: `${why}: host ${node.host}`, rank: -1, host: localHost }));
+    await Promise.all([...waiting, ...agents].map((p) => p.catch(() => undefined)));
+  };
   const failWith = async (err: Error): Promise<never> => {
     clearTimeout(remoteGrace);
     clearInterval(heartbeatTimer);
@@ -980,6 +991,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   if (failure) return failWith(failure);
   clearTimeout(remoteGrace);
   clearInterval(heartbeatTimer);
+  await tellNotAdmitted('the run completed before it was admitted (it came after the last step boundary)');
   await server.close();
   await stopMetrics();
 
