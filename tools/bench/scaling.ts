@@ -553,9 +553,9 @@ export async function main(args: string[]): Promise<void> {
   const cores = os.cpus().length;
   const batch = Number(o.batch);
   const command = `pnpm bench scaling ${args.join(' ')}`.trim();
-  const result: Record<string, unknown> = { bench: 'scaling', command, date: new Date().toISOString(), machine: machine(), options: o };
+  const result: Record<string, unknown> = { bench: 'scaling', date: new Date().toISOString(), machine: machine(), options: o };
   const notes: string[] = [];
-  const save = () => writeResults('scaling', { ...result, notes, machineAtEnd: machine() });
+  const save = () => writeResults('scaling', { ...result, notes });
 
   process.once('SIGINT', () => cleanupAndExit('SIGINT'));
   process.once('SIGTERM', () => cleanupAndExit('SIGTERM'));

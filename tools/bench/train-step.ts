@@ -7,7 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { loadBackend, measureMatmulGflops } from '@dtrain/backend';
 import { describeResNet, ResNet, type ResNetConfig } from '@dtrain/core';
-import { machine, parseArgs, stats, writeResults, type Stats } from './_common.js';
+import { parseArgs, stats, writeResults, type Stats } from './_common.js';
 
 /** The tutorial network in the layers API, with explicit padding so shapes match PyTorch's. */
 export function buildLayersResNet(c: ResNetConfig): tfl.LayersModel {
@@ -126,6 +126,6 @@ export async function main(args: string[]): Promise<void> {
       `| ${r.size}x${r.size} | ${r.oursImgS.toFixed(1)} | ${r.layersImgS.toFixed(1)} | ${r.ratio.toFixed(2)}x | ${r.ours.median.toFixed(3)} (${r.ours.min.toFixed(3)}-${r.ours.max.toFixed(3)}) | ${r.layers.median.toFixed(3)} (${r.layers.min.toFixed(3)}-${r.layers.max.toFixed(3)}) | ${r.gflops.toFixed(1)} (${(100 * r.fractionOfMatmul).toFixed(0)}%) |`,
     );
   }
-  const file = writeResults('train-step', { command: `pnpm bench train-step ${args.join(' ')}`.trim(), machine: machine(), versions, matmulGflops: matmul, batch, warmup, steps, results: rows });
+  const file = writeResults('train-step', { versions, matmulGflops: matmul, batch, warmup, steps, results: rows });
   console.log(`\nwrote ${file}`);
 }
