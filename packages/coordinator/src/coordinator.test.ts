@@ -7,26 +7,18 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it, type TestContext } from 'vitest';
 import { initKeyDir, loadKeyDir, transportCounters } from '@dtrain/transport';
 import { GpuSelectionError, JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
+import { killWorkersAtEnd } from './testing/workers.js';
 
 const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-coord-'));
 
-/**
- * launch()'s onEvent: records the events, and kills the workers when the test ends, however it ends
- * (a test that times out leaves launch() running). They are children of this process and in its
- * process group, so they are killed by pid.
- */
+/** launch()'s onEvent: records the events, and kills the workers when the test ends (testing/workers.ts). */
 function recorded(ctx: TestContext, events: RunEvent[] = []): (e: RunEvent) => void {
-  ctx.onTestFinished(() => {
-    for (const e of events) {
-      try {
-        if (e.kind === 'spawned') process.kill(e.pid, 'SIGKILL');
-      } catch {
-        // exited
-      }
-    }
-  });
-  return (e) => events.push(e);
+  const kill = killWorkersAtEnd(ctx);
+  return (e) => {
+    events.push(e);
+    kill(e);
+  };
 }
 
 describe('launch', () => {

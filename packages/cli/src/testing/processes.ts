@@ -169,23 +169,5 @@ export function runCli(ctx: TestContext, args: string[], opts: StartOptions & { 
   return startCli(ctx, args, opts).done;
 }
 
-/**
- * For launch() and join() called inside the test process: their workers are children of this
- * process and in its process group, so they are killed one by one, by pid, when the test ends
- * (their coordinator, this process, cannot be). Use the result as, or call it from, `onEvent`.
- */
-export function killWorkersAtEnd(ctx: TestContext): (e: { kind: string; pid?: number }) => void {
-  const pids: number[] = [];
-  ctx.onTestFinished(() => {
-    for (const pid of pids) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // exited
-      }
-    }
-  });
-  return (e) => {
-    if (e.kind === 'spawned' && e.pid !== undefined && e.pid > 0) pids.push(e.pid);
-  };
-}
+// launch()/join() inside the test process: their workers, killed by pid (shared with coordinator's tests).
+export { killWorkersAtEnd } from '../../../coordinator/src/testing/workers.js';
