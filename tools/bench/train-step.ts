@@ -42,14 +42,14 @@ function randomBatch(n: number, c: ResNetConfig) {
   return { images, labels, n };
 }
 
-function timeOurs(c: ResNetConfig, batch: number, warmup: number, steps: number): number[] {
+async function timeOurs(c: ResNetConfig, batch: number, warmup: number, steps: number): Promise<number[]> {
   const model = new ResNet(c, { seed: 1, sgd: { lr: 0.01 } });
   const b = randomBatch(batch, c);
   const grads = new Float32Array(model.paramCount);
   const times: number[] = [];
   for (let i = 0; i < warmup + steps; i++) {
     const t0 = performance.now();
-    model.computeGradients(b, grads);
+    await model.computeGradients(b, grads);
     model.applyGradients(grads);
     if (i >= warmup) times.push((performance.now() - t0) / 1000);
   }
@@ -96,7 +96,7 @@ export async function main(args: string[]): Promise<void> {
   for (const size of sizes) {
     const c: ResNetConfig = { inChannels: Number(o.channels), classes: 10, imageSize: size };
     const trainFlops = 3 * describeResNet(c).flopsPerImage * batch;
-    const oursSamplesS = timeOurs(c, batch, warmup, steps);
+    const oursSamplesS = await timeOurs(c, batch, warmup, steps);
     const layersSamplesS = await timeLayers(c, batch, warmup, steps);
     const ours = stats(oursSamplesS);
     const layers = stats(layersSamplesS);

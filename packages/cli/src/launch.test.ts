@@ -113,12 +113,12 @@ describe('equivalence', () => {
     for (let step = 0; step < 3; step++) {
       for (const r of [0, 1]) {
         const b = assembler.assemble(train, shards[r][step]);
-        model.computeGradients({ images: b.x, labels: b.y, n: b.n }, g[r]);
+        await model.computeGradients({ images: b.x, labels: b.y, n: b.n }, g[r]);
       }
       for (let i = 0; i < g[0].length; i++) g[0][i] = (g[0][i] + g[1][i]) / 2;
       model.applyGradients(g[0]);
     }
-    const want = model.getWeights();
+    const want = await model.getWeights();
     const got = ck.weights;
     let worst = 0;
     for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]) / (1e-3 + Math.abs(want[i])));

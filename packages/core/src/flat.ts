@@ -3,20 +3,44 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 /**
- * Copies tensors, in order, into one flat vector. Per-tensor dataSync + set: tf.concat of
- * many 1-D tensors measured 500x slower on tfjs-node (15 s vs 29 ms for 7.5M floats).
+ * Whether the current backend can read a tensor synchronously. WebGPU in Node cannot: tfjs's
+ * synchronous WebGPU read goes through an OffscreenCanvas, which Node lacks; every read there is
+ * `await t.data()`, which also lets the GPU run ahead of the host.
  */
-export function copyOut(tensors: tf.Tensor[], out: Float32Array): Float32Array {
+export function readsSync(): boolean {
+  return tf.getBackend() !== 'webgpu';
+}
+
+/**
+ * Copies tensors, in order, into one flat vector. On the CPU, per-tensor dataSync + set (tf.concat
+ * of many 1-D tensors measured 500x slower on tfjs-node: 15 s vs 29 ms for 7.5M floats); on WebGPU,
+ * every read is started at once and copied as it lands.
+ */
+export async function copyOut(tensors: tf.Tensor[], out: Float32Array): Promise<Float32Array> {
+  const total = tensors.reduce((a, t) => a + t.size, 0);
+  if (total !== out.length) throw new RangeError(`flat vector has ${out.length} floats, the tensors ${total}`);
   let offset = 0;
-  for (const t of tensors) {
-    out.set(t.dataSync() as Float32Array, offset);
-    offset += t.size;
+  if (readsSync()) {
+    for (const t of tensors) {
+      out.set(t.dataSync() as Float32Array, offset);
+      offset += t.size;
+    }
+    return out;
   }
-  if (offset !== out.length) throw new RangeError(`flat vector has ${out.length} floats, the tensors ${offset}`);
+  const parts = await Promise.all(tensors.map((t) => t.data() as Promise<Float32Array>));
+  for (const p of parts) {
+    out.set(p, offset);
+    offset += p.length;
+  }
   return out;
 }
 
-export function readFlat(vars: tf.Variable[]): Float32Array {
+/** The first value of a scalar tensor. */
+export async function readScalar(t: tf.Tensor): Promise<number> {
+  return readsSync() ? t.dataSync()[0] : (await t.data())[0];
+}
+
+export function readFlat(vars: tf.Variable[]): Promise<Float32Array> {
   return copyOut(vars, new Float32Array(vars.reduce((a, v) => a + v.size, 0)));
 }
 

@@ -1,59 +1,17 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { loadBackend } from '@dtrain/backend';
-import { describeResNet, minTrainingBatch, type Architecture } from './architecture.js';
+import { describeResNet, minTrainingBatch } from './architecture.js';
 import { gradientBuckets, ResNet, type Batch } from './resnet.js';
 import { TUTORIAL_CONFIG } from './architecture.js';
+import { firstDifference, forwardTolerance, randomBatch } from './testing/model-checks.js';
 
 beforeAll(async () => {
   await loadBackend('cpu');
 });
 
-/** Deterministic pseudo-random batch (not all zeros, not learnable). */
-function randomBatch(n: number, size: number, channels: number, classes: number, seed = 1): Batch {
-  let s = seed >>> 0;
-  const rand = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 2 ** 32) * 2 - 1;
-  const images = new Float32Array(n * size * size * channels).map(rand);
-  const labels = Int32Array.from({ length: n }, (_, i) => (i * 7 + seed) % classes);
-  return { images, labels, n };
-}
-
-/** Index of the first differing element, -1 when bitwise equal (vitest's toEqual is too slow for 11M floats). */
-function firstDifference(a: Float32Array, b: Float32Array): number {
-  if (a.length !== b.length) return Math.min(a.length, b.length);
-  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  const ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < ua.length; i++) if (ua[i] !== ub[i]) return i;
-  return -1;
-}
-
-/**
- * Relative float32 tolerance between two computations of the network's forward pass that sum
- * in different orders (the fast path's im2col / polyphase / fused kernels vs TensorFlow's own ops;
- * oneDNN's kernels differ per CPU too). A length-K float32 reduction is typically off by
- * sqrt(K) * u relative to its magnitude (u = 2^-24, rounding errors as independent random
- * variables; the worst case K * u is far too loose to test anything). Along the forward path
- * these add to first order: sum over every reduction (each conv: k*k*Cin; each BatchNorm's
- * statistics: batch*H*W; the FC: 512). Each of the two computations contributes that much.
- * The loss, -log softmax at a random initialisation, is of the order of the logits, so the
- * same relative tolerance applies to it. The backward pass runs the chain once more: twice that.
- * For the 32x32 network at batch 4 this is about 8e-5: a wrong op changes the loss by O(1).
- */
-function forwardTolerance(a: Architecture, batch: number): number {
-  const u = 2 ** -24;
-  const convs = [a.stemConv, ...a.blocks.flatMap((b) => [b.conv1, b.conv2, ...(b.shortcut ? [b.shortcut] : [])])];
-  const mapArea = (name: string) => {
-    const [h, w] = a.layers.find((l) => l.name === name)!.outputShape;
-    return h * w;
-  };
-  let sumSqrtK = Math.sqrt(512);
-  for (const c of convs) sumSqrtK += Math.sqrt(c.kernel * c.kernel * c.inChannels);
-  for (const bn of a.batchNorms) sumSqrtK += Math.sqrt(batch * mapArea(bn.name));
-  return 2 * sumSqrtK * u;
-}
-
 describe('architecture', () => {
-  it('counts the trainable parameters PyTorch counts for the tutorial network', () => {
+  it('counts the trainable parameters PyTorch counts for the tutorial network', async () => {
     // Written out as PyTorch's numel() sums them: conv weights + biases, BN weight + bias, Linear.
     const conv = (cin: number, cout: number, k: number, bias: boolean) => cin * cout * k * k + (bias ? cout : 0);
     const bn = (c: number) => 2 * c;
@@ -73,7 +31,7 @@ describe('architecture', () => {
     expect(describeResNet({ inChannels: 3, classes: 10, imageSize: 96 }).bnStatCount).toBe(2 * (64 + 4 * 64 + 4 * 128 + 4 * 256 + 4 * 512));
   });
 
-  it('has the tutorial’s output shapes at 96x96 (final map 3x3)', () => {
+  it('has the tutorial’s output shapes at 96x96 (final map 3x3)', async () => {
     const a = describeResNet({ inChannels: 3, classes: 10, imageSize: 96 });
     const shape = (name: string) => a.layers.find((l) => l.name === name)!.outputShape;
     expect(shape('stem.conv')).toEqual([45, 45, 64]);
@@ -91,7 +49,7 @@ describe('architecture', () => {
     expect(off).toBe(a.paramCount);
   });
 
-  it('names the smallest per-rank batch whose BatchNorms see 3 values per channel: 3 where the last maps are 1x1, 1 at 96x96 (3x3)', () => {
+  it('names the smallest per-rank batch whose BatchNorms see 3 values per channel: 3 where the last maps are 1x1, 1 at 96x96 (3x3)', async () => {
     expect(minTrainingBatch(describeResNet({ inChannels: 3, classes: 10, imageSize: 96 }))).toBe(1);
     expect(minTrainingBatch(describeResNet({ inChannels: 3, classes: 10, imageSize: 32 }))).toBe(3);
     expect(minTrainingBatch(describeResNet({ inChannels: 1, classes: 10, imageSize: 28 }))).toBe(3);
@@ -100,16 +58,16 @@ describe('architecture', () => {
     expect(minTrainingBatch(describeResNet({ inChannels: 3, classes: 10, imageSize: 40 }))).toBe(1);
   });
 
-  it('rejects impossible configurations with a clear message', () => {
+  it('rejects impossible configurations with a clear message', async () => {
     expect(() => describeResNet({ inChannels: 3, classes: 10, imageSize: 5 })).toThrow(/imageSize/);
     expect(() => describeResNet({ inChannels: 0, classes: 10, imageSize: 32 })).toThrow(/inChannels/);
   });
 });
 
 describe('ResNet', () => {
-  it('initialises like the tutorial: Xavier-uniform weights, zero biases, BN gamma 1 / beta 0, seeded', () => {
+  it('initialises like the tutorial: Xavier-uniform weights, zero biases, BN gamma 1 / beta 0, seeded', async () => {
     const m = new ResNet({ inChannels: 3, classes: 10, imageSize: 32 }, { seed: 7 });
-    const w = m.getWeights();
+    const w = await m.getWeights();
     for (const p of m.arch.params) {
       const v = w.subarray(p.offset, p.offset + p.size);
       if (p.init === 'zeros') expect(v.every((x) => x === 0)).toBe(true);
@@ -123,19 +81,19 @@ describe('ResNet', () => {
       }
     }
     const again = new ResNet({ inChannels: 3, classes: 10, imageSize: 32 }, { seed: 7 });
-    expect(firstDifference(again.getWeights(), w)).toBe(-1);
+    expect(firstDifference(await again.getWeights(), w)).toBe(-1);
     const other = new ResNet({ inChannels: 3, classes: 10, imageSize: 32 }, { seed: 8 });
-    expect(firstDifference(other.getWeights(), w)).not.toBe(-1);
+    expect(firstDifference(await other.getWeights(), w)).not.toBe(-1);
     [m, again, other].forEach((x) => x.dispose());
   });
 
-  it('computes the same flat gradients as TensorFlow.js’s own ops and built-in gradients', () => {
+  it('computes the same flat gradients as TensorFlow.js’s own ops and built-in gradients', async () => {
     const cfg = { inChannels: 3, classes: 10, imageSize: 32 };
     const fast = new ResNet(cfg, { seed: 3 });
     const ref = new ResNet(cfg, { seed: 3, referenceOps: true });
     const batch = randomBatch(4, 32, 3, 10);
-    const a = fast.computeGradients(batch);
-    const b = ref.computeGradients(batch);
+    const a = await fast.computeGradients(batch);
+    const b = await ref.computeGradients(batch);
     const tol = forwardTolerance(fast.arch, batch.n);
     expect(tol).toBeGreaterThan(1e-5); // the derivation, sanity-checked: ~8e-5 here
     expect(tol).toBeLessThan(2e-4);
@@ -152,32 +110,32 @@ describe('ResNet', () => {
     ref.dispose();
   });
 
-  it('keeps the number of live tensors constant over 20 training steps', () => {
+  it('keeps the number of live tensors constant over 20 training steps', async () => {
     const m = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 }, { sgd: { lr: 0.01, momentum: 0.9, weightDecay: 5e-4 } });
     const batch = randomBatch(4, 16, 1, 10);
     const grads = new Float32Array(m.paramCount);
-    m.computeGradients(batch, grads);
+    await m.computeGradients(batch, grads);
     m.applyGradients(grads);
-    m.evaluate(batch);
+    await m.evaluate(batch);
     const before = tf.memory().numTensors;
     for (let i = 0; i < 20; i++) {
-      m.computeGradients(batch, grads);
+      await m.computeGradients(batch, grads);
       m.applyGradients(grads);
-      m.evaluate(batch);
-      m.getWeights();
-      m.getBatchNormStats();
+      await m.evaluate(batch);
+      await m.getWeights();
+      await m.getBatchNormStats();
     }
     expect(tf.memory().numTensors).toBe(before);
     m.dispose();
   });
 
-  it('learns: the loss on a fixed batch falls when trained on it', () => {
+  it('learns: the loss on a fixed batch falls when trained on it', async () => {
     const m = new ResNet({ inChannels: 1, classes: 4, imageSize: 16 }, { seed: 1, sgd: { lr: 0.05 } });
     const batch = randomBatch(16, 16, 1, 4, 5);
-    const first = m.computeGradients(batch).loss;
+    const first = (await m.computeGradients(batch)).loss;
     let last = first;
     for (let i = 0; i < 15; i++) {
-      const r = m.computeGradients(batch);
+      const r = await m.computeGradients(batch);
       m.applyGradients(r.grads);
       last = r.loss;
     }
@@ -185,16 +143,17 @@ describe('ResNet', () => {
     m.dispose();
   });
 
-  it('updates BatchNorm running statistics as PyTorch does (momentum 0.1, unbiased variance)', () => {
+  it('updates BatchNorm running statistics as PyTorch does (momentum 0.1, unbiased variance)', async () => {
     const m = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 });
     const batch = randomBatch(4, 16, 1, 10);
-    const before = m.getBatchNormStats();
-    m.computeGradients(batch);
-    const after = m.getBatchNormStats();
+    const before = await m.getBatchNormStats();
+    await m.computeGradients(batch);
+    const after = await m.getBatchNormStats();
     // Stem conv output with zero bias: compute its per-channel batch mean/variance directly.
+    const stemWeight = (await m.getWeights()).subarray(0, 7 * 7 * 64);
     const stats = tf.tidy(() => {
       const x = tf.tensor4d(batch.images, [4, 16, 16, 1]);
-      const w = tf.tensor(m.getWeights().subarray(0, 7 * 7 * 64), [7, 7, 1, 64]) as tf.Tensor4D;
+      const w = tf.tensor(stemWeight, [7, 7, 1, 64]) as tf.Tensor4D;
       const y = tf.conv2d(x, w, 2, 'valid');
       const { mean, variance } = tf.moments(y, [0, 1, 2]);
       const n = y.size / 64;
@@ -207,24 +166,24 @@ describe('ResNet', () => {
     m.dispose();
   });
 
-  it('round-trips weights and BN statistics as flat vectors, and checks their length', () => {
+  it('round-trips weights and BN statistics as flat vectors, and checks their length', async () => {
     const a = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 }, { seed: 1 });
     const b = new ResNet({ inChannels: 1, classes: 10, imageSize: 16 }, { seed: 2 });
-    a.computeGradients(randomBatch(4, 16, 1, 10));
-    b.setWeights(a.getWeights());
-    b.setBatchNormStats(a.getBatchNormStats());
-    expect(firstDifference(b.getWeights(), a.getWeights())).toBe(-1);
+    await a.computeGradients(randomBatch(4, 16, 1, 10));
+    b.setWeights(await a.getWeights());
+    b.setBatchNormStats(await a.getBatchNormStats());
+    expect(firstDifference(await b.getWeights(), await a.getWeights())).toBe(-1);
     const batch = randomBatch(4, 16, 1, 10, 9);
-    expect(b.evaluate(batch)).toEqual(a.evaluate(batch));
+    expect(await b.evaluate(batch)).toEqual(await a.evaluate(batch));
     expect(() => b.setWeights(new Float32Array(3))).toThrow(/expected \d+ floats/);
-    expect(() => a.computeGradients({ ...batch, n: 5 })).toThrow(/expected 5 images/);
+    await expect(a.computeGradients({ ...batch, n: 5 })).rejects.toThrow(/expected 5 images/);
     a.dispose();
     b.dispose();
   });
 });
 
 describe('gradient buckets (the all-reduce overlapping the backward pass)', () => {
-  it('cover every parameter once, whole tensors, from the head back to the stem', () => {
+  it('cover every parameter once, whole tensors, from the head back to the stem', async () => {
     const arch = describeResNet(TUTORIAL_CONFIG);
     const mib = 1 << 20;
     for (const bytes of [4, mib, 8 * mib, 25 * mib, 1 << 30]) {
@@ -248,19 +207,19 @@ describe('gradient buckets (the all-reduce overlapping the backward pass)', () =
     expect(() => gradientBuckets(arch, 0)).toThrow(/at least 4 bytes/);
   });
 
-  it('are reported during the backward pass, each once, with gradients bitwise equal to the plain path', () => {
+  it('are reported during the backward pass, each once, with gradients bitwise equal to the plain path', async () => {
     const cfg = { inChannels: 3, classes: 10, imageSize: 32 };
     const plain = new ResNet(cfg, { seed: 4 });
     const tapped = new ResNet(cfg, { seed: 4 });
     const batch = randomBatch(4, 32, 3, 10, 5);
-    const want = plain.computeGradients(batch);
+    const want = await plain.computeGradients(batch);
     const buckets = gradientBuckets(tapped.arch, 64 * 1024);
     expect(buckets.length).toBeGreaterThan(3);
     const out = new Float32Array(tapped.paramCount).fill(NaN);
     const order: number[] = [];
     const stemStillEmpty: boolean[] = [];
     const stem = buckets.at(-1)!;
-    const got = tapped.computeGradients(batch, out, {
+    const got = await tapped.computeGradients(batch, out, {
       buckets,
       onBucketReady: (k) => {
         const b = buckets[k];
@@ -278,8 +237,8 @@ describe('gradient buckets (the all-reduce overlapping the backward pass)', () =
     expect(got.correct).toBe(want.correct);
     // No tensor leaks from the taps, and the next plain step is unaffected.
     const before = tf.memory().numTensors;
-    tapped.computeGradients(batch, out, { buckets, onBucketReady: () => undefined });
-    tapped.computeGradients(batch, out);
+    await tapped.computeGradients(batch, out, { buckets, onBucketReady: () => undefined });
+    await tapped.computeGradients(batch, out);
     expect(tf.memory().numTensors).toBe(before);
     plain.dispose();
     tapped.dispose();

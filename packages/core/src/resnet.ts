@@ -9,8 +9,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describeResNet, type Architecture, type BatchNormSpec, type ConvLayerSpec, type ResNetConfig } from './architecture.js';
 import { makeConv2d } from './conv.js';
-import { makeRelu, makeTrainingBatchNorm, referenceTrainingBatchNorm, type TrainingBatchNorm } from './native.js';
-import { copyOut, readFlat, writeFlat } from './flat.js';
+import { makeRelu, makeTrainingBatchNorm, nativeBackend, referenceTrainingBatchNorm, type TrainingBatchNorm } from './native.js';
+import { copyOut, readFlat, readScalar, readsSync, writeFlat } from './flat.js';
 import { Sgd, type SgdOptions } from './sgd.js';
 
 /** PyTorch's BatchNorm momentum: running = (1 - m) * running + m * batch statistic. */
@@ -82,8 +82,9 @@ export interface GradientReadiness {
   /** From gradientBuckets(arch, ...). */
   buckets: readonly GradientBucket[];
   /**
-   * Called once per bucket, in the backward pass, as soon as its floats of the output are final
-   * (buckets the backward pass did not complete are reported after it, in index order).
+   * Called once per bucket as soon as its floats of the output are final: on the CPU inside the
+   * backward pass; on WebGPU when the bucket's read from the GPU lands, while the GPU still works
+   * on the earlier layers (buckets the backward pass did not complete are reported after it).
    */
   onBucketReady: (index: number) => void;
 }
@@ -131,11 +132,15 @@ export class ResNet {
       this.runningVar.set(bn.name, tf.variable(tf.ones([bn.channels]), false, `${prefix}/${bn.name}.running_var`));
     }
     const convSpecs = [this.arch.stemConv, ...this.arch.blocks.flatMap((b) => [b.conv1, b.conv2, ...(b.shortcut ? [b.shortcut] : [])])];
+    // The hand-written convolution gradients (conv.ts) work around TensorFlow's slow CPU kernels;
+    // elsewhere (WebGPU) the backend's own Conv2DBackpropInput/Filter kernels are used, unmeasured
+    // against the alternatives until a real GPU run says otherwise.
+    const customConvGrads = !options.referenceOps && nativeBackend() !== undefined;
     for (const c of convSpecs) {
       const spec = { kernel: c.kernel, stride: c.stride, padding: c.padding, inputGrad: c !== this.arch.stemConv };
       this.convs.set(
         c.name,
-        options.referenceOps
+        !customConvGrads
           ? (x, w) => {
               const xp = c.padding > 0 ? tf.pad(x, [[0, 0], [c.padding, c.padding], [c.padding, c.padding], [0, 0]]) : x;
               return tf.conv2d(xp, w, c.stride, 'valid');
@@ -244,14 +249,15 @@ export class ResNet {
    * Forward and backward on one batch (BatchNorm in training mode). Writes the gradients of
    * the mean loss into `out` (allocated when omitted) in Architecture.params order.
    */
-  computeGradients(batch: Batch, out?: Float32Array, readiness?: GradientReadiness): StepResult & { grads: Float32Array } {
+  async computeGradients(batch: Batch, out?: Float32Array, readiness?: GradientReadiness): Promise<StepResult & { grads: Float32Array }> {
     const grads = out ?? new Float32Array(this.arch.paramCount);
     if (grads.length !== this.arch.paramCount) throw new RangeError(`gradient buffer has ${grads.length} floats, the model ${this.arch.paramCount}`);
-    let correct = 0;
-    const tracker = readiness === undefined ? undefined : new ReadinessTracker(this.arch, grads, readiness);
+    const tracker = readiness === undefined ? undefined : new ReadinessTracker(this.arch, grads, readiness, readsSync());
     this.tapSink = tracker === undefined ? undefined : (i, g) => tracker.deliver(i, g);
+    let kept: tf.Tensor[] = [];
     try {
-      const loss = tf.tidy(() => {
+      // The loss, the correct count and (without buckets) the gradients outlive the tidy scope.
+      kept = tf.tidy(() => {
         const { x, y } = this.inputs(batch);
         let correctT: tf.Scalar | undefined;
         const { value, grads: g } = tf.variableGrads(() => {
@@ -259,16 +265,19 @@ export class ResNet {
           correctT = tf.keep(r.correct);
           return r.loss;
         }, this.vars);
-        correct = correctT!.dataSync()[0];
-        correctT!.dispose();
-        if (tracker === undefined) copyOut(this.vars.map((v) => g[v.name]), grads);
-        else tracker.finish((i) => g[this.vars[i].name]);
-        return value.dataSync()[0];
+        if (tracker === undefined) return [value, correctT!, ...this.vars.map((v) => g[v.name])];
+        tracker.finish((i) => g[this.vars[i].name]);
+        return [value, correctT!];
       });
+      this.tapSink = undefined;
+      if (tracker === undefined) await copyOut(kept.slice(2), grads);
+      else await tracker.settled();
+      const [loss, correct] = [await readScalar(kept[0]), await readScalar(kept[1])];
       return { loss, correct, grads };
     } finally {
       this.tapSink = undefined;
-      tracker?.dispose();
+      tf.dispose(kept);
+      if (tracker !== undefined) await tracker.dispose();
     }
   }
 
@@ -279,26 +288,36 @@ export class ResNet {
   }
 
   /** Loss and correct count in evaluation mode (BatchNorm with running statistics). */
-  evaluate(batch: Batch): StepResult {
-    return tf.tidy(() => {
+  async evaluate(batch: Batch): Promise<StepResult> {
+    const [loss, correct] = tf.tidy(() => {
       const { x, y } = this.inputs(batch);
-      const { loss, correct } = this.lossAndCorrect(this.forward(x, false), y);
-      return { loss: loss.dataSync()[0], correct: correct.dataSync()[0] };
+      const r = this.lossAndCorrect(this.forward(x, false), y);
+      return [r.loss, r.correct];
     });
+    try {
+      return { loss: await readScalar(loss), correct: await readScalar(correct) };
+    } finally {
+      tf.dispose([loss, correct]);
+    }
   }
 
   /** Class predictions in evaluation mode. */
-  predict(batch: Omit<Batch, 'labels'>): Int32Array {
-    return tf.tidy(() => {
+  async predict(batch: Omit<Batch, 'labels'>): Promise<Int32Array> {
+    const classes = tf.tidy(() => {
       const s = this.config.imageSize;
       const x = tf.tensor4d(batch.images, [batch.n, s, s, this.config.inChannels]);
-      return tf.argMax(this.forward(x, false), 1).dataSync() as Int32Array;
+      return tf.argMax(this.forward(x, false), 1);
     });
+    try {
+      return Int32Array.from(await classes.data());
+    } finally {
+      classes.dispose();
+    }
   }
 
   // ---- state as flat vectors (broadcast, checkpoints) ------------------------------------
 
-  getWeights(): Float32Array {
+  getWeights(): Promise<Float32Array> {
     return readFlat(this.vars);
   }
 
@@ -311,7 +330,7 @@ export class ResNet {
   }
 
   /** Running mean and variance of every BatchNorm, in Architecture.batchNorms order. */
-  getBatchNormStats(): Float32Array {
+  getBatchNormStats(): Promise<Float32Array> {
     return readFlat(this.bnStatVars());
   }
 
@@ -327,9 +346,9 @@ export class ResNet {
 
 /**
  * computeGradients' bookkeeping of which parameters' gradients are in, per bucket. A gradient is
- * kept as a tensor until its bucket is complete, then the bucket is read in one go: on a GPU each
- * read waits for the device, so one wait per bucket (not per tensor) keeps the backward pass
- * streaming.
+ * kept as a tensor until its bucket is complete, then the bucket is read in one go: one wait per
+ * bucket (not per tensor) keeps the backward pass streaming. On the CPU the read is synchronous,
+ * inside the backward pass; on WebGPU it is started there and lands while the GPU goes on.
  */
 class ReadinessTracker {
   private readonly held: (tf.Tensor | undefined)[];
@@ -337,11 +356,14 @@ class ReadinessTracker {
   private readonly missing: number[];
   private readonly fired: Uint8Array;
   private readonly bucketOf: Int32Array;
+  /** WebGPU: the reads in flight, in the order they were started. */
+  private readonly reads: Promise<void>[] = [];
 
   constructor(
     private readonly arch: Architecture,
     private readonly out: Float32Array,
     private readonly r: GradientReadiness,
+    private readonly sync: boolean,
   ) {
     this.held = new Array(arch.params.length);
     this.delivered = new Uint8Array(arch.params.length);
@@ -356,14 +378,11 @@ class ReadinessTracker {
   deliver(param: number, grad: tf.Tensor): void {
     if (this.delivered[param]) return;
     this.delivered[param] = 1;
-    const k = this.bucketOf[param];
-    if (k < 0) {
-      this.copy(param, grad);
-      return;
-    }
     // The engine owns `grad`; a kept clone (same data, no copy) outlives the gradient scope.
     this.held[param] = tf.keep(tf.clone(grad));
-    if (--this.missing[k] === 0) this.complete(k);
+    const k = this.bucketOf[param];
+    if (k < 0) this.read([param], () => undefined);
+    else if (--this.missing[k] === 0) this.complete(k);
   }
 
   /** After the backward pass: any gradient not seen yet, then every bucket not reported yet. */
@@ -372,26 +391,43 @@ class ReadinessTracker {
     for (let k = 0; k < this.fired.length; k++) if (!this.fired[k]) this.complete(k);
   }
 
-  /** Drops gradients still held (computeGradients failed half-way). */
-  dispose(): void {
+  /** Resolves when every bucket is in the output and reported (rejects with the first failed read). */
+  async settled(): Promise<void> {
+    await Promise.all(this.reads);
+  }
+
+  /** Waits for reads in flight, then drops gradients still held (computeGradients failed half-way). */
+  async dispose(): Promise<void> {
+    await Promise.allSettled(this.reads);
     for (const t of this.held) t?.dispose();
     this.held.fill(undefined);
   }
 
   private complete(k: number): void {
-    const b = this.r.buckets[k];
-    for (let i = b.firstParam; i < b.endParam; i++) {
-      const t = this.held[i];
-      if (t === undefined) continue;
-      this.copy(i, t);
-      t.dispose();
-      this.held[i] = undefined;
-    }
     this.fired[k] = 1;
-    this.r.onBucketReady(k);
+    const b = this.r.buckets[k];
+    const params: number[] = [];
+    for (let i = b.firstParam; i < b.endParam; i++) if (this.held[i] !== undefined) params.push(i);
+    this.read(params, () => this.r.onBucketReady(k));
   }
 
-  private copy(param: number, t: tf.Tensor): void {
-    this.out.set(t.dataSync() as Float32Array, this.arch.params[param].offset);
+  /** Copies the held gradients of `params` into the output, then calls `then`. */
+  private read(params: number[], then: () => void): void {
+    const land = (i: number, data: Float32Array) => {
+      this.out.set(data, this.arch.params[i].offset);
+      this.held[i]!.dispose();
+      this.held[i] = undefined;
+    };
+    if (this.sync) {
+      for (const i of params) land(i, this.held[i]!.dataSync() as Float32Array);
+      then();
+      return;
+    }
+    const pending = Promise.all(params.map((i) => this.held[i]!.data() as Promise<Float32Array>)).then((parts) => {
+      params.forEach((i, j) => land(i, parts[j]));
+      then();
+    });
+    pending.catch(() => undefined); // handled in settled(); not an unhandled rejection meanwhile
+    this.reads.push(pending);
   }
 }

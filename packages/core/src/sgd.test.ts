@@ -35,12 +35,12 @@ describe('Sgd', () => {
     });
   }
 
-  it('saves and restores momentum state so a resumed run continues identically', () => {
+  it('saves and restores momentum state so a resumed run continues identically', async () => {
     const mk = () => tf.variable(tf.tensor1d([1, 2, 3]));
     const p1 = mk();
     const o1 = new Sgd([p1], { lr: 0.1, momentum: 0.9 });
     o1.step(Float32Array.from([1, 1, 1]));
-    const state = o1.getState();
+    const state = await o1.getState();
     const p2 = tf.variable(p1.clone());
     const o2 = new Sgd([p2], { lr: 0.1, momentum: 0.9 });
     o2.setState(state);

@@ -59,9 +59,9 @@ export class Sgd {
   }
 
   /** Momentum buffers as one flat vector (empty without momentum). */
-  getState(): { steps: number; buffers: Float32Array } {
+  async getState(): Promise<{ steps: number; buffers: Float32Array }> {
     if (!this.buffers) return { steps: this.steps, buffers: new Float32Array(0) };
-    return { steps: this.steps, buffers: readFlat(this.buffers) };
+    return { steps: this.steps, buffers: await readFlat(this.buffers) };
   }
 
   setState(state: { steps: number; buffers: Float32Array }): void {

@@ -115,9 +115,9 @@ export async function runTraining(o: RunTrainingOptions): Promise<RunTrainingRes
       ...result,
       runDir: trainer.runDir,
       settings,
-      weights: trainer.model.getWeights(),
-      bnStats: trainer.model.getBatchNormStats(),
-      momentum: trainer.model.optimizer.getState().buffers,
+      weights: await trainer.model.getWeights(),
+      bnStats: await trainer.model.getBatchNormStats(),
+      momentum: (await trainer.model.optimizer.getState()).buffers,
     };
   } finally {
     trainer.dispose();

@@ -403,7 +403,7 @@ export class Trainer {
     this.epochs = [];
     this.lastCheckpoint = resumeFrom?.file ?? null;
     if (resumeFrom) this.restore(resumeFrom);
-    this.commit();
+    await this.commit();
     // A worker admitted into a run in progress adopts everything and rewrites no run file.
     const joining = this.elastic !== null && this.elastic.initialRoot !== c.rank;
     let outcome = await this.recover(() => this.sync(this.elastic ? this.elastic.initialRoot : 0));
@@ -537,9 +537,9 @@ export class Trainer {
    * after its last broadcast). BatchNorm running statistics change in every forward pass and in
    * the epoch end's averaging, so they are copied (a few thousand floats).
    */
-  private commit(): void {
+  private async commit(): Promise<void> {
     if (!this.elastic) return;
-    this.committed = { state: structuredClone(this.state), bn: this.model.getBatchNormStats() };
+    this.committed = { state: structuredClone(this.state), bn: await this.model.getBatchNormStats() };
   }
 
   private rollback(): void {
@@ -567,11 +567,11 @@ export class Trainer {
     await c.broadcast(len, root);
     const meta = isRoot ? mine : new Float32Array(len[0]);
     await c.broadcast(meta, root);
-    const weights = m.getWeights();
+    const weights = await m.getWeights();
     await c.broadcast(weights, root);
-    const bn = m.getBatchNormStats();
+    const bn = await m.getBatchNormStats();
     await c.broadcast(bn, root);
-    const opt = m.optimizer.getState();
+    const opt = await m.optimizer.getState();
     await c.broadcast(opt.buffers, root);
     if (!isRoot) {
       const got = JSON.parse(new TextDecoder().decode(Uint8Array.from(meta))) as SyncedState;
@@ -581,7 +581,7 @@ export class Trainer {
       m.optimizer.setState({ steps: got.optSteps, buffers: opt.buffers });
       m.optimizer.lr = got.lr;
     }
-    this.commit();
+    await this.commit();
     // After a regroup the new rank 0 may be on a machine that never wrote this run's files.
     if (this.elastic && this.runDir) await fs.mkdir(this.runDir, { recursive: true });
   }
@@ -648,7 +648,7 @@ export class Trainer {
       staged?.done.catch(() => undefined);
       const lastBucket = this.bucketRanges.length - 1;
       const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
-      const r = m.computeGradients({ images: bt.x, labels: bt.y, n: bt.n }, this.gradView, readiness);
+      const r = await m.computeGradients({ images: bt.x, labels: bt.y, n: bt.n }, this.gradView, readiness);
       // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
       grads[0] = r.loss * bt.n;
       grads[1] = r.correct;
@@ -710,12 +710,12 @@ export class Trainer {
         win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: now(), phases: zeroPhases() };
       }
       t.trainSec = trainBase + (now() - segStart);
-      this.commit();
+      await this.commit();
       if (regroup) return true;
     }
     if (segSteps === 0) {
       st.progress.done = n;
-      this.commit();
+      await this.commit();
     }
     return false;
   }
@@ -786,7 +786,7 @@ export class Trainer {
     }
     this.epochs.push(m);
     this.hooks.onEpochEnd?.(m);
-    this.commit();
+    await this.commit();
   }
 
   /** Loss and accuracy over the whole test split: each rank its shard, counts summed. */
@@ -800,7 +800,7 @@ export class Trainer {
     let correct = 0;
     for (const batchIdx of batchesOf(idx, this.settings.evalBatchSize)) {
       const b = this.assembler.assemble(test, batchIdx, undefined, this.evalBuf);
-      const r = this.model.evaluate({ images: b.x, labels: b.y, n: b.n });
+      const r = await this.model.evaluate({ images: b.x, labels: b.y, n: b.n });
       lossSum += r.loss * b.n;
       correct += r.correct;
     }
@@ -813,7 +813,7 @@ export class Trainer {
 
   /** Every replica's running mean and variance replaced by their average over replicas. */
   async averageBatchNormStats(): Promise<void> {
-    const bn = this.model.getBatchNormStats();
+    const bn = await this.model.getBatchNormStats();
     await this.collective.allReduceMean(bn);
     this.model.setBatchNormStats(bn);
   }
@@ -881,7 +881,7 @@ export class Trainer {
   private async saveCheckpoint(runDir: string, st: RunState): Promise<string> {
     const s = this.settings;
     const m = this.model;
-    const opt = m.optimizer.getState();
+    const opt = await m.optimizer.getState();
     const { epoch, step, done } = st.progress;
     const header: Omit<CheckpointHeader, 'format' | 'version' | 'sections' | 'createdAt'> = {
       epoch,
@@ -895,11 +895,11 @@ export class Trainer {
       history: st.history,
       ...(done > 0 ? { position: { done, totals: st.totals } } : {}),
     };
-    const weights = m.getWeights();
+    const weights = await m.getWeights();
     // A checkpoint of non-finite weights is worth nothing and would replace a good one (one pass).
     const bad = firstNonFinite(weights);
     if (bad >= 0) throw new TrainingDivergedError(step, epoch + (done > 0 ? 1 : 0), `weight ${bad} of ${m.paramCount} is ${weights[bad]} at step ${step}: training diverged, no checkpoint was written, try a smaller --lr`);
-    return writeCheckpoint(runDir, { ...header, weights, bnStats: m.getBatchNormStats(), momentum: opt.buffers }, s.keepCheckpoints, this.checkpointWrite);
+    return writeCheckpoint(runDir, { ...header, weights, bnStats: await m.getBatchNormStats(), momentum: opt.buffers }, s.keepCheckpoints, this.checkpointWrite);
   }
 
   private async writeConfig(runDir: string, resumeFrom: Checkpoint | undefined): Promise<void> {
