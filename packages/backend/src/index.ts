@@ -41,6 +41,12 @@ export interface LoadedBackend {
 export interface LoadOptions {
   /** webgpu: accept a software adapter (lavapipe: tests only; refused otherwise). */
   allowSoftwareGpu?: boolean;
+  /**
+   * webgpu: workers of the run on this machine. WebGPU offers no way to open the i-th of several
+   * GPUs, so with more than one they would all share the first, which is refused unless `shareGpu`.
+   */
+  localWorkers?: number;
+  shareGpu?: boolean;
 }
 
 export interface GpuInfo {
@@ -54,6 +60,23 @@ export interface GpuInfo {
 
 const require = createRequire(import.meta.url);
 let loaded: LoadedBackend | undefined;
+/** The WebGPU device of this process, and who wants to hear when it is lost. */
+let webGpuDevice: GPUDevice | undefined;
+const deviceLostListeners: Array<(message: string) => void> = [];
+
+/**
+ * Calls `listener` once if this process's WebGPU device is lost (driver reset, GPU fallen off the
+ * bus, out of memory in the driver...): nothing on it can be trusted or read back after that.
+ */
+export function onDeviceLost(listener: (message: string) => void): void {
+  deviceLostListeners.push(listener);
+}
+
+/** FOR TESTS: loses this process's WebGPU device, as a driver reset would. */
+export function destroyWebGpuDevice(): void {
+  if (!webGpuDevice) throw new BackendError('this process has no WebGPU device to lose');
+  webGpuDevice.destroy();
+}
 
 /** Every GPU the NVIDIA driver reports, whatever CUDA_VISIBLE_DEVICES says; [] when there is no driver or no GPU. */
 export function listGpus(): GpuInfo[] {
@@ -107,7 +130,7 @@ export async function loadBackend(kind: BackendKind = 'cpu', opts: LoadOptions =
     return loaded;
   }
   if (kind === 'webgpu') {
-    loaded = await loadWebGpuBackend(opts.allowSoftwareGpu === true);
+    loaded = await loadWebGpuBackend(opts);
     return loaded;
   }
   // TensorFlow's C++ start-up banner is noise on every worker; errors still show (quiet-load.ts).
@@ -155,7 +178,7 @@ export async function loadBackend(kind: BackendKind = 'cpu', opts: LoadOptions =
  * has the adapter's own limits (one 64x96x96x64 float32 activation is 151 MB, above WebGPU's
  * defaults). libtensorflow is not loaded: `@tensorflow/tfjs` registers the gradients.
  */
-async function loadWebGpuBackend(allowSoftware: boolean): Promise<LoadedBackend> {
+async function loadWebGpuBackend(opts: LoadOptions): Promise<LoadedBackend> {
   const gpu = await openWebGpu();
   const adapter = await gpu.requestAdapter({ powerPreference: 'high-performance' });
   if (!adapter) {
@@ -167,11 +190,20 @@ async function loadWebGpuBackend(allowSoftware: boolean): Promise<LoadedBackend>
     );
   }
   const info = adapterInfo(adapter);
-  if (info.software && !allowSoftware) {
+  if (info.software && opts.allowSoftwareGpu !== true) {
     throw new BackendError(`the only WebGPU adapter is a software one (${info.description}): it runs on the CPU and is meant for tests. Use --workers N to train on the CPU, or --allow-software-gpu to use it anyway.`);
   }
+  const sharers = opts.localWorkers ?? 1;
+  if (!info.software && sharers > 1 && opts.shareGpu !== true) {
+    throw new BackendError(
+      `${sharers} workers on this machine would all train on one GPU (${info.description}): WebGPU cannot open the i-th of several GPUs. ` +
+        'Give --share-gpu to run them on that GPU on purpose, or --gpus 1.',
+    );
+  }
   const l = adapter.limits;
+  // timestamp-query: tf.profile() then reports each kernel's GPU time (tfjs writes timestamps only while profiling).
   const device = await adapter.requestDevice({
+    requiredFeatures: adapter.features.has('timestamp-query') ? ['timestamp-query'] : [],
     requiredLimits: {
       maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
       maxBufferSize: l.maxBufferSize,
@@ -180,6 +212,11 @@ async function loadWebGpuBackend(allowSoftware: boolean): Promise<LoadedBackend>
       maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
       maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
     },
+  });
+  webGpuDevice = device;
+  void device.lost.then((lost) => {
+    const message = `the GPU device was lost (${info.description || info.device}; reason: ${lost.reason}${lost.message ? `; ${lost.message.split('\n')[0]}` : ''})`;
+    for (const l of deviceLostListeners) l(message);
   });
   const tf = require('@tensorflow/tfjs') as Tf & { version: Record<string, string> };
   const { WebGPUBackend } = require('@tensorflow/tfjs-backend-webgpu') as { WebGPUBackend: new (d: GPUDevice, i?: GPUAdapterInfo) => unknown };

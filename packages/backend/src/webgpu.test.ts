@@ -1,5 +1,6 @@
 // WebGPU on the software GPU (Mesa's lavapipe, `pnpm setup:software-gpu`; .ci/run sets it up).
 // Without it these cases are reported as skipped, except under CI, where its absence is a failure.
+import fs from 'node:fs';
 import { beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import type { Tensor, Tensor4D } from '@tensorflow/tfjs-core';
 import { BackendError, loadBackend, type LoadedBackend } from './index.js';
@@ -42,6 +43,17 @@ const CONVS = [
   { name: 'block 3x3/2, 64->128', x: [2, 8, 8, 64], k: 3, cout: 128, stride: 2, pad: 1 },
   { name: 'shortcut 1x1/2, 64->128', x: [2, 8, 8, 64], k: 1, cout: 128, stride: 2, pad: 0 },
 ] as const;
+
+describe('a process on WebGPU', () => {
+  it('has neither libtensorflow nor tfjs-node loaded: a WebGPU worker needs neither', async (ctx) => {
+    needsSoftwareGpu(ctx);
+    const b = await loadBackend('webgpu', { allowSoftwareGpu: true });
+    expect(b.versions.tensorflow).toBe('none (WebGPU)');
+    const maps = fs.readFileSync('/proc/self/maps', 'utf8');
+    expect(maps).toMatch(/dawn\.node/);
+    expect(maps).not.toMatch(/libtensorflow|tfjs_binding/);
+  }, 120_000);
+});
 
 describe('convolutions of the network on WebGPU vs the CPU backend', () => {
   let b: LoadedBackend | undefined;

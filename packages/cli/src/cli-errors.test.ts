@@ -78,7 +78,7 @@ const CASES: Case[] = [
   { name: 'unknown --dataset', args: () => ['train', '--dataset', 'imagenet'], says: () => /--dataset must be one of cifar10, fashion-mnist, got 'imagenet'/ },
   { name: 'unknown --dataset on launch', args: () => ['launch', '--workers', '1', '--dataset', 'mnist'], says: () => /--dataset must be one of cifar10, fashion-mnist, got 'mnist'/ },
   { name: 'unknown --preset', args: () => ['train', '--preset', 'resnet50'], says: () => /--preset must be one of tutorial, got 'resnet50'/ },
-  { name: 'unknown --backend', args: () => ['train', ...fm, '--backend', 'tpu'], says: () => /--backend must be one of cpu, gpu, got 'tpu'/ },
+  { name: 'unknown --backend', args: () => ['train', ...fm, '--backend', 'tpu'], says: () => /--backend must be one of cpu, webgpu, gpu, got 'tpu'/ },
   { name: 'unknown --lr-scaling', args: () => [...launch1(), '--lr-scaling', 'cubic'], says: () => /--lr-scaling must be one of none, linear, got 'cubic'/ },
   { name: 'unknown data set to download', args: () => ['data', 'download', 'imagenet'], says: () => /the data set to download must be one of cifar10, got 'imagenet'/ },
   { name: 'unknown --split', args: () => ['data', 'inspect', 'fashion-mnist', '--index', '0', '--split', 'val'], says: () => /--split must be one of train, test, got 'val'/ },

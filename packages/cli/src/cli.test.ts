@@ -40,5 +40,10 @@ describe('dtrain CLI', () => {
     expect(d.checks[0]).toMatchObject({ ok: true });
     // pnpm install built the shared-memory module and this machine has /dev/shm.
     expect(d.checks.find((c: { name: string }) => c.name.startsWith('Shared-memory links'))).toMatchObject({ ok: true, detail: expect.stringMatching(/MiB free/) });
+    // Every WebGPU adapter, and what --gpus would train on (here: the software GPU, if set up, for tests only).
+    const uses = d.checks.find((c: { name: string }) => c.name === '--gpus N uses');
+    if (d.webgpuAdapters.some((a: { software: boolean }) => !a.software)) expect(uses).toMatchObject({ ok: true });
+    else if (d.webgpuAdapters.length > 0) expect(uses).toMatchObject({ ok: false, detail: expect.stringMatching(/^no GPU; --allow-software-gpu trains on the software GPU \(llvmpipe/) });
+    else expect(uses).toMatchObject({ ok: false });
   });
 });

@@ -27,6 +27,7 @@ import fs from 'node:fs';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { destroyWebGpuDevice } from '@dtrain/backend';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
 import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, ThreadedRing } from '@dtrain/transport';
 import { RunCompleteError, type Collective } from './collective.js';
@@ -72,11 +73,11 @@ export const DEFAULT_BUCKET_MB = 8;
 /** FOR TESTS ONLY: where a worker kills itself with SIGKILL, to test recovery at each phase. */
 export interface CrashSpec {
   rank: number;
-  /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce;
+  /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce; deviceLost: its WebGPU device is lost before the compute of step `step`;
    * evaluate: at the start of the evaluation after epoch `epoch` (before it adds its share); checkpoint: right after rank 0 wrote a checkpoint;
    * final: after training completed, a second after the others sent their final reports, before its own (`at` is not used);
    * finalRegroup: at the same point, it acts as if its last collective had failed and asks to regroup (instead of dying). */
-  phase: 'compute' | 'allReduce' | 'evaluate' | 'checkpoint' | 'final' | 'finalRegroup';
+  phase: 'compute' | 'allReduce' | 'deviceLost' | 'evaluate' | 'checkpoint' | 'final' | 'finalRegroup';
   /** Global optimiser step (compute, allReduce) or 1-based epoch (evaluate, checkpoint). */
   at: number;
   /** Only in this ring generation (default 1: the first group), so a regrouped run does not crash again. */
@@ -342,6 +343,7 @@ export async function runDistributedWorker(
       data,
       collective,
       bucketBytes: config.bucketBytes ?? 0,
+      localWorkers: env.localWorldSize,
       hooks: {
         onStart: (info) => {
           log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
@@ -370,6 +372,10 @@ export async function runDistributedWorker(
           // or inside the next step's all-reduce (a few milliseconds after it started).
           if (crash && crashGeneration() && crash.at === s.step + 1) {
             if (crash.phase === 'compute') crashNow(`before the compute of step ${crash.at}`);
+            if (crash.phase === 'deviceLost') {
+              log(`${who}: TEST DEVICE LOSS before the compute of step ${crash.at}`);
+              destroyWebGpuDevice();
+            }
             if (crash.phase === 'allReduce') crashInNextMean = true;
           }
           void control

@@ -26,6 +26,8 @@ export interface RunTrainingOptions {
   checkpointWrite?: AtomicWriteOptions;
   /** TrainerOptions.bucketBytes: overlap the gradient all-reduce with the backward pass. */
   bucketBytes?: number;
+  /** TrainerOptions.localWorkers. */
+  localWorkers?: number;
 }
 
 export interface RunTrainingResult extends TrainResult {
@@ -108,6 +110,7 @@ export async function runTraining(o: RunTrainingOptions): Promise<RunTrainingRes
     hooks: o.hooks,
     checkpointWrite: o.checkpointWrite,
     bucketBytes: o.bucketBytes,
+    localWorkers: o.localWorkers,
   });
   try {
     const result = await trainer.run(checkpoint);

@@ -6,7 +6,9 @@ import { DATASET_NAMES } from '@dtrain/data';
 import { TrainSettingsError } from './errors.js';
 import { LR_SCALINGS, type LrScaling } from './schedule.js';
 
-export type BackendKind = 'cpu' | 'gpu';
+/** cpu: tfjs-node; webgpu: Dawn (any GPU with a Vulkan, Metal or D3D12 driver); gpu: tfjs-node-gpu (CUDA 11.2). */
+export type BackendKind = 'cpu' | 'webgpu' | 'gpu';
+export const BACKEND_KINDS = ['cpu', 'webgpu', 'gpu'] as const satisfies readonly BackendKind[];
 export const PRESETS = ['tutorial'] as const;
 export type PresetName = (typeof PRESETS)[number];
 
@@ -35,6 +37,10 @@ export interface TrainSettings {
   /** Random crop (padding 4) and horizontal flip while training. */
   augment: boolean;
   backend: BackendKind;
+  /** webgpu: accept a software adapter (Mesa's lavapipe: tests); every worker may share it. */
+  allowSoftwareGpu: boolean;
+  /** webgpu: several workers of a machine on its one GPU, on purpose (WebGPU cannot give each its own). */
+  shareGpu: boolean;
   /** The only initialisation the model has: Xavier-uniform weights, zero biases (the tutorial's). */
   init: 'xavier-uniform';
   /** A `kind: 'step'` line in metrics.jsonl every this many steps. */
@@ -66,6 +72,8 @@ export const DEFAULTS = {
   limitTest: null,
   augment: false,
   backend: 'cpu',
+  allowSoftwareGpu: false,
+  shareGpu: false,
   init: 'xavier-uniform',
   logEverySteps: 50,
   keepCheckpoints: 2,
@@ -154,7 +162,8 @@ export function validateSettings(s: TrainSettings): void {
   // The model's stem (7x7 stride 2, no padding) and three stride-2 stages need at least 7 pixels.
   if (s.imageSize < 7) throw new TrainSettingsError('imageSize', `imageSize must be at least 7 (the 7x7 stem), got ${s.imageSize}`);
   if (s.imageSize > 512) throw new TrainSettingsError('imageSize', `imageSize must be at most 512, got ${s.imageSize}`);
-  if (s.backend !== 'cpu' && s.backend !== 'gpu') throw new TrainSettingsError('backend', `backend must be 'cpu' or 'gpu', got '${String(s.backend)}'`);
+  if (!(BACKEND_KINDS as readonly string[]).includes(s.backend)) throw new TrainSettingsError('backend', `backend must be one of ${BACKEND_KINDS.join(', ')}, got '${String(s.backend)}'`);
+  for (const k of ['allowSoftwareGpu', 'shareGpu'] as const) if (typeof s[k] !== 'boolean') throw new TrainSettingsError(k, `${k} must be true or false, got ${String(s[k])}`);
   if (s.init !== 'xavier-uniform') throw new TrainSettingsError('init', `init must be 'xavier-uniform' (the only one the model has), got '${String(s.init)}'`);
 }
 
@@ -183,6 +192,8 @@ export function resumeSettings(savedRaw: TrainSettings, input: TrainSettingsInpu
     logEverySteps: input.logEverySteps ?? saved.logEverySteps,
     keepCheckpoints: input.keepCheckpoints ?? saved.keepCheckpoints,
     backend: input.backend ?? saved.backend,
+    allowSoftwareGpu: input.allowSoftwareGpu ?? saved.allowSoftwareGpu,
+    shareGpu: input.shareGpu ?? saved.shareGpu,
     dataDir: input.dataDir !== undefined ? input.dataDir : saved.dataDir,
   };
   validateSettings(s);
@@ -191,5 +202,5 @@ export function resumeSettings(savedRaw: TrainSettings, input: TrainSettingsInpu
 
 /** Checkpoints written before the lr schedule existed trained with a constant, unscaled lr. */
 export function withScheduleDefaults(s: TrainSettings): TrainSettings {
-  return { ...s, lrScaling: s.lrScaling ?? DEFAULTS.lrScaling, warmupEpochs: s.warmupEpochs ?? DEFAULTS.warmupEpochs };
+  return { ...s, lrScaling: s.lrScaling ?? DEFAULTS.lrScaling, warmupEpochs: s.warmupEpochs ?? DEFAULTS.warmupEpochs, allowSoftwareGpu: s.allowSoftwareGpu ?? DEFAULTS.allowSoftwareGpu, shareGpu: s.shareGpu ?? DEFAULTS.shareGpu };
 }

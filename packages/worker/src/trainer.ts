@@ -216,6 +216,8 @@ export interface TrainerOptions {
    * the summation order, so every rank must use the same value.
    */
   bucketBytes?: number;
+  /** Workers of this run on this machine (LOCAL_WORLD_SIZE): WebGPU refuses to put several on one GPU unless settings.shareGpu. */
+  localWorkers?: number;
 }
 
 export interface TrainResult {
@@ -365,7 +367,8 @@ export class Trainer {
 
   /** Loads the backend (once per process) and builds the model with the settings' seed. */
   static async create(o: TrainerOptions): Promise<Trainer> {
-    const backend = await loadBackend(o.settings.backend);
+    const s = o.settings;
+    const backend = await loadBackend(s.backend, { allowSoftwareGpu: s.allowSoftwareGpu, shareGpu: s.shareGpu, localWorkers: o.localWorkers });
     return new Trainer(o, backend);
   }
 

@@ -1,6 +1,7 @@
 // The process a launcher starts for each worker: `node --import tsx worker-main.ts`, configured by
 // the environment (see distributed.ts). Exit 0 only when training completed; 1 when it failed
 // (the error is printed and sent to the coordinator); 2 for a wrong environment.
+import { onDeviceLost } from '@dtrain/backend';
 import { closeThreadedRings } from '@dtrain/transport';
 import { readWorkerEnv, runDistributedWorker, WorkerEnvError } from './distributed.js';
 
@@ -46,6 +47,13 @@ for (const event of ['uncaughtException', 'unhandledRejection'] as const) {
     void exit(1, 'this worker crashed');
   });
 }
+
+// A lost GPU device fails every later op and read; say so at once and leave, so the coordinator
+// names this worker as lost with the reason in its log tail.
+onDeviceLost((message) => {
+  report(`error: ${message}`);
+  void exit(1, 'its GPU device was lost');
+});
 
 async function main(): Promise<void> {
   const env = readWorkerEnv();

@@ -7,6 +7,7 @@ import { Command } from '@commander-js/extra-typings';
 import { listGpus, loadBackend, measureMatmulGflops, type WebGpuAdapterInfo } from '@dtrain/backend';
 import { fashionMnistCacheFile, hasCifar10, resolveDataDir } from '@dtrain/data';
 import { sharedMemoryUnavailable, shmDir } from '@dtrain/transport';
+import { BACKEND_NAMES } from './gpu-backend.js';
 
 interface Check {
   name: string;
@@ -48,20 +49,32 @@ function probeGpuBackend(): Check {
  * The WebGPU adapters Dawn finds, listed by a child process (Dawn keeps a process alive while it
  * holds the GPU; a broken Vulkan driver must not take the doctor down with it).
  */
-function probeWebGpu(): Check[] {
+function probeWebGpu(): { checks: Check[]; adapters: WebGpuAdapterInfo[] } {
   const name = 'WebGPU adapters (Dawn)';
   const require = createRequire(import.meta.url);
   const script = `import(${JSON.stringify(require.resolve('@dtrain/backend'))}).then(async (b) => { console.log(JSON.stringify(await b.listWebGpuAdapters())); process.exit(0); }).catch((e) => { console.error(e.message.split('\\n')[0]); process.exit(3); });`;
   const r = spawnSync(process.execPath, ['--import', 'tsx', '-e', script], { encoding: 'utf8', timeout: 60_000 });
-  if (r.status !== 0) return [{ name, ok: false, detail: r.stderr.trim().split('\n').pop() ?? `failed (${r.signal ?? r.status})` }];
+  if (r.status !== 0) return { checks: [{ name, ok: false, detail: r.stderr.trim().split('\n').pop() ?? `failed (${r.signal ?? r.status})` }], adapters: [] };
   const adapters = JSON.parse(r.stdout.trim().split('\n').pop() ?? '[]') as WebGpuAdapterInfo[];
-  if (adapters.length === 0) return [{ name, ok: false, detail: 'none: no Vulkan driver with a device (a GPU needs its Vulkan driver and libvulkan1; for tests: pnpm setup:software-gpu)' }];
+  if (adapters.length === 0) return { checks: [{ name, ok: false, detail: 'none: no Vulkan driver with a device (a GPU needs its Vulkan driver and libvulkan1; for tests: pnpm setup:software-gpu)' }], adapters };
   const mib = (b: number) => `${Math.floor(b / 2 ** 20)} MiB`;
-  return adapters.map((a) => ({
+  const checks = adapters.map((a) => ({
     name,
     ok: !a.software,
     detail: `${a.description || a.device} (vendor ${a.vendor || '?'}, ${a.architecture || '?'}${a.software ? ', SOFTWARE: runs on the CPU, for tests' : ''}); max storage binding ${mib(a.maxStorageBufferBindingSize)}, max buffer ${mib(a.maxBufferSize)}`,
   }));
+  return { checks, adapters };
+}
+
+/** What `--gpus N` would train on (gpu-backend.ts's order), from what the probes found. */
+function gpusWouldUse(tfjsGpu: Check | undefined, adapters: WebGpuAdapterInfo[]): Check {
+  const name = '--gpus N uses';
+  if (tfjsGpu?.ok) return { name, ok: true, detail: BACKEND_NAMES.gpu };
+  const hw = adapters.find((a) => !a.software);
+  if (hw) return { name, ok: true, detail: `${BACKEND_NAMES.webgpu} on ${hw.description || hw.device} (one GPU: several workers only with --share-gpu)` };
+  const sw = adapters.find((a) => a.software);
+  if (sw) return { name, ok: false, detail: `no GPU; --allow-software-gpu trains on the software GPU (${sw.description || sw.device}), for tests` };
+  return { name, ok: false, detail: 'no GPU backend works here: use --workers N' };
 }
 
 export function registerDoctor(program: Command) {
@@ -96,8 +109,11 @@ export function registerDoctor(program: Command) {
         ok: gpus.length > 0,
         detail: gpus.length ? gpus.map((g) => `${g.index}: ${g.name} (${g.memoryMiB} MiB)`).join('; ') : 'none visible (CPU workers only: use --workers N)',
       });
-      if (gpus.length > 0) checks.push(probeGpuBackend());
-      checks.push(...probeWebGpu());
+      const tfjsGpu = gpus.length > 0 ? probeGpuBackend() : undefined;
+      if (tfjsGpu) checks.push(tfjsGpu);
+      const webgpu = probeWebGpu();
+      checks.push(...webgpu.checks, gpusWouldUse(tfjsGpu, webgpu.adapters));
+      facts.webgpuAdapters = webgpu.adapters;
       checks.push(sharedMemoryCheck());
       const dataDir = resolveDataDir(opts.dataDir);
       facts.dataDir = dataDir;

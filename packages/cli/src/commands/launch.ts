@@ -18,8 +18,8 @@ import {
   type EpochMetrics,
   type Summary,
 } from '@dtrain/worker';
-import { nonNegativeInt, nonNegativeNumber, positiveInt, UsageError } from '../errors.js';
-import { requireGpus } from './gpus.js';
+import { nonNegativeInt, nonNegativeNumber, oneOf, positiveInt, UsageError } from '../errors.js';
+import { BACKEND_NAMES, chooseGpuBackend, GPU_BACKENDS, type GpuPlan } from './gpu-backend.js';
 import { parseHostPort } from './join.js';
 import { chooseSecurity, INSECURE_HELP, KEYS_HELP } from './security.js';
 import { addTrainOptions, settingsFromFlags } from './train-options.js';
@@ -90,8 +90,8 @@ async function launchOrExplain(o: LaunchOptions): Promise<LaunchResult> {
 }
 
 function parseCrash(v: string): NonNullable<DistributedConfig['crash']> {
-  const m = /^(\d+):(compute|allReduce|evaluate|checkpoint|final|finalRegroup):(\d+)(?::(\d+))?$/.exec(v);
-  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, evaluate, checkpoint, final or finalRegroup, got '${v}'`);
+  const m = /^(\d+):(compute|allReduce|deviceLost|evaluate|checkpoint|final|finalRegroup):(\d+)(?::(\d+))?$/.exec(v);
+  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, deviceLost, evaluate, checkpoint, final or finalRegroup, got '${v}'`);
   return { rank: Number(m[1]), phase: m[2] as 'compute', at: Number(m[3]), generation: m[4] ? Number(m[4]) : undefined };
 }
 
@@ -101,8 +101,10 @@ export function registerLaunch(program: Command) {
       .command('launch')
       .description('Distributed training: a coordinator and one worker process per CPU slot (--workers) or GPU (--gpus) on this machine; with --nodes M, also the workers of M-1 other machines (pnpm cli join)')
       .addOption(new Option('--workers <n>', 'CPU worker processes').argParser(positiveInt('--workers')))
-      .addOption(new Option('--gpus <n>', 'GPU workers: worker i gets the i-th GPU of CUDA_VISIBLE_DEVICES (unset: GPU i) and sees only that one').argParser(positiveInt('--gpus'))),
+      .addOption(new Option('--gpus <n>', 'GPU workers, on the best GPU backend that works here (first line says which; see --backend); with the gpu backend worker i gets the i-th GPU of CUDA_VISIBLE_DEVICES (unset: GPU i)').argParser(positiveInt('--gpus'))),
   )
+    .addOption(new Option('--backend <kind>', 'with --gpus: webgpu (Dawn on the Vulkan driver: any GPU of today) or gpu (tfjs-node-gpu: CUDA 11.2 + cuDNN 8.1 only); default: gpu where it loads, else webgpu').choices(GPU_BACKENDS).argParser(oneOf('--backend', GPU_BACKENDS)))
+    .option('--share-gpu', 'with --gpus N on webgpu: run the N workers on the one GPU WebGPU opens, on purpose (to test multi-worker training on a one-GPU machine)')
     .addOption(new Option('--port <n>', 'coordinator control port (default: any free port)').argParser(nonNegativeInt('--port')))
     .addOption(new Option('--nodes <m>', 'machines in the run, this one included; the others run pnpm cli join ADDR:PORT').default(1).argParser(positiveInt('--nodes')))
     .option('--listen <addr:port>', 'address and port of the control socket the other machines connect to (needed with --nodes; 0.0.0.0:PORT for every interface)')
@@ -125,7 +127,9 @@ export function registerLaunch(program: Command) {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
       const gpus = o.gpus !== undefined;
-      if (gpus) requireGpus(n);
+      if (!gpus && (o.backend !== undefined || o.shareGpu || o.allowSoftwareGpu)) throw new UsageError(`${o.backend !== undefined ? '--backend' : o.shareGpu ? '--share-gpu' : '--allow-software-gpu'} applies to --gpus N; --workers N trains on the CPU`);
+      const plan: GpuPlan | undefined = gpus ? chooseGpuBackend(n, { backend: o.backend, allowSoftwareGpu: o.allowSoftwareGpu === true, shareGpu: o.shareGpu === true }) : undefined;
+      if (plan) console.log(plan.line);
       let listen: string | undefined;
       let port = o.port;
       if (o.listen !== undefined) {
@@ -141,7 +145,7 @@ export function registerLaunch(program: Command) {
       if (o.minWorkers > 1 && !o.elastic) throw new UsageError(`--min-workers ${o.minWorkers} only applies with --elastic (without it any lost worker ends the run)`);
       if (o.ringPortBase !== undefined && (o.ringPortBase < 1 || o.ringPortBase + n - 1 > 65535)) throw new UsageError(`--ring-port-base ${o.ringPortBase} with ${n} workers must stay within ports 1-65535`);
       const keys = chooseSecurity(o, [listen ?? '127.0.0.1', o.advertise], 'launch');
-      const input = settingsFromFlags(o, gpus ? 'gpu' : 'cpu');
+      const input = { ...settingsFromFlags(o, plan?.backend ?? 'cpu'), ...(plan?.shared ? { shareGpu: true } : {}) };
       let dataset: string | undefined;
       let dataDir: string | null | undefined;
       // Settle every setting here, so a wrong flag fails before any process starts.
@@ -163,7 +167,7 @@ export function registerLaunch(program: Command) {
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;
-        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${gpus ? 'GPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling${s.warmupEpochs > 0 ? `, warmup ${s.warmupEpochs} epochs` : ''})` : ' (not scaled)'}, image ${s.imageSize}px`);
+        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${plan ? BACKEND_NAMES[plan.backend] : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling${s.warmupEpochs > 0 ? `, warmup ${s.warmupEpochs} epochs` : ''})` : ' (not scaled)'}, image ${s.imageSize}px`);
       }
 
       let summary: Summary | undefined;
@@ -203,7 +207,7 @@ export function registerLaunch(program: Command) {
         entry: WORKER_ENTRY,
         runDir,
         config,
-        gpus,
+        gpus: plan?.backend === 'gpu',
         port,
         listen,
         nodes: o.nodes,

@@ -24,6 +24,8 @@ export const FLAGS: Record<string, string> = {
   limitTest: '--limit-test',
   augment: '--augment',
   backend: '--backend',
+  allowSoftwareGpu: '--allow-software-gpu',
+  shareGpu: '--share-gpu',
   logEverySteps: '--log-every',
   keepCheckpoints: '--keep-checkpoints',
   dataDir: '--data-dir',
@@ -44,7 +46,7 @@ function momentumValue(value: string): number {
   return n;
 }
 
-/** Adds every training flag (not --backend: `train` takes it, `launch` derives it from --gpus). */
+/** Adds every training flag (not --backend: `train` and `launch` each take their own). */
 export function addTrainOptions<A extends unknown[], O extends OptionValues, G extends OptionValues>(cmd: Command<A, O, G>) {
   return cmd
     .addOption(new Option('--dataset <name>', 'data set').choices(DATASET_NAMES).argParser(oneOf('--dataset', DATASET_NAMES)))
@@ -68,7 +70,8 @@ export function addTrainOptions<A extends unknown[], O extends OptionValues, G e
     .option('--data-dir <dir>', 'data directory (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
     .option('--augment', 'random crop (padding 4) and horizontal flip while training (off by default, as in the tutorial)')
     .option('--log-every <steps>', `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps})`, positiveInt('--log-every'))
-    .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'));
+    .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'))
+    .option('--allow-software-gpu', 'webgpu: train on a software GPU (Mesa lavapipe: the CPU behind a Vulkan device; for tests), which is refused otherwise');
 }
 
 /** What addTrainOptions parsed. */
@@ -91,6 +94,7 @@ export interface TrainFlags {
   logEvery?: number;
   keepCheckpoints?: number;
   dataDir?: string;
+  allowSoftwareGpu?: true;
 }
 
 /** The trainer's settings from the flags; unset flags are left out (preset, then defaults, fill them). */
@@ -112,6 +116,7 @@ export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['b
     limitTest: o.limitTest,
     augment: o.augment,
     backend,
+    allowSoftwareGpu: o.allowSoftwareGpu,
     logEverySteps: o.logEvery,
     keepCheckpoints: o.keepCheckpoints,
     // Workers and resumes may run from another folder: the data directory is absolute from here on.

@@ -30,7 +30,7 @@ describe('dtrain train: flags', () => {
       [['--dataset', 'fashion-mnist', '--warmup-epochs', '2'], /^--warmup-epochs ramps from lr to lr x world size, so it needs linear lr scaling \(--lr-scaling linear; lrScaling is 'none'\)$/],
       [[], /^choose a data set: --dataset cifar10\|fashion-mnist/],
       [['--dataset', 'mnist'], /^--dataset must be one of cifar10, fashion-mnist, got 'mnist'$/],
-      [['--dataset', 'fashion-mnist', '--backend', 'tpu'], /^--backend must be one of cpu, gpu, got 'tpu'$/],
+      [['--dataset', 'fashion-mnist', '--backend', 'tpu'], /^--backend must be one of cpu, webgpu, gpu, got 'tpu'$/],
     ];
     for (const [args, re] of cases) {
       const err = await run(...args).then(

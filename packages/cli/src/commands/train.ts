@@ -17,7 +17,7 @@ import {
 import { oneOf, UsageError } from '../errors.js';
 import { addTrainOptions, settingsFromFlags, toUsage } from './train-options.js';
 
-const BACKENDS = ['cpu', 'gpu'] as const;
+const BACKENDS = ['cpu', 'webgpu', 'gpu'] as const;
 
 const pct = (x: number) => `${(100 * x).toFixed(2)}%`;
 
@@ -138,7 +138,7 @@ export function registerTrain(program: Command): void {
   );
   describeLogEvery(cmd);
   cmd
-    .addOption(new Option('--backend <kind>', 'native TensorFlow backend (default cpu)').choices(BACKENDS).argParser(oneOf('--backend', BACKENDS)))
+    .addOption(new Option('--backend <kind>', 'cpu: tfjs-node (default); webgpu: any GPU with a Vulkan driver (Dawn); gpu: tfjs-node-gpu, needs CUDA 11.2 + cuDNN 8.1').choices(BACKENDS).argParser(oneOf('--backend', BACKENDS)))
     .action(async (opts) => {
       if (!opts.resume && !opts.dataset && !opts.preset) {
         throw new UsageError(`choose a data set: --dataset ${DATASET_NAMES.join('|')} (or --preset tutorial), or --resume DIR`);
