@@ -67,7 +67,8 @@ export function gitRevision(): { commit: string; dirty: boolean } | null {
  * benchmark's own fields, every sample among them, follow). README cites copies under results/.
  */
 export function writeResults(name: string, data: Record<string, unknown>): string {
-  const dir = path.join(REPO_ROOT, 'bench-results');
+  // $DTRAIN_BENCH_RESULTS_DIR: where a run elsewhere collects them (tools/gpu-check.sh).
+  const dir = process.env.DTRAIN_BENCH_RESULTS_DIR ?? path.join(REPO_ROOT, 'bench-results');
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, `${name}.json`);
   const tmp = `${file}.tmp-${process.pid}`;

@@ -3,6 +3,8 @@
 // in the same process and run, the same network written with the tfjs layers API and trained
 // with model.fit, on the same native backend. Reports both, their spread, the ratio, and the
 // achieved GFLOP/s against the measured matmul GFLOP/s.
+// --backend webgpu: ours on the GPU WebGPU opens, without the layers-API peer: there the peer is
+// PyTorch on the same GPU (tools/bench/torch_resnet.py; tools/gpu-check.sh runs both and divides).
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { loadBackend, measureMatmulGflops } from '@dtrain/backend';
@@ -83,49 +85,72 @@ async function timeLayers(c: ResNetConfig, batch: number, warmup: number, steps:
   return times;
 }
 
+interface Row {
+  size: number;
+  ours: Stats;
+  oursSamplesS: number[];
+  oursImgS: number;
+  gflops: number;
+  fractionOfMatmul: number;
+  /** The layers-API peer, CPU only (on a GPU the peer is PyTorch: tools/bench/torch_resnet.py). */
+  layers: Stats | null;
+  layersSamplesS: number[] | null;
+  layersImgS: number | null;
+  ratio: number | null;
+}
+
+const BACKENDS = ['cpu', 'webgpu'] as const;
+
 export async function main(args: string[]): Promise<void> {
-  const o = parseArgs(args, { sizes: '32,96', batch: '64', warmup: '2', steps: '6', channels: '3' });
+  const o = parseArgs(args, { sizes: '32,96', batch: '64', warmup: '2', steps: '6', channels: '3', backend: 'cpu', 'allow-software-gpu': 'no' });
   const sizes = o.sizes.split(',').map(Number);
   const batch = Number(o.batch);
   const warmup = Number(o.warmup);
   const steps = Number(o.steps);
-  const { tf: tfb, versions } = await loadBackend('cpu');
-  const matmul = measureMatmulGflops(tfb);
-  console.log(`native backend: tfjs ${versions.tfjs}, TensorFlow ${versions.tensorflow}; matmul ${matmul.toFixed(1)} GFLOP/s; batch ${batch}, ${warmup} warm-up + ${steps} timed steps`);
-  const rows: Array<{ size: number; ours: Stats; layers: Stats; oursSamplesS: number[]; layersSamplesS: number[]; oursImgS: number; layersImgS: number; ratio: number; gflops: number; fractionOfMatmul: number }> = [];
+  const kind = o.backend as (typeof BACKENDS)[number];
+  if (!BACKENDS.includes(kind)) throw new Error(`--backend must be one of ${BACKENDS.join(', ')}, got '${o.backend}'`);
+  const { tf: tfb, versions, adapter } = await loadBackend(kind, { allowSoftwareGpu: o['allow-software-gpu'] === 'yes' });
+  const matmul = await measureMatmulGflops(tfb);
+  const on = adapter ? `WebGPU on ${adapter.description || adapter.device}` : `TensorFlow ${versions.tensorflow}`;
+  console.log(`backend ${kind}: tfjs ${versions.tfjs}, ${on}; matmul ${matmul.toFixed(1)} GFLOP/s; batch ${batch}, ${warmup} warm-up + ${steps} timed steps`);
+  const rows: Row[] = [];
   for (const size of sizes) {
     const c: ResNetConfig = { inChannels: Number(o.channels), classes: 10, imageSize: size };
     const trainFlops = 3 * describeResNet(c).flopsPerImage * batch;
     const oursSamplesS = await timeOurs(c, batch, warmup, steps);
-    const layersSamplesS = await timeLayers(c, batch, warmup, steps);
+    const layersSamplesS = kind === 'cpu' ? await timeLayers(c, batch, warmup, steps) : null;
     const ours = stats(oursSamplesS);
-    const layers = stats(layersSamplesS);
-    const row = {
+    const layers = layersSamplesS && stats(layersSamplesS);
+    const row: Row = {
       size,
       ours,
       layers,
       oursSamplesS,
       layersSamplesS,
       oursImgS: batch / ours.median,
-      layersImgS: batch / layers.median,
-      ratio: layers.median / ours.median,
+      layersImgS: layers && batch / layers.median,
+      ratio: layers && layers.median / ours.median,
       gflops: trainFlops / ours.median / 1e9,
       fractionOfMatmul: trainFlops / ours.median / 1e9 / matmul,
     };
     rows.push(row);
+    const peer = layers ? `layers+fit ${row.layersImgS!.toFixed(1)} img/s (${layers.median.toFixed(3)} s/step, ${layers.min.toFixed(3)}-${layers.max.toFixed(3)}), ratio ${row.ratio!.toFixed(2)}x, ` : '';
     console.log(
       `${size}x${size}: ours ${row.oursImgS.toFixed(1)} img/s (median ${ours.median.toFixed(3)} s/step, ${ours.min.toFixed(3)}-${ours.max.toFixed(3)}), ` +
-        `layers+fit ${row.layersImgS.toFixed(1)} img/s (${layers.median.toFixed(3)} s/step, ${layers.min.toFixed(3)}-${layers.max.toFixed(3)}), ` +
-        `ratio ${row.ratio.toFixed(2)}x, ${row.gflops.toFixed(1)} GFLOP/s = ${(100 * row.fractionOfMatmul).toFixed(0)}% of matmul`,
+        `${peer}${row.gflops.toFixed(1)} GFLOP/s = ${(100 * row.fractionOfMatmul).toFixed(0)}% of matmul`,
     );
   }
   console.log('\n| input | ours img/s | layers-API fit img/s | ratio | ours s/step median (min-max) | layers s/step median (min-max) | ours GFLOP/s (% of matmul) |');
   console.log('| --- | --- | --- | --- | --- | --- | --- |');
+  const f = (x: number | null, d: number, unit = '') => (x === null ? '-' : `${x.toFixed(d)}${unit}`);
   for (const r of rows) {
+    const l = r.layers ? `${r.layers.median.toFixed(3)} (${r.layers.min.toFixed(3)}-${r.layers.max.toFixed(3)})` : '-';
     console.log(
-      `| ${r.size}x${r.size} | ${r.oursImgS.toFixed(1)} | ${r.layersImgS.toFixed(1)} | ${r.ratio.toFixed(2)}x | ${r.ours.median.toFixed(3)} (${r.ours.min.toFixed(3)}-${r.ours.max.toFixed(3)}) | ${r.layers.median.toFixed(3)} (${r.layers.min.toFixed(3)}-${r.layers.max.toFixed(3)}) | ${r.gflops.toFixed(1)} (${(100 * r.fractionOfMatmul).toFixed(0)}%) |`,
+      `| ${r.size}x${r.size} | ${r.oursImgS.toFixed(1)} | ${f(r.layersImgS, 1)} | ${f(r.ratio, 2, 'x')} | ${r.ours.median.toFixed(3)} (${r.ours.min.toFixed(3)}-${r.ours.max.toFixed(3)}) | ${l} | ${r.gflops.toFixed(1)} (${(100 * r.fractionOfMatmul).toFixed(0)}%) |`,
     );
   }
-  const file = writeResults('train-step', { versions, matmulGflops: matmul, batch, warmup, steps, results: rows });
+  const file = writeResults(kind === 'cpu' ? 'train-step' : `train-step-${kind}`, { backend: kind, versions, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
   console.log(`\nwrote ${file}`);
+  // Dawn keeps the process alive while it holds the GPU.
+  if (kind !== 'cpu') process.exit(0);
 }

@@ -231,18 +231,19 @@ async function loadWebGpuBackend(opts: LoadOptions): Promise<LoadedBackend> {
  * Measured float32 matmul throughput of the loaded backend, in GFLOP/s (2*n^3 FLOPs per
  * n x n product): the ceiling that `dtrain doctor` and the train-step benchmark compare with.
  */
-export function measureMatmulGflops(tf: Tf, n = 1024, reps = 10): number {
+export async function measureMatmulGflops(tf: Tf, n = 1024, reps = 10): Promise<number> {
   const a = tf.randomNormal([n, n]);
   const b = tf.randomNormal([n, n]);
-  const once = () => {
+  // On a GPU, reading the product back waits for it (WebGPU reads only asynchronously).
+  const once = async () => {
     const c = tf.matMul(a, b);
-    c.dataSync();
+    await c.data();
     c.dispose();
   };
-  once(); // warm-up: uploads the inputs, picks kernels
-  once();
+  await once(); // warm-up: uploads the inputs, picks kernels
+  await once();
   const t0 = performance.now();
-  for (let i = 0; i < reps; i++) once();
+  for (let i = 0; i < reps; i++) await once();
   const seconds = (performance.now() - t0) / 1000;
   tf.dispose([a, b]);
   return (2 * n ** 3 * reps) / seconds / 1e9;

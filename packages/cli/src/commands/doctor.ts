@@ -96,7 +96,7 @@ export function registerDoctor(program: Command) {
         const b = await loadBackend('cpu');
         defaultOk = true;
         checks.push({ name: 'CPU backend (@tensorflow/tfjs-node)', ok: true, detail: `loads: tfjs ${b.versions.tfjs}, TensorFlow ${b.versions.tensorflow}` });
-        const gflops = measureMatmulGflops(b.tf);
+        const gflops = await measureMatmulGflops(b.tf);
         facts.matmulGflops = +gflops.toFixed(1);
         checks.push({ name: 'CPU matmul (1024x1024 float32)', ok: true, detail: `${gflops.toFixed(1)} GFLOP/s` });
       } catch (err) {

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""The peer of `pnpm bench train-step` on a GPU: the tutorial's ResNet in PyTorch, one full training
+step (forward, cross-entropy, backward, SGD lr 0.01) at batch 64, images/s, on the same GPU.
+
+The network is the one of packages/core/src/architecture.ts, written as the tutorial writes it:
+  stem   Conv2d(C, 64, 7, stride 2, no padding, bias) -> BatchNorm(64, eps 1e-3) -> ReLU
+         -> MaxPool(3, 2, padding 1)
+  block  conv3x3(stride s) -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> + shortcut -> ReLU
+         (shortcut: Conv2d(c_in, c_out, 1, stride s, bias) where the shape changes)
+  head   mean over the final map -> Linear(512, classes); Xavier-uniform weights, zero biases.
+Its parameter count is checked against the one our model reports (11,180,810 for 3 channels).
+
+Modes, each timed in this one process on the same GPU:
+  fp32       float32 everywhere, TF32 off (cuDNN and matmul): the same arithmetic as ours.
+  tf32       PyTorch's defaults on Ampere and later: TF32 convolutions (cudnn.allow_tf32 is True).
+  bf16-cl    channels_last + bf16 autocast: what a PyTorch user would run for speed.
+
+Writes JSON (--out) with per-step seconds, medians and spreads; runs on CPU too (--device cpu).
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=True) if (stride != 1 or cin != cout) else None
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))  # the tutorial's ReLU before the addition
+        return F.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class TutorialResNet(nn.Module):
+    def __init__(self, in_channels: int = 3, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 64, 7, 2, 0, bias=True)
+        self.stem_bn = nn.BatchNorm2d(64, eps=1e-3)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        stages = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+        self.blocks = nn.Sequential(*[b for cin, cout, s in stages for b in (Block(cin, cout, s), Block(cout, cout, 1))])
+        self.fc = nn.Linear(512, classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.stem_bn(self.stem(x))))
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def set_tf32(on: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = on
+
+
+def time_mode(mode: str, size: int, batch: int, warmup: int, steps: int, channels: int, device: torch.device) -> list:
+    torch.manual_seed(0)
+    set_tf32(mode == 'tf32')
+    torch.backends.cudnn.benchmark = True  # as users run fixed-shape training
+    model = TutorialResNet(channels).to(device)
+    fmt = torch.channels_last if mode == 'bf16-cl' else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(batch, channels, size, size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=(mode == 'bf16-cl')):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def spread(xs: list) -> dict:
+    return {'median': statistics.median(xs), 'min': min(xs), 'max': max(xs), 'n': len(xs)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--sizes', default='32,96')
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--warmup', type=int, default=5)
+    p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--channels', type=int, default=3)
+    p.add_argument('--modes', default='fp32,tf32,bf16-cl')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--out', help='write the results here (JSON)')
+    a = p.parse_args()
+    device = torch.device(a.device)
+    params = sum(t.numel() for t in TutorialResNet(a.channels).parameters())
+    expected = 11_180_810 if a.channels == 3 else None
+    if expected is not None and params != expected:
+        print(f'error: the PyTorch network has {params} parameters, ours {expected}: the definitions differ', file=sys.stderr)
+        return 1
+    gpu = torch.cuda.get_device_name(device) if device.type == 'cuda' else None
+    print(f'torch {torch.__version__} on {gpu or platform.processor() or "cpu"}; {params} parameters; batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps')
+    rows = []
+    for size in [int(s) for s in a.sizes.split(',')]:
+        for mode in a.modes.split(','):
+            secs = time_mode(mode, size, a.batch, a.warmup, a.steps, a.channels, device)
+            s = spread(secs)
+            rows.append({'size': size, 'mode': mode, 'imgPerSec': a.batch / s['median'], 'secPerStep': s, 'samplesS': secs})
+            print(f'{size}x{size} {mode}: {a.batch / s["median"]:.1f} img/s (median {s["median"]:.4f} s/step, {s["min"]:.4f}-{s["max"]:.4f})', flush=True)
+    result = {
+        'torch': torch.__version__,
+        'cuda': torch.version.cuda,
+        'cudnn': torch.backends.cudnn.version() if device.type == 'cuda' else None,
+        'device': gpu or 'cpu',
+        'params': params,
+        'batch': a.batch,
+        'warmup': a.warmup,
+        'steps': a.steps,
+        'results': rows,
+        'command': ' '.join(sys.argv),
+        'writtenAt': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+    }
+    if a.out:
+        with open(a.out, 'w') as f:
+            json.dump(result, f, indent=2)
+        print(f'wrote {a.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
