@@ -57,7 +57,13 @@ export function gitRevision(): { commit: string; dirty: boolean } | null {
     const git = (...args: string[]) => execFileSync('git', args, { cwd: REPO_ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
     return { commit: git('rev-parse', 'HEAD'), dirty: git('status', '--porcelain', '--untracked-files=no') !== '' };
   } catch {
-    return null;
+    // The bundle of pnpm bundle:gpu-check has no .git: it says which commit it was built from.
+    try {
+      const b = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'bundle.json'), 'utf8')) as { commit: string };
+      return { commit: b.commit.replace(/-dirty$/, ''), dirty: b.commit.endsWith('-dirty') };
+    } catch {
+      return null;
+    }
   }
 }
 

@@ -37,11 +37,19 @@ describe('the software GPU', () => {
 // by that much, so |gpu - cpu| <= 2 gamma_n (sum |products|) per element; that sum is the same
 // convolution on |x|, |w| and |dy|, computed here. n = kh kw Cin (output), kh kw Cout (input
 // gradient, an upper bound), N Hout Wout (weight gradient).
+// Every distinct convolution of the network, on the maps it sees at the tutorial's 96x96 (one image).
 const CONVS = [
-  { name: 'stem 7x7/2, 3->64', x: [2, 32, 32, 3], k: 7, cout: 64, stride: 2, pad: 3 },
-  { name: 'block 3x3/1, 64->64', x: [2, 8, 8, 64], k: 3, cout: 64, stride: 1, pad: 1 },
-  { name: 'block 3x3/2, 64->128', x: [2, 8, 8, 64], k: 3, cout: 128, stride: 2, pad: 1 },
-  { name: 'shortcut 1x1/2, 64->128', x: [2, 8, 8, 64], k: 1, cout: 128, stride: 2, pad: 0 },
+  { name: 'stem 7x7/2, 3->64 (96 -> 45)', x: [1, 96, 96, 3], k: 7, cout: 64, stride: 2, pad: 0 },
+  { name: 'stage 1 3x3/1, 64->64 (23)', x: [1, 23, 23, 64], k: 3, cout: 64, stride: 1, pad: 1 },
+  { name: 'stage 2 3x3/2, 64->128 (23 -> 12)', x: [1, 23, 23, 64], k: 3, cout: 128, stride: 2, pad: 1 },
+  { name: 'stage 2 shortcut 1x1/2, 64->128', x: [1, 23, 23, 64], k: 1, cout: 128, stride: 2, pad: 0 },
+  { name: 'stage 2 3x3/1, 128->128 (12)', x: [1, 12, 12, 128], k: 3, cout: 128, stride: 1, pad: 1 },
+  { name: 'stage 3 3x3/2, 128->256 (12 -> 6)', x: [1, 12, 12, 128], k: 3, cout: 256, stride: 2, pad: 1 },
+  { name: 'stage 3 shortcut 1x1/2, 128->256', x: [1, 12, 12, 128], k: 1, cout: 256, stride: 2, pad: 0 },
+  { name: 'stage 3 3x3/1, 256->256 (6)', x: [1, 6, 6, 256], k: 3, cout: 256, stride: 1, pad: 1 },
+  { name: 'stage 4 3x3/2, 256->512 (6 -> 3)', x: [1, 6, 6, 256], k: 3, cout: 512, stride: 2, pad: 1 },
+  { name: 'stage 4 shortcut 1x1/2, 256->512', x: [1, 6, 6, 256], k: 1, cout: 512, stride: 2, pad: 0 },
+  { name: 'stage 4 3x3/1, 512->512 (3)', x: [1, 3, 3, 512], k: 3, cout: 512, stride: 1, pad: 1 },
 ] as const;
 
 describe('a process on WebGPU', () => {

@@ -55,6 +55,16 @@ describe('pnpm cli launch --gpus on the software GPU', () => {
   }, testTimeoutFor(1));
 });
 
+describe('train --backend webgpu', () => {
+  it('refuses a batch whose largest tensor the GPU cannot bind, naming the flag and the batch that fits', async (ctx) => {
+    needsSoftwareGpu(ctx);
+    // lavapipe binds at most 128 MiB; stem.conv's padded output at 96x96 is 47 x 47 x 64 floats an image.
+    const r = await cli(ctx, ['train', '--backend', 'webgpu', '--allow-software-gpu', '--dataset', 'fashion-mnist', '--image-size', '96', '--batch-size', '512', '--epochs', '1', '--out', path.join(tmp(), 'run')]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^error: --batch-size 512 at 96x96: the largest tensor of a step \(stem\.conv, padded: 276 MiB\) is more than this GPU binds at once \(maxStorageBufferBindingSize 128 MiB on llvmpipe.*\); use a batch of at most 237$/m);
+  });
+});
+
 describe('--gpus without any GPU', () => {
   it('says in one line what is missing when Vulkan finds no device', async (ctx) => {
     // No software GPU and no Vulkan driver: an ICD list that names none.

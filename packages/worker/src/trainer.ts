@@ -27,8 +27,8 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { loadBackend, type LoadedBackend } from '@dtrain/backend';
-import { ResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig } from '@dtrain/core';
+import { loadBackend, type LoadedBackend, type WebGpuAdapterInfo } from '@dtrain/backend';
+import { ResNet, describeResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig } from '@dtrain/core';
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
 import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
 import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
@@ -220,6 +220,32 @@ export interface TrainerOptions {
   localWorkers?: number;
 }
 
+/**
+ * A WebGPU buffer larger than the adapter's maxStorageBufferBindingSize cannot be bound to a shader:
+ * tfjs would fail deep inside a kernel. Checked before anything runs, on the largest tensor of a
+ * step, estimated as the largest layer output with a pixel of padding on each side (the padded
+ * inputs of the 3x3 convolutions and the max-pool), at the larger of the train and eval batches.
+ */
+function checkFitsGpu(s: TrainSettings, data: TrainData, adapter: WebGpuAdapterInfo): void {
+  const arch = describeResNet({ inChannels: data.train.channels, classes: data.train.classNames.length, imageSize: s.imageSize });
+  let largest = { name: 'input', floats: s.imageSize * s.imageSize * data.train.channels };
+  for (const l of arch.layers) {
+    const [h, w, c] = l.outputShape;
+    const floats = c === undefined ? 0 : (h + 2) * (w + 2) * c;
+    if (floats > largest.floats) largest = { name: l.name, floats };
+  }
+  const batch = Math.max(s.batchSize, s.evalBatchSize);
+  const bytes = largest.floats * 4 * batch;
+  if (bytes <= adapter.maxStorageBufferBindingSize) return;
+  const fits = Math.floor(adapter.maxStorageBufferBindingSize / (largest.floats * 4));
+  const flag = s.evalBatchSize > s.batchSize ? `--eval-batch-size ${s.evalBatchSize}` : `--batch-size ${s.batchSize}`;
+  throw new TrainSettingsError(
+    s.evalBatchSize > s.batchSize ? 'evalBatchSize' : 'batchSize',
+    `${flag} at ${s.imageSize}x${s.imageSize}: the largest tensor of a step (${largest.name}, padded: ${(bytes / 2 ** 20).toFixed(0)} MiB) is more than this GPU binds at once ` +
+      `(maxStorageBufferBindingSize ${(adapter.maxStorageBufferBindingSize / 2 ** 20).toFixed(0)} MiB on ${adapter.description || adapter.device}); use a batch of at most ${fits}`,
+  );
+}
+
 export interface TrainResult {
   summary: Summary;
   epochs: EpochMetrics[];
@@ -369,6 +395,7 @@ export class Trainer {
   static async create(o: TrainerOptions): Promise<Trainer> {
     const s = o.settings;
     const backend = await loadBackend(s.backend, { allowSoftwareGpu: s.allowSoftwareGpu, shareGpu: s.shareGpu, localWorkers: o.localWorkers });
+    if (backend.adapter) checkFitsGpu(s, o.data, backend.adapter);
     return new Trainer(o, backend);
   }
 

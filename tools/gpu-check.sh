@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# tools/gpu-check.sh OUT_DIR: what this project claims on a real GPU, checked in one call, on a
+# machine with an NVIDIA driver (or any Vulkan GPU), python3 with PyTorch, and possibly no Node, no
+# network and no Vulkan loader: run it from the bundle `pnpm bundle:gpu-check` writes (its Node,
+# Debian's libvulkan1 and the project), or from a checkout with Node and libvulkan1 installed.
+#
+# Steps, each with its own time limit (a hang costs one step, not the call; 450 s in all, 8 minutes
+# with the kill margins):
+#   nvidia-smi, the Vulkan ICD found; doctor; gradients on the GPU vs the CPU reference;
+#   bench train-step --backend webgpu at 32x32 and 96x96, batch 64; the same network in PyTorch on
+#   the same GPU (fp32, TF32, channels_last + bf16); launch --gpus 2 --share-gpu, 50 steps of
+#   Fashion-MNIST with identical replicas; a summary with ours / PyTorch.
+# Writes OUT_DIR/gpu-check.json (the summary), OUT_DIR/gpu-check.log (everything), one log and
+# JSON file per step. Exit code 0 when every step passed.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+[ $# -eq 1 ] || { echo "usage: $0 OUT_DIR" >&2; exit 2; }
+mkdir -p "$1" && OUT=$(cd "$1" && pwd)
+LOG=$OUT/gpu-check.log
+: > "$OUT/steps.jsonl"
+say() { echo "$*" | tee -a "$LOG"; }
+
+# The bundle's Node and Vulkan loader, where the bundle has them.
+[ -x "$ROOT/node/bin/node" ] && export PATH="$ROOT/node/bin:$PATH"
+[ -e "$ROOT/vulkan/libvulkan.so.1" ] && export LD_LIBRARY_PATH="$ROOT/vulkan${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+command -v node >/dev/null || { say "gpu-check: no node on PATH (run it from the bundle of pnpm bundle:gpu-check)"; exit 2; }
+# NVIDIA's Vulkan ICD file: VK_DRIVER_FILES if set, else the usual folders, else the driver's own.
+if [ -z "${VK_DRIVER_FILES:-}" ]; then
+  ICD=$(ls /usr/share/vulkan/icd.d/nvidia_icd*.json /etc/vulkan/icd.d/nvidia_icd*.json 2>/dev/null | head -1)
+  [ -n "$ICD" ] || ICD=$(timeout 30 find / -xdev \( -path /proc -o -path /sys -o -path "$OUT" \) -prune -o -name 'nvidia_icd*.json' -print 2>/dev/null | head -1)
+  [ -n "$ICD" ] && export VK_DRIVER_FILES=$ICD
+fi
+export DTRAIN_BENCH_RESULTS_DIR=$OUT DTRAIN_DATA_DIR=$OUT/data TF_CPP_MIN_LOG_LEVEL=2
+cd "$ROOT"
+say "gpu-check: $(date -u +%FT%TZ) in $ROOT; node $(node --version); VK_DRIVER_FILES=${VK_DRIVER_FILES:-unset}; LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+FAILED=0
+# step NAME LIMIT_S COMMAND...: runs it with a time limit, its output in OUT/NAME.log and the log.
+step() {
+  local name=$1 limit=$2 t0 rc ms secs
+  shift 2
+  say "--- $name (limit ${limit} s): $*"
+  t0=$(date +%s%N)
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  secs=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
+  grep -v '^Warning: maxDynamic' "$OUT/$name.log" | tail -40 | tee -a "$LOG"
+  [ $rc -eq 0 ] || FAILED=1
+  [ $rc -eq 124 ] && say "$name: TIMED OUT after ${limit} s"
+  say "$name: exit $rc in ${secs} s"
+  printf '{"step":"%s","exit":%d,"seconds":%s,"limitSeconds":%d}\n' "$name" "$rc" "$secs" "$limit" >> "$OUT/steps.jsonl"
+}
+
+step nvidia-smi 10 nvidia-smi --query-gpu=index,name,driver_version,memory.total,pci.bus_id --format=csv
+step doctor 45 node --import tsx packages/cli/src/main.ts doctor --json
+cp "$OUT/doctor.log" "$OUT/doctor.json" 2>/dev/null
+step gradients 110 node --import tsx tools/gpu-check/check-gradients.ts "$OUT/gradients.json"
+step train-step 90 node --import tsx tools/bench/main.ts train-step --backend webgpu --sizes 32,96 --batch 64 --warmup 3 --steps 10
+step torch 80 python3 tools/bench/torch_resnet.py --sizes 32,96 --batch 64 --warmup 5 --steps 20 --out "$OUT/torch.json"
+# 6,400 images / (2 workers x batch 64) = 50 steps; the bundle's Fashion-MNIST is a reduced copy (640 train + 100 test images a class).
+step launch 90 node --import tsx packages/cli/src/main.ts launch --gpus 2 --share-gpu --backend webgpu --dataset fashion-mnist --epochs 1 \
+  --limit-train 6400 --limit-test 1000 --batch-size 64 --metrics-port 0 --out "$OUT/launch-run"
+step summary 15 node --import tsx tools/gpu-check/summary.ts "$OUT"
+say "gpu-check: $([ $FAILED -eq 0 ] && echo 'every step passed' || echo 'FAILED steps: see above'); summary in $OUT/gpu-check.json"
+exit $FAILED
