@@ -56,6 +56,16 @@ describe('pnpm cli launch --gpus on the software GPU', () => {
 });
 
 describe('train --backend webgpu', () => {
+  it('trains in one process on the software GPU and exits when done (Dawn would keep the process alive)', async (ctx) => {
+    needsSoftwareGpu(ctx);
+    const out = path.join(tmp(), 'run');
+    const r = await cli(ctx, ['train', '--backend', 'webgpu', '--allow-software-gpu', '--dataset', 'fashion-mnist', '--limit-train', '64', '--limit-test', '32', '--batch-size', '32', '--epochs', '1', '--image-size', '16', '--out', out], { limitMs: 120_000 });
+    expect(r.killed, r.out).toBeUndefined();
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^done: 1 epochs, final test acc/m);
+    expect(JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')).settings.backend).toBe('webgpu');
+  });
+
   it('refuses a batch whose largest tensor the GPU cannot bind, naming the flag and the batch that fits', async (ctx) => {
     needsSoftwareGpu(ctx);
     // lavapipe binds at most 128 MiB; stem.conv's padded output at 96x96 is 47 x 47 x 64 floats an image.

@@ -723,7 +723,10 @@ export class Trainer {
       win.n += gN;
       this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: bt.n, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w });
       if (runDir && step % s.logEverySteps === 0) {
-        const secs = now() - win.start;
+        // Windows tile the training time: the next one starts where this one ends, so the time of
+        // writing this line (and of the commit after a step) counts in some window, as in trainSec.
+        const end = now();
+        const secs = end - win.start;
         const line: StepMetrics = {
           kind: 'step',
           epoch: e + 1,
@@ -737,7 +740,7 @@ export class Trainer {
           time: new Date().toISOString(),
         };
         await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(line)}\n`);
-        win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: now(), phases: zeroPhases() };
+        win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: end, phases: zeroPhases() };
       }
       t.trainSec = trainBase + (now() - segStart);
       await this.commit();

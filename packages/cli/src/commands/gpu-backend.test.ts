@@ -40,7 +40,7 @@ describe('--gpus N picks the GPU backend that works here', () => {
 
   it('tries only the backend --backend names', () => {
     const p = probes({ webgpu: { ok: false, error: 'no WebGPU adapter: ...' } });
-    expect(() => chooseGpuBackend(2, { ...choice, backend: 'webgpu' }, p.probe, () => true)).toThrow('--gpus 2: no GPU backend works on this machine: webgpu (Dawn): no WebGPU adapter: .... Use --workers 2 to train on the CPU.');
+    expect(() => chooseGpuBackend(2, { ...choice, backend: 'webgpu' }, p.probe, () => true)).toThrow('--gpus 2: no GPU backend works on this machine: webgpu (Dawn): no WebGPU adapter: ... Use --workers 2 to train on the CPU.');
     expect(p.asked).toEqual(['webgpu']);
   });
 

@@ -67,7 +67,7 @@ export function chooseGpuBackend(n: number, c: GpuChoice, probe: (kind: GpuBacke
     }
     const p = probe(kind, c.allowSoftwareGpu);
     if (!p.ok) {
-      reasons.push(`${BACKEND_NAMES[kind]}: ${p.error}`);
+      reasons.push(`${BACKEND_NAMES[kind]}: ${p.error.replace(/\.$/, '')}`);
       continue;
     }
     if (kind === 'gpu') {
