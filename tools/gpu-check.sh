@@ -25,11 +25,16 @@ say() { echo "$*" | tee -a "$LOG"; }
 [ -e "$ROOT/vulkan/libvulkan.so.1" ] && export LD_LIBRARY_PATH="$ROOT/vulkan${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 command -v node >/dev/null || { say "gpu-check: no node on PATH (run it from the bundle of pnpm bundle:gpu-check)"; exit 2; }
 # NVIDIA's Vulkan ICD file: VK_DRIVER_FILES if set, else the usual folders, else the driver's own.
+# (Containers mount the driver's folder, e.g. /usr/local/nvidia, often as a file system of its own.)
 if [ -z "${VK_DRIVER_FILES:-}" ]; then
-  ICD=$(ls /usr/share/vulkan/icd.d/nvidia_icd*.json /etc/vulkan/icd.d/nvidia_icd*.json 2>/dev/null | head -1)
-  [ -n "$ICD" ] || ICD=$(timeout 30 find / -xdev \( -path /proc -o -path /sys -o -path "$OUT" \) -prune -o -name 'nvidia_icd*.json' -print 2>/dev/null | head -1)
+  ICD=$(ls /usr/share/vulkan/icd.d/nvidia_icd*.json /etc/vulkan/icd.d/nvidia_icd*.json /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd*.json 2>/dev/null | head -1)
+  [ -n "$ICD" ] || ICD=$(timeout 30 find / /usr/local/nvidia \( -path /proc -o -path /sys -o -path "$OUT" \) -prune -o -name 'nvidia_icd*.json' -print 2>/dev/null | head -1)
   [ -n "$ICD" ] && export VK_DRIVER_FILES=$ICD
 fi
+# The driver's libraries (the ICD names libGLX_nvidia.so.0 without a path), where a container mounts them.
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
 export DTRAIN_BENCH_RESULTS_DIR=$OUT DTRAIN_DATA_DIR=$OUT/data TF_CPP_MIN_LOG_LEVEL=2
 cd "$ROOT"
 say "gpu-check: $(date -u +%FT%TZ) in $ROOT; node $(node --version); VK_DRIVER_FILES=${VK_DRIVER_FILES:-unset}; LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
