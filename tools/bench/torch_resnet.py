@@ -19,6 +19,7 @@ Writes JSON (--out) with per-step seconds, medians and spreads; runs on CPU too 
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -126,6 +127,15 @@ def main() -> int:
             s = spread(secs)
             rows.append({'size': size, 'mode': mode, 'imgPerSec': a.batch / s['median'], 'secPerStep': s, 'samplesS': secs})
             print(f'{size}x{size} {mode}: {a.batch / s["median"]:.1f} img/s (median {s["median"]:.4f} s/step, {s["min"]:.4f}-{s["max"]:.4f})', flush=True)
+            write(a, device, gpu, params, rows)  # after every row: a run stopped by a time limit keeps what it measured
+    if a.out:
+        print(f'wrote {a.out}')
+    return 0
+
+
+def write(a, device, gpu, params, rows) -> None:
+    if not a.out:
+        return
     result = {
         'torch': torch.__version__,
         'cuda': torch.version.cuda,
@@ -139,11 +149,9 @@ def main() -> int:
         'command': ' '.join(sys.argv),
         'writtenAt': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
     }
-    if a.out:
-        with open(a.out, 'w') as f:
-            json.dump(result, f, indent=2)
-        print(f'wrote {a.out}')
-    return 0
+    with open(a.out + '.tmp', 'w') as f:
+        json.dump(result, f, indent=2)
+    os.replace(a.out + '.tmp', a.out)
 
 
 if __name__ == '__main__':

@@ -134,6 +134,8 @@ export async function main(args: string[]): Promise<void> {
       fractionOfMatmul: trainFlops / ours.median / 1e9 / matmul,
     };
     rows.push(row);
+    // Written after every size, so a run stopped by a time limit keeps what it measured.
+    writeResults(kind === 'cpu' ? 'train-step' : `train-step-${kind}`, { backend: kind, versions, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
     const peer = layers ? `layers+fit ${row.layersImgS!.toFixed(1)} img/s (${layers.median.toFixed(3)} s/step, ${layers.min.toFixed(3)}-${layers.max.toFixed(3)}), ratio ${row.ratio!.toFixed(2)}x, ` : '';
     console.log(
       `${size}x${size}: ours ${row.oursImgS.toFixed(1)} img/s (median ${ours.median.toFixed(3)} s/step, ${ours.min.toFixed(3)}-${ours.max.toFixed(3)}), ` +

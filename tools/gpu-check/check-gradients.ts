@@ -24,6 +24,7 @@ for (const [imageSize, n] of [
   const t0 = performance.now();
   const r = await compareWithCpuReference({ inChannels: 3, classes: 10, imageSize }, n, 1);
   rows.push(r);
+  fs.writeFileSync(outFile, `${JSON.stringify({ adapter: backend.adapter, pass: null, rows }, null, 2)}\n`); // kept if a time limit stops the next size
   const f = (x: number) => x.toFixed(3);
   console.log(
     `${imageSize}x${imageSize} batch ${n}: tolerance ${r.tolerance.toExponential(2)}; over their bounds: loss ${f(r.loss)}, gradients ${f(r.grads)}, ` +

@@ -57,7 +57,7 @@ console.log(`GPU: ${summary.gpu ?? '?'}; PyTorch ${torch?.torch ?? '?'} (CUDA ${
 console.log(`steps: ${steps.map((s) => `${s.step} ${s.exit === 0 ? 'ok' : `exit ${s.exit}`} ${s.seconds.toFixed(0)} s`).join(', ')}`);
 console.log(`gradients vs the CPU reference: ${gradients ? (gradients.pass ? 'within the bounds' : 'OUTSIDE the bounds') : 'not run'}`);
 console.log(`launch --gpus 2 --share-gpu: ${replicas ? `replicas identical (${replicas[1]})` : 'no identical-replicas line'}${done ? `, ${done[1]} images/s` : ''}`);
-console.log('\n| input, batch 64 | ours (WebGPU) img/s | PyTorch fp32 | PyTorch TF32 | PyTorch bf16 channels_last | ours / fp32 | ours / TF32 | ours / bf16 |');
+console.log(`\n| input, batch ${ours?.batch ?? torch?.batch ?? '?'} | ours (WebGPU) img/s | PyTorch fp32 | PyTorch TF32 | PyTorch bf16 channels_last | ours / fp32 | ours / TF32 | ours / bf16 |`);
 console.log('| --- | --- | --- | --- | --- | --- | --- | --- |');
 for (const s of speed) {
   console.log(`| ${s.size}x${s.size} | ${f(s.oursImgS)} | ${f(s.torchImgS.fp32)} | ${f(s.torchImgS.tf32)} | ${f(s.torchImgS['bf16-cl'])} | ${f(s.ratio.fp32, 2)} | ${f(s.ratio.tf32, 2)} | ${f(s.ratio['bf16-cl'], 2)} |`);
