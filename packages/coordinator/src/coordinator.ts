@@ -12,6 +12,9 @@ import { ControlServer, countAuthRefused, curveServerSecurity, transportCounters
 import { deviceForLocalRank } from './gpus.js';
 import { startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
 
+/** What a Hello may call its host (RFC 1123 names, and '_' as some machines have). */
+const HOST_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$/;
+
 export class CoordinatorError extends Error {
   override get name(): string {
     return this.constructor.name;
@@ -727,6 +730,11 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       const during = welcomed && elastic;
       if (welcomed && !elastic) return refuse(`the run already started with ${worldSize} workers (start it with --elastic to admit workers while it runs)`);
       if (!host) return refuse('a Hello needs a host');
+      // The host is printed to the operator's terminal and labels metrics: a name, not text.
+      if (!HOST_NAME.test(host)) {
+        const shown = JSON.stringify(host.slice(0, 64)) + (host.length > 64 ? ` (and ${host.length - 64} more characters)` : '');
+        return refuse(`a Hello's host must be a host name: at most 253 letters, digits, '.', '-' and '_', starting with a letter or digit; got ${shown} (pnpm cli join --host NAME, or DTRAIN_HOST)`);
+      }
       // The connection passed the CURVE handshake with an allow-listed key; the key a Hello names
       // for its ring must be allow-listed too, or the other workers would connect to a stranger.
       if (o.keys && !allowedKeys.has(e.authenticatedKey ?? h.curvePublicKey ?? '')) {
