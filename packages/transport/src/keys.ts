@@ -93,9 +93,27 @@ function allowListText(keys: AllowedKey[]): string {
 }
 
 /** Reads the allow-list of `dir` (missing file: empty list). */
+/**
+ * As ssh's StrictModes: who can write the key directory or the allow-list can add their own key,
+ * so either writable by group or others (or owned by another user than us or root) is refused.
+ */
+function refuseWritableByOthers(path: string, what: string): void {
+  if (process.platform === 'win32') return;
+  const st = statSync(path);
+  const uid = process.getuid?.();
+  if ((st.mode & 0o022) !== 0) {
+    throw new KeyFileError(`${what} ${path} is writable by other users (mode ${(st.mode & 0o777).toString(8)}): anyone who can write it can add their key; run \`chmod go-w ${path}\``);
+  }
+  if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
+    throw new KeyFileError(`${what} ${path} belongs to user ${st.uid}, not to this user (${uid}) or root: whoever owns it can add their key; run \`chown ${uid} ${path}\` if it is yours`);
+  }
+}
+
 export function readAllowList(dir = defaultKeyDir()): AllowedKey[] {
   const file = join(dir, KEY_FILES.allowList);
   if (!exists(file)) return [];
+  refuseWritableByOthers(dir, 'the key directory');
+  refuseWritableByOthers(file, 'the allow-list');
   return parseAllowList(readFileSync(file, 'utf8'), file);
 }
 

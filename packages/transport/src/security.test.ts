@@ -79,6 +79,13 @@ describe('CURVE keys', () => {
     expect(loadKeyDir(dir).allowed.map((a) => a.name)).toEqual(['host-a', 'host-b']);
     expect(() => addAllowedKey('not-a-key host-c', { dir })).toThrow(KeyFileError);
 
+    // As ssh's StrictModes: who can write the allow-list or its directory could add a key.
+    chmodSync(join(dir, 'allowed_keys'), 0o666);
+    expect(() => loadKeyDir(dir)).toThrow(/the allow-list .*allowed_keys is writable by other users \(mode 666\).*chmod go-w/);
+    chmodSync(join(dir, 'allowed_keys'), 0o644);
+    chmodSync(dir, 0o777);
+    expect(() => loadKeyDir(dir)).toThrow(/the key directory .* is writable by other users \(mode 777\).*chmod go-w/);
+    chmodSync(dir, 0o700);
     writeFileSync(join(dir, 'allowed_keys'), `${other.publicKey} ok\nbroken line\n`);
     expect(() => loadKeyDir(dir)).toThrow(/allowed_keys line 2/);
     chmodSync(join(dir, 'host.key'), 0o644);
