@@ -7,7 +7,7 @@ import { Command } from '@commander-js/extra-typings';
 import { listGpus, loadBackend, measureMatmulGflops, type WebGpuAdapterInfo } from '@dtrain/backend';
 import { fashionMnistCacheFile, hasCifar10, resolveDataDir } from '@dtrain/data';
 import { sharedMemoryUnavailable, shmDir } from '@dtrain/transport';
-import { BACKEND_NAMES } from './gpu-backend.js';
+import { BACKEND_NAMES, probeBackend } from './gpu-backend.js';
 
 interface Check {
   name: string;
@@ -26,23 +26,10 @@ function sharedMemoryCheck(): Check {
   return { name, ok: true, detail: `${dir}: ${freeMiB} MiB free (64 MiB per worker; with less, links fall back to sockets)` };
 }
 
-/**
- * Loads the GPU backend in a child process: one process holds one backend, and a broken CUDA
- * install must not take the doctor down with it.
- */
+/** tfjs-node-gpu, loaded in a child process by the probe `--gpus` uses (gpu-backend.ts). */
 function probeGpuBackend(): Check {
-  const require = createRequire(import.meta.url);
-  let backendEntry: string;
-  try {
-    backendEntry = require.resolve('@dtrain/backend');
-  } catch {
-    return { name: 'GPU backend (@tensorflow/tfjs-node-gpu)', ok: false, detail: '@dtrain/backend not found' };
-  }
-  const script = `import(${JSON.stringify(backendEntry)}).then(async (b) => { const l = await b.loadBackend('gpu'); console.log(JSON.stringify(l.versions)); }).catch((e) => { console.error(e.message.split('\\n')[0]); process.exit(3); });`;
-  const r = spawnSync(process.execPath, ['--import', 'tsx', '-e', script], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, TF_CPP_MIN_LOG_LEVEL: '2' } });
-  const ok = r.status === 0;
-  const detail = ok ? `loads (${r.stdout.trim()})` : (r.stderr.trim().split('\n').pop() ?? 'failed');
-  return { name: 'GPU backend (@tensorflow/tfjs-node-gpu)', ok, detail };
+  const p = probeBackend('gpu', false);
+  return { name: 'GPU backend (@tensorflow/tfjs-node-gpu)', ok: p.ok, detail: p.ok ? `loads (${JSON.stringify(p.versions)})` : p.error };
 }
 
 /**
