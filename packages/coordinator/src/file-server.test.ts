@@ -1,17 +1,15 @@
 // The coordinator's data set file server (FileRequest -> FileChunk on the control socket), as a
-// worker of another machine meets it: launch() with nodes 2 (one local fake worker), and this test
-// as the other machine's only worker, speaking the real protocol. It answers only for the files it
+// worker of another machine meets it: launch() with nodes 2 (one local fake worker,
+// testing/second-machine.ts), and this test as the other machine's only worker, speaking the real protocol. It answers only for the files it
 // offers, within their size; a name that leaves the offered folder gets nothing of the file.
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { ControlClient, type ControlMessage } from '@dtrain/transport';
-import { launch } from './index.js';
+import { launchForSecondMachine } from './testing/second-machine.js';
 
-const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-files-'));
 const num = (x: unknown) => (typeof x === 'number' ? x : ((x as { toNumber?: () => number } | undefined)?.toNumber?.() ?? 0));
 
@@ -43,27 +41,7 @@ describe("the coordinator's data set file server", () => {
     // Next to the offered folder: what a traversing name would reach.
     fs.writeFileSync(path.join(root, 'secret.txt'), 'not offered\n');
 
-    let endpoint = '';
-    let listening!: () => void;
-    const ready = new Promise<void>((r) => (listening = r));
-    const run = launch({
-      workers: 1,
-      nodes: 2,
-      entry: FAKE,
-      runDir: path.join(root, 'run'),
-      config: {},
-      env: { FAKE_MODE: 'ok', DTRAIN_HOST: 'host-a' },
-      offerFiles: { root: offeredRoot, names: ['set/f.bin'] },
-      joinTimeoutMs: 20_000,
-      timeoutMs: 10_000,
-      onEvent: (e) => {
-        if (e.kind !== 'listening') return;
-        endpoint = e.endpoint;
-        listening();
-      },
-    });
-    run.catch(() => undefined);
-    await ready;
+    const { endpoint, run } = await launchForSecondMachine(root, { offerFiles: { root: offeredRoot, names: ['set/f.bin'] }, joinTimeoutMs: 20_000 });
 
     const c = new ControlClient(endpoint, { timeoutMs: 10_000, who: 'local rank 0 on host host-b' });
     try {

@@ -1,42 +1,21 @@
 // A Hello's host is printed to the operator's terminal and labels metrics: the coordinator admits
 // only host names. This test is another machine's worker speaking the real protocol to launch()
-// with nodes 2 (one local fake worker).
+// with nodes 2 (one local fake worker, testing/second-machine.ts).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '@dtrain/transport';
-import { launch } from './index.js';
-
-const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
+import { launchForSecondMachine } from './testing/second-machine.js';
 
 describe("a Hello's host", () => {
   it('is refused unless it is a host name: control characters, spaces, a leading dot, 254 characters', async () => {
     const root = fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-hello-host-'));
-    let endpoint = '';
-    let listening!: () => void;
-    const ready = new Promise<void>((r) => (listening = r));
-    const run = launch({
-      workers: 1,
-      nodes: 2,
-      entry: FAKE,
-      runDir: path.join(root, 'run'),
-      config: {},
-      env: { FAKE_MODE: 'ok', DTRAIN_HOST: 'host-a' },
-      joinTimeoutMs: 8_000,
-      timeoutMs: 10_000,
-      onEvent: (e) => {
-        if (e.kind !== 'listening') return;
-        endpoint = e.endpoint;
-        listening();
-      },
-    });
+    const { endpoint, run } = await launchForSecondMachine(root, { joinTimeoutMs: 8_000 });
     const ended = run.then(
       () => 'completed',
       (err: Error) => err.message,
     );
-    await ready;
     const refusal = async (host: string): Promise<string> => {
       const c = new ControlClient(endpoint, { timeoutMs: 10_000, who: 'a test worker' });
       try {
