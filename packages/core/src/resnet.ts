@@ -8,7 +8,7 @@
 
 import * as tf from '@tensorflow/tfjs-core';
 import { describeResNet, type Architecture, type BatchNormSpec, type ConvLayerSpec, type ResNetConfig } from './architecture.js';
-import { makeConv2d } from './conv.js';
+import { conv2dReference, makeConv2d } from './conv.js';
 import { makeRelu, makeTrainingBatchNorm, nativeBackend, referenceTrainingBatchNorm, type TrainingBatchNorm } from './native.js';
 import { copyOut, readFlat, readScalar, readsSync, writeFlat } from './flat.js';
 import { Sgd, type SgdOptions } from './sgd.js';
@@ -140,12 +140,7 @@ export class ResNet {
       const spec = { kernel: c.kernel, stride: c.stride, padding: c.padding, inputGrad: c !== this.arch.stemConv };
       this.convs.set(
         c.name,
-        !customConvGrads
-          ? (x, w) => {
-              const xp = c.padding > 0 ? tf.pad(x, [[0, 0], [c.padding, c.padding], [c.padding, c.padding], [0, 0]]) : x;
-              return tf.conv2d(xp, w, c.stride, 'valid');
-            }
-          : makeConv2d(spec),
+        customConvGrads ? makeConv2d(spec) : (x, w) => conv2dReference(x, w, spec),
       );
     }
     this.relu = options.referenceOps ? (x) => tf.relu(x) : makeRelu();
