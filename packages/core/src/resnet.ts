@@ -12,6 +12,7 @@ import { conv2dReference, makeConv2d } from './conv.js';
 import { makeRelu, makeTrainingBatchNorm, nativeBackend, referenceTrainingBatchNorm, type TrainingBatchNorm } from './native.js';
 import { copyOut, readFlat, readScalar, readsSync, writeFlat } from './flat.js';
 import { Sgd, type SgdOptions } from './sgd.js';
+import { checkBatch, type TrainableModel } from './model.js';
 
 /** PyTorch's BatchNorm momentum: running = (1 - m) * running + m * batch statistic. */
 export const BN_MOMENTUM = 0.1;
@@ -93,7 +94,9 @@ let instanceCounter = 0;
 
 type ConvFn = (x: tf.Tensor4D, w: tf.Tensor4D) => tf.Tensor4D;
 
-export class ResNet {
+export class ResNet implements TrainableModel {
+  readonly engine = 'tfjs';
+  readonly gradientLayout = 'tensorflow';
   readonly arch: Architecture;
   readonly config: ResNetConfig;
   readonly optimizer: Sgd;
@@ -220,14 +223,8 @@ export class ResNet {
   }
 
   private inputs(batch: Batch): { x: tf.Tensor4D; y: tf.Tensor1D } {
+    checkBatch(this.config, batch);
     const s = this.config.imageSize;
-    const expected = batch.n * s * s * this.config.inChannels;
-    if (batch.images.length !== expected || batch.labels.length !== batch.n) {
-      throw new RangeError(
-        `batch: expected ${batch.n} images of ${s}x${s}x${this.config.inChannels} (${expected} floats) and ${batch.n} labels, ` +
-          `got ${batch.images.length} floats and ${batch.labels.length} labels`,
-      );
-    }
     const labels = batch.labels instanceof Int32Array ? batch.labels : Int32Array.from(batch.labels);
     return { x: tf.tensor4d(batch.images, [batch.n, s, s, this.config.inChannels]), y: tf.tensor1d(labels, 'int32') };
   }

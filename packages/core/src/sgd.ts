@@ -14,6 +14,12 @@ export interface SgdOptions {
   weightDecay?: number;
 }
 
+export function checkSgdOptions(options: SgdOptions): void {
+  for (const [k, v] of Object.entries(options)) {
+    if (v !== undefined && !(Number.isFinite(v) && v >= 0)) throw new RangeError(`SGD: ${k} must be a non-negative number, got ${v}`);
+  }
+}
+
 export class Sgd {
   lr: number;
   readonly momentum: number;
@@ -26,9 +32,7 @@ export class Sgd {
     private readonly params: tf.Variable[],
     options: SgdOptions,
   ) {
-    for (const [k, v] of Object.entries(options)) {
-      if (v !== undefined && !(Number.isFinite(v) && v >= 0)) throw new RangeError(`SGD: ${k} must be a non-negative number, got ${v}`);
-    }
+    checkSgdOptions(options);
     this.lr = options.lr;
     this.momentum = options.momentum ?? 0;
     this.weightDecay = options.weightDecay ?? 0;
