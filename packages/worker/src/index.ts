@@ -19,7 +19,10 @@ export {
 } from './settings.js';
 export { lrAt, peakLr, LR_SCALINGS } from './schedule.js';
 export type { LrScaling, LrScheduleSettings } from './schedule.js';
-export type { TrainSettings, TrainSettingsInput, PresetName, BackendKind } from './settings.js';
+export type { TrainSettings, TrainSettingsInput, PresetName, BackendKind, EngineKind, Precision } from './settings.js';
+export { ENGINE_KINDS, PRECISIONS } from './settings.js';
+export { loadEngine } from './engine.js';
+export type { ModelEngine } from './engine.js';
 export {
   readCheckpoint,
   readLatestCheckpoint,

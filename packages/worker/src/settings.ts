@@ -9,6 +9,12 @@ import { LR_SCALINGS, type LrScaling } from './schedule.js';
 /** cpu: tfjs-node; webgpu: Dawn (any GPU with a Vulkan, Metal or D3D12 driver); gpu: tfjs-node-gpu (CUDA 11.2). */
 export type BackendKind = 'cpu' | 'webgpu' | 'gpu';
 export const BACKEND_KINDS = ['cpu', 'webgpu', 'gpu'] as const satisfies readonly BackendKind[];
+/** tfjs: TensorFlow.js (the backends above); torch: the libtorch engine (@dtrain/torch-engine), on the CPU or, with backend 'gpu', CUDA. */
+export type EngineKind = 'tfjs' | 'torch';
+export const ENGINE_KINDS = ['tfjs', 'torch'] as const satisfies readonly EngineKind[];
+/** torch engine on CUDA: fp32 (TF32 off), tf32 (PyTorch's default for cuDNN convolutions), bf16 (autocast). The CPU computes fp32. */
+export type Precision = 'fp32' | 'tf32' | 'bf16';
+export const PRECISIONS = ['fp32', 'tf32', 'bf16'] as const satisfies readonly Precision[];
 export const PRESETS = ['tutorial'] as const;
 export type PresetName = (typeof PRESETS)[number];
 
@@ -37,6 +43,10 @@ export interface TrainSettings {
   /** Random crop (padding 4) and horizontal flip while training. */
   augment: boolean;
   backend: BackendKind;
+  /** Which engine computes the network; every rank of a run uses the same one, and a checkpoint of one resumes on the other. */
+  engine: EngineKind;
+  /** Arithmetic of the torch engine on CUDA; the CPU and the tfjs engine compute fp32. */
+  precision: Precision;
   /** webgpu: accept a software adapter (Mesa's lavapipe: tests); every worker may share it. */
   allowSoftwareGpu: boolean;
   /** webgpu: several workers of a machine on its one GPU, on purpose (WebGPU cannot give each its own). */
@@ -72,6 +82,8 @@ export const DEFAULTS = {
   limitTest: null,
   augment: false,
   backend: 'cpu',
+  engine: 'tfjs',
+  precision: 'fp32',
   allowSoftwareGpu: false,
   shareGpu: false,
   init: 'xavier-uniform',
@@ -163,6 +175,12 @@ export function validateSettings(s: TrainSettings): void {
   if (s.imageSize < 7) throw new TrainSettingsError('imageSize', `imageSize must be at least 7 (the 7x7 stem), got ${s.imageSize}`);
   if (s.imageSize > 512) throw new TrainSettingsError('imageSize', `imageSize must be at most 512, got ${s.imageSize}`);
   if (!(BACKEND_KINDS as readonly string[]).includes(s.backend)) throw new TrainSettingsError('backend', `backend must be one of ${BACKEND_KINDS.join(', ')}, got '${String(s.backend)}'`);
+  if (!(ENGINE_KINDS as readonly string[]).includes(s.engine)) throw new TrainSettingsError('engine', `engine must be one of ${ENGINE_KINDS.join(', ')}, got '${String(s.engine)}'`);
+  if (!(PRECISIONS as readonly string[]).includes(s.precision)) throw new TrainSettingsError('precision', `precision must be one of ${PRECISIONS.join(', ')}, got '${String(s.precision)}'`);
+  if (s.engine === 'torch' && s.backend === 'webgpu') throw new TrainSettingsError('engine', 'the torch engine runs on the CPU or on CUDA GPUs, not on WebGPU: use --engine tfjs for WebGPU');
+  if (s.precision !== 'fp32' && !(s.engine === 'torch' && s.backend === 'gpu')) {
+    throw new TrainSettingsError('precision', `precision ${s.precision} needs the torch engine on GPUs (--engine torch --gpus N); ${s.engine === 'torch' ? 'the CPU' : 'the tfjs engine'} computes fp32`);
+  }
   for (const k of ['allowSoftwareGpu', 'shareGpu'] as const) if (typeof s[k] !== 'boolean') throw new TrainSettingsError(k, `${k} must be true or false, got ${String(s[k])}`);
   if (s.init !== 'xavier-uniform') throw new TrainSettingsError('init', `init must be 'xavier-uniform' (the only one the model has), got '${String(s.init)}'`);
 }
@@ -192,6 +210,8 @@ export function resumeSettings(savedRaw: TrainSettings, input: TrainSettingsInpu
     logEverySteps: input.logEverySteps ?? saved.logEverySteps,
     keepCheckpoints: input.keepCheckpoints ?? saved.keepCheckpoints,
     backend: input.backend ?? saved.backend,
+    engine: input.engine ?? saved.engine,
+    precision: input.precision ?? saved.precision,
     allowSoftwareGpu: input.allowSoftwareGpu ?? saved.allowSoftwareGpu,
     shareGpu: input.shareGpu ?? saved.shareGpu,
     dataDir: input.dataDir !== undefined ? input.dataDir : saved.dataDir,
@@ -202,5 +222,5 @@ export function resumeSettings(savedRaw: TrainSettings, input: TrainSettingsInpu
 
 /** Checkpoints written before the lr schedule existed trained with a constant, unscaled lr. */
 export function withScheduleDefaults(s: TrainSettings): TrainSettings {
-  return { ...s, lrScaling: s.lrScaling ?? DEFAULTS.lrScaling, warmupEpochs: s.warmupEpochs ?? DEFAULTS.warmupEpochs, allowSoftwareGpu: s.allowSoftwareGpu ?? DEFAULTS.allowSoftwareGpu, shareGpu: s.shareGpu ?? DEFAULTS.shareGpu };
+  return { ...s, lrScaling: s.lrScaling ?? DEFAULTS.lrScaling, warmupEpochs: s.warmupEpochs ?? DEFAULTS.warmupEpochs, allowSoftwareGpu: s.allowSoftwareGpu ?? DEFAULTS.allowSoftwareGpu, shareGpu: s.shareGpu ?? DEFAULTS.shareGpu, engine: s.engine ?? DEFAULTS.engine, precision: s.precision ?? DEFAULTS.precision };
 }

@@ -27,9 +27,10 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { loadBackend, type LoadedBackend, type WebGpuAdapterInfo } from '@dtrain/backend';
-import { ResNet, describeResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig } from '@dtrain/core';
+import type { WebGpuAdapterInfo } from '@dtrain/backend';
+import { describeResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig, type TrainableModel } from '@dtrain/core';
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
+import { loadEngine, type ModelEngine } from './engine.js';
 import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
 import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
 import { CheckpointError, ReplicaMismatchError, TrainingDivergedError, TrainSettingsError } from './errors.js';
@@ -288,21 +289,15 @@ function round(x: number, digits = 6): number {
 }
 
 /** Names and shapes of every tensor, hashed: two models with the same hash share a flat layout. */
-export function layoutHash(model: ResNet): string {
+export function layoutHash(model: TrainableModel): string {
   const h = createHash('sha256');
   for (const p of model.arch.params) h.update(`${p.name}:${p.shape.join('x')};`);
   for (const b of model.arch.batchNorms) h.update(`${b.name}:${b.channels};`);
   return h.digest('hex').slice(0, 16);
 }
 
-export function readVersions(backend: LoadedBackend): Record<string, string> {
-  return { dtrain: DTRAIN_VERSION, tfjs: backend.versions.tfjs, tensorflow: backend.versions.tensorflow, node: process.versions.node, backendPackage: backend.packageName };
-}
-
-const DTRAIN_VERSION = '0.1.0';
-
 export class Trainer {
-  readonly model: ResNet;
+  readonly model: TrainableModel;
   readonly settings: TrainSettings;
   readonly collective: Collective;
   readonly data: TrainData;
@@ -327,7 +322,7 @@ export class Trainer {
 
   private constructor(
     o: TrainerOptions,
-    private readonly backend: LoadedBackend,
+    private readonly engine: ModelEngine,
   ) {
     this.settings = o.settings;
     this.collective = o.collective ?? new SingleProcess();
@@ -345,7 +340,7 @@ export class Trainer {
     if (train.count === 0 || test.count === 0) throw new TrainSettingsError('dataset', `${train.count === 0 ? train.name : test.name} has no images`);
     const s = o.settings;
     const config: ResNetConfig = { inChannels: train.channels, classes: train.classNames.length, imageSize: s.imageSize };
-    this.model = new ResNet(config, { seed: s.seed, sgd: { lr: s.lr, momentum: s.momentum, weightDecay: s.weightDecay } });
+    this.model = engine.create(config);
     this.layout = layoutHash(this.model);
     this.minBatch = minTrainingBatch(this.model.arch);
     this.checkBatchNormRoom(s.batchSize, Math.ceil(train.count / this.collective.worldSize), this.collective.worldSize);
@@ -391,12 +386,12 @@ export class Trainer {
     return { ...this.state.progress };
   }
 
-  /** Loads the backend (once per process) and builds the model with the settings' seed. */
+  /** Loads the engine (tfjs: its backend, once per process) and builds the model with the settings' seed. */
   static async create(o: TrainerOptions): Promise<Trainer> {
     const s = o.settings;
-    const backend = await loadBackend(s.backend, { allowSoftwareGpu: s.allowSoftwareGpu, shareGpu: s.shareGpu, localWorkers: o.localWorkers });
-    if (backend.adapter) checkFitsGpu(s, o.data, backend.adapter);
-    return new Trainer(o, backend);
+    const engine = await loadEngine(s, o.localWorkers);
+    if (engine.adapter) checkFitsGpu(s, o.data, engine.adapter);
+    return new Trainer(o, engine);
   }
 
   /** Steps of a whole epoch with the current world size. */
@@ -889,6 +884,9 @@ export class Trainer {
       ...Object.fromEntries(TRAJECTORY_SETTINGS.map((k) => [k, s[k]])),
       epochs: s.epochs,
       layout: this.layout,
+      // The gradient's per-tensor layout is the engine's: one engine per run.
+      engine: s.engine,
+      gradientLayout: this.model.gradientLayout,
       train: this.data.train.count,
       test: this.data.test.count,
       worldSize: c.worldSize,
@@ -967,7 +965,7 @@ export class Trainer {
         augment: s.augment ? { cropPadding: AUGMENT_CROP_PADDING, horizontalFlip: true } : false,
         sampler: { kind: 'distributed', shuffle: true, dropLast: false, lastBatch: 'kept (may be short)' },
       },
-      versions: readVersions(this.backend),
+      versions: this.engine.versions,
       host: { hostname: os.hostname(), platform: process.platform, arch: process.arch, cpus: os.cpus().length },
       ...this.configExtra,
       createdAt: previous.createdAt ?? new Date().toISOString(),

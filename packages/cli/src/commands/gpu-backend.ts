@@ -88,3 +88,25 @@ export function chooseGpuBackend(n: number, c: GpuChoice, probe: (kind: GpuBacke
   }
   throw new UsageError(`--gpus ${n}: no GPU backend works on this machine: ${reasons.join('; ')}. Use --workers ${n} to train on the CPU.`);
 }
+
+/** The torch engine as a child process finds it (loading libtorch and counting CUDA GPUs). */
+export function probeTorchEngine(): { available: boolean; detail: string; cudaDevices: number } {
+  const entry = createRequire(import.meta.url).resolve('@dtrain/torch-engine');
+  const script = `import(${JSON.stringify(entry)}).then((t) => { const s = t.torchEngineStatus(); console.log(JSON.stringify({ available: s.available, detail: s.detail, cudaDevices: s.cudaDevices })); process.exit(0); })`;
+  const r = spawnSync(process.execPath, ['--import', 'tsx', '-e', script], { encoding: 'utf8', timeout: 120_000 });
+  if (r.status !== 0) return { available: false, detail: r.stderr.trim().split('\n').pop() || `the probe exited with ${r.status ?? r.signal}`, cudaDevices: 0 };
+  return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as ReturnType<typeof probeTorchEngine>;
+}
+
+/**
+ * `--gpus n --engine torch`: libtorch on CUDA, worker i on the i-th GPU (CUDA_VISIBLE_DEVICES), or
+ * all n on the first with --share-gpu; a UsageError naming what is missing otherwise.
+ */
+export function chooseTorchGpus(n: number, shareGpu: boolean, probe = probeTorchEngine): GpuPlan {
+  const t = probe();
+  if (!t.available) throw new UsageError(`--gpus ${n} ${t.detail.replace(/^--engine torch: /, '--engine torch: ')}. Use --workers ${n} to train on the CPU.`);
+  if (t.cudaDevices === 0) throw new UsageError(`--gpus ${n} --engine torch: the libtorch in use sees no CUDA GPU (${t.detail}); install a CUDA build of torch for python3 and run pnpm install again, or use --workers ${n}`);
+  if (shareGpu) return { backend: 'gpu', shared: n > 1, line: `GPU engine: torch (${t.detail}); ${n} worker${n > 1 ? 's sharing' : ' on'} the first GPU` };
+  const gpus = requireGpus(n);
+  return { backend: 'gpu', shared: false, line: `GPU engine: torch (${t.detail}); ${n} worker${n > 1 ? 's' : ''} on ${gpus.map((g) => `GPU ${g.index} (${g.name})`).join(', ')}` };
+}

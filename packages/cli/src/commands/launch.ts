@@ -19,7 +19,7 @@ import {
   type Summary,
 } from '@dtrain/worker';
 import { nonNegativeInt, nonNegativeNumber, oneOf, positiveInt, UsageError } from '../errors.js';
-import { BACKEND_NAMES, chooseGpuBackend, GPU_BACKENDS, type GpuPlan } from './gpu-backend.js';
+import { BACKEND_NAMES, chooseGpuBackend, chooseTorchGpus, GPU_BACKENDS, type GpuPlan } from './gpu-backend.js';
 import { parseHostPort } from './join.js';
 import { chooseSecurity, INSECURE_HELP, KEYS_HELP } from './security.js';
 import { addTrainOptions, settingsFromFlags } from './train-options.js';
@@ -104,7 +104,7 @@ export function registerLaunch(program: Command) {
       .addOption(new Option('--gpus <n>', 'GPU workers, on the best GPU backend that works here (first line says which; see --backend); with the gpu backend worker i gets the i-th GPU of CUDA_VISIBLE_DEVICES (unset: GPU i)').argParser(positiveInt('--gpus'))),
   )
     .addOption(new Option('--backend <kind>', 'with --gpus: webgpu (Dawn on the Vulkan driver: any GPU of today) or gpu (tfjs-node-gpu: CUDA 11.2 + cuDNN 8.1 only); default: gpu where it loads, else webgpu').choices(GPU_BACKENDS).argParser(oneOf('--backend', GPU_BACKENDS)))
-    .option('--share-gpu', 'with --gpus N on webgpu: run the N workers on the one GPU WebGPU opens, on purpose (to test multi-worker training on a one-GPU machine)')
+    .option('--share-gpu', 'with --gpus N on webgpu (or --engine torch): run the N workers on one GPU, on purpose (WebGPU opens only the first; to test multi-worker training on a one-GPU machine)')
     .addOption(new Option('--port <n>', 'coordinator control port (default: any free port)').argParser(nonNegativeInt('--port')))
     .addOption(new Option('--nodes <m>', 'machines in the run, this one included; the others run pnpm cli join ADDR:PORT').default(1).argParser(positiveInt('--nodes')))
     .option('--listen <addr:port>', 'address and port of the control socket the other machines connect to (needed with --nodes; 0.0.0.0:PORT for every interface)')
@@ -128,7 +128,12 @@ export function registerLaunch(program: Command) {
       const n = (o.workers ?? o.gpus)!;
       const gpus = o.gpus !== undefined;
       if (!gpus && (o.backend !== undefined || o.shareGpu || o.allowSoftwareGpu)) throw new UsageError(`${o.backend !== undefined ? '--backend' : o.shareGpu ? '--share-gpu' : '--allow-software-gpu'} applies to --gpus N; --workers N trains on the CPU`);
-      const plan: GpuPlan | undefined = gpus ? chooseGpuBackend(n, { backend: o.backend, allowSoftwareGpu: o.allowSoftwareGpu === true, shareGpu: o.shareGpu === true }) : undefined;
+      if (o.engine === 'torch' && o.backend !== undefined) throw new UsageError(`--backend ${o.backend} chooses a TensorFlow.js backend; --engine torch runs libtorch on CUDA with --gpus N (or on the CPU with --workers N)`);
+      const plan: GpuPlan | undefined = !gpus
+        ? undefined
+        : o.engine === 'torch'
+          ? chooseTorchGpus(n, o.shareGpu === true)
+          : chooseGpuBackend(n, { backend: o.backend, allowSoftwareGpu: o.allowSoftwareGpu === true, shareGpu: o.shareGpu === true });
       if (plan) console.log(plan.line);
       let listen: string | undefined;
       let port = o.port;
@@ -167,7 +172,7 @@ export function registerLaunch(program: Command) {
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;
-        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${plan ? BACKEND_NAMES[plan.backend] : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling${s.warmupEpochs > 0 ? `, warmup ${s.warmupEpochs} epochs` : ''})` : ' (not scaled)'}, image ${s.imageSize}px`);
+        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${plan ? (s.engine === 'torch' ? 'torch CUDA' : BACKEND_NAMES[plan.backend]) : s.engine === 'torch' ? 'torch CPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling${s.warmupEpochs > 0 ? `, warmup ${s.warmupEpochs} epochs` : ''})` : ' (not scaled)'}, image ${s.imageSize}px`);
       }
 
       let summary: Summary | undefined;
@@ -207,7 +212,8 @@ export function registerLaunch(program: Command) {
         entry: WORKER_ENTRY,
         runDir,
         config,
-        gpus: plan?.backend === 'gpu',
+        // One GPU per worker (CUDA_VISIBLE_DEVICES), unless they share one on purpose.
+        gpus: plan?.backend === 'gpu' && !plan.shared,
         port,
         listen,
         nodes: o.nodes,

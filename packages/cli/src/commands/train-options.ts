@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
 import { DATASET_NAMES } from '@dtrain/data';
-import { DEFAULTS, LR_SCALINGS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
+import { DEFAULTS, ENGINE_KINDS, LR_SCALINGS, PRECISIONS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
 import { UsageError, nonNegativeInt, nonNegativeNumber, oneOf, positiveInt } from '../errors.js';
 
 /** Setting name -> the flag a user types, so errors name what they can change. */
@@ -24,6 +24,8 @@ export const FLAGS: Record<string, string> = {
   limitTest: '--limit-test',
   augment: '--augment',
   backend: '--backend',
+  engine: '--engine',
+  precision: '--precision',
   allowSoftwareGpu: '--allow-software-gpu',
   shareGpu: '--share-gpu',
   logEverySteps: '--log-every',
@@ -71,6 +73,16 @@ export function addTrainOptions<A extends unknown[], O extends OptionValues, G e
     .option('--augment', 'random crop (padding 4) and horizontal flip while training (off by default, as in the tutorial)')
     .option('--log-every <steps>', `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps})`, positiveInt('--log-every'))
     .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'))
+    .addOption(
+      new Option('--engine <name>', `what computes the network: tfjs (TensorFlow.js; default) or torch (libtorch, PyTorch's kernels: CPU, or CUDA with --gpus; built by pnpm install where a torch is found, see pnpm cli doctor)`)
+        .choices(ENGINE_KINDS)
+        .argParser(oneOf('--engine', ENGINE_KINDS)),
+    )
+    .addOption(
+      new Option('--precision <p>', 'torch engine on GPUs: fp32 (float32, TF32 off; default), tf32 (PyTorch’s default: TF32 convolutions) or bf16 (autocast; float32 weights, BatchNorm and loss)')
+        .choices(PRECISIONS)
+        .argParser(oneOf('--precision', PRECISIONS)),
+    )
     .option('--allow-software-gpu', 'webgpu: train on a software GPU (Mesa lavapipe: the CPU behind a Vulkan device; for tests), which is refused otherwise');
 }
 
@@ -95,6 +107,8 @@ export interface TrainFlags {
   keepCheckpoints?: number;
   dataDir?: string;
   allowSoftwareGpu?: true;
+  engine?: string;
+  precision?: string;
 }
 
 /** The trainer's settings from the flags; unset flags are left out (preset, then defaults, fill them). */
@@ -116,6 +130,8 @@ export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['b
     limitTest: o.limitTest,
     augment: o.augment,
     backend,
+    engine: o.engine as TrainSettingsInput['engine'],
+    precision: o.precision as TrainSettingsInput['precision'],
     allowSoftwareGpu: o.allowSoftwareGpu,
     logEverySteps: o.logEvery,
     keepCheckpoints: o.keepCheckpoints,
