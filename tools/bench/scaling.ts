@@ -3,6 +3,9 @@
 // 1. real   The real launcher (`dtrain launch --workers N`) on Fashion-MNIST, same per-worker batch,
 //           N = 1, 2, 4: images/s and each step's share of data, compute, all-reduce, optimizer,
 //           from rank 0's per-step lines in the run folder's metrics.jsonl (--log-every 1).
+//           --engine tfjs|torch picks the engine; --ddp PYTHON runs, right after each of ours, PyTorch
+//           DDP over gloo with the same workers, per-worker batch, image size and channels
+//           (tools/bench/ddp_resnet.py; random tensors, so no data loading on its side).
 // 2. comm   Communication only, on loopback: every worker sleeps --compute-ms per step (a GPU's
 //           step time: the CPU waits) and all-reduces the real gradient (11,180,810 float32) with
 //           the real ring, in real processes. Efficiency = throughput(N) / (N x throughput(1)).
@@ -421,6 +424,9 @@ interface RealRow {
   /** Rank 0's mean seconds per step in each phase. */
   phaseSec: { data: number; compute: number; allReduce: number; optimizer: number };
   command: string;
+  /** PyTorch DDP (gloo) with the same shape of run, when --ddp is given; ratio = ours / DDP. */
+  ddp: { imagesPerSec: number; imagesPerSecPerStep: { median: number; min: number; max: number }; torch: string } | null;
+  ratioToDdp: number | null;
 }
 
 interface StepLine {
@@ -431,14 +437,35 @@ interface StepLine {
   phaseSec: { data: number; compute: number; allReduce: number; optimizer: number };
 }
 
-async function realRun(world: number, bucketMb: number, o: { dataset: string; batch: number; imageSize: number; warmup: number; steps: number; timeoutS: number }, baseline: number | null): Promise<RealRow> {
+interface RealOptions {
+  dataset: string;
+  batch: number;
+  imageSize: number;
+  warmup: number;
+  steps: number;
+  timeoutS: number;
+  engine: string;
+  ddp: string | null;
+}
+
+/** PyTorch DDP over gloo, `world` processes, the same per-worker batch and input as ours. */
+function ddpRun(python: string, world: number, bucketMb: number, o: RealOptions): NonNullable<RealRow['ddp']> {
+  const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bench-ddp-')), 'ddp.json');
+  const channels = o.dataset === 'cifar10' ? 3 : 1;
+  const args = [path.join(REPO_ROOT, 'tools', 'bench', 'ddp_resnet.py'), '--workers', String(world), '--size', String(o.imageSize), '--channels', String(channels), '--batch', String(o.batch), '--warmup', String(o.warmup), '--steps', String(o.steps), '--bucket-mb', String(bucketMb > 0 ? bucketMb : 25), '--out', out];
+  execFileSync(python, args, { stdio: ['ignore', 'ignore', 'inherit'], timeout: o.timeoutS * 1000 });
+  const j = JSON.parse(fs.readFileSync(out, 'utf8')) as { imagesPerSec: number; imagesPerSecPerStep: { median: number; min: number; max: number }; torch: string };
+  return { imagesPerSec: j.imagesPerSec, imagesPerSecPerStep: j.imagesPerSecPerStep, torch: j.torch };
+}
+
+async function realRun(world: number, bucketMb: number, o: RealOptions, baseline: number | null): Promise<RealRow> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-scaling-'));
   const out = path.join(dir, 'run');
   const total = o.warmup + o.steps;
   const args = [
     'launch', '--workers', String(world), '--dataset', o.dataset, '--epochs', '1', '--batch-size', String(o.batch),
     '--image-size', String(o.imageSize), '--limit-train', String(world * o.batch * total), '--limit-test', String(8 * world),
-    '--log-every', '1', '--join-timeout-s', '120', '--timeout-s', '120', '--bucket-mb', String(bucketMb), '--out', out,
+    '--log-every', '1', '--join-timeout-s', '120', '--timeout-s', '120', '--bucket-mb', String(bucketMb), '--engine', o.engine, '--out', out,
   ];
   const command = `pnpm cli ${args.join(' ').replace(out, '<tmp>')}`;
   try {
@@ -472,6 +499,8 @@ async function realRun(world: number, bucketMb: number, o: { dataset: string; ba
       },
       phaseSec: { data: ph.data / steps.length, compute: ph.compute / steps.length, allReduce: ph.allReduce / steps.length, optimizer: ph.optimizer / steps.length },
       command,
+      ddp: null,
+      ratioToDdp: null,
     };
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -486,11 +515,12 @@ const spread = (s: Stats, d = 1) => `${f(s.median, d)} (${f(s.min, d)}-${f(s.max
 
 function realTable(rows: RealRow[]): string {
   const out = [
-    '| workers | all-reduce | per-worker batch | images/s | img/s per step: median (min-max, sd) | s/step median | speedup | efficiency | data | compute | all-reduce | optimizer | other |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    '| workers | all-reduce | per-worker batch | images/s | img/s per step: median (min-max, sd) | s/step median | speedup | efficiency | data | compute | all-reduce | optimizer | other | DDP gloo images/s (per step min-max) | ours / DDP |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ];
   for (const r of rows) {
-    out.push(`| ${r.world} | ${r.world > 1 ? overlapName(r.bucketMb) : 'n/a'} | ${r.batch} (${r.imageSize}px) | ${f(r.imagesPerSec)} | ${spread(r.imagesPerSecPerStep)} | ${f(r.stepSec.median, 3)} | ${f(r.speedup, 2)}x | ${pct(r.efficiency)} | ${pct(r.share.data)} | ${pct(r.share.compute)} | ${pct(r.share.allReduce)} | ${pct(r.share.optimizer)} | ${pct(r.share.other)} |`);
+    const ddp = r.ddp ? `${f(r.ddp.imagesPerSec)} (${f(r.ddp.imagesPerSecPerStep.min)}-${f(r.ddp.imagesPerSecPerStep.max)})` : '-';
+    out.push(`| ${r.world} | ${r.world > 1 ? overlapName(r.bucketMb) : 'n/a'} | ${r.batch} (${r.imageSize}px) | ${f(r.imagesPerSec)} | ${spread(r.imagesPerSecPerStep)} | ${f(r.stepSec.median, 3)} | ${f(r.speedup, 2)}x | ${pct(r.efficiency)} | ${pct(r.share.data)} | ${pct(r.share.compute)} | ${pct(r.share.allReduce)} | ${pct(r.share.optimizer)} | ${pct(r.share.other)} | ${ddp} | ${r.ratioToDdp === null ? '-' : `${f(r.ratioToDdp, 2)}x`} |`);
   }
   return out.join('\n');
 }
@@ -544,6 +574,8 @@ export async function main(args: string[]): Promise<void> {
     floats: String(GRADIENT_FLOATS),
     'link-check-mb': '200',
     'timeout-s': '300',
+    engine: 'tfjs',
+    ddp: 'no',
   });
   const modes = new Set(o.modes.split(','));
   const commLinks = o['comm-links'].split(',');
@@ -576,8 +608,8 @@ export async function main(args: string[]): Promise<void> {
   // ------------------------------------------------------------ 1. real launcher
   if (modes.has('real')) {
     const worlds = ints(o.workers, 'workers');
-    const ro = { dataset: o.dataset, batch, imageSize: Number(o['image-size']), warmup: Number(o.warmup), steps: Number(o.steps), timeoutS: Number(o['timeout-s']) };
-    console.log(`\n## Real training (dtrain launch, ${ro.dataset}, batch ${batch} per worker, ${ro.imageSize}px, ${ro.warmup} warm-up + ${ro.steps} timed steps per run)\n`);
+    const ro: RealOptions = { dataset: o.dataset, batch, imageSize: Number(o['image-size']), warmup: Number(o.warmup), steps: Number(o.steps), timeoutS: Number(o['timeout-s']), engine: o.engine, ddp: o.ddp === 'no' ? null : o.ddp };
+    console.log(`\n## Real training (dtrain launch --engine ${ro.engine}, ${ro.dataset}, batch ${batch} per worker, ${ro.imageSize}px, ${ro.warmup} warm-up + ${ro.steps} timed steps per run${ro.ddp ? '; PyTorch DDP gloo after each' : ''})\n`);
     const rows: RealRow[] = [];
     let base: number | null = null;
     for (const bucketMb of bucketMbs) {
@@ -588,8 +620,12 @@ export async function main(args: string[]): Promise<void> {
         const r = await realRun(w, w === 1 ? 0 : bucketMb, ro, base);
         if (w === 1) base = r.imagesPerSec;
         if (base !== null && w !== 1) Object.assign(r, { speedup: r.imagesPerSec / base, efficiency: r.imagesPerSec / (w * base) });
+        if (ro.ddp) {
+          r.ddp = ddpRun(ro.ddp, w, w === 1 ? 0 : bucketMb, ro);
+          r.ratioToDdp = r.imagesPerSec / r.ddp.imagesPerSec;
+        }
         rows.push(r);
-        console.log(`${f(r.imagesPerSec)} images/s (${f((Date.now() - t) / 1000)} s with startup)`);
+        console.log(`${f(r.imagesPerSec)} images/s (${f((Date.now() - t) / 1000)} s with startup)${r.ddp ? `; DDP gloo ${f(r.ddp.imagesPerSec)} images/s: ours / DDP ${f(r.ratioToDdp!, 2)}x` : ''}`);
       }
     }
     if (worlds[0] !== 1) notes.push('real mode: no 1-worker run, so speedup and efficiency are relative to nothing (shown as 1).');

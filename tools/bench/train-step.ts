@@ -5,11 +5,18 @@
 // achieved GFLOP/s against the measured matmul GFLOP/s.
 // --backend webgpu: ours on the GPU WebGPU opens, without the layers-API peer: there the peer is
 // PyTorch on the same GPU (tools/bench/torch_resnet.py; tools/gpu-check.sh runs both and divides).
+// --engines tfjs,torch,torch-cl: also the libtorch engine (NCHW; channels-last), and --pytorch
+// PYTHON: PyTorch itself (tools/bench/torch_resnet.py --device cpu, fp32) in the same run, per size
+// right after ours; the ratios to PyTorch are what a user of PyTorch DDP compares.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { loadBackend, measureMatmulGflops } from '@dtrain/backend';
-import { describeResNet, ResNet, type ResNetConfig } from '@dtrain/core';
-import { parseArgs, stats, writeResults, type Stats } from './_common.js';
+import { describeResNet, ResNet, type ResNetConfig, type TrainableModel } from '@dtrain/core';
+import { REPO_ROOT, parseArgs, stats, writeResults, type Stats } from './_common.js';
 
 /** The tutorial network in the layers API, with explicit padding so shapes match PyTorch's. */
 export function buildLayersResNet(c: ResNetConfig): tfl.LayersModel {
@@ -44,8 +51,16 @@ function randomBatch(n: number, c: ResNetConfig) {
   return { images, labels, n };
 }
 
-async function timeOurs(c: ResNetConfig, batch: number, warmup: number, steps: number): Promise<number[]> {
-  const model = new ResNet(c, { seed: 1, sgd: { lr: 0.01 } });
+/** One model per engine name: tfjs (ours on the loaded backend), torch / torch-cl (libtorch, NCHW / channels-last). */
+async function makeModel(engine: string, c: ResNetConfig): Promise<TrainableModel> {
+  if (engine === 'tfjs') return new ResNet(c, { seed: 1, sgd: { lr: 0.01 } });
+  const { TorchResNet } = await import('@dtrain/torch-engine');
+  // Every core of the machine, as tfjs-node and PyTorch use by default.
+  return new TorchResNet(c, { seed: 1, sgd: { lr: 0.01 }, threads: os.availableParallelism(), channelsLast: engine === 'torch-cl' });
+}
+
+async function timeOurs(engine: string, c: ResNetConfig, batch: number, warmup: number, steps: number): Promise<number[]> {
+  const model = await makeModel(engine, c);
   const b = randomBatch(batch, c);
   const grads = new Float32Array(model.paramCount);
   const times: number[] = [];
@@ -57,6 +72,17 @@ async function timeOurs(c: ResNetConfig, batch: number, warmup: number, steps: n
   }
   model.dispose();
   return times;
+}
+
+/** PyTorch itself on the CPU (tools/bench/torch_resnet.py, fp32): seconds per step, and its version. */
+function timePyTorch(python: string, c: ResNetConfig, batch: number, warmup: number, steps: number): { samplesS: number[]; torch: string } {
+  const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bench-torch-')), 'result.json');
+  const script = path.join(REPO_ROOT, 'tools', 'bench', 'torch_resnet.py');
+  const args = [script, '--device', 'cpu', '--modes', 'fp32', '--sizes', String(c.imageSize), '--channels', String(c.inChannels), '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps), '--out', out];
+  const r = spawnSync(python, args, { encoding: 'utf8', stdio: ['ignore', 'inherit', 'inherit'] });
+  if (r.status !== 0) throw new Error(`${python} ${args.join(' ')} failed (exit ${r.status ?? r.signal})`);
+  const j = JSON.parse(fs.readFileSync(out, 'utf8')) as { torch: string; results: Array<{ samplesS: number[] }> };
+  return { samplesS: j.results[0].samplesS, torch: j.torch };
 }
 
 async function timeLayers(c: ResNetConfig, batch: number, warmup: number, steps: number): Promise<number[]> {
@@ -85,73 +111,85 @@ async function timeLayers(c: ResNetConfig, batch: number, warmup: number, steps:
   return times;
 }
 
-interface Row {
-  size: number;
-  ours: Stats;
-  oursSamplesS: number[];
-  oursImgS: number;
+interface Measured {
+  stats: Stats;
+  samplesS: number[];
+  imgS: number;
+  /** Training GFLOP/s (3x the forward FLOPs) and its fraction of the measured matmul rate. */
   gflops: number;
   fractionOfMatmul: number;
-  /** The layers-API peer, CPU only (on a GPU the peer is PyTorch: tools/bench/torch_resnet.py). */
-  layers: Stats | null;
-  layersSamplesS: number[] | null;
-  layersImgS: number | null;
+}
+
+interface Row {
+  size: number;
+  /** Ours, per engine (tfjs, torch, torch-cl). */
+  engines: Record<string, Measured>;
+  /** The layers-API peer (tfjs backend cpu only). */
+  layers: Measured | null;
+  /** PyTorch itself, fp32 on the CPU (--pytorch). */
+  pytorch: Measured | null;
+  /** Median step time of PyTorch over each engine's: >1 means ours is faster. */
+  ratioToPyTorch: Record<string, number>;
+  /** tfjs engine vs the layers API, as before. */
   ratio: number | null;
 }
 
 const BACKENDS = ['cpu', 'webgpu'] as const;
+const ENGINES = ['tfjs', 'torch', 'torch-cl'];
+
+function measured(samplesS: number[], batch: number, trainFlops: number, matmul: number): Measured {
+  const st = stats(samplesS);
+  return { stats: st, samplesS, imgS: batch / st.median, gflops: trainFlops / st.median / 1e9, fractionOfMatmul: trainFlops / st.median / 1e9 / matmul };
+}
 
 export async function main(args: string[]): Promise<void> {
-  const o = parseArgs(args, { sizes: '32,96', batch: '64', warmup: '2', steps: '6', channels: '3', backend: 'cpu', 'allow-software-gpu': 'no' });
+  const o = parseArgs(args, { sizes: '32,96', batch: '64', warmup: '2', steps: '6', channels: '3', backend: 'cpu', 'allow-software-gpu': 'no', engines: 'tfjs', pytorch: 'no', layers: 'yes' });
   const sizes = o.sizes.split(',').map(Number);
   const batch = Number(o.batch);
   const warmup = Number(o.warmup);
   const steps = Number(o.steps);
   const kind = o.backend as (typeof BACKENDS)[number];
   if (!BACKENDS.includes(kind)) throw new Error(`--backend must be one of ${BACKENDS.join(', ')}, got '${o.backend}'`);
+  const engines = o.engines.split(',');
+  for (const e of engines) if (!ENGINES.includes(e)) throw new Error(`--engines: '${e}' is not one of ${ENGINES.join(', ')}`);
+  if (kind !== 'cpu' && engines.some((e) => e !== 'tfjs')) throw new Error('--engines torch runs on the CPU here (on CUDA: tools/gpu-check)');
+  const python = o.pytorch === 'no' ? null : o.pytorch;
   const { tf: tfb, versions, adapter } = await loadBackend(kind, { allowSoftwareGpu: o['allow-software-gpu'] === 'yes' });
   const matmul = await measureMatmulGflops(tfb);
   const on = adapter ? `WebGPU on ${adapter.description || adapter.device}` : `TensorFlow ${versions.tensorflow}`;
-  console.log(`backend ${kind}: tfjs ${versions.tfjs}, ${on}; matmul ${matmul.toFixed(1)} GFLOP/s; batch ${batch}, ${warmup} warm-up + ${steps} timed steps`);
+  console.log(`backend ${kind}: tfjs ${versions.tfjs}, ${on}; matmul ${matmul.toFixed(1)} GFLOP/s; batch ${batch}, ${warmup} warm-up + ${steps} timed steps; engines ${engines.join(', ')}${python ? `; PyTorch via ${python}` : ''}`);
   const rows: Row[] = [];
+  let pytorchVersion: string | null = null;
+  const name = kind === 'cpu' ? 'train-step' : `train-step-${kind}`;
   for (const size of sizes) {
     const c: ResNetConfig = { inChannels: Number(o.channels), classes: 10, imageSize: size };
     const trainFlops = 3 * describeResNet(c).flopsPerImage * batch;
-    const oursSamplesS = await timeOurs(c, batch, warmup, steps);
-    const layersSamplesS = kind === 'cpu' ? await timeLayers(c, batch, warmup, steps) : null;
-    const ours = stats(oursSamplesS);
-    const layers = layersSamplesS && stats(layersSamplesS);
-    const row: Row = {
-      size,
-      ours,
-      layers,
-      oursSamplesS,
-      layersSamplesS,
-      oursImgS: batch / ours.median,
-      layersImgS: layers && batch / layers.median,
-      ratio: layers && layers.median / ours.median,
-      gflops: trainFlops / ours.median / 1e9,
-      fractionOfMatmul: trainFlops / ours.median / 1e9 / matmul,
-    };
+    const m = (xs: number[]) => measured(xs, batch, trainFlops, matmul);
+    const row: Row = { size, engines: {}, layers: null, pytorch: null, ratioToPyTorch: {}, ratio: null };
+    for (const e of engines) row.engines[e] = m(await timeOurs(e, c, batch, warmup, steps));
+    if (kind === 'cpu' && o.layers === 'yes') row.layers = m(await timeLayers(c, batch, warmup, steps));
+    if (python) {
+      const p = timePyTorch(python, c, batch, warmup, steps);
+      pytorchVersion = p.torch;
+      row.pytorch = m(p.samplesS);
+      for (const e of engines) row.ratioToPyTorch[e] = row.pytorch.stats.median / row.engines[e].stats.median;
+    }
+    if (row.layers && row.engines.tfjs) row.ratio = row.layers.stats.median / row.engines.tfjs.stats.median;
     rows.push(row);
     // Written after every size, so a run stopped by a time limit keeps what it measured.
-    writeResults(kind === 'cpu' ? 'train-step' : `train-step-${kind}`, { backend: kind, versions, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
-    const peer = layers ? `layers+fit ${row.layersImgS!.toFixed(1)} img/s (${layers.median.toFixed(3)} s/step, ${layers.min.toFixed(3)}-${layers.max.toFixed(3)}), ratio ${row.ratio!.toFixed(2)}x, ` : '';
-    console.log(
-      `${size}x${size}: ours ${row.oursImgS.toFixed(1)} img/s (median ${ours.median.toFixed(3)} s/step, ${ours.min.toFixed(3)}-${ours.max.toFixed(3)}), ` +
-        `${peer}${row.gflops.toFixed(1)} GFLOP/s = ${(100 * row.fractionOfMatmul).toFixed(0)}% of matmul`,
-    );
+    writeResults(name, { backend: kind, versions, pytorch: pytorchVersion, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
+    const fmt = (label: string, x: Measured) => `${label} ${x.imgS.toFixed(1)} img/s (${x.stats.median.toFixed(3)} s/step, ${x.stats.min.toFixed(3)}-${x.stats.max.toFixed(3)})`;
+    const parts = [...engines.map((e) => fmt(e, row.engines[e])), ...(row.layers ? [fmt('layers+fit', row.layers)] : []), ...(row.pytorch ? [fmt('PyTorch', row.pytorch)] : [])];
+    console.log(`${size}x${size}: ${parts.join('; ')}`);
   }
-  console.log('\n| input | ours img/s | layers-API fit img/s | ratio | ours s/step median (min-max) | layers s/step median (min-max) | ours GFLOP/s (% of matmul) |');
-  console.log('| --- | --- | --- | --- | --- | --- | --- |');
-  const f = (x: number | null, d: number, unit = '') => (x === null ? '-' : `${x.toFixed(d)}${unit}`);
+  const f = (x: number | undefined | null, d: number, unit = '') => (x === null || x === undefined ? '-' : `${x.toFixed(d)}${unit}`);
+  const cell = (x: Measured | null | undefined) => (x ? `${x.imgS.toFixed(1)} (${x.stats.median.toFixed(3)}, ${x.stats.min.toFixed(3)}-${x.stats.max.toFixed(3)})` : '-');
+  console.log(`\n| input | ${engines.map((e) => `${e} img/s (s/step median, min-max)`).join(' | ')} | layers-API fit | PyTorch fp32 | ${engines.map((e) => `${e} / PyTorch`).join(' | ')} |`);
+  console.log(`| --- |${' --- |'.repeat(2 * engines.length + 2)}`);
   for (const r of rows) {
-    const l = r.layers ? `${r.layers.median.toFixed(3)} (${r.layers.min.toFixed(3)}-${r.layers.max.toFixed(3)})` : '-';
-    console.log(
-      `| ${r.size}x${r.size} | ${r.oursImgS.toFixed(1)} | ${f(r.layersImgS, 1)} | ${f(r.ratio, 2, 'x')} | ${r.ours.median.toFixed(3)} (${r.ours.min.toFixed(3)}-${r.ours.max.toFixed(3)}) | ${l} | ${r.gflops.toFixed(1)} (${(100 * r.fractionOfMatmul).toFixed(0)}%) |`,
-    );
+    console.log(`| ${r.size}x${r.size} | ${engines.map((e) => cell(r.engines[e])).join(' | ')} | ${cell(r.layers)} | ${cell(r.pytorch)} | ${engines.map((e) => f(r.ratioToPyTorch[e], 2, 'x')).join(' | ')} |`);
   }
-  const file = writeResults(kind === 'cpu' ? 'train-step' : `train-step-${kind}`, { backend: kind, versions, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
+  const file = writeResults(name, { backend: kind, versions, pytorch: pytorchVersion, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
   console.log(`\nwrote ${file}`);
   // Dawn keeps the process alive while it holds the GPU.
   if (kind !== 'cpu') process.exit(0);

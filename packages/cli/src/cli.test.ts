@@ -45,5 +45,9 @@ describe('dtrain CLI', () => {
     if (d.webgpuAdapters.some((a: { software: boolean }) => !a.software)) expect(uses).toMatchObject({ ok: true });
     else if (d.webgpuAdapters.length > 0) expect(uses).toMatchObject({ ok: false, detail: expect.stringMatching(/^no GPU; --allow-software-gpu trains on the software GPU \(llvmpipe/) });
     else expect(uses).toMatchObject({ ok: false });
+    // The torch engine: built by pnpm install where a libtorch is found (CI: the CPU wheel), with the libtorch it uses.
+    const torch = d.checks.find((c: { name: string }) => c.name === 'torch engine (--engine torch)');
+    if (d.torchEngine.available || process.env.CI) expect(torch).toMatchObject({ ok: true, detail: expect.stringMatching(/^built: libtorch \d+\.\d+\.\d+ \(C\+\+11 ABI\) from .*; (CPU only|\d+ CUDA GPU)/) });
+    else expect(torch).toMatchObject({ ok: false, detail: expect.stringMatching(/run pnpm install|not built|no libtorch/) });
   });
 });

@@ -7,7 +7,7 @@ import { Command } from '@commander-js/extra-typings';
 import { listGpus, loadBackend, measureMatmulGflops, type WebGpuAdapterInfo } from '@dtrain/backend';
 import { fashionMnistCacheFile, hasCifar10, resolveDataDir } from '@dtrain/data';
 import { sharedMemoryUnavailable, shmDir } from '@dtrain/transport';
-import { BACKEND_NAMES, probeBackend } from './gpu-backend.js';
+import { BACKEND_NAMES, probeBackend, probeTorchEngine } from './gpu-backend.js';
 
 interface Check {
   name: string;
@@ -101,6 +101,9 @@ export function registerDoctor(program: Command) {
       const webgpu = probeWebGpu();
       checks.push(...webgpu.checks, gpusWouldUse(tfjsGpu, webgpu.adapters));
       facts.webgpuAdapters = webgpu.adapters;
+      const torch = probeTorchEngine();
+      facts.torchEngine = torch;
+      checks.push({ name: 'torch engine (--engine torch)', ok: torch.available, detail: torch.available ? `built: ${torch.detail}` : torch.detail.replace(/^--engine torch: /, '') });
       checks.push(sharedMemoryCheck());
       const dataDir = resolveDataDir(opts.dataDir);
       facts.dataDir = dataDir;
