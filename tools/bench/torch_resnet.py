@@ -14,6 +14,7 @@ Modes, each timed in this one process on the same GPU:
   fp32       float32 everywhere, TF32 off (cuDNN and matmul): the same arithmetic as ours.
   tf32       PyTorch's defaults on Ampere and later: TF32 convolutions (cudnn.allow_tf32 is True).
   bf16-cl    channels_last + bf16 autocast: what a PyTorch user would run for speed.
+  fp32-cl    channels_last, float32 (the CPU's other layout).
 
 Writes JSON (--out) with per-step seconds, medians and spreads; runs on CPU too (--device cpu).
 """
@@ -71,19 +72,20 @@ def set_tf32(on: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = on
 
 
-def time_mode(mode: str, size: int, batch: int, warmup: int, steps: int, channels: int, device: torch.device) -> list:
+def make_step(mode: str, size: int, batch: int, channels: int, device: torch.device):
+    """One training step of the tutorial network in `mode`, as a function that returns its seconds."""
     torch.manual_seed(0)
     set_tf32(mode == 'tf32')
     torch.backends.cudnn.benchmark = True  # as users run fixed-shape training
     model = TutorialResNet(channels).to(device)
-    fmt = torch.channels_last if mode == 'bf16-cl' else torch.contiguous_format
+    fmt = torch.channels_last if mode in ('bf16-cl', 'fp32-cl') else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(batch, channels, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    times = []
-    for i in range(warmup + steps):
+
+    def step() -> float:
         sync()
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=(mode == 'bf16-cl')):
@@ -92,9 +94,29 @@ def time_mode(mode: str, size: int, batch: int, warmup: int, steps: int, channel
         loss.backward()
         opt.step()
         sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        return time.perf_counter() - t0
+
+    return step
+
+
+def time_mode(mode: str, size: int, batch: int, warmup: int, steps: int, channels: int, device: torch.device) -> list:
+    step = make_step(mode, size, batch, channels, device)
+    times = [step() for _ in range(warmup + steps)]
+    return times[warmup:]
+
+
+def serve(a, device: torch.device) -> int:
+    """--serve: one model per (size, mode), kept; each stdin line 'SIZE MODE STEPS' times that many
+    steps and answers one JSON line of seconds. Lets a benchmark interleave PyTorch with its own
+    steps in rounds, so that a noisy machine slows both alike."""
+    models = {}
+    for line in sys.stdin:
+        size, mode, steps = line.split()
+        key = (int(size), mode)
+        if key not in models:
+            models[key] = make_step(mode, int(size), a.batch, a.channels, device)
+        print(json.dumps({'torch': torch.__version__, 'seconds': [models[key]() for _ in range(int(steps))]}), flush=True)
+    return 0
 
 
 def spread(xs: list) -> dict:
@@ -111,8 +133,11 @@ def main() -> int:
     p.add_argument('--modes', default='fp32,tf32,bf16-cl')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--out', help='write the results here (JSON)')
+    p.add_argument('--serve', action='store_true', help="answer 'SIZE MODE STEPS' lines on stdin with step times (JSON lines)")
     a = p.parse_args()
     device = torch.device(a.device)
+    if a.serve:
+        return serve(a, device)
     params = sum(t.numel() for t in TutorialResNet(a.channels).parameters())
     expected = 11_180_810 if a.channels == 3 else None
     if expected is not None and params != expected:

@@ -8,10 +8,10 @@
 // --engines tfjs,torch,torch-cl: also the libtorch engine (NCHW; channels-last), and --pytorch
 // PYTHON: PyTorch itself (tools/bench/torch_resnet.py --device cpu, fp32) in the same run, per size
 // right after ours; the ratios to PyTorch are what a user of PyTorch DDP compares.
-import { spawnSync } from 'node:child_process';
-import fs from 'node:fs';
+import { spawn } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
+import { createInterface } from 'node:readline';
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { loadBackend, measureMatmulGflops } from '@dtrain/backend';
@@ -59,30 +59,63 @@ async function makeModel(engine: string, c: ResNetConfig): Promise<TrainableMode
   return new TorchResNet(c, { seed: 1, sgd: { lr: 0.01 }, threads: os.availableParallelism(), channelsLast: engine === 'torch-cl' });
 }
 
-async function timeOurs(engine: string, c: ResNetConfig, batch: number, warmup: number, steps: number): Promise<number[]> {
+/** Something whose training steps we time: ours on an engine, or PyTorch in its own process. */
+interface Contender {
+  name: string;
+  /** Runs `k` steps; seconds of each. */
+  steps(k: number): Promise<number[]>;
+  dispose(): void;
+}
+
+async function ours(engine: string, c: ResNetConfig, batch: number): Promise<Contender> {
   const model = await makeModel(engine, c);
   const b = randomBatch(batch, c);
   const grads = new Float32Array(model.paramCount);
-  const times: number[] = [];
-  for (let i = 0; i < warmup + steps; i++) {
-    const t0 = performance.now();
-    await model.computeGradients(b, grads);
-    model.applyGradients(grads);
-    if (i >= warmup) times.push((performance.now() - t0) / 1000);
-  }
-  model.dispose();
-  return times;
+  return {
+    name: engine,
+    async steps(k) {
+      const times: number[] = [];
+      for (let i = 0; i < k; i++) {
+        const t0 = performance.now();
+        await model.computeGradients(b, grads);
+        model.applyGradients(grads);
+        times.push((performance.now() - t0) / 1000);
+      }
+      return times;
+    },
+    dispose: () => model.dispose(),
+  };
 }
 
-/** PyTorch itself on the CPU (tools/bench/torch_resnet.py, fp32): seconds per step, and its version. */
-function timePyTorch(python: string, c: ResNetConfig, batch: number, warmup: number, steps: number): { samplesS: number[]; torch: string } {
-  const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bench-torch-')), 'result.json');
+/**
+ * PyTorch itself on the CPU (tools/bench/torch_resnet.py --serve, fp32 in `mode`): one process
+ * that keeps its model and times steps on request, so its rounds interleave with ours.
+ */
+function pytorch(python: string, mode: string, c: ResNetConfig, batch: number): Contender & { version: () => string | null } {
   const script = path.join(REPO_ROOT, 'tools', 'bench', 'torch_resnet.py');
-  const args = [script, '--device', 'cpu', '--modes', 'fp32', '--sizes', String(c.imageSize), '--channels', String(c.inChannels), '--batch', String(batch), '--warmup', String(warmup), '--steps', String(steps), '--out', out];
-  const r = spawnSync(python, args, { encoding: 'utf8', stdio: ['ignore', 'inherit', 'inherit'] });
-  if (r.status !== 0) throw new Error(`${python} ${args.join(' ')} failed (exit ${r.status ?? r.signal})`);
-  const j = JSON.parse(fs.readFileSync(out, 'utf8')) as { torch: string; results: Array<{ samplesS: number[] }> };
-  return { samplesS: j.results[0].samplesS, torch: j.torch };
+  const child = spawn(python, [script, '--serve', '--device', 'cpu', '--channels', String(c.inChannels), '--batch', String(batch)], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const lines = createInterface({ input: child.stdout! });
+  const waiting: Array<(line: string) => void> = [];
+  lines.on('line', (l) => waiting.shift()?.(l));
+  let version: string | null = null;
+  return {
+    name: `PyTorch ${mode}`,
+    steps(k) {
+      return new Promise((resolve, reject) => {
+        const onExit = (code: number | null) => reject(new Error(`${python} ${script} --serve exited with ${code}`));
+        child.once('exit', onExit);
+        waiting.push((l) => {
+          child.off('exit', onExit);
+          const r = JSON.parse(l) as { torch: string; seconds: number[] };
+          version = r.torch;
+          resolve(r.seconds);
+        });
+        child.stdin!.write(`${c.imageSize} ${mode} ${k}\n`);
+      });
+    },
+    dispose: () => child.stdin!.end(),
+    version: () => version,
+  };
 }
 
 async function timeLayers(c: ResNetConfig, batch: number, warmup: number, steps: number): Promise<number[]> {
@@ -122,14 +155,16 @@ interface Measured {
 
 interface Row {
   size: number;
-  /** Ours, per engine (tfjs, torch, torch-cl). */
-  engines: Record<string, Measured>;
-  /** The layers-API peer (tfjs backend cpu only). */
+  /** Every contender over all rounds: ours per engine (tfjs, torch, torch-cl), PyTorch per mode. */
+  results: Record<string, Measured>;
+  /** The layers-API peer (tfjs backend cpu only; not interleaved). */
   layers: Measured | null;
-  /** PyTorch itself, fp32 on the CPU (--pytorch). */
-  pytorch: Measured | null;
-  /** Median step time of PyTorch over each engine's: >1 means ours is faster. */
-  ratioToPyTorch: Record<string, number>;
+  /**
+   * PyTorch fp32 (NCHW) median step time over each engine's, per round (the contenders take turns
+   * within a round, so a noisy neighbour slows both alike): median and range over the rounds.
+   * >1: ours is faster.
+   */
+  ratioToPyTorch: Record<string, { median: number; min: number; max: number; perRound: number[] }>;
   /** tfjs engine vs the layers API, as before. */
   ratio: number | null;
 }
@@ -143,21 +178,23 @@ function measured(samplesS: number[], batch: number, trainFlops: number, matmul:
 }
 
 export async function main(args: string[]): Promise<void> {
-  const o = parseArgs(args, { sizes: '32,96', batch: '64', warmup: '2', steps: '6', channels: '3', backend: 'cpu', 'allow-software-gpu': 'no', engines: 'tfjs', pytorch: 'no', layers: 'yes' });
+  const o = parseArgs(args, { sizes: '32,96', batch: '64', warmup: '2', steps: '6', rounds: '1', channels: '3', backend: 'cpu', 'allow-software-gpu': 'no', engines: 'tfjs', pytorch: 'no', 'pytorch-modes': 'fp32,fp32-cl', layers: 'yes' });
   const sizes = o.sizes.split(',').map(Number);
   const batch = Number(o.batch);
   const warmup = Number(o.warmup);
   const steps = Number(o.steps);
+  const rounds = Number(o.rounds);
   const kind = o.backend as (typeof BACKENDS)[number];
   if (!BACKENDS.includes(kind)) throw new Error(`--backend must be one of ${BACKENDS.join(', ')}, got '${o.backend}'`);
   const engines = o.engines.split(',');
   for (const e of engines) if (!ENGINES.includes(e)) throw new Error(`--engines: '${e}' is not one of ${ENGINES.join(', ')}`);
   if (kind !== 'cpu' && engines.some((e) => e !== 'tfjs')) throw new Error('--engines torch runs on the CPU here (on CUDA: tools/gpu-check)');
   const python = o.pytorch === 'no' ? null : o.pytorch;
+  const modes = python ? o['pytorch-modes'].split(',') : [];
   const { tf: tfb, versions, adapter } = await loadBackend(kind, { allowSoftwareGpu: o['allow-software-gpu'] === 'yes' });
   const matmul = await measureMatmulGflops(tfb);
   const on = adapter ? `WebGPU on ${adapter.description || adapter.device}` : `TensorFlow ${versions.tensorflow}`;
-  console.log(`backend ${kind}: tfjs ${versions.tfjs}, ${on}; matmul ${matmul.toFixed(1)} GFLOP/s; batch ${batch}, ${warmup} warm-up + ${steps} timed steps; engines ${engines.join(', ')}${python ? `; PyTorch via ${python}` : ''}`);
+  console.log(`backend ${kind}: tfjs ${versions.tfjs}, ${on}; matmul ${matmul.toFixed(1)} GFLOP/s; batch ${batch}; ${rounds} round(s) of ${steps} timed steps per contender after ${warmup} warm-up; engines ${engines.join(', ')}${python ? `; PyTorch (${modes.join(', ')}) via ${python}` : ''}`);
   const rows: Row[] = [];
   let pytorchVersion: string | null = null;
   const name = kind === 'cpu' ? 'train-step' : `train-step-${kind}`;
@@ -165,31 +202,43 @@ export async function main(args: string[]): Promise<void> {
     const c: ResNetConfig = { inChannels: Number(o.channels), classes: 10, imageSize: size };
     const trainFlops = 3 * describeResNet(c).flopsPerImage * batch;
     const m = (xs: number[]) => measured(xs, batch, trainFlops, matmul);
-    const row: Row = { size, engines: {}, layers: null, pytorch: null, ratioToPyTorch: {}, ratio: null };
-    for (const e of engines) row.engines[e] = m(await timeOurs(e, c, batch, warmup, steps));
+    const contenders: Contender[] = [];
+    for (const e of engines) contenders.push(await ours(e, c, batch));
+    const peers = python ? modes.map((mode) => pytorch(python, mode, c, batch)) : [];
+    contenders.push(...peers);
+    const samples = new Map<string, number[][]>(contenders.map((x) => [x.name, []]));
+    for (const x of contenders) await x.steps(warmup);
+    for (let r = 0; r < rounds; r++) for (const x of contenders) samples.get(x.name)!.push(await x.steps(steps));
+    for (const x of contenders) x.dispose();
+    pytorchVersion = peers[0]?.version() ?? pytorchVersion;
+    const row: Row = { size, results: {}, layers: null, ratioToPyTorch: {}, ratio: null };
+    for (const [k, v] of samples) row.results[k] = m(v.flat());
     if (kind === 'cpu' && o.layers === 'yes') row.layers = m(await timeLayers(c, batch, warmup, steps));
-    if (python) {
-      const p = timePyTorch(python, c, batch, warmup, steps);
-      pytorchVersion = p.torch;
-      row.pytorch = m(p.samplesS);
-      for (const e of engines) row.ratioToPyTorch[e] = row.pytorch.stats.median / row.engines[e].stats.median;
+    const peer = samples.get('PyTorch fp32');
+    if (peer) {
+      for (const e of engines) {
+        const perRound = samples.get(e)!.map((s, r) => stats(peer[r]).median / stats(s).median);
+        const st = stats(perRound);
+        row.ratioToPyTorch[e] = { median: st.median, min: st.min, max: st.max, perRound };
+      }
     }
-    if (row.layers && row.engines.tfjs) row.ratio = row.layers.stats.median / row.engines.tfjs.stats.median;
+    if (row.layers && row.results.tfjs) row.ratio = row.layers.stats.median / row.results.tfjs.stats.median;
     rows.push(row);
     // Written after every size, so a run stopped by a time limit keeps what it measured.
-    writeResults(name, { backend: kind, versions, pytorch: pytorchVersion, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
+    writeResults(name, { backend: kind, versions, pytorch: pytorchVersion, adapter, matmulGflops: matmul, batch, warmup, steps, rounds, results: rows });
     const fmt = (label: string, x: Measured) => `${label} ${x.imgS.toFixed(1)} img/s (${x.stats.median.toFixed(3)} s/step, ${x.stats.min.toFixed(3)}-${x.stats.max.toFixed(3)})`;
-    const parts = [...engines.map((e) => fmt(e, row.engines[e])), ...(row.layers ? [fmt('layers+fit', row.layers)] : []), ...(row.pytorch ? [fmt('PyTorch', row.pytorch)] : [])];
-    console.log(`${size}x${size}: ${parts.join('; ')}`);
+    console.log(`${size}x${size}: ${[...Object.entries(row.results).map(([k, v]) => fmt(k, v)), ...(row.layers ? [fmt('layers+fit', row.layers)] : [])].join('; ')}`);
   }
-  const f = (x: number | undefined | null, d: number, unit = '') => (x === null || x === undefined ? '-' : `${x.toFixed(d)}${unit}`);
+  const names = rows.length ? Object.keys(rows[0].results) : [];
   const cell = (x: Measured | null | undefined) => (x ? `${x.imgS.toFixed(1)} (${x.stats.median.toFixed(3)}, ${x.stats.min.toFixed(3)}-${x.stats.max.toFixed(3)})` : '-');
-  console.log(`\n| input | ${engines.map((e) => `${e} img/s (s/step median, min-max)`).join(' | ')} | layers-API fit | PyTorch fp32 | ${engines.map((e) => `${e} / PyTorch`).join(' | ')} |`);
-  console.log(`| --- |${' --- |'.repeat(2 * engines.length + 2)}`);
+  const ratioCell = (x: Row['ratioToPyTorch'][string] | undefined) => (x ? `${x.median.toFixed(2)}x (${x.min.toFixed(2)}-${x.max.toFixed(2)})` : '-');
+  const withRatios = python && modes.includes('fp32') ? engines : [];
+  console.log(`\n| input | ${names.map((e) => `${e} img/s (s/step median, min-max)`).join(' | ')} | layers-API fit | ${withRatios.map((e) => `${e} / PyTorch fp32 (rounds' range)`).join(' | ')} |`);
+  console.log(`| --- |${' --- |'.repeat(names.length + 1 + withRatios.length)}`);
   for (const r of rows) {
-    console.log(`| ${r.size}x${r.size} | ${engines.map((e) => cell(r.engines[e])).join(' | ')} | ${cell(r.layers)} | ${cell(r.pytorch)} | ${engines.map((e) => f(r.ratioToPyTorch[e], 2, 'x')).join(' | ')} |`);
+    console.log(`| ${r.size}x${r.size} | ${names.map((e) => cell(r.results[e])).join(' | ')} | ${cell(r.layers)} | ${withRatios.map((e) => ratioCell(r.ratioToPyTorch[e])).join(' | ')} |`);
   }
-  const file = writeResults(name, { backend: kind, versions, pytorch: pytorchVersion, adapter, matmulGflops: matmul, batch, warmup, steps, results: rows });
+  const file = writeResults(name, { backend: kind, versions, pytorch: pytorchVersion, adapter, matmulGflops: matmul, batch, warmup, steps, rounds, results: rows });
   console.log(`\nwrote ${file}`);
   // Dawn keeps the process alive while it holds the GPU.
   if (kind !== 'cpu') process.exit(0);

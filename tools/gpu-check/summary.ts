@@ -15,7 +15,7 @@ const read = <T>(name: string): T | null => {
 };
 const text = (name: string) => (fs.existsSync(path.join(out, name)) ? fs.readFileSync(path.join(out, name), 'utf8') : '');
 
-interface OursRow { size: number; engines: Record<string, { imgS: number; stats: { median: number; min: number; max: number }; gflops: number }> }
+interface OursRow { size: number; results: Record<string, { imgS: number; stats: { median: number; min: number; max: number }; gflops: number }> }
 interface TorchRow { size: number; mode: string; imgPerSec: number; secPerStep: { median: number; min: number; max: number } }
 const steps = text('steps.jsonl').trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as { step: string; exit: number; seconds: number });
 const ours = read<{ adapter?: unknown; batch: number; results: OursRow[] }>('train-step-webgpu.json');
@@ -29,7 +29,7 @@ const sizes = [...new Set([...(ours?.results ?? []).map((r) => r.size), ...(torc
 const speed = sizes.map((size) => {
   const o = ours?.results.find((r) => r.size === size);
   const t = (mode: string) => torch?.results.find((r) => r.size === size && r.mode === mode);
-  const tfjs = o?.engines.tfjs;
+  const tfjs = o?.results.tfjs;
   const ratio = (mode: string) => (tfjs && t(mode) ? tfjs.imgS / t(mode)!.imgPerSec : null);
   return {
     size,

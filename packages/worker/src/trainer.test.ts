@@ -4,8 +4,9 @@
 
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
+import { torchEngineStatus } from '@dtrain/torch-engine';
 import { listCheckpoints, readCheckpoint } from './checkpoint.js';
 import { createInProcessGroup } from './collective.js';
 import { RunDirError, TrainingDivergedError, TrainSettingsError } from './errors.js';
@@ -275,5 +276,37 @@ describe('a run that diverges', () => {
     const summary = JSON.parse(await fs.readFile(path.join(out, 'summary.json'), 'utf8')) as Summary;
     expect(summary).toMatchObject({ status: 'diverged', stopReason: e.message, steps: 1, epochs: 1 });
     expect((await readMetrics(out)).filter((l) => l.kind === 'epoch')).toEqual([]);
+  });
+});
+
+describe('the torch engine behind the same seam', () => {
+  const status = torchEngineStatus();
+  const needsEngine = (ctx: TestContext) => {
+    if (!status.available && process.env.CI) throw new Error(`CI must build the torch engine (pnpm install): ${status.detail}`);
+    ctx.skip(!status.available, status.detail);
+  };
+
+  it('two replicas stay bitwise identical, BatchNorm statistics averaged over ranks that saw different images', async (ctx) => {
+    needsEngine(ctx);
+    const data = syntheticData(40, 16);
+    const settings = { epochs: 1, batchSize: 8, lr: 0.01, momentum: 0.9, seed: 4, engine: 'torch' as const };
+    const results = await Promise.all(createInProcessGroup(2).map((collective) => runTraining({ data, collective, settings })));
+    expect(firstDifference(results[0].weights, results[1].weights)).toBe(-1);
+    expect(firstDifference(results[0].momentum, results[1].momentum)).toBe(-1);
+    // Each rank's running statistics come from its own shard: only the end-of-epoch average makes them equal.
+    expect(firstDifference(results[0].bnStats, results[1].bnStats)).toBe(-1);
+    const single = await runTraining({ data, settings: { ...settings, epochs: 1 } });
+    expect(firstDifference(single.bnStats, results[0].bnStats)).not.toBe(-1);
+  });
+
+  it('refuses a group whose ranks run different engines (their gradient layouts differ)', async (ctx) => {
+    needsEngine(ctx);
+    const data = syntheticData(16, 8);
+    const runs = createInProcessGroup(2).map((collective, rank) =>
+      runTraining({ data, collective, settings: { epochs: 1, batchSize: 8, engine: rank === 0 ? 'tfjs' : 'torch' } }),
+    );
+    const errors = await Promise.allSettled(runs);
+    for (const e of errors) expect(e.status).toBe('rejected');
+    expect(String((errors[1] as PromiseRejectedResult).reason)).toMatch(/differ from rank 0's.*"engine":"torch"/);
   });
 });
