@@ -39,6 +39,12 @@ export interface TrainableModel {
   computeGradients(batch: Batch, out?: Float32Array, readiness?: GradientReadiness): Promise<StepResult & { grads: Float32Array }>;
   /** One optimiser step with `grads` (averaged across replicas, if distributed; `gradientLayout`). */
   applyGradients(grads: Float32Array): void;
+  /**
+   * Optional: computeGradients then applyGradients with the gradient kept inside the engine, for a
+   * process that trains alone (no all-reduce needs it): no copy of the gradient out and back in
+   * (on a GPU, none through the host). A non-finite loss leaves the weights as they were.
+   */
+  trainStep?(batch: Batch): Promise<StepResult>;
   /** Loss and correct count in evaluation mode (BatchNorm with running statistics). */
   evaluate(batch: Batch): Promise<StepResult>;
   predict(batch: Omit<Batch, 'labels'>): Promise<Int32Array>;

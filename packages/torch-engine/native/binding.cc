@@ -140,7 +140,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   static Napi::Function define(Napi::Env env) {
     return DefineClass(env, "Engine",
                        {InstanceMethod<&EngineWrap::step>("step"), InstanceMethod<&EngineWrap::evaluate>("evaluate"),
-                        InstanceMethod<&EngineWrap::predict>("predict"), InstanceMethod<&EngineWrap::apply>("apply"),
+                        InstanceMethod<&EngineWrap::predict>("predict"), InstanceMethod<&EngineWrap::apply>("apply"), InstanceMethod<&EngineWrap::trainStep>("trainStep"),
                         InstanceMethod<&EngineWrap::read>("read"), InstanceMethod<&EngineWrap::write>("write"),
                         InstanceMethod<&EngineWrap::describe>("describe"), InstanceMethod<&EngineWrap::close>("close")});
   }
@@ -239,6 +239,19 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       };
       c.result = engine_->step(img, lab, n, out, onGrad);
     }, stepResult);
+  }
+
+  // trainStep(images, labels, n, lr, momentum, weightDecay, first)
+  Napi::Value trainStep(const Napi::CallbackInfo& info) {
+    if (!usable(info.Env(), false)) return info.Env().Undefined();
+    const auto images = info[0].As<Napi::Float32Array>();
+    const auto labels = info[1].As<Napi::Int32Array>();
+    const int64_t n = info[2].As<Napi::Number>().Int64Value();
+    const double lr = info[3].As<Napi::Number>(), m = info[4].As<Napi::Number>(), wd = info[5].As<Napi::Number>();
+    const bool first = info[6].ToBoolean();
+    const float* img = images.Data();
+    const int32_t* lab = labels.Data();
+    return start(info, Napi::Function(), {images, labels}, [this, img, lab, n, lr, m, wd, first](AsyncCall& c) { c.result = engine_->trainStep(img, lab, n, lr, m, wd, first); }, stepResult);
   }
 
   Napi::Value evaluate(const Napi::CallbackInfo& info) {

@@ -59,33 +59,39 @@ class TorchEngine final : public Engine {
   }
 
   StepResult step(const float* images, const int32_t* labels, int64_t n, float* grads, const std::function<void(int)>& onGrad) override {
+    grads_ = at::from_blob(grads, {spec_.paramCount}, at::kFloat);
+    onGrad_ = &onGrad;
     try {
-      const auto x = input(images, n);
-      const auto y = targets(labels, n);
-      for (auto& p : leaves_) p.mutable_grad().reset();
-      grads_ = at::from_blob(grads, {spec_.paramCount}, at::kFloat);
-      onGrad_ = &onGrad;
-      at::Tensor logits;
-      {
-        Autocast ac(options_.precision == "bf16", device_);
-        logits = forward(x, true);
-      }
-      static const std::string head = "loss";
-      Where w(head, "cross_entropy");
-      const auto loss = at::cross_entropy_loss(logits.to(at::kFloat), y);
-      static const std::string backward = "backward pass";
-      Where b(backward, "autograd");
-      loss.backward();
+      const auto r = forwardBackward(images, labels, n);
       onGrad_ = nullptr;
       for (auto& p : leaves_) p.mutable_grad().reset();
-      return result(loss, logits, y);
-    } catch (const c10::OutOfMemoryError& e) {
+      return r;
+    } catch (...) {
       onGrad_ = nullptr;
-      throw EngineError(outOfMemory(n, e));
-    } catch (const c10::Error& e) {
-      onGrad_ = nullptr;
-      throw EngineError(located(e));
+      throw;
     }
+  }
+
+  StepResult trainStep(const float* images, const int32_t* labels, int64_t n, double lr, double momentum, double weightDecay, bool first) override {
+    const auto r = forwardBackward(images, labels, n);
+    if (std::isfinite(r.loss)) {
+      // torch.optim.SGD's per-parameter loop, on the gradients autograd left in each .grad.
+      c10::NoGradGuard ng;
+      for (size_t i = 0; i < leaves_.size(); i++) {
+        auto& p = leaves_[i];
+        auto g = p.grad();
+        if (weightDecay > 0) g = g.add(p, weightDecay);
+        if (momentum > 0) {
+          auto buf = engineView(momentum_, i);
+          if (first) buf.copy_(g);
+          else buf.mul_(momentum).add_(g);
+          g = buf;
+        }
+        p.add_(g, -lr);
+      }
+    }
+    for (auto& p : leaves_) p.mutable_grad().reset();
+    return r;
   }
 
   StepResult evaluate(const float* images, const int32_t* labels, int64_t n) override {
@@ -274,6 +280,31 @@ class TorchEngine final : public Engine {
     static const std::string head = "head.fc";
     Where w(head, "linear");
     return at::addmm(leaves_[spec_.fcBias], x.mean({2, 3}), leaves_[spec_.fcWeight]);
+  }
+
+  /** Forward and backward of the mean cross-entropy; the gradients go where onGrad_ says (or stay in .grad). */
+  StepResult forwardBackward(const float* images, const int32_t* labels, int64_t n) {
+    try {
+      const auto x = input(images, n);
+      const auto y = targets(labels, n);
+      for (auto& p : leaves_) p.mutable_grad().reset();
+      at::Tensor logits;
+      {
+        Autocast ac(options_.precision == "bf16", device_);
+        logits = forward(x, true);
+      }
+      static const std::string head = "loss";
+      Where w(head, "cross_entropy");
+      const auto loss = at::cross_entropy_loss(logits.to(at::kFloat), y);
+      static const std::string backward = "backward pass";
+      Where b(backward, "autograd");
+      loss.backward();
+      return result(loss, logits, y);
+    } catch (const c10::OutOfMemoryError& e) {
+      throw EngineError(outOfMemory(n, e));
+    } catch (const c10::Error& e) {
+      throw EngineError(located(e));
+    }
   }
 
   // ---- gradients -------------------------------------------------------------------------

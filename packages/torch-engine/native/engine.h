@@ -91,6 +91,11 @@ class Engine {
   virtual void predict(const float* images, int64_t n, int32_t* classes) = 0;
   /** SGD as torch.optim.SGD (dampening 0): `first` starts the momentum buffer at the gradient. */
   virtual void apply(const float* grads, double lr, double momentum, double weightDecay, bool first) = 0;
+  /**
+   * step() then apply() with the gradient kept where autograd left it, for one process alone (no
+   * all-reduce needs the gradient): no copy to the host and back. A non-finite loss skips the update.
+   */
+  virtual StepResult trainStep(const float* images, const int32_t* labels, int64_t n, double lr, double momentum, double weightDecay, bool first) = 0;
 
   enum class State { Weights, Momentum, BatchNormStats };
   /** Reads or writes a whole state vector, TensorFlow layouts (the checkpoint's). */

@@ -24,6 +24,7 @@ export interface NativeEngine {
   evaluate(images: Float32Array, labels: Int32Array, n: number): Promise<{ loss: number; correct: number }>;
   predict(images: Float32Array, n: number): Promise<Int32Array>;
   apply(grads: Float32Array, lr: number, momentum: number, weightDecay: number, first: boolean): void;
+  trainStep(images: Float32Array, labels: Int32Array, n: number, lr: number, momentum: number, weightDecay: number, first: boolean): Promise<{ loss: number; correct: number }>;
   read(what: 'weights' | 'momentum' | 'bnStats', out: Float32Array): void;
   write(what: 'weights' | 'momentum' | 'bnStats', values: Float32Array): void;
   describe(): string;

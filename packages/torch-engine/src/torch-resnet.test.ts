@@ -177,6 +177,32 @@ describe('the torch engine', () => {
     m.dispose();
   });
 
+  it('trainStep (one process alone: the gradient stays in the engine) reaches the same weights as computeGradients + applyGradients, and skips a non-finite step', async (ctx) => {
+    needsEngine(ctx);
+    const sgd = { lr: 0.05, momentum: 0.9, weightDecay: 5e-4 };
+    const [a, b] = [new TorchResNet(config, { seed: 6, sgd }), new TorchResNet(config, { seed: 6, sgd })];
+    for (let k = 0; k < 3; k++) {
+      const batch = randomBatch(4, 16, 1, 10, k + 1);
+      const ra = await a.computeGradients(batch);
+      a.applyGradients(ra.grads);
+      const rb = await b.trainStep(batch);
+      expect(rb.loss).toBe(ra.loss);
+      expect(rb.correct).toBe(ra.correct);
+    }
+    expect(b.optimizer.steps).toBe(3);
+    // The same elementwise SGD, on the flat buffer or per parameter: the same floats.
+    expect(firstDifference(await b.getWeights(), await a.getWeights())).toBe(-1);
+    expect(firstDifference((await b.optimizer.getState()).buffers, (await a.optimizer.getState()).buffers)).toBe(-1);
+    const before = await b.getWeights();
+    const bad = randomBatch(4, 16, 1, 10);
+    bad.images[0] = Number.NaN;
+    expect((await b.trainStep(bad)).loss).toBeNaN();
+    expect(firstDifference(await b.getWeights(), before)).toBe(-1);
+    expect(b.optimizer.steps).toBe(3);
+    a.dispose();
+    b.dispose();
+  });
+
   it('turns a libtorch error into one line naming the layer and the operation', async (ctx) => {
     needsEngine(ctx);
     const m = new TorchResNet(config, { seed: 1 });

@@ -145,6 +145,15 @@ export class TorchResNet implements TrainableModel {
     this.optimizer.step(grads);
   }
 
+  async trainStep(batch: Batch): Promise<StepResult> {
+    checkBatch(this.config, batch);
+    const labels = batch.labels instanceof Int32Array ? batch.labels : Int32Array.from(batch.labels);
+    const o = this.optimizer;
+    const r = await this.native.trainStep(batch.images, labels, batch.n, o.lr, o.momentum, o.weightDecay, o.steps === 0);
+    if (Number.isFinite(r.loss)) o.steps++;
+    return r;
+  }
+
   async evaluate(batch: Batch): Promise<StepResult> {
     checkBatch(this.config, batch);
     const labels = batch.labels instanceof Int32Array ? batch.labels : Int32Array.from(batch.labels);

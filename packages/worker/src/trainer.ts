@@ -28,7 +28,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { WebGpuAdapterInfo } from '@dtrain/backend';
-import { describeResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig, type TrainableModel } from '@dtrain/core';
+import { describeResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig, type StepResult, type TrainableModel } from '@dtrain/core';
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
 import { loadEngine, type ModelEngine } from './engine.js';
 import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
@@ -351,6 +351,8 @@ export class Trainer {
     });
     this.grads = new Float32Array(new SharedArrayBuffer((this.model.paramCount + STEP_SUMS) * 4));
     this.gradView = this.grads.subarray(STEP_SUMS);
+    // One process alone (not elastic: its group may grow) has no all-reduce: the engine may keep the gradient.
+    this.fusedStep = this.model.trainStep !== undefined && this.collective.worldSize === 1 && this.elastic === null;
     const overlap = (o.bucketBytes ?? 0) > 0 && this.collective.worldSize > 1 && this.collective.allReduceMeanStaged !== undefined;
     this.modelBuckets = overlap ? gradientBuckets(this.model.arch, o.bucketBytes!) : [];
     this.bucketRanges = this.modelBuckets.map((b, k) => [k === this.modelBuckets.length - 1 ? 0 : STEP_SUMS + b.from, STEP_SUMS + b.to]);
@@ -365,6 +367,8 @@ export class Trainer {
   private readonly checkpointWrite: AtomicWriteOptions | undefined;
   /** The smallest healthy per-rank batch for this image size (@dtrain/core's minTrainingBatch). */
   private readonly minBatch: number;
+  /** Each step is the model's trainStep (one process alone, an engine that offers it). */
+  private readonly fusedStep: boolean;
   private readonly configExtra: Record<string, unknown>;
   private state: RunState = { progress: { epoch: 0, done: 0, step: 0 }, totals: zeroTotals(), history: emptyHistory() };
   private committed: { state: RunState; bn: Float32Array } | null = null;
@@ -669,24 +673,35 @@ export class Trainer {
       // gradients are final (the head's first), except the stem's: it also carries the step's
       // sums, written after the pass. 'compute' is then forward + backward with the all-reduce
       // running beside it, 'allReduce' only the part left once the backward pass is over.
-      const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
-      staged?.done.catch(() => undefined);
-      const lastBucket = this.bucketRanges.length - 1;
-      const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
-      const r = await m.computeGradients({ images: bt.x, labels: bt.y, n: bt.n }, this.gradView, readiness);
-      // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
-      grads[0] = r.loss * bt.n;
-      grads[1] = r.correct;
-      grads[2] = bt.n;
-      grads[3] = this.elastic?.regroupRequested ? 1 : 0;
-      const tc = now();
-      if (staged) {
-        staged.ready(lastBucket);
-        await staged.done;
+      const batch = { images: bt.x, labels: bt.y, n: bt.n };
+      let r: StepResult;
+      let tc: number;
+      let td: number;
+      if (this.fusedStep) {
+        // Alone: the engine applies its own gradient ('compute' then includes the optimizer step).
+        r = await m.trainStep!(batch);
+        tc = td = now();
+        [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, 0];
       } else {
-        await c.allReduceMean(grads);
+        const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
+        staged?.done.catch(() => undefined);
+        const lastBucket = this.bucketRanges.length - 1;
+        const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
+        r = await m.computeGradients(batch, this.gradView, readiness);
+        // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
+        grads[0] = r.loss * bt.n;
+        grads[1] = r.correct;
+        grads[2] = bt.n;
+        grads[3] = this.elastic?.regroupRequested ? 1 : 0;
+        tc = now();
+        if (staged) {
+          staged.ready(lastBucket);
+          await staged.done;
+        } else {
+          await c.allReduceMean(grads);
+        }
+        td = now();
       }
-      const td = now();
       const gLoss = grads[0] * w;
       const gCorrect = Math.round(grads[1] * w);
       const gN = Math.round(grads[2] * w);
@@ -695,7 +710,7 @@ export class Trainer {
         const where = Number.isFinite(r.loss) ? `on another rank than ${c.rank}` : `on rank ${c.rank}`;
         throw new TrainingDivergedError(st.progress.step + 1, e + 1, `the loss became ${Number.isFinite(r.loss) ? gLoss : r.loss} at step ${st.progress.step + 1} (epoch ${e + 1}) ${where}; training diverged, try a smaller --lr`);
       }
-      m.applyGradients(this.gradView);
+      if (!this.fusedStep) m.applyGradients(this.gradView);
       const te = now();
       st.progress.step++;
       // The last step completes the epoch (it may hold the folded-in remainder: steps.ts).

@@ -138,7 +138,7 @@ export function registerTrain(program: Command): void {
   );
   describeLogEvery(cmd);
   cmd
-    .addOption(new Option('--backend <kind>', 'cpu: tfjs-node (default); webgpu: any GPU with a Vulkan driver (Dawn); gpu: tfjs-node-gpu, needs CUDA 11.2 + cuDNN 8.1').choices(BACKENDS).argParser(oneOf('--backend', BACKENDS)))
+    .addOption(new Option('--backend <kind>', 'cpu: tfjs-node (default); webgpu: any GPU with a Vulkan driver (Dawn); gpu: tfjs-node-gpu, needs CUDA 11.2 + cuDNN 8.1 (with --engine torch: CUDA through libtorch)').choices(BACKENDS).argParser(oneOf('--backend', BACKENDS)))
     .action(async (opts) => {
       if (!opts.resume && !opts.dataset && !opts.preset) {
         throw new UsageError(`choose a data set: --dataset ${DATASET_NAMES.join('|')} (or --preset tutorial), or --resume DIR`);
