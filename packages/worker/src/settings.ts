@@ -177,7 +177,7 @@ export function validateSettings(s: TrainSettings): void {
   if (!(BACKEND_KINDS as readonly string[]).includes(s.backend)) throw new TrainSettingsError('backend', `backend must be one of ${BACKEND_KINDS.join(', ')}, got '${String(s.backend)}'`);
   if (!(ENGINE_KINDS as readonly string[]).includes(s.engine)) throw new TrainSettingsError('engine', `engine must be one of ${ENGINE_KINDS.join(', ')}, got '${String(s.engine)}'`);
   if (!(PRECISIONS as readonly string[]).includes(s.precision)) throw new TrainSettingsError('precision', `precision must be one of ${PRECISIONS.join(', ')}, got '${String(s.precision)}'`);
-  if (s.engine === 'torch' && s.backend === 'webgpu') throw new TrainSettingsError('engine', 'the torch engine runs on the CPU or on CUDA GPUs, not on WebGPU: use --engine tfjs for WebGPU');
+  if (s.engine === 'torch' && s.backend === 'webgpu') throw new TrainSettingsError('engine', 'engine torch runs on the CPU or on CUDA (--backend cpu|gpu), not on WebGPU: use --engine tfjs with --backend webgpu');
   if (s.precision !== 'fp32' && !(s.engine === 'torch' && s.backend === 'gpu')) {
     throw new TrainSettingsError('precision', `precision ${s.precision} needs the torch engine on GPUs (--engine torch --gpus N); ${s.engine === 'torch' ? 'the CPU' : 'the tfjs engine'} computes fp32`);
   }
