@@ -104,6 +104,7 @@ export function registerDoctor(program: Command) {
       const torch = probeTorchEngine();
       facts.torchEngine = torch;
       checks.push({ name: 'torch engine (--engine torch)', ok: torch.available, detail: torch.available ? `built: ${torch.detail}` : torch.detail.replace(/^--engine torch: /, '') });
+      if (torch.cudaDevices > 0) checks.push({ name: '--gpus N --engine torch uses', ok: true, detail: `libtorch on CUDA: ${torch.cudaDevices} GPU(s), one per worker (--share-gpu: all on the first)` });
       checks.push(sharedMemoryCheck());
       const dataDir = resolveDataDir(opts.dataDir);
       facts.dataDir = dataDir;
