@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { BODY_KINDS, decodeMessage, dtrain, encodeMessage, PROTOCOL_VERSION, transportCounters, type BodyKind } from './protocol.js';
+import { BODY_FIELD_NUMBERS, BODY_KINDS, decodeMessage, dtrain, encodeMessage, PROTOCOL_VERSION, transportCounters, type BodyKind } from './protocol.js';
 
 const proto = readFileSync(new URL('../proto/dtrain.proto', import.meta.url), 'utf8');
 
@@ -34,6 +34,8 @@ const samples: { [K in BodyKind]: Parameters<typeof encodeMessage<K>>[1] } = {
 describe('protocol', () => {
   it('knows exactly the message bodies the .proto declares', () => {
     expect(protoBodies().map(([n]) => n).sort()).toEqual([...BODY_KINDS].sort());
+    // The field numbers the size caps read off the wire before decoding.
+    expect(Object.fromEntries(protoBodies())).toEqual(BODY_FIELD_NUMBERS);
     // Field 1 of Envelope is the protocol version forever.
     expect(proto).toMatch(/message Envelope \{\s*uint32 protocol_version = 1;/);
   });
@@ -101,6 +103,30 @@ describe('protocol', () => {
         }
       }
     }
+  });
+
+  it('refuses, before decoding, an envelope larger than its body needs, and repeated fields longer than the protocol uses', () => {
+    // Issue 19 (1.4): a 4 MiB Hello of 2 million empty dataset entries passed the checks and took
+    // 1.1 s and 225 MiB to decode. A Hello needs far less than 64 KiB.
+    const entries = (k: number) => Array.from({ length: k }, () => ({}));
+    const flood = encodeMessage('hello', { ...samples.hello, datasets: entries(40_000) }, 'r');
+    expect(flood.length).toBeGreaterThan(64 * 1024);
+    const t0 = performance.now();
+    const before = transportCounters().byReason['envelope too large'] ?? 0;
+    expect(decodeMessage(flood)).toEqual({ ok: false, reason: 'envelope too large' });
+    expect(transportCounters().byReason['envelope too large']).toBe(before + 1);
+    expect(performance.now() - t0).toBeLessThan(50); // not decoded: the tags are read, not the entries
+    // Small enough to decode, still more entries than any host has data sets or endpoints.
+    expect(decodeMessage(encodeMessage('hello', { ...samples.hello, datasets: entries(65) }, 'r'))).toEqual({ ok: false, reason: 'invalid hello: datasets too long' });
+    expect(decodeMessage(encodeMessage('hello', { ...samples.hello, dataEndpoints: Array(17).fill('tcp://h:1') }, 'r'))).toEqual({ ok: false, reason: 'invalid hello: dataEndpoints too long' });
+    expect(decodeMessage(encodeMessage('hello', { ...samples.hello, datasets: entries(64) }, 'r')).ok).toBe(true);
+    // Bodies that legitimately grow keep their room: a rank's shard of 1M indices, a Welcome of 1,000 peers.
+    expect(decodeMessage(encodeMessage('shardAssignment', { ...samples.shardAssignment, indices: Array.from({ length: 1_000_000 }, (_, i) => i) }, 'r')).ok).toBe(true);
+    const peers = Array.from({ length: 1000 }, (_, rank) => ({ rank, host: `host-${rank}.example`, dataEndpoints: [`tcp://10.0.${rank >> 8}.${rank & 255}:29500`], curvePublicKey: 'x'.repeat(40) }));
+    expect(decodeMessage(encodeMessage('welcome', { ...samples.welcome, peers, configJson: '{"a":1}'.padEnd(60_000, ' ') }, 'r')).ok).toBe(true);
+    // A heartbeat padded with unknown fields is not a heartbeat's size.
+    const padded = Buffer.concat([encodeMessage('heartbeat', samples.heartbeat, 'r'), Buffer.from([(9 << 3) | 2]), Buffer.from(varint(8192)), Buffer.alloc(8192)]);
+    expect(decodeMessage(padded)).toEqual({ ok: false, reason: 'envelope too large' });
   });
 
   it('survives truncation, bit flips and huge length fields of valid messages', () => {
