@@ -175,6 +175,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                     std::function<void(AsyncCall&)> work, std::function<Napi::Value(Napi::Env, AsyncCall&)> settle) {
     const auto env = info.Env();
     auto* call = new AsyncCall(env);
+    // The buffers the engine thread reads and writes, and this object: none may be collected
+    // while the call runs.
+    keep.push_back(info.This());
     for (auto& v : keep) call->keep.push_back(Napi::Persistent(v));
     if (callback.IsEmpty()) callback = Napi::Function::New(env, [](const Napi::CallbackInfo&) {});
     call->tsfn = Napi::ThreadSafeFunction::New(env, callback, "dtrain-torch-engine", 0, 1);
