@@ -45,6 +45,11 @@ describe('pnpm cli launch --workers 2', () => {
       const log = fs.readFileSync(path.join(out, 'logs', `rank-${rank}.log`), 'utf8');
       expect(log).toMatch(new RegExp(`^\\[rank ${rank}\\] rank ${rank} on host \\S+: done, state sha256`, 'm'));
     }
+    // The run is this user's alone (umask 077): config.json and the logs name the run id, which
+    // would let another local user join a loopback run; checkpoints hold the weights.
+    const others = (p: string) => fs.statSync(path.join(out, p)).mode & 0o077;
+    const ckpt = fs.readdirSync(out).find((f) => f.endsWith('.ckpt'))!;
+    for (const p of ['.', 'config.json', 'metrics.jsonl', 'summary.json', 'logs', 'logs/rank-0.log', ckpt]) expect(others(p), p).toBe(0);
   }, testTimeoutFor(1));
 
   it('a run stopped after epoch 1 and resumed with --resume ends in the same state as the uninterrupted run', async (ctx) => {

@@ -9,13 +9,21 @@ import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
 import { registerKeys } from './commands/keys.js';
 
+/** Commands that write runs: their files are created with umask 077. */
+const PRIVATE_COMMANDS = new Set(['train', 'launch', 'join']);
+
 export function buildProgram() {
   const program = new Command()
     .name('dtrain')
     .description('Data-parallel ResNet training on CIFAR-10 and Fashion-MNIST, across GPUs and machines.')
     .exitOverride()
     // One line and exit 2 for usage mistakes too (unknown option, missing argument), like other bad input.
-    .configureOutput({ outputError: (str, write) => write(`${str.trimEnd()} (run with --help for usage)\n`) });
+    .configureOutput({ outputError: (str, write) => write(`${str.trimEnd()} (run with --help for usage)\n`) })
+    // Run folders, logs and checkpoints are this user's alone (workers inherit it): config.json and
+    // the logs name the run id, and the weights are the user's work (issue 19, 1.1).
+    .hook('preAction', (_, action) => {
+      if (PRIVATE_COMMANDS.has(action.name())) process.umask(0o077);
+    });
   registerDoctor(program);
   registerData(program);
   registerModel(program);
