@@ -4,17 +4,12 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, expect, it, type TestContext } from 'vitest';
-import { torchEngineStatus } from '@dtrain/torch-engine';
+import { describe, expect, it } from 'vitest';
+import { engineStatus, needsEngine } from '@dtrain/torch-engine/testing';
 import { readMetrics, type EpochMetrics } from '@dtrain/worker';
 import { runCli, testTimeoutFor } from './testing/processes.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-torch-'));
-const status = torchEngineStatus();
-const needsEngine = (ctx: TestContext) => {
-  if (!status.available && process.env.CI) throw new Error(`CI must build the torch engine (pnpm install): ${status.detail}`);
-  ctx.skip(!status.available, status.detail);
-};
 const small = ['--dataset', 'fashion-mnist', '--limit-train', '256', '--limit-test', '128', '--image-size', '16', '--batch-size', '32'];
 
 async function epochs(dir: string): Promise<EpochMetrics[]> {
@@ -38,7 +33,7 @@ describe('pnpm cli launch --engine torch', () => {
 
   it('refuses --gpus where libtorch sees no CUDA GPU, in one line, before any worker starts', async (ctx) => {
     needsEngine(ctx);
-    ctx.skip(status.cudaDevices > 0, 'this machine has a CUDA GPU');
+    ctx.skip(engineStatus.cudaDevices > 0, 'this machine has a CUDA GPU');
     const out = path.join(tmp(), 'run');
     const r = await runCli(ctx, ['launch', '--gpus', '2', '--engine', 'torch', '--dataset', 'fashion-mnist', '--out', out]);
     expect(r.code).toBe(2);

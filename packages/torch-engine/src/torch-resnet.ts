@@ -41,6 +41,11 @@ export interface TorchResNetOptions {
   channelsLast?: boolean;
 }
 
+/** The labels as the engine reads them (int32). */
+function int32Labels(batch: Batch): Int32Array {
+  return batch.labels instanceof Int32Array ? batch.labels : Int32Array.from(batch.labels);
+}
+
 /** CPU threads per worker: OMP_NUM_THREADS if set (as torchrun users set it), else cores / local workers. */
 export function defaultThreads(localWorkers = 1): number {
   const env = Number(process.env.OMP_NUM_THREADS);
@@ -122,7 +127,7 @@ export class TorchResNet implements TrainableModel {
     checkBatch(this.config, batch);
     const grads = out ?? new Float32Array(this.arch.paramCount);
     if (grads.length !== this.arch.paramCount) throw new RangeError(`gradient buffer has ${grads.length} floats, the model ${this.arch.paramCount}`);
-    const labels = batch.labels instanceof Int32Array ? batch.labels : Int32Array.from(batch.labels);
+    const labels = int32Labels(batch);
     const bucketOf = readiness === undefined ? null : this.bucketIndex(readiness.buckets);
     const onBucket = readiness === undefined ? null : (k: number) => readiness.onBucketReady(k);
     const r = await this.native.step(batch.images, labels, batch.n, grads, bucketOf, onBucket);
@@ -147,7 +152,7 @@ export class TorchResNet implements TrainableModel {
 
   async trainStep(batch: Batch): Promise<StepResult> {
     checkBatch(this.config, batch);
-    const labels = batch.labels instanceof Int32Array ? batch.labels : Int32Array.from(batch.labels);
+    const labels = int32Labels(batch);
     const o = this.optimizer;
     const r = await this.native.trainStep(batch.images, labels, batch.n, o.lr, o.momentum, o.weightDecay, o.steps === 0);
     if (Number.isFinite(r.loss)) o.steps++;
@@ -156,7 +161,7 @@ export class TorchResNet implements TrainableModel {
 
   async evaluate(batch: Batch): Promise<StepResult> {
     checkBatch(this.config, batch);
-    const labels = batch.labels instanceof Int32Array ? batch.labels : Int32Array.from(batch.labels);
+    const labels = int32Labels(batch);
     return this.native.evaluate(batch.images, labels, batch.n);
   }
 

@@ -4,9 +4,9 @@
 
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { beforeAll, describe, expect, it, type TestContext } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
-import { torchEngineStatus } from '@dtrain/torch-engine';
+import { needsEngine } from '@dtrain/torch-engine/testing';
 import { listCheckpoints, readCheckpoint } from './checkpoint.js';
 import { createInProcessGroup } from './collective.js';
 import { RunDirError, TrainingDivergedError, TrainSettingsError } from './errors.js';
@@ -280,12 +280,6 @@ describe('a run that diverges', () => {
 });
 
 describe('the torch engine behind the same seam', () => {
-  const status = torchEngineStatus();
-  const needsEngine = (ctx: TestContext) => {
-    if (!status.available && process.env.CI) throw new Error(`CI must build the torch engine (pnpm install): ${status.detail}`);
-    ctx.skip(!status.available, status.detail);
-  };
-
   it('two replicas stay bitwise identical, BatchNorm statistics averaged over ranks that saw different images', async (ctx) => {
     needsEngine(ctx);
     const data = syntheticData(40, 16);
