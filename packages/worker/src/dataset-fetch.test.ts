@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ControlClient, ControlServer } from '@dtrain/transport';
-import { DataTransferError, fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
+import { checkOfferedFiles, DataTransferError, fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
 import { tempDir } from './testing/helpers.js';
 
 const RUN = 'fetch-edges';
@@ -92,4 +92,24 @@ describe('fetchOfferedFiles: what a worker refuses from a coordinator', () => {
     // Neither the file nor its temporary: the cache never holds a partial or unverified file.
     expect(filesIn(dataDir)).toEqual([]);
   }, 20_000);
+});
+
+describe('checkOfferedFiles: only the files of a data set, at sizes they can have', () => {
+  const sha256 = OFFERED.sha256;
+  it('accepts CIFAR-10 batches (whole records, at most 10,000) and its label names', () => {
+    expect(() => checkOfferedFiles([
+      { name: 'cifar-10-batches-bin/data_batch_1.bin', size: 30_730_000, sha256 },
+      { name: 'cifar-10-batches-bin/test_batch.bin', size: 16 * 3073, sha256 },
+      { name: 'cifar-10-batches-bin/batches.meta.txt', size: 61, sha256 },
+    ])).not.toThrow();
+  });
+
+  it.each([
+    ['a file no data set has', '.bashrc', 100, /^refusing offered file '\.bashrc': not a file of a data set this worker reads \(cifar-10-batches-bin\/data_batch_1\.bin, /],
+    ['a batch larger than 10,000 records', 'cifar-10-batches-bin/data_batch_2.bin', 30_733_073, /^refusing offered file 'cifar-10-batches-bin\/data_batch_2\.bin' of 30733073 bytes: it holds at most 30730000 bytes in records of 3073$/],
+    ['a batch of a partial record', 'cifar-10-batches-bin/data_batch_2.bin', 3074, /of 3074 bytes: it holds at most/],
+    ['label names of 1 GB', 'cifar-10-batches-bin/batches.meta.txt', 1e9, /of 1000000000 bytes: it holds at most 4096 bytes$/],
+  ])('refuses %s, naming it', (_what, name, size, says) => {
+    expect(() => checkOfferedFiles([{ name, size, sha256 }])).toThrow(says);
+  });
 });

