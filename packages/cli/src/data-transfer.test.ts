@@ -54,6 +54,7 @@ async function run(ctx: TestContext, source: string, cache: string, onOffered?: 
     runDir,
     config,
     listen: '127.0.0.1',
+    insecure: true,
     env: { DTRAIN_HOST: 'host-a' },
     offerFiles: { root: source, names: NAMES },
     joinTimeoutMs: 60_000,
@@ -70,7 +71,7 @@ async function run(ctx: TestContext, source: string, cache: string, onOffered?: 
   coordinator.catch(() => undefined);
   await ready;
   const port = Number(endpoint.slice(endpoint.lastIndexOf(':') + 1));
-  const joined = join({ masterAddr: '127.0.0.1', masterPort: port, workers: 1, entry: WORKER_ENTRY, host: 'host-b', advertise: '127.0.0.1', logDir, dataDir: cache, joinTimeoutMs: 60_000, timeoutMs: 60_000, onEvent: spawned });
+  const joined = join({ masterAddr: '127.0.0.1', masterPort: port, workers: 1, entry: WORKER_ENTRY, host: 'host-b', advertise: '127.0.0.1', logDir, dataDir: cache, joinTimeoutMs: 60_000, timeoutMs: 60_000, insecure: true, onEvent: spawned });
   const [c, j] = await Promise.allSettled([coordinator, joined]);
   return { c, j, log: fs.readFileSync(path.join(logDir, 'local-0.log'), 'utf8') };
 }

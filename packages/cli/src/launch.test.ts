@@ -39,6 +39,9 @@ describe('pnpm cli launch --workers 2', () => {
     expect(loss[1]).toBeLessThan(loss[0]);
     expect(Number(/train (\S+)%/.exec(epochs[1])![1])).toBeGreaterThan(40);
     expect(r.stdout).toMatch(/done: 2 epochs, 12 steps, test accuracy .* on 64 images/);
+    // Neither --keys nor --insecure on loopback: CURVE with keys made for the run (issue 19, 1.1).
+    expect(r.stdout).toMatch(/^security: CURVE on the control socket and the rings \(tcp:\/\/127\.0\.0\.1:\d+\) with a key pair made for this run/m);
+    expect(fs.readFileSync(path.join(out, 'logs', 'rank-1.log'), 'utf8')).toMatch(/ring socket bound on 127\.0\.0\.1:\d+ \(CURVE\)/);
     uninterrupted = stateOf(r.stdout);
     expect(uninterrupted).toBeDefined();
     for (const rank of [0, 1]) {

@@ -147,12 +147,12 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
     const hashes: string[] = [];
     for (const [h, rank] of [['b', 1], ['c', 2]] as const) {
       const log = fs.readFileSync(path.join(logs, h, 'local-0.log'), 'utf8');
-      expect(log).toContain(`ring socket tcp://${net.addr[h]}:${RING} `);
+      expect(log).toContain(`ring socket bound on ${net.addr[h]}:${RING} (CURVE), advertised as tcp://${net.addr[h]}:${RING} `);
       expect(log).toMatch(/ring of 3 connected \(protocol \d+, run [0-9a-f]+, CURVE, key /);
       hashes.push(new RegExp(`^\\[rank ${rank}\\] rank ${rank} on host host-${h}: done, state sha256 ([0-9a-f]{64})$`, 'm').exec(log)![1]);
     }
     const log0 = fs.readFileSync(path.join(out, 'logs', 'rank-0.log'), 'utf8');
-    expect(log0).toContain(`ring socket tcp://${net.addr.a}:${RING} `);
+    expect(log0).toContain(`ring socket bound on ${net.addr.a}:${RING} (CURVE), advertised as tcp://${net.addr.a}:${RING} `);
     hashes.push(/rank 0 on host host-a: done, state sha256 ([0-9a-f]{64})$/m.exec(log0)![1]);
     expect(new Set(hashes).size).toBe(1);
   }, testTimeoutFor(1));

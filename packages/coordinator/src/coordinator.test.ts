@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it, type TestContext } from 'vitest';
-import { initKeyDir, loadKeyDir, transportCounters } from '@dtrain/transport';
+import { ControlClient, curveKeyPair, initKeyDir, loadKeyDir, transportCounters, type Security } from '@dtrain/transport';
 import { GpuSelectionError, JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
 import { killWorkersAtEnd } from './testing/workers.js';
 
@@ -31,6 +31,45 @@ describe('launch', () => {
     expect(events.filter((e) => e.kind === 'joined')).toHaveLength(3);
     const log1 = fs.readFileSync(path.join(runDir, 'logs', 'rank-1.log'), 'utf8');
     expect(log1).toMatch(/^\[rank 1\] rank 1 welcomed with config \{"hello":"workers"\}$/m);
+    // Neither keys nor insecure: CURVE with keys made for the run, in a directory only this user
+    // enters, removed at the end.
+    const keysDir = /keys dir (\S+) mode (\d+)$/m.exec(log1);
+    expect(keysDir?.[2]).toBe('700');
+    expect(fs.existsSync(keysDir![1])).toBe(false);
+  });
+
+  it('without keys or insecure, a stranger on loopback (no key, or one of its own) cannot take the rank a worker has not claimed yet', async (ctx) => {
+    const events: RunEvent[] = [];
+    const record = recorded(ctx, events);
+    let listening!: (endpoint: string) => void;
+    const endpoint = new Promise<string>((r) => (listening = r));
+    const run = launch({
+      workers: 2, entry: FAKE, runDir: tmp(), config: {}, joinTimeoutMs: 6000, env: { FAKE_MODE: 'silent', FAKE_RANK: '1' },
+      onEvent: (e) => {
+        record(e);
+        if (e.kind === 'listening') listening(e.endpoint);
+      },
+    }).catch((e: unknown) => e);
+    // What the review demonstrated: a Hello asking for rank 1 before the real rank 1 says it.
+    const claim = async (security: Security | undefined) => {
+      const c = new ControlClient(await endpoint, { timeoutMs: 2000, who: 'a stranger', security });
+      try {
+        await c.send('hello', { host: 'evil', pid: process.pid, localRank: 1, localWorldSize: 2, requestedRank: 1, dataEndpoints: ['tcp://127.0.0.1:1'], curvePublicKey: '' });
+        return (await c.receive('the answer to a Hello')).kind;
+      } catch (e) {
+        return (e as Error).message;
+      } finally {
+        await c.close();
+      }
+    };
+    const own = curveKeyPair();
+    expect(await claim(undefined)).toMatch(/the CURVE handshake failed/);
+    // With a server key guessed wrong the handshake never completes: the client hears nothing.
+    expect(await claim({ kind: 'curve', ...own, serverPublicKey: curveKeyPair().publicKey })).toMatch(/a stranger heard nothing from the coordinator/);
+    const err = await run;
+    expect(err).toBeInstanceOf(JoinTimeoutError);
+    expect((err as Error).message).toMatch(/only 1 of 2 workers joined .*; missing ranks 1/);
+    expect(events.filter((e) => e.kind === 'joined')).toHaveLength(1);
   });
 
   it("--gpus: worker i gets the i-th GPU of the user's CUDA_VISIBLE_DEVICES, not GPU i", async (ctx) => {

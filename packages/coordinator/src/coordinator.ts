@@ -5,10 +5,13 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import { hostname } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { ControlServer, countAuthRefused, curveServerSecurity, transportCounters, workerEnv, type ControlEnvelope, type KeyMaterial } from '@dtrain/transport';
+import {
+  ControlServer, countAuthRefused, curveServerSecurity, initKeyDir, isLoopback, loadKeyDir, SecurityError, transportCounters, workerEnv,
+  type ControlEnvelope, type KeyMaterial, type Security,
+} from '@dtrain/transport';
 import { deviceForLocalRank } from './gpus.js';
 import { startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
 
@@ -174,9 +177,16 @@ export interface LaunchOptions {
    * CURVE (issue 7): this machine's key pair and allow-list (loadKeyDir). The control socket
    * admits only allow-listed keys; local workers get `keys.dir` (DTRAIN_KEYS_DIR) and this public
    * key (DTRAIN_COORDINATOR_KEY); a Hello whose curve_public_key is not allow-listed is refused
-   * and counted; each worker's key goes to the others in Welcome.peers. Absent: no encryption.
+   * and counted; each worker's key goes to the others in Welcome.peers. Absent (and not
+   * `insecure`): keys made for this run alone (perRunKeys), so that only this launch's workers get
+   * in, also on loopback where every local user can connect.
    */
   keys?: KeyMaterial;
+  /**
+   * No encryption and no authentication (`--insecure`): anyone who reaches the control socket or a
+   * ring can join the run. Workers get DTRAIN_INSECURE=1, which lets them bind beyond loopback.
+   */
+  insecure?: boolean;
   /** Data set files sent to workers of other machines that lack them: names relative to `root`. */
   offerFiles?: { root: string; names: string[] };
   /** Workers that have not joined by then fail the run (default 120 s). */
@@ -303,6 +313,36 @@ async function sha256Of(file: string): Promise<string> {
  * machines) and runs them to the end. Rejects with a CoordinatorError on failure.
  */
 export async function launch(o: LaunchOptions): Promise<LaunchResult> {
+  if (o.keys && o.insecure) throw new RangeError('launch: keys and insecure exclude each other');
+  const listen = o.listen ?? '127.0.0.1';
+  if (!o.keys && !o.insecure && !isLoopback(listen)) {
+    throw new SecurityError(`launch: listening on ${listen} reaches beyond this machine: give keys (loadKeyDir, pnpm cli keys init) or choose insecure: true explicitly`);
+  }
+  const perRun = o.keys || o.insecure ? undefined : perRunKeys();
+  try {
+    return await launchWith({ ...o, keys: o.keys ?? perRun }, listen);
+  } finally {
+    if (perRun) fs.rmSync(perRun.dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * A key pair made for one run, in a fresh directory only this user can enter (mkdtemp: mode 0700;
+ * host.key 0600): the workers this launch starts read it through DTRAIN_KEYS_DIR, which is in their
+ * environment (readable by this user and root only), never in argv or a world-readable file. It
+ * admits itself only, so a process of another local user fails the CURVE handshake.
+ */
+function perRunKeys(): KeyMaterial {
+  const dir = fs.mkdtempSync(path.join(tmpdir(), 'dtrain-run-keys-'));
+  try {
+    return loadKeyDir(initKeyDir({ dir, name: 'this-run' }).dir);
+  } catch (e) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+}
+
+async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResult> {
   const t0 = performance.now();
   const n = o.workers;
   const nodesExpected = o.nodes ?? 1;
@@ -361,8 +401,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const logDir = path.join(o.runDir, 'logs');
   fs.mkdirSync(logDir, { recursive: true });
 
-  const listen = o.listen ?? '127.0.0.1';
-  const security = o.keys ? curveServerSecurity(o.keys) : undefined;
+  const security: Security = o.keys ? curveServerSecurity(o.keys) : { kind: 'none' };
   const allowedKeys = new Map((o.keys?.allowed ?? []).map((k) => [k.publicKey, k.name]));
   const server = await ControlServer.bind({ listen, port: o.port ?? 0, runId, timeoutMs, security }).catch(async (err: unknown) => {
     await stopMetrics();
@@ -377,6 +416,7 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
   const members = new Map<string, Member>(); // by peer (hex routing id)
   const nodes = new Map<string, Node>(); // other machines, by host
   const agents = new Map<string, string>(); // agent peer (hex) -> host
+  const fileRequestsInFlight = new Set<string>(); // peers (hex) whose file chunk is being read and sent
   let welcomed = false;
   let worldSize = 0;
   const byRank: Member[] = [];
@@ -428,10 +468,11 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
     if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + rank);
     if (o.gpus) env.CUDA_VISIBLE_DEVICES = deviceForLocalRank(rank, n, { ...process.env, ...o.env });
     delete env.DTRAIN_COORDINATOR_KEY;
+    delete env.DTRAIN_INSECURE;
     if (o.keys) {
       env.DTRAIN_KEYS_DIR = o.keys.dir;
       env.DTRAIN_COORDINATOR_KEY = o.keys.publicKey;
-    }
+    } else env.DTRAIN_INSECURE = '1';
     const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     const logFile = path.join(logDir, `rank-${rank}.log`);
     const log = fs.createWriteStream(logFile, { flags: 'a' });
@@ -885,10 +926,18 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
       const name = req.name ?? '';
       const offset = typeof req.offset === 'number' ? req.offset : (req.offset?.toNumber() ?? 0);
       const f = offered.get(name);
-      if (!f || offset > f.size) {
-        void server.send(e.peer, 'error', { code: 3, message: f ? `offset ${offset} is beyond the ${f.size} bytes of ${name}` : `this coordinator does not offer '${name}'`, rank: -1, host: localHost }).catch(() => undefined);
+      // One request read at a time per peer (a worker fetches chunk after chunk): a flood of ~30-byte
+      // requests would otherwise make the coordinator read a 4 MiB chunk for each; what is queued
+      // to a peer that does not read is bounded by the control socket's send high-water mark.
+      const refusal = !f ? `this coordinator does not offer '${name}'`
+        : offset > f.size ? `offset ${offset} is beyond the ${f.size} bytes of ${name}`
+        : fileRequestsInFlight.has(key) ? `one file request at a time: '${name}' at ${offset} came before the chunk of the previous one was sent`
+        : undefined;
+      if (!f || refusal !== undefined) {
+        void server.send(e.peer, 'error', { code: 3, message: refusal, rank: -1, host: localHost }).catch(() => undefined);
         return;
       }
+      fileRequestsInFlight.add(key);
       void (async () => {
         const fh = await fs.promises.open(f.file, 'r');
         try {
@@ -900,11 +949,14 @@ export async function launch(o: LaunchOptions): Promise<LaunchResult> {
             if (bytesRead === 0) break;
             got += bytesRead;
           }
+          // Cleared before the send: the worker asks for the next chunk as soon as this one arrives.
+          fileRequestsInFlight.delete(key);
           await server.send(e.peer, 'fileChunk', { name, offset, totalSize: f.size, sha256: f.sha256 }, [buf.subarray(0, got)]);
         } finally {
           await fh.close();
         }
       })().catch((err: unknown) => {
+        fileRequestsInFlight.delete(key);
         void server.send(e.peer, 'error', { code: 3, message: `the coordinator could not read ${f.file}: ${(err as Error).message}`, rank: -1, host: localHost }).catch(() => undefined);
       });
     }

@@ -41,7 +41,10 @@ describe("the coordinator's data set file server", () => {
     // Next to the offered folder: what a traversing name would reach.
     fs.writeFileSync(path.join(root, 'secret.txt'), 'not offered\n');
 
-    const { endpoint, run } = await launchForSecondMachine(root, { offerFiles: { root: offeredRoot, names: ['set/f.bin'] }, joinTimeoutMs: 20_000 });
+    // A file of two full chunks: each request for it costs the server a 4 MiB read and send.
+    const big = Buffer.alloc(8 << 20, 7);
+    fs.writeFileSync(path.join(offeredRoot, 'set', 'big.bin'), big);
+    const { endpoint, run } = await launchForSecondMachine(root, { offerFiles: { root: offeredRoot, names: ['set/f.bin', 'set/big.bin'] }, joinTimeoutMs: 20_000 });
 
     const c = new ControlClient(endpoint, { timeoutMs: 10_000, who: 'local rank 0 on host host-b' });
     try {
@@ -51,7 +54,7 @@ describe("the coordinator's data set file server", () => {
       c.runId = w.runId;
       const offered = (JSON.parse((w.body as { configJson?: string }).configJson ?? '{}') as { offeredFiles?: unknown }).offeredFiles;
       const sha256 = createHash('sha256').update(content).digest('hex');
-      expect(offered).toEqual([{ name: 'set/f.bin', size: content.length, sha256 }]);
+      expect(offered).toEqual([{ name: 'set/f.bin', size: content.length, sha256 }, { name: 'set/big.bin', size: big.length, sha256: createHash('sha256').update(big).digest('hex') }]);
 
       // Not offered: refused by name, and no byte of the file it would reach comes back.
       for (const name of ['../secret.txt', 'set/../../secret.txt', path.join(root, 'secret.txt'), 'set/other.bin']) {
@@ -62,6 +65,20 @@ describe("the coordinator's data set file server", () => {
       // Offered: from any offset up to its end, never more than its size.
       expect(await request(c, 'set/f.bin', 4)).toEqual({ chunk: { name: 'set/f.bin', offset: 4, totalSize: content.length, sha256, bytes: content.subarray(4) } });
       expect((await request(c, 'set/f.bin', content.length)).chunk?.bytes.length).toBe(0);
+
+      // 20 requests back to back: one in flight per peer, the others refused (each would make the
+      // server read and queue 4 MiB); whatever is served is right.
+      for (let i = 0; i < 20; i++) await c.send('fileRequest', { name: 'set/big.bin', offset: i });
+      const answers: ControlMessage[] = [];
+      while (answers.length < 20) answers.push(await next(c, 'an answer of the 20'));
+      const refused = answers.filter((m) => m.kind === 'error').map((m) => (m.body as { message?: string }).message);
+      expect(refused.length).toBeGreaterThan(0);
+      for (const why of refused) expect(why).toMatch(/^one file request at a time: 'set\/big\.bin' at \d+ came before the chunk of the previous one was sent$/);
+      for (const m of answers.filter((x) => x.kind !== 'error')) {
+        expect(m.kind).toBe('fileChunk');
+        const offset = num((m.body as { offset?: unknown }).offset);
+        expect(m.payload[0].equals(big.subarray(offset, offset + (4 << 20)))).toBe(true);
+      }
 
       await c.send('stepReport', { rank: 1, detailJson: JSON.stringify({ kind: 'done', rank: 1, host: 'host-b', stateSha256: 'same' }) });
       expect((await next(c, 'the acknowledgement')).kind).toBe('command');

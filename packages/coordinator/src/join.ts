@@ -45,6 +45,8 @@ export interface JoinOptions {
   /** CURVE: this machine's key pair and allow-list, and the coordinator's public key (both or neither). */
   keys?: KeyMaterial;
   coordinatorKey?: string;
+  /** Without keys: no encryption chosen explicitly (`--insecure`), so the workers may bind beyond loopback (DTRAIN_INSECURE=1). */
+  insecure?: boolean;
   onEvent?: (e: JoinEvent) => void;
   tailLines?: number;
 }
@@ -72,6 +74,7 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
 
   // Register this machine; the answer carries the run id, so later reports are accepted.
   if ((o.keys === undefined) !== (o.coordinatorKey === undefined)) throw new RangeError('join: keys and coordinatorKey go together (CURVE) or are both absent');
+  if (o.keys && o.insecure) throw new RangeError('join: keys and insecure exclude each other');
   const security = o.keys && o.coordinatorKey ? curveClientSecurity(o.keys, o.coordinatorKey) : undefined;
   const control = new ControlClient(`tcp://${where}`, { timeoutMs: joinTimeoutMs, who: `dtrain join on host ${o.host}`, security });
   let runId: string;
@@ -125,10 +128,11 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
     if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + i);
     if (o.gpus) env.CUDA_VISIBLE_DEVICES = deviceForLocalRank(i, n, { ...process.env, ...o.env });
     delete env.DTRAIN_COORDINATOR_KEY;
+    delete env.DTRAIN_INSECURE;
     if (o.keys && o.coordinatorKey) {
       env.DTRAIN_KEYS_DIR = o.keys.dir;
       env.DTRAIN_COORDINATOR_KEY = o.coordinatorKey;
-    }
+    } else if (o.insecure) env.DTRAIN_INSECURE = '1';
     const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     children.push(child);
     const logFile = path.join(o.logDir, `local-${i}.log`);

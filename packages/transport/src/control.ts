@@ -35,6 +35,12 @@ import {
  */
 export const CONTROL_MAX_FRAME_BYTES = 4 * 1024 * 1024;
 export const CONTROL_RECEIVE_HWM = 64;
+/**
+ * Messages queued per peer at the coordinator before it drops more (a ROUTER drops at its
+ * high-water mark): bounds what a peer that stops reading can hold here (64 file chunks, 256 MiB,
+ * not libzmq's default 1,000). A live worker's I/O thread keeps reading into its own queue.
+ */
+export const CONTROL_SEND_HWM = 64;
 
 /** What a worker may send to the coordinator; anything else on the control socket is dropped. */
 const FROM_WORKERS: ReadonlySet<BodyKind> = new Set<BodyKind>(['hello', 'heartbeat', 'stepReport', 'fileRequest', 'error']);
@@ -141,6 +147,7 @@ export class ControlServer {
         sendTimeout: timeoutMs,
         maxMessageSize: CONTROL_MAX_FRAME_BYTES,
         receiveHighWaterMark: CONTROL_RECEIVE_HWM,
+        sendHighWaterMark: CONTROL_SEND_HWM,
         // No ZMTP heartbeats here (a socket open to strangers): see the ring's data socket in
         // ring.ts for the libzmq abort they can cause. Liveness of workers comes from the
         // application's Heartbeat messages; each worker's DEALER still pings this socket.
@@ -363,7 +370,7 @@ export class ControlClient {
       this.refused = 'the coordinator refused this machine\'s CURVE key: it is not in the coordinator\'s allowed_keys (there: pnpm cli keys add-peer \'<line of pnpm cli keys show here>\')';
     });
     this.dealer.events.on('handshake:error:protocol', () => {
-      this.refused = 'the CURVE handshake failed: the coordinator key given here is wrong, or one side runs without CURVE (--keys / --insecure must agree)';
+      this.refused = 'the CURVE handshake failed: the coordinator key given here is wrong, or one side runs without CURVE (--keys / --insecure must agree; a launch given neither uses keys of its own that only its local workers hold)';
     });
     this.dealer.events.on('disconnect', () => {
       if (this.connected && !this.closed) {

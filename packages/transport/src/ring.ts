@@ -1,7 +1,6 @@
-import { randomBytes } from 'node:crypto';
 import { hostname, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { rmSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { mkdtempSync, rmSync } from 'node:fs';
 import * as zmq from 'zeromq';
 import {
   PeerLostError,
@@ -361,13 +360,16 @@ export class Ring {
       const advertise = opts.advertise ?? (listen === '0.0.0.0' || listen === '*' ? hostname() : listen);
       endpoints.push(`tcp://${advertise}:${port}`);
       if (opts.ipc ?? true) {
-        ipcPath = join(tmpdir(), `dtrain-${process.pid}-${rank}-${randomBytes(4).toString('hex')}.sock`);
+        // In a directory of its own, mode 0700 (mkdtemp): other local users cannot connect to it,
+        // whatever the process's umask made of the socket file.
+        ipcPath = join(mkdtempSync(join(tmpdir(), `dtrain-ipc-${process.pid}-`)), `rank-${rank}.sock`);
         await router.bind(`ipc://${ipcPath}`);
         endpoints.push(`ipc://${ipcPath}`);
       }
     } catch (e) {
       router.close();
       zapReg?.release();
+      if (ipcPath !== undefined) rmSync(dirname(ipcPath), { recursive: true, force: true });
       throw new RingSetupError(
         `rank ${rank} could not bind its data socket on ${listen}:${opts.port ?? 0}: ${(e as Error).message}. ` +
           `Choose a free port or another address.`,
@@ -1211,7 +1213,7 @@ export class Ring {
     // The shared pages go back when the mappings are collected (a ring object may outlive this).
     this.outShm = undefined;
     this.inShm = undefined;
-    if (this.ipcPath !== undefined) rmSync(this.ipcPath, { force: true });
+    if (this.ipcPath !== undefined) rmSync(dirname(this.ipcPath), { recursive: true, force: true });
   }
 
   private async closeHandshake(dealer: zmq.Dealer): Promise<void> {

@@ -112,6 +112,25 @@ describe('CURVE keys', () => {
     const peers: PeerInfo[] = rings.map((r) => ({ rank: r.rank, host: r.host, endpoints: r.endpoints }));
     await expect(rings[0].connect(peers)).rejects.toThrow(/server's public key/);
   });
+
+  it('a server socket without CURVE binds beyond loopback only when no security was chosen explicitly', async () => {
+    const refused = /refusing to listen on 0\.0\.0\.0 without CURVE: .*--insecure; DTRAIN_INSECURE=1/;
+    await expect(ControlServer.bind({ listen: '0.0.0.0' })).rejects.toThrow(refused);
+    await expect(Ring.create({ rank: 0, worldSize: 1, listen: '0.0.0.0', ipc: false })).rejects.toThrow(refused);
+    const server = await ControlServer.bind({ listen: '0.0.0.0', security: { kind: 'none' } });
+    const ring = await Ring.create({ rank: 0, worldSize: 1, listen: '0.0.0.0', ipc: false, security: { kind: 'none' } });
+    await Promise.all([server.close(), ring.close()]);
+    expect(logLines.filter((l) => /listening on 0\.0\.0\.0 without CURVE/.test(l))).toHaveLength(2);
+  });
+
+  it("a ring's ipc socket lies in a directory only this user can enter, removed with the ring", async () => {
+    const ring = await Ring.create({ rank: 0, worldSize: 1 });
+    const ipc = ring.endpoints.find((e) => e.startsWith('ipc://'))!.slice('ipc://'.length);
+    const dir = ipc.slice(0, ipc.lastIndexOf('/'));
+    expect(statSync(dir).mode & 0o777).toBe(0o700);
+    await ring.close();
+    expect(() => statSync(dir)).toThrow(/ENOENT/);
+  });
 });
 
 describe('CURVE ring and control socket', () => {

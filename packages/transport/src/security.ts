@@ -11,7 +11,11 @@ import * as zmq from 'zeromq';
 import { TransportError } from './errors.js';
 import { countAuthRefused, logRejection } from './protocol.js';
 
-/** How a socket protects its traffic. `none` must be chosen explicitly for a run (and printed). */
+/**
+ * How a socket protects its traffic. Absent: none, and a server socket binds loopback only.
+ * `{ kind: 'none' }` is the explicit choice (`--insecure`, DTRAIN_INSECURE=1) that lets it bind any
+ * address without encryption.
+ */
 export type Security =
   | { kind: 'none' }
   | {
@@ -315,8 +319,9 @@ export function watchHandshakeFailures(socket: zmq.Socket, onRefused: (reason: s
 /**
  * A ROUTER that accepts connections from the network, the way every server socket of ours does:
  * with CURVE, its ZAP domain (allow-list) is registered first and handshake failures are counted;
- * without, listening off loopback logs a warning. `options` are the socket's own limits and
- * timeouts. The caller binds it, and releases `zapReg` when it closes the socket.
+ * without, it is refused off loopback unless no security was chosen explicitly (then a warning).
+ * `options` are the socket's own limits and timeouts. The caller binds it, and releases `zapReg`
+ * when it closes the socket.
  */
 export async function createServerRouter(o: {
   security: Security | undefined;
@@ -329,6 +334,12 @@ export async function createServerRouter(o: {
   onRefused: (reason: string, address: string) => void;
 }): Promise<{ router: zmq.Router; zapReg: ZapRegistration | undefined }> {
   const allowed = serverAllowList(o.security, o.what);
+  if (o.security === undefined && !isLoopback(o.listen)) {
+    throw new SecurityError(
+      `${o.what}: refusing to listen on ${o.listen} without CURVE: anyone who reaches that address could join or inject data. ` +
+        'Use keys (pnpm cli launch/join --keys; for a worker DTRAIN_COORDINATOR_KEY), or choose no security explicitly (--insecure; DTRAIN_INSECURE=1)',
+    );
+  }
   const zapReg = allowed === undefined ? undefined : await registerZapDomain(allowed, o.zapName, o.onRefused);
   let router: zmq.Router;
   try {

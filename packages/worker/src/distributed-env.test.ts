@@ -25,5 +25,12 @@ describe('readWorkerEnv', () => {
     expect(() => readWorkerEnv({ ...base, DTRAIN_RING_PORT: '70000' })).toThrow(/DTRAIN_RING_PORT must be a TCP port/);
     expect(() => readWorkerEnv({ MASTER_ADDR: 'x' })).toThrow(WorkerEnvError);
     expect(() => readWorkerEnv({ ...base, RANK: '-1' })).toThrow(/RANK must be a non-negative integer/);
+    expect(() => readWorkerEnv({ ...base, DTRAIN_INSECURE: 'yes' })).toThrow(/DTRAIN_INSECURE must be 1 .* got 'yes'/);
+    expect(() => readWorkerEnv({ ...base, DTRAIN_INSECURE: '1', DTRAIN_COORDINATOR_KEY: 'rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7' })).toThrow(/exclude each other/);
+  });
+
+  it('no security unless chosen: DTRAIN_INSECURE=1 (the ring then binds 0.0.0.0 without CURVE; unset it refuses)', () => {
+    expect(readWorkerEnv(base).insecure).toBe(false);
+    expect(readWorkerEnv({ ...base, DTRAIN_INSECURE: '1' }).insecure).toBe(true);
   });
 });

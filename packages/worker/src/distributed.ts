@@ -21,8 +21,10 @@
 //   DTRAIN_TIMEOUT_MS          a ring collective fails when a neighbour is silent this long (default 120000)
 //   DTRAIN_COORDINATOR_KEY     the coordinator's CURVE public key: when set, the control link and
 //                              the ring use CURVE with this machine's keys from DTRAIN_KEYS_DIR
-//                              (`pnpm cli keys init`); unset: no encryption
+//                              (`pnpm cli keys init`); unset: no encryption, and the ring binds
+//                              loopback addresses only
 //   DTRAIN_KEYS_DIR            key directory (default ~/.config/dtrain/keys)
+//   DTRAIN_INSECURE=1          no encryption chosen explicitly: the ring may bind any address
 import fs from 'node:fs';
 import { hostname } from 'node:os';
 import path from 'node:path';
@@ -32,7 +34,7 @@ import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
 import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, ThreadedRing } from '@dtrain/transport';
 import { RunCompleteError, type Collective } from './collective.js';
 import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
-import { fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
+import { checkOfferedFiles, fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
 import { ElasticRingCollective, parseAnnouncement, type RegroupReport } from './elastic-ring.js';
 import { hashFloats, RingCollective, type RingCollectiveOptions } from './ring-collective.js';
 import { runTraining } from './run.js';
@@ -142,6 +144,8 @@ export interface WorkerEnv {
   coordinatorKey?: string;
   /** This machine's key directory (DTRAIN_KEYS_DIR; undefined: the default). */
   keysDir?: string;
+  /** DTRAIN_INSECURE=1: no CURVE by choice, so the ring may bind beyond loopback. */
+  insecure: boolean;
 }
 
 function intVar(env: NodeJS.ProcessEnv, name: string, fallback?: number): number {
@@ -172,6 +176,11 @@ export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
   if (coordinatorKey !== undefined && !isCurveKey(coordinatorKey)) {
     throw new WorkerEnvError(`DTRAIN_COORDINATOR_KEY must be a CURVE public key (40 Z85 characters, as pnpm cli keys show prints), got '${coordinatorKey}'`);
   }
+  const insecure = env.DTRAIN_INSECURE === '1';
+  if (env.DTRAIN_INSECURE !== undefined && env.DTRAIN_INSECURE !== '' && env.DTRAIN_INSECURE !== '0' && !insecure) {
+    throw new WorkerEnvError(`DTRAIN_INSECURE must be 1 (no encryption, any address) or unset, got '${env.DTRAIN_INSECURE}'`);
+  }
+  if (insecure && coordinatorKey !== undefined) throw new WorkerEnvError('DTRAIN_INSECURE=1 and DTRAIN_COORDINATOR_KEY exclude each other: unset one');
   const loopback = masterAddr === 'localhost' || masterAddr.startsWith('127.') || masterAddr === '::1';
   return {
     rank,
@@ -188,6 +197,7 @@ export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
     timeoutMs: intVar(env, 'DTRAIN_TIMEOUT_MS', 120_000),
     coordinatorKey,
     keysDir: env.DTRAIN_KEYS_DIR || undefined,
+    insecure,
   };
 }
 
@@ -212,7 +222,7 @@ export async function runDistributedWorker(
   let linkRef: CoordinatorLink | undefined;
   let elasticRef: ElasticRingCollective | undefined;
   // Every ring of this worker (the first, and a new one at each elastic regroup) binds the same way.
-  const ringOptions = { host: env.host, listen: env.listen, port: env.ringPort, advertise: env.advertise, timeoutMs: env.timeoutMs, security: keys ? curveServerSecurity(keys) : undefined };
+  const ringOptions = { host: env.host, listen: env.listen, port: env.ringPort, advertise: env.advertise, timeoutMs: env.timeoutMs, security: keys ? curveServerSecurity(keys) : env.insecure ? { kind: 'none' as const } : undefined };
   try {
     // The ring binds first: its endpoints go into the Hello.
     // A worker without RANK binds a ring of one and takes its rank and world size from the Welcome.
@@ -232,7 +242,9 @@ export async function runDistributedWorker(
       device,
       curvePublicKey: ring.publicKey ?? '',
     });
-    log(`${who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket ${ring.endpoints.join(' ')}, pid ${process.pid}`);
+    const tcp = ring.endpoints[0] ?? '';
+    const bound = `${env.listen}:${tcp.slice(tcp.lastIndexOf(':') + 1)}`;
+    log(`${who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket bound on ${bound} (${keys ? 'CURVE' : 'no encryption'}), advertised as ${ring.endpoints.join(' ')}, pid ${process.pid}`);
     // A worker admitted into a run in progress (--elastic) waits here until the next step boundary.
     let m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
     while (m.kind === 'heartbeat' || m.kind === 'command') m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
@@ -270,6 +282,7 @@ export async function runDistributedWorker(
       const dataDir = resolveDataDir(process.env.DTRAIN_DATA_DIR || undefined);
       settings = { ...settings, dataDir };
       if (config.offeredFiles?.length) {
+        checkOfferedFiles(config.offeredFiles);
         const got = await fetchOfferedFiles(control, config.offeredFiles, dataDir, { timeoutMs: env.timeoutMs, log, who });
         log(`${who}: data files in ${dataDir}: ${got.cached.length} cached, ${got.fetched.length} received from the coordinator`);
       }

@@ -85,6 +85,7 @@ export function registerJoin(program: Command) {
         timeoutMs: o.timeoutS * 1000,
         keys,
         coordinatorKey,
+        insecure: o.insecure === true,
         onEvent: (e) => {
           if (e.kind === 'registered') console.log(`joined the coordinator at ${masterAddr}:${masterPort} as host ${host} (ring address ${advertise}); starting ${n} ${gpus ? 'GPU' : 'CPU'} workers, logs in ${logDir}`);
           else if (e.kind === 'assigned') console.log(`local worker ${e.localRank}: rank ${e.rank} of ${e.worldSize}`);

@@ -180,7 +180,9 @@ export function registerLaunch(program: Command) {
       const onEvent = (e: RunEvent) => {
         if (e.kind === 'metrics') console.log(`metrics: ${e.url} (Prometheus; --metrics-port ${e.port}, 0 to serve none${/\/\/127\./.test(e.url) ? '; this machine only: --metrics-host 0.0.0.0 to serve others' : ''})`);
         else if (e.kind === 'listening') {
-          console.log(`${describeSecurity(keys ? curveServerSecurity(keys) : { kind: 'none' }, `the control socket and the rings (${e.endpoint})`)}${keys ? `; keys in ${keys.dir}` : ''}`);
+          const where = `the control socket and the rings (${e.endpoint})`;
+          if (keys || o.insecure) console.log(`${describeSecurity(keys ? curveServerSecurity(keys) : { kind: 'none' }, where)}${keys ? `; keys in ${keys.dir}` : ''}`);
+          else console.log(`security: CURVE on ${where} with a key pair made for this run: only the workers this launch starts hold it (pnpm cli join needs --keys on both sides, or --insecure on both)`);
           console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
           if (o.nodes > 1) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
         } else if (e.kind === 'offered') {
@@ -228,6 +230,7 @@ export function registerLaunch(program: Command) {
         minWorkers: o.minWorkers,
         onEvent,
         keys,
+        insecure: o.insecure === true,
         metricsPort: o.metricsPort,
         metricsHost: o.metricsHost ?? listen ?? '127.0.0.1',
         metricsLingerMs: o.metricsLingerS * 1000,

@@ -1,7 +1,8 @@
 // How `launch` and `join` choose the security of a run (issue 7 §3; packages/transport/README.md,
-// "Wiring the launcher needs"): `--keys [DIR]` turns CURVE on, `--insecure` turns it off, and
-// without either a run whose addresses are all loopback goes without encryption while a run that
-// reaches other machines is refused, so nobody trains over a LAN unencrypted by accident.
+// "Wiring the launcher needs"): `--keys [DIR]` turns CURVE on with the machine's keys, `--insecure`
+// turns it off, and without either a run whose addresses are all loopback uses CURVE with a key
+// pair made for the run (the coordinator's launch(); other local users cannot join it) while a run
+// that reaches other machines is refused, so nobody trains over a LAN unencrypted by accident.
 import { defaultKeyDir, isCurveKey, isLoopback, KeyFileError, loadKeyDir, type KeyMaterial } from '@dtrain/transport';
 import { UsageError } from '../errors.js';
 
@@ -11,10 +12,10 @@ export interface SecurityFlags {
 }
 
 export const KEYS_HELP = 'CURVE: encrypt and authenticate with the key pair and allowed_keys in DIR (pnpm cli keys init; default $DTRAIN_KEYS_DIR, else ~/.config/dtrain/keys); required when any address is not loopback';
-export const INSECURE_HELP = 'no encryption and no authentication, also across machines (a trusted network only); loopback-only runs need neither flag';
+export const INSECURE_HELP = 'no encryption and no authentication, also across machines (a trusted network and machine only); without --keys or --insecure a loopback run uses keys made for it';
 
 /**
- * The key material for CURVE, or undefined for none. `addresses` are every address the run binds
+ * The key material for CURVE, or undefined: none with --insecure, keys made for the run without it. `addresses` are every address the run binds
  * or connects to (listen, advertise, the coordinator's); `command` names the command in errors.
  */
 export function chooseSecurity(o: SecurityFlags, addresses: (string | undefined)[], command: 'launch' | 'join'): KeyMaterial | undefined {

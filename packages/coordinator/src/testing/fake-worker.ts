@@ -5,8 +5,9 @@
 // its allowed key but names another one in its Hello), 'diverge' (every rank reports the same
 // realistic state hash, except rank FAKE_RANK: the replica-divergence check, which no real worker
 // can reach without a bug). FAKE_HOSTS: host names by rank, comma-separated (default fakehost).
-// With DTRAIN_COORDINATOR_KEY: CURVE.
+// With DTRAIN_COORDINATOR_KEY: CURVE (and it prints its key directory and that directory's mode).
 import { createHash } from 'node:crypto';
+import { statSync } from 'node:fs';
 import { ControlClient, curveClientSecurity, curveKeyPair, loadKeyDir } from '@dtrain/transport';
 
 const rank = Number(process.env.RANK);
@@ -28,6 +29,7 @@ async function main(): Promise<void> {
   }
   const coordinatorKey = process.env.DTRAIN_COORDINATOR_KEY;
   const keys = coordinatorKey ? loadKeyDir(process.env.DTRAIN_KEYS_DIR) : undefined;
+  if (keys) console.log(`keys dir ${keys.dir} mode ${(statSync(keys.dir).mode & 0o777).toString(8)}`);
   const c = new ControlClient(`tcp://${process.env.MASTER_ADDR}:${process.env.MASTER_PORT}`, { timeoutMs: 20_000, security: keys && coordinatorKey ? curveClientSecurity(keys, coordinatorKey) : undefined });
   const curvePublicKey = mode === 'claim' && rank === target ? curveKeyPair().publicKey : (keys?.publicKey ?? '');
   await c.send('hello', { host, pid: process.pid, localRank: Number(process.env.LOCAL_RANK), requestedRank: rank, dataEndpoints: [`tcp://127.0.0.1:${1000 + rank}`], curvePublicKey });

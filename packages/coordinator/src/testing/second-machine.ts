@@ -18,6 +18,8 @@ export async function launchForSecondMachine(root: string, o: Pick<LaunchOptions
     config: {},
     env: { FAKE_MODE: 'ok', DTRAIN_HOST: 'host-a' },
     timeoutMs: 10_000,
+    // The test's own client plays the other machine's worker, without keys.
+    insecure: true,
     ...o,
     onEvent: (e) => {
       if (e.kind === 'listening') listening(e.endpoint);
