@@ -65,6 +65,24 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
     }, testTimeoutFor(1));
   }
 
+  it('a second member lost right after the generation-2 Welcome, while the new ring is set up: the survivor regroups again at once and finishes alone', async (ctx) => {
+    const out = path.join(tmp(), 'run');
+    // Rank 2 dies in step 2; then rank 1 dies as soon as it has the Welcome of generation 2, so
+    // rank 0 is in the new ring's setup. A killed process closes its connections, which ends the
+    // setup too; a peer that stays connected and silent is left to the coordinator's ROLLBACK,
+    // tested without processes in ring-inproc.test.ts and elastic-ring.test.ts (both failed before).
+    const r = await cli(ctx, ['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:compute:2', '--test-crash', '1:welcomed:0:2']);
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const second = at(r, /^lost rank 1 on host \S+: was killed by SIGKILL; 1 worker left/);
+    const regrouped = at(r, /^regrouped: generation 3, 1 workers/);
+    expect(second, r.stdout).toBeDefined();
+    expect(regrouped, r.stdout).toBeDefined();
+    // Well within the timeout (FAST: --timeout-s 10): woken by the rollback, not by its ring's timeout.
+    expect(regrouped!.t - second!.t, r.stdout).toBeLessThan(5000);
+    expect(r.stdout).toMatch(/on 48 images/);
+    console.log(`fault: a member lost during the new ring's setup: generation 3 ${((regrouped!.t - second!.t) / 1000).toFixed(2)}s after the loss (timeout 10 s); run completed alone`);
+  }, testTimeoutFor(1));
+
   it('after training completed, before its final report (the others sent theirs): the run completes at once, without a regroup', async (ctx) => {
     const out = path.join(tmp(), 'run');
     const r = await cli(ctx, ['launch', '--workers', '3', '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '2:final:0']);

@@ -565,6 +565,10 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
   const lostMembers: Member[] = [];
   const pendingJoiners: Member[] = [];
   let regroupState: { reasons: string[]; ready: Map<Member, RegroupReport>; timer: NodeJS.Timeout; rollback: boolean } | undefined;
+  // A survivor may wait a whole ring timeout for a neighbour that died during the new ring's
+  // setup before it fails and reports: the regroup's deadline leaves it half a timeout more, or
+  // both neighbours of the dead one would be declared lost at the same moment.
+  const regroupDeadlineMs = timeoutMs + timeoutMs / 2;
   const groupHosts = () => {
     const hs: { host: string; ranks: number[] }[] = [];
     for (const x of byRank) {
@@ -633,12 +637,12 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
           // in its last evaluation, or finishing): they are turned away; nobody is lost.
           clearTimeout(st.timer);
           regroupState = undefined;
-          return refuseJoiners(`the run reached no step boundary within ${(2 * timeoutMs) / 1000} s (it may be finishing); try again`);
+          return refuseJoiners(`the run reached no step boundary within ${(regroupDeadlineMs + timeoutMs) / 1000} s (it may be finishing); try again`);
         }
-        // Members that did not answer within the timeout are lost too; the rest go on.
-        for (const x of [...byRank]) if (!st.ready.has(x)) declareLost(x, `it did not answer the regroup within ${timeoutMs / 1000} s`, 'timeout');
+        // Members that did not answer in time are lost too; the rest go on.
+        for (const x of [...byRank]) if (!st.ready.has(x)) declareLost(x, `it did not answer the regroup within ${regroupDeadlineMs / 1000} s`, 'timeout');
         tryFinishRegroup();
-      }, timeoutMs + (kind === 'join' ? timeoutMs : 0));
+      }, regroupDeadlineMs + (kind === 'join' ? timeoutMs : 0));
       timer.unref();
       regroupState = { reasons: [], ready: new Map(), timer, rollback: false };
     }

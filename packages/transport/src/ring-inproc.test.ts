@@ -120,6 +120,28 @@ describe('ring in one process', () => {
     await expect(rings[0].allReduce(new Float32Array(4))).rejects.toThrow(RingAbortedError);
   });
 
+  it('abort() during setup ends a connect whose next rank never answers at once (an elastic ROLLBACK of a generation being set up)', async () => {
+    // Rank 0 gets its previous rank's RingHello, then waits for the next rank's answer: rank 1 is
+    // a socket that accepts and never answers. Before: abort() was not seen until the timeout.
+    const silent = new zmq.Router({ linger: 0 });
+    await silent.bind('tcp://127.0.0.1:*');
+    const [r0, r2] = await Promise.all([0, 2].map((rank) => Ring.create({ rank, worldSize: 3, timeoutMs: 4000, ipc: false })));
+    cleanup.push(() => Promise.all([r0.close(), r2.close()]).then(() => silent.close()));
+    const peers: PeerInfo[] = [
+      { rank: 0, host: r0.host, endpoints: r0.endpoints },
+      { rank: 1, host: r0.host, endpoints: [silent.lastEndpoint!] },
+      { rank: 2, host: r2.host, endpoints: r2.endpoints },
+    ];
+    const setup = r0.connect(peers, { runId: 'setup', generation: 2 });
+    r2.connect(peers, { runId: 'setup', generation: 2 }).catch(() => undefined); // waits for rank 1 forever
+    setup.catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 300));
+    const t0 = Date.now();
+    r0.abort('the coordinator rolled back generation 2');
+    await expect(setup).rejects.toThrow(/rolled back generation 2/);
+    expect(Date.now() - t0).toBeLessThan(1500);
+  });
+
   it('refuses a previous rank that speaks another protocol version, naming it', async () => {
     const ring = await Ring.create({ rank: 1, worldSize: 2, runId: 'v', timeoutMs: 5000 });
     cleanup.push(() => ring.close());

@@ -611,8 +611,9 @@ export class Ring {
         // What is left of the deadline: a retried wait must not start a whole new timeout, or an
         // unreachable next rank is named a full timeout after its neighbours gave up.
         dealer.receiveTimeout = Math.max(1, deadline - Date.now());
-        frames = await dealer.receive();
+        frames = await this.receiveUnlessFailed(dealer);
       } catch (e) {
+        if (e instanceof TransportError) throw e; // abort() or another failure of this ring
         if ((e as { code?: string }).code === 'EAGAIN' && Date.now() < deadline) continue; // stale loop time
         const err = new RingSetupError(
           `rank ${this.rank} on host ${this.host} could not reach rank ${next.rank} on host ${next.host} at ${endpoint} ` +
@@ -627,6 +628,23 @@ export class Ring {
           ((d.message.body as dtrain.RingHello.$Properties).rank ?? 0) === next.rank) return d.message.body as dtrain.RingHello.$Properties;
       this.reject(d.ok ? `unexpected ${d.message.kind} from next rank` : d.reason, `rank ${next.rank} on host ${next.host}`);
     }
+  }
+
+  /**
+   * A receive on the link to the next rank that a failure of the ring (abort() included) ends at
+   * once: during setup an unreachable next rank would otherwise hold this rank for the whole
+   * timeout after the coordinator rolled the generation back.
+   */
+  private receiveUnlessFailed(dealer: zmq.Dealer): Promise<Buffer[]> {
+    if (this.broken !== undefined) return Promise.reject(this.broken);
+    return new Promise<Buffer[]>((resolve, reject) => {
+      this.failWaiters.push(reject);
+      const done = () => (this.failWaiters = this.failWaiters.filter((w) => w !== reject));
+      dealer.receive().then(
+        (f) => (done(), resolve(f)),
+        (e: unknown) => (done(), reject(e)),
+      );
+    });
   }
 
   private pickEndpoint(peer: PeerInfo): string | undefined {

@@ -57,8 +57,8 @@ export interface DistributedConfig {
   elastic?: boolean;
   /** In the Welcome of a worker admitted into a run in progress: whose state to adopt (see elastic-ring.ts). */
   regroup?: { root: number; stop: boolean; reason: string };
-  /** FOR TESTS ONLY: make this worker SIGKILL itself at a given point (see `crashPoint`). */
-  crash?: CrashSpec;
+  /** FOR TESTS ONLY: make workers SIGKILL themselves at given points (see `CrashSpec`; one per worker and phase kind). */
+  crash?: CrashSpec | CrashSpec[];
   /** Gradient bucket size for the all-reduce that overlaps the backward pass; 0 or absent: after it. */
   bucketBytes?: number;
 }
@@ -74,12 +74,14 @@ export const DEFAULT_BUCKET_MB = 8;
 
 /** FOR TESTS ONLY: where a worker kills itself with SIGKILL, to test recovery at each phase. */
 export interface CrashSpec {
+  /** The worker's rank in the first group (its RANK). */
   rank: number;
   /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce; deviceLost: its WebGPU device is lost before the compute of step `step`;
    * evaluate: at the start of the evaluation after epoch `epoch` (before it adds its share); checkpoint: right after rank 0 wrote a checkpoint;
    * final: after training completed, a second after the others sent their final reports, before its own (`at` is not used);
-   * finalRegroup: at the same point, it acts as if its last collective had failed and asks to regroup (instead of dying). */
-  phase: 'compute' | 'allReduce' | 'deviceLost' | 'evaluate' | 'checkpoint' | 'final' | 'finalRegroup';
+   * finalRegroup: at the same point, it acts as if its last collective had failed and asks to regroup (instead of dying);
+   * welcomed: right after the Welcome of generation `generation` (> 1), before its new ring connects (`at` is not used). */
+  phase: 'compute' | 'allReduce' | 'deviceLost' | 'evaluate' | 'checkpoint' | 'final' | 'finalRegroup' | 'welcomed';
   /** Global optimiser step (compute, allReduce) or 1-based epoch (evaluate, checkpoint). */
   at: number;
   /** Only in this ring generation (default 1: the first group), so a regrouped run does not crash again. */
@@ -327,12 +329,17 @@ export async function runDistributedWorker(
           initialRoot: config.regroup ? parseAnnouncement(w).root : 0,
           collectiveOptions,
           log: (line) => log(`${who}: ${line}`),
+          onWelcome: (welcome) => {
+            if (welcomedCrash && welcome.generation === (welcomedCrash.generation ?? 2)) crashNow(`right after the Welcome of generation ${welcome.generation}`);
+          },
         })
       : undefined;
     elasticRef = elastic;
     const plain = elastic ? undefined : new RingCollective(ring, collectiveOptions);
     const collective: Collective & { stats(): { seconds: number; calls: number } } = (elastic ?? plain)!;
-    const crash = config.crash && config.crash.rank === rank ? config.crash : undefined;
+    const crashes = [config.crash ?? []].flat().filter((c) => c.rank === rank);
+    const crash = crashes.find((c) => c.phase !== 'welcomed');
+    const welcomedCrash = crashes.find((c) => c.phase === 'welcomed');
     const crashNow = (why: string) => {
       log(`${who}: TEST CRASH ${why}: SIGKILL`);
       process.kill(process.pid, 'SIGKILL');

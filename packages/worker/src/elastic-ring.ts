@@ -45,6 +45,8 @@ export interface ElasticRingOptions {
   initialRoot?: number;
   collectiveOptions?: RingCollectiveOptions;
   log?: (line: string) => void;
+  /** FOR TESTS: called with each regroup's Welcome before the new ring connects. */
+  onWelcome?: (w: WelcomeBody) => void;
 }
 
 export class ElasticRingCollective implements ElasticCollective {
@@ -54,12 +56,21 @@ export class ElasticRingCollective implements ElasticCollective {
   private inner: RingCollective;
   private requested = false;
   private leftBecause = '';
+  /**
+   * The generation of the last Welcome: from it on, commands for it apply and a regroup reports
+   * leaving it, also while its ring is still being set up (the ring learns its generation only
+   * once connected) or when that setup failed.
+   */
+  private joined: number;
+  /** A ROLLBACK for a generation whose Welcome has not been seen yet (it came first). */
+  private rolledBackAhead = 0;
 
   constructor(
     ring: ThreadedRing,
     private readonly o: ElasticRingOptions,
   ) {
     this.ring_ = ring;
+    this.joined = ring.generation;
     this.inner = new RingCollective(ring, o.collectiveOptions);
     this.initialRoot = o.initialRoot ?? 0;
     o.link.onCommand((c) => this.onCommand(c));
@@ -75,7 +86,7 @@ export class ElasticRingCollective implements ElasticCollective {
     return this.ring_.worldSize;
   }
   get generation(): number {
-    return this.ring_.generation;
+    return this.joined;
   }
   get regroupRequested(): boolean {
     return this.requested;
@@ -114,9 +125,11 @@ export class ElasticRingCollective implements ElasticCollective {
   }
 
   private onCommand(c: CommandBody): void {
-    if (process.env.DTRAIN_DEBUG) this.o.log?.(`DEBUG command ${c.kind} gen ${c.generation} (ring gen ${this.ring_.generation})`);
+    if (process.env.DTRAIN_DEBUG) this.o.log?.(`DEBUG command ${c.kind} gen ${c.generation} (joined ${this.joined})`);
     // Commands name the generation they are for: one for a ring already left is stale.
-    if ((c.generation ?? 0) !== this.ring_.generation) return;
+    const generation = c.generation ?? 0;
+    if (c.kind === CommandKind.ROLLBACK && generation > this.joined) this.rolledBackAhead = Math.max(this.rolledBackAhead, generation);
+    if (generation !== this.joined) return;
     if (c.kind === CommandKind.ROLLBACK) {
       this.o.log?.(`rank ${this.rank}: the coordinator rolls back generation ${c.generation}: ${c.reason ?? ''}`);
       this.ring_.abort(`the coordinator rolled back the step: ${c.reason ?? 'a member was lost'}`);
@@ -126,7 +139,7 @@ export class ElasticRingCollective implements ElasticCollective {
   }
 
   async regroup(committed: Progress): Promise<RegroupResult> {
-    const left = this.ring_.generation;
+    const left = this.joined;
     const dbg = (m: string) => process.env.DTRAIN_DEBUG && this.o.log?.(`DEBUG regroup: ${m}`);
     dbg(`start, leaving ${left}, broken: ${this.ring_.error?.message}`);
     const wasRequested = this.requested;
@@ -146,10 +159,17 @@ export class ElasticRingCollective implements ElasticCollective {
     const rank = w.rank ?? 0;
     const worldSize = w.worldSize ?? 0;
     const peers = welcomePeers(w);
+    this.joined = w.generation ?? left + 1;
+    this.o.onWelcome?.(w);
+    // Rolled back before its ring was up: a member of the new group was lost already.
+    if (this.rolledBackAhead >= this.joined) ring.abort(`the coordinator rolled back generation ${this.joined} before its ring was up`);
     try {
-      await ring.connect(peers, { runId: this.o.runId, generation: w.generation ?? left + 1, rank, worldSize });
+      await ring.connect(peers, { runId: this.o.runId, generation: this.joined, rank, worldSize });
     } catch (e) {
-      if (e instanceof TransportError) throw new GroupChangedError(e.message, { cause: e });
+      if (e instanceof TransportError) {
+        this.leftBecause = e.message;
+        throw new GroupChangedError(e.message, { cause: e });
+      }
       throw e;
     }
     this.o.link.rank = rank;

@@ -14,6 +14,7 @@ import {
   resumeSettings,
   WORKER_ENTRY,
   DEFAULT_BUCKET_MB,
+  type CrashSpec,
   type DistributedConfig,
   type EpochMetrics,
   type Summary,
@@ -89,10 +90,10 @@ async function launchOrExplain(o: LaunchOptions): Promise<LaunchResult> {
   }
 }
 
-function parseCrash(v: string): NonNullable<DistributedConfig['crash']> {
-  const m = /^(\d+):(compute|allReduce|deviceLost|evaluate|checkpoint|final|finalRegroup):(\d+)(?::(\d+))?$/.exec(v);
-  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, deviceLost, evaluate, checkpoint, final or finalRegroup, got '${v}'`);
-  return { rank: Number(m[1]), phase: m[2] as 'compute', at: Number(m[3]), generation: m[4] ? Number(m[4]) : undefined };
+function parseCrash(v: string, earlier: CrashSpec[] = []): CrashSpec[] {
+  const m = /^(\d+):(compute|allReduce|deviceLost|evaluate|checkpoint|final|finalRegroup|welcomed):(\d+)(?::(\d+))?$/.exec(v);
+  if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, deviceLost, evaluate, checkpoint, final, finalRegroup or welcomed, got '${v}'`);
+  return [...earlier, { rank: Number(m[1]), phase: m[2] as CrashSpec['phase'], at: Number(m[3]), generation: m[4] ? Number(m[4]) : undefined }];
 }
 
 export function registerLaunch(program: Command) {
@@ -122,7 +123,7 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--metrics-host <addr>', 'address the metrics bind (default: the --listen address, else 127.0.0.1; 0.0.0.0 for a Prometheus on another machine or in a container: metrics have no authentication)'))
     .addOption(new Option('--metrics-linger-s <s>', 'keep serving metrics this long after the run ended, for a last scrape').default(0).argParser(nonNegativeNumber('--metrics-linger-s')))
     .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
-    .addOption(new Option('--test-crash <spec>', 'FOR TESTS: RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch, final: before its final report)').argParser(parseCrash).hideHelp())
+    .addOption(new Option('--test-crash <spec>', 'FOR TESTS (repeatable): RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch, final: before its final report, welcomed: after the Welcome of GENERATION)').argParser(parseCrash).hideHelp())
     .action(async (o) => {
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
