@@ -140,6 +140,36 @@ describe('elastic training (in-process group)', () => {
     expect((await readMetrics(out)).filter((l) => l.kind === 'epoch')).toHaveLength(1);
   });
 
+  it("rank 0 lost in the epoch-end evaluation after the others completed it: the new rank 0 writes that epoch's checkpoint and line", async () => {
+    // 24 images, 3 x batch 4: 2 steps; BN averaging (call 9), the evaluation sum (call 10), which
+    // ranks 1 and 2 complete and rank 0 (the writer) never does. They go on into epoch 2, whose
+    // first all-reduce fails; the group regroups from their state (epoch 1 done).
+    const data = syntheticData(24, 11, 8);
+    const out = path.join(await tempDir(), 'run');
+    const group = new ElasticInProcessGroup(3);
+    group.loseAfterOthersComplete(0, SYNC_CALLS + 2 + 1);
+    const usage = new Usage();
+    const reported: Array<[number, number]> = [];
+    const res = await launch(group, { out, data, settings: { ...base, epochs: 2 }, usage, hooks: (m) => ({ onEpochEnd: (e) => reported.push([m.id, e.epoch]) }) });
+    expect((res[0] as PromiseRejectedResult).reason).toBeInstanceOf(ReplicaKilledError);
+    const [a, b] = [fulfilled(res[1]), fulfilled(res[2])];
+    expect(stateHash(a)).toBe(stateHash(b));
+    expect(group.generations[0]).toMatchObject({ members: [1, 2], root: 0, committed: { 1: { epoch: 1, done: 0, step: 2 } } });
+    // Epoch 1 trained and evaluated once, by 3 workers; its line written by the new rank 0.
+    const lines = (await readMetrics(out)).filter((l): l is EpochMetrics => l.kind === 'epoch');
+    expect(lines.map((l) => [l.epoch, l.worldSize, l.testImages])).toEqual([
+      [1, 3, 11],
+      [2, 2, 11],
+    ]);
+    expect(lines[0]).toEqual(a.epochs[0]);
+    expect((await listCheckpoints(out)).map((c) => [c.epoch, c.done])).toEqual([
+      [1, 0],
+      [2, 0],
+    ]);
+    // Replica 1 saw epoch 1 end as rank 1, then reported it again as the new rank 0.
+    expect(reported.filter(([id]) => id === 1)).toEqual([[1, 1], [1, 1], [1, 2]]);
+  });
+
   it('a regroup that changes nothing keeps weights and momentum bitwise those of the uninterrupted run', async () => {
     // 24 images, 2 x batch 4, no padding, constant lr, no augmentation: re-sharding from done (16)
     // gives the same batches and the progress-based lr is the same lr. Only the BatchNorm running

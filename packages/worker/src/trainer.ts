@@ -272,6 +272,12 @@ interface RunState {
   /** The running totals of epoch `progress.epoch`. */
   totals: EpochTotals;
   history: CheckpointHistory;
+  /**
+   * The line of the last completed epoch. Elastic: a rank that completed the epoch-end
+   * evaluation while rank 0 failed in it carries the line to the new group, whose rank 0 writes
+   * the checkpoint and line the old one never wrote (writeMissingEpoch).
+   */
+  lastEpoch?: EpochMetrics;
 }
 
 /** The state JSON of the start sync. */
@@ -604,7 +610,7 @@ export class Trainer {
     await c.broadcast(opt.buffers, root);
     if (!isRoot) {
       const got = JSON.parse(new TextDecoder().decode(Uint8Array.from(meta))) as SyncedState;
-      this.state = { progress: got.progress, totals: got.totals, history: got.history };
+      this.state = { progress: got.progress, totals: got.totals, history: got.history, ...(got.lastEpoch ? { lastEpoch: got.lastEpoch } : {}) };
       m.setWeights(weights);
       m.setBatchNormStats(bn);
       m.optimizer.setState({ steps: got.optSteps, buffers: opt.buffers });
@@ -612,7 +618,28 @@ export class Trainer {
     }
     await this.commit();
     // After a regroup the new rank 0 may be on a machine that never wrote this run's files.
-    if (this.elastic && this.runDir) await fs.mkdir(this.runDir, { recursive: true });
+    if (this.elastic && this.runDir) {
+      await fs.mkdir(this.runDir, { recursive: true });
+      await this.writeMissingEpoch(this.runDir);
+    }
+  }
+
+  /**
+   * The epoch end's evaluation is the last collective of an epoch. With 3+ ranks a ring can break
+   * in its last pieces, so some ranks complete the epoch while rank 0, which writes its checkpoint
+   * and line, fails; the group then continues from the state of those ahead. The new rank 0 writes
+   * what is missing: the state it holds is exactly that epoch end's.
+   */
+  private async writeMissingEpoch(runDir: string): Promise<void> {
+    const st = this.state;
+    const m = st.lastEpoch;
+    if (!m || st.progress.done !== 0 || m.epoch !== st.progress.epoch) return;
+    if ((await readMetrics(runDir)).some((l) => l.kind === 'epoch' && l.epoch === m.epoch)) return;
+    this.lastCheckpoint = await this.saveCheckpoint(runDir, st);
+    this.hooks.onCheckpoint?.(this.lastCheckpoint);
+    await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(m)}\n`);
+    // Its hooks saw the epoch as another rank: now as the rank that reports it.
+    this.hooks.onEpochEnd?.(m);
   }
 
   // ---- one epoch -------------------------------------------------------------------------
@@ -779,7 +806,8 @@ export class Trainer {
     if (!Number.isFinite(ev.loss)) {
       throw new TrainingDivergedError(st.progress.step, e + 1, `the test loss became ${ev.loss} after epoch ${e + 1} (step ${st.progress.step}): the weights are no longer finite; training diverged, no checkpoint was written, try a smaller --lr`);
     }
-    // No collective after this point: the epoch end cannot fail half-way through a group change.
+    // No collective after this point. A group change can still catch the evaluation half-way
+    // (some ranks have its sum, rank 0 does not): `lastEpoch` lets the new rank 0 write this epoch.
     const evalSec = now() - evalStart;
     const elapsedSec = t.trainSec + evalSec;
     const history = st.history;
@@ -820,6 +848,7 @@ export class Trainer {
     };
     st.progress = { epoch: e + 1, done: 0, step: st.progress.step };
     st.totals = zeroTotals();
+    st.lastEpoch = m;
     const runDir = this.runDir;
     if (runDir) {
       // Checkpoint first: a metrics line never describes an epoch that a resume would redo.

@@ -73,7 +73,7 @@ export class ElasticInProcessGroup {
   readonly generations: GenerationRecord[] = [];
   private gen: Generation;
   private nextId: number;
-  private readonly losses = new Map<number, Array<{ rank: number; at: number }>>();
+  private readonly losses = new Map<number, Array<{ rank: number; at: number; afterOthers?: boolean }>>();
   private joiners: Array<{ member: ElasticMember; resolve: (m: ElasticMember) => void }> = [];
 
   constructor(
@@ -99,6 +99,16 @@ export class ElasticInProcessGroup {
   lose(rank: number, atCall: number, generation = this.gen.id): void {
     const list = this.losses.get(generation) ?? [];
     list.push({ rank, at: atCall });
+    this.losses.set(generation, list);
+  }
+
+  /**
+   * As `lose`, but the others complete that collective (a ring that broke in its last pieces: some
+   * ranks have the result, this one never gets it); their collectives after it fail.
+   */
+  loseAfterOthersComplete(rank: number, atCall: number, generation = this.gen.id): void {
+    const list = this.losses.get(generation) ?? [];
+    list.push({ rank, at: atCall, afterOthers: true });
     this.losses.set(generation, list);
   }
 
@@ -145,20 +155,12 @@ export class ElasticInProcessGroup {
     const gen = m.gen;
     const id = gen.calls[m.rank]++;
     const loss = this.losses.get(gen.id)?.find((l) => l.rank === m.rank && id >= l.at);
-    if (loss) {
-      m.dead = true;
-      gen.lost.push(m);
-      gen.failedAt = Math.min(gen.failedAt ?? id, id);
-      const err = new GroupChangedError(`replica ${m.id} (rank ${m.rank} of generation ${gen.id}) was lost at collective #${id}`);
-      for (const p of [...gen.pending]) {
-        if (p.id >= id) {
-          gen.pending.delete(p);
-          p.reject(err);
-        }
-      }
-      this.tryAdvance(gen);
-      return Promise.reject(new ReplicaKilledError(`replica ${m.id} was killed at collective #${id} of generation ${gen.id}`));
+    if (loss?.afterOthers && id === loss.at) {
+      // Its share goes in, so the others get their result; its own never arrives.
+      const inner = op === 'broadcast' ? gen.inner[m.rank].broadcast(buf, root) : gen.inner[m.rank][op](buf);
+      return inner.then(() => Promise.reject(this.kill(m, gen, id + 1)));
     }
+    if (loss) return Promise.reject(this.kill(m, gen, id));
     if (gen.failedAt !== null && id >= gen.failedAt) {
       return Promise.reject(new GroupChangedError(`generation ${gen.id} lost ${gen.lost.map((x) => `replica ${x.id}`).join(', ')} (collective #${id})`));
     }
@@ -175,6 +177,23 @@ export class ElasticInProcessGroup {
         },
       );
     });
+  }
+
+  /** Marks `m` dead and every collective of its generation from `failFrom` on failed; returns its own error. */
+  private kill(m: ElasticMember, gen: Generation, failFrom: number): ReplicaKilledError {
+    const id = gen.calls[m.rank] - 1;
+    m.dead = true;
+    gen.lost.push(m);
+    gen.failedAt = Math.min(gen.failedAt ?? failFrom, failFrom);
+    const err = new GroupChangedError(`replica ${m.id} (rank ${m.rank} of generation ${gen.id}) was lost at collective #${id}`);
+    for (const p of [...gen.pending]) {
+      if (p.id >= failFrom) {
+        gen.pending.delete(p);
+        p.reject(err);
+      }
+    }
+    this.tryAdvance(gen);
+    return new ReplicaKilledError(`replica ${m.id} was killed at collective #${id} of generation ${gen.id}`);
   }
 
   /** @internal */
