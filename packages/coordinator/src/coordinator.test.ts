@@ -6,7 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it, type TestContext } from 'vitest';
 import { ControlClient, curveKeyPair, initKeyDir, loadKeyDir, transportCounters, type Security } from '@dtrain/transport';
-import { GpuSelectionError, JoinTimeoutError, launch, WorkerFailedError, type RunEvent } from './index.js';
+import { GpuSelectionError, JoinTimeoutError, launch, TrainingMetrics, WorkerFailedError, type RunEvent } from './index.js';
 import { killWorkersAtEnd } from './testing/workers.js';
 
 const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
@@ -85,6 +85,16 @@ describe('launch', () => {
     expect(err).toBeInstanceOf(GpuSelectionError);
     expect((err as Error).message).toMatch(/^--gpus 2: CUDA_VISIBLE_DEVICES="5" makes 1 GPU visible; use --gpus 1/);
     expect(events).toEqual([]);
+  });
+
+  it('elastic with CURVE: a regroup report naming a ring key other than the one proven in the Hello is ignored and counted', async (ctx) => {
+    const metrics = new TrainingMetrics({ defaultMetrics: false });
+    const events: RunEvent[] = [];
+    const r = await launch({ workers: 2, elastic: true, entry: FAKE, runDir: tmp(), config: {}, metrics, env: { FAKE_MODE: 'regroupKey', FAKE_RANK: '1' }, onEvent: recorded(ctx, events) });
+    expect(r.finals).toHaveLength(2);
+    // (The coordinator also says so on stderr, naming rank, host and both keys.)
+    expect(await metrics.registry.metrics()).toMatch(/^dtrain_malformed_messages_rejected_total 1$/m);
+    expect(events.filter((e) => e.kind === 'regrouped' || e.kind === 'lost')).toEqual([]);
   });
 
   it('a worker that exits non-zero ends the run: rank, host, exit code and its last log lines', async (ctx) => {

@@ -685,6 +685,13 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
   function onRegroupReport(member: Member, r: RegroupReport): void {
     if (r.generation !== generation || !byRank.includes(member)) return metrics.countMalformedMessages();
     if (!Array.isArray(r.endpoints) || !r.endpoints.length || typeof r.committed !== 'object' || r.committed === null) return metrics.countMalformedMessages();
+    const key = typeof r.key === 'string' ? r.key : '';
+    // With CURVE a member keeps the key it proved in its Hello: the others' rings admit the key
+    // named here on their links to it.
+    if (o.keys && key !== member.key) {
+      process.stderr.write(`coordinator: ignored a regroup report of rank ${member.rank} on host ${member.host}: its ring key ${key.slice(0, 40) || '(none)'} is not the key it proved in its Hello (${member.key})\n`);
+      return metrics.countMalformedMessages();
+    }
     if (byRank.some((x) => x.final !== undefined)) {
       return release(member, `its last collective failed after the others completed it (${typeof r.reason === 'string' ? r.reason : 'its ring failed'})`);
     }
@@ -693,7 +700,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
     if (!regroupState) startRegroup('rollback', `rank ${member.rank} on host ${member.host} left the group: ${typeof r.reason === 'string' ? r.reason : 'its ring failed'}`);
     if (!regroupState) return;
     member.endpoints = r.endpoints.map(String);
-    member.key = typeof r.key === 'string' ? r.key : '';
+    member.key = key;
     member.lastHeard = Date.now();
     regroupState.ready.set(member, r);
     tryFinishRegroup();

@@ -156,7 +156,8 @@ export function countAccepted(): void {
 export function countAuthRefused(reason: string): void {
   counters.authRefused++;
   // Reasons name the refused key: keep the counter's keys generic.
-  bump(counters.authByReason, reason.startsWith('client key ') ? 'key not allowed' : reason);
+  const generic = reason.endsWith('not on this link') ? 'key not allowed on this link' : 'key not allowed';
+  bump(counters.authByReason, reason.startsWith('client key ') ? generic : reason);
 }
 
 // Rejections are logged once per peer, then at most once per LOG_INTERVAL_MS per peer with the

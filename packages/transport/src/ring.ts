@@ -420,7 +420,10 @@ export class Ring {
     }
     this.peers = peers.map((p) => ({ rank: p.rank, host: p.host, endpoints: [...p.endpoints], publicKey: p.publicKey }));
     this.connected = true;
-    if (n === 1) return;
+    if (n === 1) {
+      this.zapReg?.restrict([]); // nobody has a reason to connect
+      return;
+    }
 
     this.prevIdentity = this.identity(this.prev.rank);
 
@@ -431,11 +434,9 @@ export class Ring {
     }
     let curve: Record<string, unknown>;
     try {
-      curve = clientSocketOptions(
-        this.security,
-        next.publicKey || (this.security?.kind === 'curve' ? this.security.serverPublicKey : undefined),
-        `rank ${this.rank}'s link to rank ${next.rank} on ${next.host}`,
-      );
+      // Each link's own key, from the Welcome: never another's (the coordinator's) in its place.
+      curve = clientSocketOptions(this.security, next.publicKey || undefined, `rank ${this.rank}'s link to rank ${next.rank} on ${next.host}`);
+      this.admitOnlyPrevious();
     } catch (e) {
       this.fail(e as TransportError, false);
       throw e;
@@ -645,6 +646,19 @@ export class Ring {
         (e: unknown) => (done(), reject(e)),
       );
     });
+  }
+
+  /**
+   * With CURVE the data socket admitted every key of the cluster's allow-list until the peers were
+   * known; from here on only the previous rank's, so another allowed key cannot pose as it.
+   */
+  private admitOnlyPrevious(): void {
+    if (this.security?.kind !== 'curve' || this.zapReg === undefined) return;
+    const prev = this.prev;
+    if (!prev.publicKey) {
+      throw new RingSetupError(`rank ${this.rank}: the peer list gives no CURVE key for rank ${prev.rank} on ${prev.host}; with CURVE every member's key comes in the Welcome`);
+    }
+    this.zapReg.restrict([prev.publicKey]);
   }
 
   private pickEndpoint(peer: PeerInfo): string | undefined {

@@ -183,6 +183,28 @@ describe('CURVE ring and control socket', () => {
     expect(logLines.some((l) => l.includes("rank 1's data socket refused a connection from address 127.0.0.1"))).toBe(true);
   });
 
+  it('once connected, a ring link admits only its previous rank\'s key, not every key of the allow-list', async () => {
+    const keys = [curveKeyPair(), curveKeyPair(), curveKeyPair()];
+    const allowed = keys.map((k) => k.publicKey);
+    const rings = await Promise.all([0, 1, 2].map((rank) => Ring.create({ rank, worldSize: 3, runId: 'links', generation: 1, timeoutMs: 10_000, ipc: false, security: { kind: 'curve', ...keys[rank], allowedClientKeys: allowed } })));
+    cleanup.push(() => Promise.all(rings.map((r) => r.close())));
+    const peers: PeerInfo[] = rings.map((r) => ({ rank: r.rank, host: r.host, endpoints: r.endpoints, publicKey: r.publicKey }));
+    await Promise.all(rings.map((r) => r.connect(peers)));
+    // Rank 2's key is in everyone's allow-list; rank 1's previous rank is rank 0.
+    const before = transportCounters().authByReason;
+    const posing = stranger(rings[1].endpoints[0], { routingId: 'dtrain:links:1:0', curveServerKey: keys[1].publicKey, curvePublicKey: keys[2].publicKey, curveSecretKey: keys[2].secretKey }, [
+      encodeMessage('ringHello', { rank: 0, worldSize: 3, generation: 1, host: 'posing' }, 'links'),
+    ]);
+    const why = 'key not allowed on this link';
+    await until('the refusal of a key allowed in the cluster on a link that is not its own', () => (transportCounters().authByReason[why] ?? 0) > (before[why] ?? 0));
+    posing.stop();
+    const data = [0, 1, 2].map((r) => makeData({ len: 5000, seed: 4 }, r));
+    const want = ringReference([0, 1, 2].map((r) => makeData({ len: 5000, seed: 4 }, r)), {});
+    await Promise.all(rings.map((r, i) => r.allReduce(data[i])));
+    for (const d of data) expect(Buffer.from(d.buffer).equals(Buffer.from(want.buffer))).toBe(true);
+    expect(posing.got).toBe(0);
+  });
+
   it('a CURVE ring carries full pieces (the encrypted frame is larger than the piece: maxMessageSize leaves room)', async () => {
     const keys = [curveKeyPair(), curveKeyPair()];
     const allowed = keys.map((k) => k.publicKey);

@@ -121,6 +121,8 @@ export function describeSecurity(security: Security | undefined, where: string):
 
 interface Domain {
   allowed: Set<string>;
+  /** The allow-list it was registered with (restrict() narrows `allowed`, not this). */
+  known: Set<string>;
   label: string;
   onRefused: (reason: string, address: string) => void;
 }
@@ -154,7 +156,8 @@ export function zapReply(frames: Buffer[]): { reply: Buffer[] | undefined; accep
   }
   const z = z85Encode(key);
   if (!domain.allowed.has(z)) {
-    return { reply: answer('400', 'key not allowed'), accepted: false, reason: `client key ${z} not in the allow-list`, domain, address };
+    const reason = domain.known.has(z) ? `client key ${z} is allowed in the cluster but not on this link` : `client key ${z} not in the allow-list`;
+    return { reply: answer('400', 'key not allowed'), accepted: false, reason, domain, address };
   }
   return { reply: answer('200', 'OK', z), accepted: true, reason: 'ok', domain, address };
 }
@@ -221,6 +224,8 @@ async function startZapHandler(): Promise<void> {
 /** Handle of a server socket's ZAP domain; release() when the socket closes. */
 export interface ZapRegistration {
   domain: string;
+  /** From now on admit only these keys (a ring link: its previous rank's); connections already made stay. */
+  restrict(keys: readonly string[]): void;
   release(): void;
 }
 
@@ -235,9 +240,13 @@ export async function registerZapDomain(
 ): Promise<ZapRegistration> {
   await ensureZapHandler();
   const domain = `dtrain-${process.pid}-${++domainSeq}`;
-  domains.set(domain, { allowed: new Set(allowed), label, onRefused });
+  const entry: Domain = { allowed: new Set(allowed), known: new Set(allowed), label, onRefused };
+  domains.set(domain, entry);
   return {
     domain,
+    restrict(keys) {
+      entry.allowed = new Set(keys);
+    },
     release() {
       if (!domains.delete(domain)) return;
       if (domains.size === 0 && zap !== undefined) {

@@ -4,7 +4,8 @@
 // the Welcome), 'silent' (rank FAKE_RANK never says Hello), 'claim' (rank FAKE_RANK connects with
 // its allowed key but names another one in its Hello), 'diverge' (every rank reports the same
 // realistic state hash, except rank FAKE_RANK: the replica-divergence check, which no real worker
-// can reach without a bug). FAKE_HOSTS: host names by rank, comma-separated (default fakehost).
+// can reach without a bug), 'regroupKey' (rank FAKE_RANK sends a regroup report naming a ring key
+// other than its own, then finishes). FAKE_HOSTS: host names by rank, comma-separated (default fakehost).
 // With DTRAIN_COORDINATOR_KEY: CURVE (and it prints its key directory and that directory's mode).
 import { createHash } from 'node:crypto';
 import { statSync } from 'node:fs';
@@ -47,6 +48,11 @@ async function main(): Promise<void> {
     console.log('computing step 1');
     console.error('Error: out of memory in the fake forward pass');
     process.exit(3);
+  }
+  if (mode === 'regroupKey' && rank === target) {
+    const forged = { kind: 'regroup', generation: 1, committed: { epoch: 0, done: 0, step: 0 }, endpoints: ['tcp://127.0.0.1:1'], key: curveKeyPair().publicKey, reason: 'a key of its choosing' };
+    await c.send('stepReport', { rank, detailJson: JSON.stringify(forged) });
+    await new Promise((r) => setTimeout(r, 300));
   }
   await c.send('stepReport', { rank, detailJson: JSON.stringify({ kind: 'done', rank, host, stateSha256: stateSha256() }) });
   await c.receive('ack');
