@@ -56,9 +56,11 @@ describe('a worker killed with SIGKILL in a 3-worker --elastic run', () => {
       const regrouped = at(r, /^regrouped: generation 2, 2 workers/);
       expect(regrouped, r.stdout).toBeDefined();
       expect(stateLine(r.stdout)?.[2]).toBe('2');
-      // Every epoch is complete, evaluated on all 48 test images, and checkpointed. (Rank 0 killed
-      // right after its checkpoint never sent that epoch's line: the survivors continue from it.)
-      expect(r.stdout.split('\n').filter((l) => l.startsWith('epoch '))).toHaveLength(c.phase === 'checkpoint' ? c.epochs - 1 : c.epochs);
+      // Every epoch is complete, evaluated on all 48 test images, checkpointed and reported. (Rank 0
+      // killed right after its checkpoint never wrote that epoch's line: the new rank 0 does.)
+      expect(r.stdout.split('\n').filter((l) => l.startsWith('epoch '))).toHaveLength(c.epochs);
+      const lines = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').split('\n').filter((l) => l.includes('"kind":"epoch"'));
+      expect(lines.map((l) => (JSON.parse(l) as { epoch: number }).epoch)).toEqual(Array.from({ length: c.epochs }, (_, i) => i + 1));
       expect(r.stdout).toMatch(/on 48 images/);
       expect(fs.existsSync(path.join(out, `checkpoint-e${String(c.epochs).padStart(4, '0')}.ckpt`))).toBe(true);
       console.log(`fault: SIGKILL during ${c.phase} (elastic): loss reported ${((lost!.t - r.t0) / 1000).toFixed(1)}s into the run (the exit is seen at once), new group ${((regrouped!.t - lost!.t) / 1000).toFixed(2)}s later; run completed with 2 workers`);
@@ -236,6 +238,31 @@ describe('a worker joining an --elastic run in progress', () => {
     expect(at(r, /^regrouped: generation 2, 3 workers/), r.stdout).toBeDefined();
     expect(stateLine(r.stdout)?.[2]).toBe('3');
     expect(r.stdout).toMatch(/^epoch 3\/3 .*world 3/m);
+  }, testTimeoutFor(1));
+});
+
+describe('the coordinator machine loses its only worker in an --elastic run of two machines', () => {
+  it("the other machine's worker becomes rank 0 and writes the run's files to its own run folder, not to the coordinator's path", async (ctx) => {
+    const root = tmp();
+    const out = path.join(root, 'coordinator-run');
+    const joinOut = path.join(root, 'joined-run');
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    let joiner: Promise<Run> | undefined;
+    // 96 images, 2 x batch 8: 6 steps; rank 0 (this machine's only worker) dies in step 2.
+    const r = await cli(ctx, ['launch', '--workers', '1', '--nodes', '2', '--listen', `127.0.0.1:${port}`, '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '0:compute:2', '--insecure'], {
+      onLine: (l) => {
+        if (!joiner && /^waiting for 1 more machine/.test(l.text)) {
+          joiner = cli(ctx, ['join', `127.0.0.1:${port}`, '--workers', '1', '--host', 'other', '--advertise', '127.0.0.1', ...FAST.slice(0, 2), '--log-dir', path.join(root, 'join-logs'), '--out', joinOut, '--insecure']);
+        }
+      },
+    });
+    const j = await joiner!;
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    expect(j.code, j.stdout + j.stderr).toBe(0);
+    expect(at(r, /^regrouped: generation 2, 1 workers \(other: 1\)/), r.stdout).toBeDefined();
+    expect(fs.readdirSync(joinOut).filter((f) => f.endsWith('.ckpt'))).toEqual(['checkpoint-e0001.ckpt']);
+    expect(JSON.parse(fs.readFileSync(path.join(joinOut, 'summary.json'), 'utf8'))).toMatchObject({ status: 'completed', worldSize: 1, runDir: joinOut });
+    expect(fs.readdirSync(out).filter((f) => f.endsWith('.ckpt') || f === 'summary.json')).toEqual([]);
   }, testTimeoutFor(1));
 });
 

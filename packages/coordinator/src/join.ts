@@ -35,6 +35,11 @@ export interface JoinOptions {
   logDir: string;
   /** Data sets the coordinator sends are cached here (DTRAIN_DATA_DIR of the workers). */
   dataDir?: string;
+  /**
+   * Where a worker of this machine writes the run's files should it become rank 0 of an elastic
+   * run (DTRAIN_RUN_DIR; default: `run` next to logDir). Never a path the coordinator names.
+   */
+  runDir?: string;
   /** Worker i sees only the i-th GPU of the user's CUDA_VISIBLE_DEVICES (unset: GPU i); see gpus.ts. */
   gpus?: boolean;
   /** How long to wait for the coordinator's answer and for the run to start (default 120 s). */
@@ -125,6 +130,7 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
     delete env.RANK;
     delete env.WORLD_SIZE;
     if (o.dataDir) env.DTRAIN_DATA_DIR = path.resolve(o.dataDir);
+    env.DTRAIN_RUN_DIR = path.resolve(o.runDir ?? path.join(path.dirname(o.logDir), 'run'));
     if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + i);
     if (o.gpus) env.CUDA_VISIBLE_DEVICES = deviceForLocalRank(i, n, { ...process.env, ...o.env });
     delete env.DTRAIN_COORDINATOR_KEY;
@@ -190,8 +196,10 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
         }
       } catch (e) {
         if (!(e instanceof ControlTimeoutError)) return; // the connection is gone: the workers notice on their own
-        // The coordinator sends a heartbeat every second or so: silence past the timeout means it is gone.
-        if (Date.now() - lastHeard > timeoutMs) {
+        // The coordinator sends a heartbeat every second or so: silence past the timeout means it is
+        // gone. The workers judge the same silence from their own heartbeats and exit saying so;
+        // this process waits 2 s more and stops only those that did not (hung ones).
+        if (Date.now() - lastHeard > timeoutMs + 2000) {
           coordinatorSaid = `it has been silent for ${((Date.now() - lastHeard) / 1000).toFixed(1)} s (timeout ${timeoutMs / 1000} s): it died or the network is down; its run folder's last checkpoint is intact (--resume)`;
           stopAll();
           return;

@@ -17,6 +17,9 @@
 //   DTRAIN_HOST                name of this machine in messages (default os.hostname())
 //   DTRAIN_DATA_DIR            data directory of a worker without RANK (on another machine than
 //                              the coordinator): data sets the coordinator offers are cached here
+//   DTRAIN_RUN_DIR             run folder of a worker without RANK, should it become rank 0 in an
+//                              elastic run (default ./runs/joined-<run id>): it never writes to a
+//                              path the coordinator names
 //   DTRAIN_JOIN_TIMEOUT_MS     how long to wait for the coordinator's Welcome (default 120000)
 //   DTRAIN_TIMEOUT_MS          a ring collective fails when a neighbour is silent this long (default 120000)
 //   DTRAIN_COORDINATOR_KEY     the coordinator's CURVE public key: when set, the control link and
@@ -49,6 +52,8 @@ export interface DistributedConfig {
   out?: string;
   /** Continue the run in this folder (absolute) from its newest checkpoint. */
   resume?: string;
+  /** With `resume`: the resumed run's settings (from rank 0's checkpoint), for workers of other machines, which cannot read it. */
+  resumedSettings?: TrainSettingsInput;
   /** FOR TESTS ONLY: train on synthetic patterns instead of a named data set (same bytes on every rank). */
   synthetic?: { train: number; test: number; size: number; channels?: number; seed?: number };
   /** Data set files the coordinator sends to workers on other machines that lack them (added by the coordinator). */
@@ -218,7 +223,9 @@ export async function runDistributedWorker(
     who,
     security: keys && env.coordinatorKey ? curveClientSecurity(keys, env.coordinatorKey) : undefined,
   });
-  if (onCoordinatorLost) control.onLost(onCoordinatorLost);
+  // Once the coordinator acknowledged the final report it may exit at any moment: no longer a loss.
+  let finished = false;
+  if (onCoordinatorLost) control.onLost((e) => void (finished || onCoordinatorLost(e)));
   const remote = env.rank < 0;
   let ring: ThreadedRing | undefined;
   let linkRef: CoordinatorLink | undefined;
@@ -280,6 +287,12 @@ export async function runDistributedWorker(
     // A worker on another machine (started without RANK, by `dtrain join`) uses its own data
     // directory, and receives there the files the coordinator offers that it lacks.
     let settings = config.settings;
+    // The run folder: the coordinator's for its own machine's workers; a worker of another machine
+    // writes only to its own (if it becomes rank 0), and takes a resumed run's settings from the
+    // coordinator instead of a checkpoint on the coordinator's disk.
+    const out = remote ? path.resolve(process.env.DTRAIN_RUN_DIR || path.join('runs', `joined-${m.runId}`)) : config.out;
+    const resume = remote ? undefined : config.resume;
+    if (remote && config.resume) settings = config.resumedSettings ?? settings;
     if (remote) {
       const dataDir = resolveDataDir(process.env.DTRAIN_DATA_DIR || undefined);
       settings = { ...settings, dataDir };
@@ -358,8 +371,8 @@ export async function runDistributedWorker(
     const data = config.synthetic ? syntheticData(config.synthetic) : undefined;
     const result = await runTraining({
       settings,
-      out: config.out,
-      resume: config.resume,
+      out,
+      resume,
       data,
       collective,
       bucketBytes: config.bucketBytes ?? 0,
@@ -453,6 +466,7 @@ export async function runDistributedWorker(
     await report(done, { weightsSha256: done.stateSha256, step: result.summary.steps });
     // Wait for the coordinator's STOP: exiting earlier could drop the report still in ZeroMQ's queue.
     await link.waitForStop(30_000);
+    finished = true;
     link.stop();
     log(`${who}: done, state sha256 ${done.stateSha256}`);
     await (elastic?.ring ?? ring).close();

@@ -59,9 +59,12 @@ export class ElasticRingCollective implements ElasticCollective {
   /**
    * The generation of the last Welcome: from it on, commands for it apply and a regroup reports
    * leaving it, also while its ring is still being set up (the ring learns its generation only
-   * once connected) or when that setup failed.
+   * once connected) or when that setup failed. 0 between leaving a group and the next Welcome:
+   * a ROLLBACK of the group just left is stale then (it must not abort the ring being prepared).
    */
   private joined: number;
+  /** The generation the last regroup left (what `generation` says between groups). */
+  private left = 0;
   /** A ROLLBACK for a generation whose Welcome has not been seen yet (it came first). */
   private rolledBackAhead = 0;
 
@@ -86,7 +89,7 @@ export class ElasticRingCollective implements ElasticCollective {
     return this.ring_.worldSize;
   }
   get generation(): number {
-    return this.joined;
+    return this.joined || this.left;
   }
   get regroupRequested(): boolean {
     return this.requested;
@@ -140,6 +143,8 @@ export class ElasticRingCollective implements ElasticCollective {
 
   async regroup(committed: Progress): Promise<RegroupResult> {
     const left = this.joined;
+    this.left = left;
+    this.joined = 0;
     const dbg = (m: string) => process.env.DTRAIN_DEBUG && this.o.log?.(`DEBUG regroup: ${m}`);
     dbg(`start, leaving ${left}, broken: ${this.ring_.error?.message}`);
     const wasRequested = this.requested;

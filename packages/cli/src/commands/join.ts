@@ -52,6 +52,7 @@ export function registerJoin(program: Command) {
     .option('--coordinator-key <key>', "with --keys: the coordinator's public key (the line `pnpm cli keys show` prints there, or its name in allowed_keys; default: the one other machine in allowed_keys)")
     .option('--insecure', INSECURE_HELP)
     .option('--log-dir <dir>', 'worker logs (default: runs/join-<date>-<host>/logs)')
+    .option('--out <dir>', "where this machine's worker writes the run's checkpoints and metrics should it become rank 0 of an --elastic run (default: run next to the log folder)")
     .addOption(new Option('--join-timeout-s <s>', 'fail when the coordinator does not answer or the run does not start by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', "a worker, neighbour or coordinator silent this long is gone (use launch's value)").default(60).argParser(positiveInt('--timeout-s')))
     .action(async (target, o) => {
@@ -79,6 +80,7 @@ export function registerJoin(program: Command) {
         advertise,
         ringPortBase: o.ringPortBase,
         logDir,
+        runDir: o.out,
         dataDir: o.dataDir,
         gpus,
         joinTimeoutMs: o.joinTimeoutS * 1000,

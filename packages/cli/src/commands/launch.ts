@@ -165,6 +165,7 @@ export function registerLaunch(program: Command) {
         dataset = rs.dataset;
         dataDir = rs.dataDir;
         config.resume = runDir;
+        config.resumedSettings = rs;
         console.log(`resuming ${runDir} from ${path.basename(ck.file)} (epoch ${ck.header.epoch}, written by ${ck.header.worldSize} workers) with ${n}`);
       } else {
         const s = resolveSettings(input, o.syntheticTestData ? { name: 'synthetic', imageSize: o.syntheticTestData.size } : undefined);

@@ -7,6 +7,7 @@
 // run hangs fails with the run's own output instead of vitest's bare timeout. Without this a test
 // that timed out left its `launch` and workers on the 2 cores, and the next tests failed too.
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { TestContext } from 'vitest';
@@ -85,14 +86,33 @@ export function killGroup(child: ChildProcess): void {
   }
 }
 
+/**
+ * Whether a dtrain worker of its process group still runs. On Linux from /proc, so that what is
+ * not a worker does not count: tsx's esbuild service, which exits a moment after the process that
+ * started it, or a zombie not yet reaped (signal 0 to the group finds both: a flaky "left behind").
+ */
 function groupAlive(child: ChildProcess): boolean {
-  try {
-    if (child.pid === undefined) return false;
-    process.kill(-child.pid, 0);
-    return true;
-  } catch {
-    return false;
+  const pgid = child.pid;
+  if (pgid === undefined) return false;
+  if (process.platform !== 'linux') {
+    try {
+      process.kill(-pgid, 0);
+      return true;
+    } catch {
+      return false;
+    }
   }
+  for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const [state, , group] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (Number(group) !== pgid || state === 'Z') continue;
+      if (fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('worker-main')) return true;
+    } catch {
+      // it ended while we looked
+    }
+  }
+  return false;
 }
 
 /** Milliseconds until this test's processes must be dead: KILL_MARGIN_MS before its timeout. */
