@@ -247,6 +247,27 @@ export async function readLatestCheckpoint(dir: string): Promise<Checkpoint> {
 }
 
 /** Writes `checkpointFileName(epoch, position.done)` atomically, then removes all but the newest `keep`. */
+/** Name of the copy of the checkpoint with the best test accuracy so far (not rotated, never resumed from). */
+export const BEST_CHECKPOINT = 'best.ckpt';
+
+/**
+ * Makes `file` (a checkpoint just written in `dir`) the best one: a hard link under a temporary
+ * name renamed over best.ckpt (a copy where links are not possible), so best.ckpt is always a
+ * whole checkpoint and outlives the rotation of `file`.
+ */
+export async function keepAsBest(dir: string, file: string): Promise<string> {
+  const best = path.join(dir, BEST_CHECKPOINT);
+  const tmp = `${best}.tmp-${process.pid}`;
+  await fs.rm(tmp, { force: true });
+  try {
+    await fs.link(file, tmp);
+  } catch {
+    await fs.copyFile(file, tmp);
+  }
+  await fs.rename(tmp, best);
+  return best;
+}
+
 export async function writeCheckpoint(dir: string, c: CheckpointContent, keep: number, options: AtomicWriteOptions = {}): Promise<string> {
   const file = path.join(dir, checkpointFileName(c.epoch, c.position?.done ?? 0));
   await writeFileAtomic(file, encodeCheckpoint(c), options);

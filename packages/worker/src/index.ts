@@ -17,7 +17,7 @@ export {
   NATIVE_IMAGE_SIZE,
   TRAJECTORY_SETTINGS,
 } from './settings.js';
-export { lrAt, peakLr, LR_SCALINGS } from './schedule.js';
+export { lrAt, peakLr, LR_SCALINGS, LR_SCHEDULES } from './schedule.js';
 export type { LrScaling, LrScheduleSettings } from './schedule.js';
 export type { TrainSettings, TrainSettingsInput, PresetName, BackendKind, EngineKind, Precision } from './settings.js';
 export { ENGINE_KINDS, PRECISIONS } from './settings.js';

@@ -28,7 +28,15 @@ describe('resolveSettings', () => {
       [{ preset: 'imagenet' as 'tutorial' }, /unknown preset 'imagenet'/],
       [{ dataset: 'cifar10', lrScaling: 'sqrt' as 'linear' }, /lrScaling must be one of none, linear/],
       [{ dataset: 'cifar10', lrScaling: 'linear', warmupEpochs: -1 }, /warmupEpochs must be a non-negative number/],
-      [{ dataset: 'cifar10', warmupEpochs: 5 }, /warmupEpochs ramps from lr to lr x world size, so it needs linear lr scaling/],
+      [{ dataset: 'cifar10', lrSchedule: 'cosine', warmupEpochs: 10 }, /warmupEpochs 10 is not shorter than the run \(10 epochs\): nothing of the cosine/],
+      [{ dataset: 'cifar10', lrSchedule: 'linear' as 'cosine' }, /lrSchedule must be one of constant, cosine, step, onecycle, got 'linear'/],
+      [{ dataset: 'cifar10', lrSchedule: 'onecycle', warmupEpochs: 1 }, /warmupEpochs must be 0 with lrSchedule onecycle, which warms up itself/],
+      [{ dataset: 'cifar10', lrFinal: 0.001 }, /lrFinal is the end of the cosine schedule/],
+      [{ dataset: 'cifar10', lrSchedule: 'cosine', lrFinal: -1 }, /lrFinal must be a non-negative number/],
+      [{ dataset: 'cifar10', lrSchedule: 'step' }, /lrMilestones must name the epochs from which the step schedule multiplies the rate/],
+      [{ dataset: 'cifar10', lrSchedule: 'step', lrMilestones: [5, 3] }, /lrMilestones must be ascending epochs of at least 1, got \[5,3\]/],
+      [{ dataset: 'cifar10', lrSchedule: 'step', lrMilestones: [3], lrGamma: 0 }, /lrGamma must be in \(0, 1\], got 0/],
+      [{ dataset: 'cifar10', lrMilestones: [3] }, /lrMilestones and lrGamma belong to the step schedule/],
     ];
     for (const [input, re] of bad) expect(() => resolveSettings(input), JSON.stringify(input)).toThrow(re);
     expect(() => resolveSettings({ dataset: 'cifar10', epochs: -1 })).toThrow(TrainSettingsError);
@@ -52,6 +60,10 @@ describe('resumeSettings', () => {
     const old: Partial<TrainSettings> = { ...saved };
     delete old.lrScaling;
     delete old.warmupEpochs;
+    delete old.lrSchedule;
+    delete old.lrFinal;
+    delete old.lrMilestones;
+    delete old.lrGamma;
     expect(resumeSettings(old as TrainSettings, {}, 'ck')).toEqual(saved);
     expect(() => resumeSettings(old as TrainSettings, { lrScaling: 'linear' }, 'ck')).toThrow(/lrScaling is "none" in ck/);
   });
@@ -60,5 +72,12 @@ describe('resumeSettings', () => {
     expect(() => resumeSettings({ ...saved, lrScaling: 'linear', warmupEpochs: 2 }, { warmupEpochs: 1 }, 'ck')).toThrow(/warmupEpochs is 2 in ck/);
     expect(() => resumeSettings(saved, { seed: 6 }, '/r/checkpoint-e0002.ckpt')).toThrow(/seed is 5 in \/r\/checkpoint-e0002\.ckpt/);
     expect(() => resumeSettings(saved, { lr: 0.1 }, 'ck')).toThrow(/lr is 0\.01/);
+    const step = resolveSettings({ dataset: 'fashion-mnist', epochs: 8, lrSchedule: 'step', lrMilestones: [3, 6] });
+    expect(resumeSettings(step, { lrMilestones: [3, 6], epochs: 9 }, 'ck')).toMatchObject({ lrMilestones: [3, 6], epochs: 9 });
+    expect(() => resumeSettings(step, { lrMilestones: [3, 5] }, 'ck')).toThrow(/lrMilestones is \[3,6\] in ck/);
+    // A cosine or one-cycle run ends where it was planned to: its length is part of the trajectory.
+    const cosine = resolveSettings({ dataset: 'fashion-mnist', epochs: 8, lrSchedule: 'cosine' });
+    expect(() => resumeSettings(cosine, { epochs: 12 }, 'ck')).toThrow(/the cosine schedule of the run in ck ends at epoch 8: a resumed run keeps its length/);
+    expect(resumeSettings(cosine, { epochs: 8 }, 'ck')).toEqual(cosine);
   });
 });

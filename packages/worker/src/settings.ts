@@ -4,7 +4,7 @@
 
 import { DATASET_NAMES } from '@dtrain/data';
 import { TrainSettingsError } from './errors.js';
-import { LR_SCALINGS, type LrScaling } from './schedule.js';
+import { LR_SCALINGS, LR_SCHEDULES, type LrScaling, type LrSchedule } from './schedule.js';
 
 /** cpu: tfjs-node; webgpu: Dawn (any GPU with a Vulkan, Metal or D3D12 driver); gpu: tfjs-node-gpu (CUDA 11.2). */
 export type BackendKind = 'cpu' | 'webgpu' | 'gpu';
@@ -30,8 +30,15 @@ export interface TrainSettings {
   lr: number;
   /** 'linear': lr x world size (Goyal et al. 2017); 'none': lr as given, whatever the global batch. */
   lrScaling: LrScaling;
-  /** Epochs of linear warmup, per step, from lr to the scaled rate (needs lrScaling 'linear'). */
+  /** Epochs of linear warmup, per step: from lr to the scaled rate with linear scaling, else from 0. */
   warmupEpochs: number;
+  /** The rate after warmup (schedule.ts): constant, cosine, step (milestones) or onecycle. */
+  lrSchedule: LrSchedule;
+  /** cosine: the rate at the end of the run. */
+  lrFinal: number;
+  /** step: 0-based epochs from which the rate is multiplied by lrGamma once more, ascending. */
+  lrMilestones: number[];
+  lrGamma: number;
   momentum: number;
   weightDecay: number;
   /** Square model input; images are resized (bilinear) from the data set's size. */
@@ -75,6 +82,10 @@ export const DEFAULTS = {
   lr: 0.01,
   lrScaling: 'none',
   warmupEpochs: 0,
+  lrSchedule: 'constant',
+  lrFinal: 0,
+  lrMilestones: [] as number[],
+  lrGamma: 0.1,
   momentum: 0,
   weightDecay: 0,
   seed: 0,
@@ -116,6 +127,10 @@ export const TRAJECTORY_SETTINGS = [
   'lr',
   'lrScaling',
   'warmupEpochs',
+  'lrSchedule',
+  'lrFinal',
+  'lrMilestones',
+  'lrGamma',
   'momentum',
   'weightDecay',
   'imageSize',
@@ -125,6 +140,11 @@ export const TRAJECTORY_SETTINGS = [
   'augment',
   'init',
 ] as const satisfies readonly (keyof TrainSettings)[];
+
+/** Whether two values of a setting are the same (lrMilestones is an array). */
+export function sameSetting(a: unknown, b: unknown): boolean {
+  return a === b || JSON.stringify(a) === JSON.stringify(b);
+}
 
 function positiveInteger(name: string, v: unknown): void {
   if (!Number.isInteger(v) || (v as number) <= 0) throw new TrainSettingsError(name, `${name} must be a positive integer, got ${String(v)}`);
@@ -164,9 +184,7 @@ export function validateSettings(s: TrainSettings): void {
     throw new TrainSettingsError('lrScaling', `lrScaling must be one of ${LR_SCALINGS.join(', ')}, got '${String(s.lrScaling)}'`);
   }
   nonNegativeNumber('warmupEpochs', s.warmupEpochs);
-  if (s.warmupEpochs > 0 && s.lrScaling !== 'linear') {
-    throw new TrainSettingsError('warmupEpochs', `warmupEpochs ramps from lr to lr x world size, so it needs linear lr scaling (--lr-scaling linear; lrScaling is '${s.lrScaling}')`);
-  }
+  validateSchedule(s);
   if (s.momentum >= 1) throw new TrainSettingsError('momentum', `momentum must be below 1, got ${s.momentum}`);
   if (!Number.isSafeInteger(s.seed) || s.seed < 0) throw new TrainSettingsError('seed', `seed must be a non-negative integer, got ${s.seed}`);
   if (s.limitTrain !== null) positiveInteger('limitTrain', s.limitTrain);
@@ -185,6 +203,31 @@ export function validateSettings(s: TrainSettings): void {
   if (s.init !== 'xavier-uniform') throw new TrainSettingsError('init', `init must be 'xavier-uniform' (the only one the model has), got '${String(s.init)}'`);
 }
 
+function validateSchedule(s: TrainSettings): void {
+  if (!(LR_SCHEDULES as readonly string[]).includes(s.lrSchedule)) {
+    throw new TrainSettingsError('lrSchedule', `lrSchedule must be one of ${LR_SCHEDULES.join(', ')}, got '${String(s.lrSchedule)}'`);
+  }
+  // A constant or step run may be extended by a resume, so its warmup may outlast the first leg;
+  // a cosine run ends where planned.
+  if (s.lrSchedule === 'cosine' && s.warmupEpochs >= s.epochs) {
+    throw new TrainSettingsError('warmupEpochs', `warmupEpochs ${s.warmupEpochs} is not shorter than the run (${s.epochs} epochs): nothing of the cosine would follow the warmup`);
+  }
+  if (s.lrSchedule === 'onecycle' && s.warmupEpochs > 0) {
+    throw new TrainSettingsError('warmupEpochs', 'warmupEpochs must be 0 with lrSchedule onecycle, which warms up itself (its first 30%)');
+  }
+  nonNegativeNumber('lrFinal', s.lrFinal);
+  if (s.lrFinal !== 0 && s.lrSchedule !== 'cosine') throw new TrainSettingsError('lrFinal', `lrFinal is the end of the cosine schedule (--lr-schedule cosine); lrSchedule is '${s.lrSchedule}'`);
+  const m = s.lrMilestones;
+  if (!Array.isArray(m) || m.some((x, i) => !Number.isInteger(x) || x < 1 || (i > 0 && x <= m[i - 1]))) {
+    throw new TrainSettingsError('lrMilestones', `lrMilestones must be ascending epochs of at least 1, got ${JSON.stringify(m)}`);
+  }
+  if (!(typeof s.lrGamma === 'number' && s.lrGamma > 0 && s.lrGamma <= 1)) throw new TrainSettingsError('lrGamma', `lrGamma must be in (0, 1], got ${String(s.lrGamma)}`);
+  if (s.lrSchedule === 'step' && m.length === 0) throw new TrainSettingsError('lrMilestones', 'lrMilestones must name the epochs from which the step schedule multiplies the rate by lrGamma, e.g. --lr-milestones 30,60');
+  if (s.lrSchedule !== 'step' && (m.length > 0 || s.lrGamma !== DEFAULTS.lrGamma)) {
+    throw new TrainSettingsError(m.length > 0 ? 'lrMilestones' : 'lrGamma', `lrMilestones and lrGamma belong to the step schedule (--lr-schedule step); lrSchedule is '${s.lrSchedule}'`);
+  }
+}
+
 /**
  * The settings of a resumed run: the checkpoint's, with `epochs` (and paths, logging, eval batch)
  * taken from the caller. A trajectory setting the caller gives must equal the checkpoint's.
@@ -193,12 +236,15 @@ export function resumeSettings(savedRaw: TrainSettings, input: TrainSettingsInpu
   const saved = withScheduleDefaults(savedRaw);
   for (const k of TRAJECTORY_SETTINGS) {
     const v = input[k];
-    if (v !== undefined && v !== saved[k]) {
+    if (v !== undefined && !sameSetting(v, saved[k])) {
       throw new TrainSettingsError(
         k,
         `${k} is ${JSON.stringify(saved[k])} in ${file}; a resumed run keeps the settings it started with, so leave ${k} out (or start a new run)`,
       );
     }
+  }
+  if ((saved.lrSchedule === 'cosine' || saved.lrSchedule === 'onecycle') && input.epochs !== undefined && input.epochs !== saved.epochs) {
+    throw new TrainSettingsError('epochs', `the ${saved.lrSchedule} schedule of the run in ${file} ends at epoch ${saved.epochs}: a resumed run keeps its length, so leave --epochs out (or start a new run)`);
   }
   if (input.preset !== undefined && input.preset !== saved.preset) {
     throw new TrainSettingsError('preset', `the run in ${file} used preset ${JSON.stringify(saved.preset)}; leave --preset out when resuming`);
@@ -222,5 +268,11 @@ export function resumeSettings(savedRaw: TrainSettings, input: TrainSettingsInpu
 
 /** Checkpoints written before the lr schedule existed trained with a constant, unscaled lr. */
 export function withScheduleDefaults(s: TrainSettings): TrainSettings {
-  return { ...s, lrScaling: s.lrScaling ?? DEFAULTS.lrScaling, warmupEpochs: s.warmupEpochs ?? DEFAULTS.warmupEpochs, allowSoftwareGpu: s.allowSoftwareGpu ?? DEFAULTS.allowSoftwareGpu, shareGpu: s.shareGpu ?? DEFAULTS.shareGpu, engine: s.engine ?? DEFAULTS.engine, precision: s.precision ?? DEFAULTS.precision };
+  return {
+    ...s,
+    lrSchedule: s.lrSchedule ?? DEFAULTS.lrSchedule,
+    lrFinal: s.lrFinal ?? DEFAULTS.lrFinal,
+    lrMilestones: s.lrMilestones ?? [],
+    lrGamma: s.lrGamma ?? DEFAULTS.lrGamma,
+    lrScaling: s.lrScaling ?? DEFAULTS.lrScaling, warmupEpochs: s.warmupEpochs ?? DEFAULTS.warmupEpochs, allowSoftwareGpu: s.allowSoftwareGpu ?? DEFAULTS.allowSoftwareGpu, shareGpu: s.shareGpu ?? DEFAULTS.shareGpu, engine: s.engine ?? DEFAULTS.engine, precision: s.precision ?? DEFAULTS.precision };
 }

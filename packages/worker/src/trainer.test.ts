@@ -11,6 +11,7 @@ import { listCheckpoints, readCheckpoint } from './checkpoint.js';
 import { createInProcessGroup } from './collective.js';
 import { RunDirError, TrainingDivergedError, TrainSettingsError } from './errors.js';
 import { runTraining } from './run.js';
+import { lrAt } from './schedule.js';
 import { firstDifference, syntheticData, tempDir } from './testing/helpers.js';
 import { readMetrics, type EpochMetrics, type StepMetrics, type Summary } from './trainer.js';
 
@@ -73,6 +74,11 @@ describe('training on synthetic data', () => {
     expect(firstDifference(ck.momentum, r.momentum)).toBe(-1);
     expect(ck.header).toMatchObject({ epoch: 4, step: 40, optimizer: { steps: 40, momentum: 0.9 }, sampler: { nextEpoch: 4, seed: 1 } });
     expect(ck.header.history.testAcc).toEqual(epochs.map((e) => e.testAcc));
+    // The best epoch's checkpoint stays as best.ckpt whatever the rotation did.
+    const best = await readCheckpoint(path.join(out, 'best.ckpt'));
+    expect(summary.bestCheckpoint).toBe(path.join(out, 'best.ckpt'));
+    expect(best.header.epoch).toBe(summary.bestEpoch);
+    expect(best.header.history.testAcc.at(-1)).toBe(summary.bestTestAcc);
   });
 
   it('same seed and settings give identical weights; another seed does not', async () => {
@@ -249,6 +255,32 @@ describe('learning-rate scaling with warmup (two replicas in one process)', () =
     const last = await readCheckpoint(path.join(cut, 'checkpoint-e0002.ckpt'));
     expect(firstDifference(last.weights, full[0].weights)).toBe(-1);
     expect(firstDifference(last.momentum, full[0].momentum)).toBe(-1);
+  });
+});
+
+describe('learning-rate schedules in the trainer', () => {
+  it('cosine: each step runs at lrAt of its position; a resume from the epoch-1 checkpoint continues it bitwise', async () => {
+    // 32 images, batch 8: 4 steps per epoch, 2 epochs; cosine from 0.02 to 0.002.
+    const data = syntheticData(32, 8);
+    const settings = { epochs: 2, batchSize: 8, lr: 0.02, lrSchedule: 'cosine' as const, lrFinal: 0.002, momentum: 0.9, seed: 3 };
+    const dir = await tempDir();
+    const lrs: number[] = [];
+    const full = await runTraining({ data, out: path.join(dir, 'full'), settings, hooks: { onStep: (s) => lrs.push(s.lr) } });
+    const resolved = { ...settings, lrScaling: 'none' as const, warmupEpochs: 0, lrMilestones: [], lrGamma: 0.1 };
+    expect(lrs).toEqual([0, 1].flatMap((e) => [0, 1, 2, 3].map((k) => lrAt(resolved, 1, e, k, 4))));
+    expect(lrs[0]).toBe(0.02);
+    expect(lrs[4]).toBeCloseTo(0.011, 15); // half-way: (0.02 + 0.002) / 2
+    // The run folder as it was after epoch 1 (its checkpoints kept both epochs).
+    const cut = path.join(dir, 'cut');
+    await fs.mkdir(cut);
+    for (const f of ['config.json', 'checkpoint-e0001.ckpt']) await fs.copyFile(path.join(dir, 'full', f), path.join(cut, f));
+    const again: number[] = [];
+    const resumed = await runTraining({ data, resume: cut, hooks: { onStep: (s) => again.push(s.lr) } });
+    expect(again).toEqual(lrs.slice(4));
+    expect(firstDifference(resumed.weights, full.weights)).toBe(-1);
+    expect(firstDifference(resumed.momentum, full.momentum)).toBe(-1);
+    const config = JSON.parse(await fs.readFile(path.join(dir, 'full', 'config.json'), 'utf8'));
+    expect(config.optimizer.lrSchedule).toMatchObject({ shape: 'cosine', finalLr: 0.002, baseLr: 0.02 });
   });
 });
 

@@ -25,19 +25,20 @@
 
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { WebGpuAdapterInfo } from '@dtrain/backend';
 import { describeResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig, type StepResult, type TrainableModel } from '@dtrain/core';
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
 import { loadEngine, type ModelEngine } from './engine.js';
-import { writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
+import { BEST_CHECKPOINT, keepAsBest, writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
 import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
 import { CheckpointError, ReplicaMismatchError, TrainingDivergedError, TrainSettingsError } from './errors.js';
 import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
 import { lrAt, peakLr } from './schedule.js';
 import { maxStepImages, stepBounds, stepsOfShare } from './steps.js';
-import { TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
+import { sameSetting, TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
 
 /** Stream id mixed into the augmentation generator's seed, so it never repeats the sampler's stream. */
 export const AUGMENT_STREAM = 0xa06e;
@@ -171,6 +172,8 @@ export interface Summary {
   globalBatch: number;
   runDir: string | null;
   lastCheckpoint: string | null;
+  /** The checkpoint of `bestEpoch` (best.ckpt in the run folder), if this run folder has one. */
+  bestCheckpoint?: string | null;
   resumed: boolean;
 }
 
@@ -524,6 +527,7 @@ export class Trainer {
       globalBatch: this.globalBatch,
       runDir: dir,
       lastCheckpoint: this.lastCheckpoint,
+      bestCheckpoint: dir && existsSync(path.join(dir, BEST_CHECKPOINT)) ? path.join(dir, BEST_CHECKPOINT) : null,
       resumed,
     };
   }
@@ -637,6 +641,7 @@ export class Trainer {
     if ((await readMetrics(runDir)).some((l) => l.kind === 'epoch' && l.epoch === m.epoch)) return;
     this.lastCheckpoint = await this.saveCheckpoint(runDir, st);
     this.hooks.onCheckpoint?.(this.lastCheckpoint);
+    if (st.history.bestEpoch === m.epoch) await keepAsBest(runDir, this.lastCheckpoint);
     await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(m)}\n`);
     // Its hooks saw the epoch as another rank: now as the rank that reports it.
     this.hooks.onEpochEnd?.(m);
@@ -854,6 +859,7 @@ export class Trainer {
       // Checkpoint first: a metrics line never describes an epoch that a resume would redo.
       this.lastCheckpoint = await this.saveCheckpoint(runDir, st);
       this.hooks.onCheckpoint?.(this.lastCheckpoint);
+      if (history.bestEpoch === m.epoch) await keepAsBest(runDir, this.lastCheckpoint);
       await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(m)}\n`);
     }
     this.epochs.push(m);
@@ -899,7 +905,7 @@ export class Trainer {
     }
     const saved = withScheduleDefaults(h.settings);
     for (const k of TRAJECTORY_SETTINGS) {
-      if (saved[k] !== this.settings[k]) {
+      if (!sameSetting(saved[k], this.settings[k])) {
         throw new CheckpointError(ck.file, `it was written with ${k} = ${JSON.stringify(saved[k])}, this run has ${JSON.stringify(this.settings[k])}`, 'resume with the settings of that run');
       }
     }
@@ -999,7 +1005,11 @@ export class Trainer {
         weightDecay: s.weightDecay,
         semantics: 'torch.optim.SGD (dampening 0, no Nesterov)',
         // The rate actually used: lr, or lr x worldSize after a linear warmup of warmupEpochs (per step).
-        lrSchedule: { scaling: s.lrScaling, warmupEpochs: s.warmupEpochs, baseLr: s.lr, peakLr: peakLr(s, this.collective.worldSize), rule: s.lrScaling === 'linear' ? 'Goyal et al. 2017: lr x worldSize, linear warmup from lr' : 'constant' },
+        lrSchedule: {
+          scaling: s.lrScaling, warmupEpochs: s.warmupEpochs, baseLr: s.lr, peakLr: peakLr(s, this.collective.worldSize),
+          rule: s.lrScaling === 'linear' ? 'Goyal et al. 2017: lr x worldSize, linear warmup from lr' : 'lr as given',
+          shape: s.lrSchedule, ...(s.lrSchedule === 'cosine' ? { finalLr: s.lrFinal } : {}), ...(s.lrSchedule === 'step' ? { milestones: s.lrMilestones, gamma: s.lrGamma } : {}),
+        },
       },
       data: {
         train: { name: train.name, images: train.count, shape: [train.height, train.width, train.channels] },

@@ -90,6 +90,13 @@ async function launchOrExplain(o: LaunchOptions): Promise<LaunchResult> {
   }
 }
 
+/** The lr schedule in a few words for the start line ('' for a constant rate without warmup). */
+function describeSchedule(s: { warmupEpochs: number; lrSchedule: string; lrFinal: number; lrMilestones: number[]; lrGamma: number }): string {
+  const warmup = s.warmupEpochs > 0 ? `, warmup ${s.warmupEpochs} epochs` : '';
+  const shape = s.lrSchedule === 'cosine' ? `, cosine to ${s.lrFinal}` : s.lrSchedule === 'step' ? `, x ${s.lrGamma} at epochs ${s.lrMilestones.join(', ')}` : s.lrSchedule === 'onecycle' ? ', one-cycle' : '';
+  return warmup + shape;
+}
+
 function parseCrash(v: string, earlier: CrashSpec[] = []): CrashSpec[] {
   const m = /^(\d+):(compute|allReduce|deviceLost|evaluate|checkpoint|final|finalRegroup|welcomed):(\d+)(?::(\d+))?$/.exec(v);
   if (!m) throw new UsageError(`--test-crash must be RANK:PHASE:AT[:GENERATION] with PHASE compute, allReduce, deviceLost, evaluate, checkpoint, final, finalRegroup or welcomed, got '${v}'`);
@@ -174,7 +181,7 @@ export function registerLaunch(program: Command) {
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;
-        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${plan ? (s.engine === 'torch' ? 'torch CUDA' : BACKEND_NAMES[plan.backend]) : s.engine === 'torch' ? 'torch CPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling${s.warmupEpochs > 0 ? `, warmup ${s.warmupEpochs} epochs` : ''})` : ' (not scaled)'}, image ${s.imageSize}px`);
+        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${plan ? (s.engine === 'torch' ? 'torch CUDA' : BACKEND_NAMES[plan.backend]) : s.engine === 'torch' ? 'torch CPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling)` : ' (not scaled)'}${describeSchedule(s)}, image ${s.imageSize}px`);
       }
 
       let summary: Summary | undefined;

@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
 import { DATASET_NAMES } from '@dtrain/data';
-import { DEFAULTS, ENGINE_KINDS, LR_SCALINGS, PRECISIONS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
+import { DEFAULTS, ENGINE_KINDS, LR_SCALINGS, LR_SCHEDULES, PRECISIONS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
 import { UsageError, nonNegativeInt, nonNegativeNumber, oneOf, positiveInt } from '../errors.js';
 
 /** Setting name -> the flag a user types, so errors name what they can change. */
@@ -16,6 +16,10 @@ export const FLAGS: Record<string, string> = {
   lr: '--lr',
   lrScaling: '--lr-scaling',
   warmupEpochs: '--warmup-epochs',
+  lrSchedule: '--lr-schedule',
+  lrFinal: '--lr-final',
+  lrMilestones: '--lr-milestones',
+  lrGamma: '--lr-gamma',
   momentum: '--momentum',
   weightDecay: '--weight-decay',
   imageSize: '--image-size',
@@ -42,6 +46,12 @@ export function positiveNumber(flag: string) {
   };
 }
 
+function milestones(value: string): number[] {
+  const m = value.split(',').map((x) => Number(x.trim()));
+  if (m.length === 0 || m.some((x) => !Number.isInteger(x) || x < 1)) throw new UsageError(`--lr-milestones must be comma-separated epochs of at least 1 (e.g. 30,60), got '${value}'`);
+  return m;
+}
+
 function momentumValue(value: string): number {
   const n = nonNegativeNumber('--momentum')(value);
   if (n >= 1) throw new UsageError(`--momentum must be below 1, got '${value}'`);
@@ -60,7 +70,15 @@ export function addTrainOptions<A extends unknown[], O extends OptionValues, G e
     .addOption(
       new Option('--lr-scaling <rule>', `linear: lr x workers, for a global batch of batch x workers (Goyal et al. 2017); none: lr as given (default ${DEFAULTS.lrScaling})`).choices(LR_SCALINGS).argParser(oneOf('--lr-scaling', LR_SCALINGS)),
     )
-    .option('--warmup-epochs <k>', 'with --lr-scaling linear: ramp the lr linearly, every step, from --lr to lr x workers over the first K epochs (default 0)', nonNegativeNumber('--warmup-epochs'))
+    .option('--warmup-epochs <k>', 'ramp the lr linearly, every step, over the first K epochs: from --lr to lr x workers with --lr-scaling linear, else from 0 (default 0)', nonNegativeNumber('--warmup-epochs'))
+    .addOption(
+      new Option('--lr-schedule <name>', `the lr after warmup, as PyTorch's schedulers: constant (default), cosine (to --lr-final at the last epoch), step (x --lr-gamma at each of --lr-milestones) or onecycle (OneCycleLR's defaults; warms up itself)`)
+        .choices(LR_SCHEDULES)
+        .argParser(oneOf('--lr-schedule', LR_SCHEDULES)),
+    )
+    .option('--lr-final <x>', 'cosine: the lr at the end of the run (default 0)', nonNegativeNumber('--lr-final'))
+    .option('--lr-milestones <epochs>', 'step: comma-separated epochs from which the lr is multiplied by --lr-gamma once more, e.g. 30,60', milestones)
+    .option('--lr-gamma <x>', `step: the factor at each milestone (default ${DEFAULTS.lrGamma})`, positiveNumber('--lr-gamma'))
     .option('--momentum <x>', `SGD momentum, PyTorch semantics (default ${DEFAULTS.momentum})`, momentumValue)
     .option('--weight-decay <x>', `L2 weight decay, PyTorch semantics (default ${DEFAULTS.weightDecay})`, nonNegativeNumber('--weight-decay'))
     .option('--image-size <s>', 'model input size in pixels (default: the data set’s, 28 Fashion-MNIST, 32 CIFAR-10)', positiveInt('--image-size'))
@@ -96,6 +114,10 @@ export interface TrainFlags {
   lr?: number;
   lrScaling?: string;
   warmupEpochs?: number;
+  lrSchedule?: string;
+  lrFinal?: number;
+  lrMilestones?: number[];
+  lrGamma?: number;
   momentum?: number;
   weightDecay?: number;
   imageSize?: number;
@@ -122,6 +144,10 @@ export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['b
     lr: o.lr,
     lrScaling: o.lrScaling as TrainSettingsInput['lrScaling'],
     warmupEpochs: o.warmupEpochs,
+    lrSchedule: o.lrSchedule as TrainSettingsInput['lrSchedule'],
+    lrFinal: o.lrFinal,
+    lrMilestones: o.lrMilestones,
+    lrGamma: o.lrGamma,
     momentum: o.momentum,
     weightDecay: o.weightDecay,
     imageSize: o.imageSize,
