@@ -260,7 +260,7 @@ describe('the coordinator machine loses its only worker in an --elastic run of t
     expect(r.code, r.stdout + r.stderr).toBe(0);
     expect(j.code, j.stdout + j.stderr).toBe(0);
     expect(at(r, /^regrouped: generation 2, 1 workers \(other: 1\)/), r.stdout).toBeDefined();
-    expect(fs.readdirSync(joinOut).filter((f) => f.endsWith('.ckpt'))).toEqual(['checkpoint-e0001.ckpt']);
+    expect(fs.readdirSync(joinOut).filter((f) => f.endsWith('.ckpt'))).toEqual(['best.ckpt', 'checkpoint-e0001.ckpt']);
     expect(JSON.parse(fs.readFileSync(path.join(joinOut, 'summary.json'), 'utf8'))).toMatchObject({ status: 'completed', worldSize: 1, runDir: joinOut });
     expect(fs.readdirSync(out).filter((f) => f.endsWith('.ckpt') || f === 'summary.json')).toEqual([]);
   }, testTimeoutFor(1));

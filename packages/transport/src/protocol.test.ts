@@ -111,11 +111,11 @@ describe('protocol', () => {
     const entries = (k: number) => Array.from({ length: k }, () => ({}));
     const flood = encodeMessage('hello', { ...samples.hello, datasets: entries(40_000) }, 'r');
     expect(flood.length).toBeGreaterThan(64 * 1024);
-    const t0 = performance.now();
+    // The reason says the size check ran before the decoder (which reads the entries); no clock
+    // bound here, a loaded CI machine makes any one flaky.
     const before = transportCounters().byReason['envelope too large'] ?? 0;
     expect(decodeMessage(flood)).toEqual({ ok: false, reason: 'envelope too large' });
     expect(transportCounters().byReason['envelope too large']).toBe(before + 1);
-    expect(performance.now() - t0).toBeLessThan(50); // not decoded: the tags are read, not the entries
     // Small enough to decode, still more entries than any host has data sets or endpoints.
     expect(decodeMessage(encodeMessage('hello', { ...samples.hello, datasets: entries(65) }, 'r'))).toEqual({ ok: false, reason: 'invalid hello: datasets too long' });
     expect(decodeMessage(encodeMessage('hello', { ...samples.hello, dataEndpoints: Array(17).fill('tcp://h:1') }, 'r'))).toEqual({ ok: false, reason: 'invalid hello: dataEndpoints too long' });

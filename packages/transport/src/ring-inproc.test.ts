@@ -116,7 +116,7 @@ describe('ring in one process', () => {
     rings[1].abort('the coordinator declared rank 2 lost');
     await expect(waiting[0]).rejects.toThrow(RingAbortedError);
     await expect(waiting[1]).rejects.toThrow(/declared rank 2 lost/);
-    expect(Date.now() - t0).toBeLessThan(2000);
+    expect(Date.now() - t0).toBeLessThan(5000); // far below the 20 s timeout, with room for a loaded machine
     await expect(rings[0].allReduce(new Float32Array(4))).rejects.toThrow(RingAbortedError);
   });
 
@@ -125,7 +125,7 @@ describe('ring in one process', () => {
     // a socket that accepts and never answers. Before: abort() was not seen until the timeout.
     const silent = new zmq.Router({ linger: 0 });
     await silent.bind('tcp://127.0.0.1:*');
-    const [r0, r2] = await Promise.all([0, 2].map((rank) => Ring.create({ rank, worldSize: 3, timeoutMs: 4000, ipc: false })));
+    const [r0, r2] = await Promise.all([0, 2].map((rank) => Ring.create({ rank, worldSize: 3, timeoutMs: 20_000, ipc: false })));
     cleanup.push(() => Promise.all([r0.close(), r2.close()]).then(() => silent.close()));
     const peers: PeerInfo[] = [
       { rank: 0, host: r0.host, endpoints: r0.endpoints },
@@ -139,7 +139,7 @@ describe('ring in one process', () => {
     const t0 = Date.now();
     r0.abort('the coordinator rolled back generation 2');
     await expect(setup).rejects.toThrow(/rolled back generation 2/);
-    expect(Date.now() - t0).toBeLessThan(1500);
+    expect(Date.now() - t0).toBeLessThan(5000); // the timeout is 20 s
   });
 
   it('refuses a previous rank that speaks another protocol version, naming it', async () => {

@@ -98,7 +98,7 @@ describe('ThreadedRing', () => {
       expect(e).toBeInstanceOf(RingAbortedError);
       expect((e as Error).message).toMatch(/declared rank 3 lost/);
     }
-    expect(Date.now() - t0).toBeLessThan(2000);
+    expect(Date.now() - t0).toBeLessThan(4000); // the timeout is 10 s
     expect(rings[0].error).toBeInstanceOf(RingAbortedError);
   });
 
