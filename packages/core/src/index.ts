@@ -1,10 +1,10 @@
 export { describeResNet, validateConfig, minTrainingBatch, MIN_BATCHNORM_VALUES, ModelConfigError, TUTORIAL_CONFIG } from './architecture.js';
 export type { Architecture, ParamSpec, LayerSummary, ResNetConfig, ConvLayerSpec, BatchNormSpec, BlockSpec } from './architecture.js';
-export { ResNet, BN_MOMENTUM, gradientBuckets } from './resnet.js';
+export { ResNet, BN_MOMENTUM, gradientBuckets, checkLabelSmoothing } from './resnet.js';
 export type { Batch, StepResult, ResNetOptions, GradientBucket, GradientReadiness } from './resnet.js';
 export type { TrainableModel, TrainableOptimizer } from './model.js';
 export { checkBatch } from './model.js';
-export { Sgd, checkSgdOptions } from './sgd.js';
+export { Sgd, checkSgdOptions, decaysTensor } from './sgd.js';
 export type { SgdOptions } from './sgd.js';
 export { makeConv2d, conv2dReference } from './conv.js';
 export type { ConvSpec } from './conv.js';

@@ -16,6 +16,9 @@ export interface TrainableOptimizer {
   lr: number;
   readonly momentum: number;
   readonly weightDecay: number;
+  readonly nesterov: boolean;
+  /** Weight decay skips biases and BatchNorm scale and shift. */
+  readonly skipNormBiasDecay: boolean;
   /** Steps taken; 0 means the momentum buffers are still empty. */
   readonly steps: number;
   /** Momentum buffers as one flat vector, TensorFlow layouts (empty without momentum). */

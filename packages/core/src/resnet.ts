@@ -11,7 +11,7 @@ import { describeResNet, type Architecture, type BatchNormSpec, type ConvLayerSp
 import { conv2dReference, makeConv2d } from './conv.js';
 import { makeRelu, makeTrainingBatchNorm, nativeBackend, referenceTrainingBatchNorm, type TrainingBatchNorm } from './native.js';
 import { copyOut, readFlat, readScalar, readsSync, writeFlat } from './flat.js';
-import { Sgd, type SgdOptions } from './sgd.js';
+import { checkSgdOptions, Sgd, type SgdOptions } from './sgd.js';
 import { checkBatch, type TrainableModel } from './model.js';
 
 /** PyTorch's BatchNorm momentum: running = (1 - m) * running + m * batch statistic. */
@@ -35,6 +35,11 @@ export interface ResNetOptions {
   /** Seed of the initial weights; same seed, same weights. */
   seed?: number;
   sgd?: SgdOptions;
+  /**
+   * Label smoothing of the training loss, PyTorch's CrossEntropyLoss(label_smoothing=e): the
+   * target is (1 - e) one-hot + e / classes. Evaluation reports the plain cross-entropy.
+   */
+  labelSmoothing?: number;
   /**
    * Plain TensorFlow.js ops and their built-in gradients everywhere (convolutions, ReLU,
    * BatchNorm): the reference the fast path is tested against; much slower.
@@ -61,6 +66,12 @@ export interface GradientBucket {
  * stem, so bucket 0 holds the last parameters. As with DDP, the first bucket to be ready can
  * start its all-reduce while the backward pass still works on the earlier layers.
  */
+/** Refuses a label smoothing outside [0, 1) (PyTorch allows 1, whose target carries no label). */
+export function checkLabelSmoothing(e: number): number {
+  if (!(Number.isFinite(e) && e >= 0 && e < 1)) throw new RangeError(`label smoothing must be in [0, 1), got ${e}`);
+  return e;
+}
+
 export function gradientBuckets(arch: Architecture, bucketBytes: number): GradientBucket[] {
   if (!(bucketBytes >= 4)) throw new RangeError(`bucket size must be at least 4 bytes, got ${bucketBytes}`);
   const limit = bucketBytes / 4;
@@ -100,6 +111,7 @@ export class ResNet implements TrainableModel {
   readonly arch: Architecture;
   readonly config: ResNetConfig;
   readonly optimizer: Sgd;
+  readonly labelSmoothing: number;
   private readonly vars: tf.Variable[];
   private readonly byName = new Map<string, tf.Variable>();
   private readonly runningMean = new Map<string, tf.Variable>();
@@ -115,6 +127,8 @@ export class ResNet implements TrainableModel {
   constructor(config: ResNetConfig, options: ResNetOptions = {}) {
     this.arch = describeResNet(config);
     this.config = config;
+    this.labelSmoothing = checkLabelSmoothing(options.labelSmoothing ?? 0);
+    if (options.sgd) checkSgdOptions(options.sgd);
     // tfjs variable names are process-global: each instance gets its own prefix.
     const prefix = `resnet${instanceCounter++}`;
     const seed = options.seed ?? 0;
@@ -229,8 +243,8 @@ export class ResNet implements TrainableModel {
     return { x: tf.tensor4d(batch.images, [batch.n, s, s, this.config.inChannels]), y: tf.tensor1d(labels, 'int32') };
   }
 
-  private lossAndCorrect(logits: tf.Tensor2D, y: tf.Tensor1D): { loss: tf.Scalar; correct: tf.Scalar } {
-    const loss = tf.losses.softmaxCrossEntropy(tf.oneHot(y, this.config.classes), logits) as tf.Scalar;
+  private lossAndCorrect(logits: tf.Tensor2D, y: tf.Tensor1D, labelSmoothing = 0): { loss: tf.Scalar; correct: tf.Scalar } {
+    const loss = tf.losses.softmaxCrossEntropy(tf.oneHot(y, this.config.classes), logits, undefined, labelSmoothing) as tf.Scalar;
     const correct = tf.sum(tf.cast(tf.equal(tf.argMax(logits, 1), y), 'int32')) as tf.Scalar;
     return { loss, correct };
   }
@@ -253,7 +267,7 @@ export class ResNet implements TrainableModel {
         const { x, y } = this.inputs(batch);
         let correctT: tf.Scalar | undefined;
         const { value, grads: g } = tf.variableGrads(() => {
-          const r = this.lossAndCorrect(this.forward(x, true), y);
+          const r = this.lossAndCorrect(this.forward(x, true), y, this.labelSmoothing);
           correctT = tf.keep(r.correct);
           return r.loss;
         }, this.vars);

@@ -1,9 +1,12 @@
-// SGD with PyTorch's semantics (torch.optim.SGD, dampening 0, no Nesterov):
+// SGD with PyTorch's semantics (torch.optim.SGD, dampening 0):
 //   g = grad + weight_decay * p
 //   buf = momentum * buf + g        (buf = g on the first step)
-//   p = p - lr * buf                (p = p - lr * g when momentum is 0)
-// Weight decay applies to every parameter, BatchNorm and biases included, as PyTorch's
-// default does. State (the momentum buffers) reads and writes as one flat vector.
+//   g = g + momentum * buf          (nesterov), else g = buf
+//   p = p - lr * g                  (p = p - lr * g without momentum)
+// Weight decay applies to every parameter, BatchNorm and biases included, as PyTorch's default
+// does; `skipNormBiasDecay` leaves out the tensors of one dimension (biases, BatchNorm scale and
+// shift), timm's filter_bias_and_bn rule. State (the momentum buffers) reads and writes as one
+// flat vector.
 
 import * as tf from '@tensorflow/tfjs-core';
 import { readFlat } from './flat.js';
@@ -12,18 +15,32 @@ export interface SgdOptions {
   lr: number;
   momentum?: number;
   weightDecay?: number;
+  /** Nesterov momentum (needs momentum > 0, as torch.optim.SGD). */
+  nesterov?: boolean;
+  /** No weight decay on tensors of one dimension: biases and BatchNorm scale and shift. */
+  skipNormBiasDecay?: boolean;
+}
+
+/** Whether weight decay applies to a tensor of this shape under `skipNormBiasDecay` (timm's rule: not to 1-D ones). */
+export function decaysTensor(shape: readonly number[], skipNormBiasDecay: boolean): boolean {
+  return !skipNormBiasDecay || shape.length > 1;
 }
 
 export function checkSgdOptions(options: SgdOptions): void {
-  for (const [k, v] of Object.entries(options)) {
+  for (const k of ['lr', 'momentum', 'weightDecay'] as const) {
+    const v = options[k];
     if (v !== undefined && !(Number.isFinite(v) && v >= 0)) throw new RangeError(`SGD: ${k} must be a non-negative number, got ${v}`);
   }
+  if (options.nesterov && !((options.momentum ?? 0) > 0)) throw new RangeError('SGD: Nesterov momentum needs a momentum above 0');
 }
 
 export class Sgd {
   lr: number;
   readonly momentum: number;
   readonly weightDecay: number;
+  readonly nesterov: boolean;
+  readonly skipNormBiasDecay: boolean;
+  private readonly decays: boolean[];
   private readonly buffers: tf.Variable[] | undefined;
   /** Steps taken; 0 means the momentum buffers are still empty. */
   steps = 0;
@@ -36,6 +53,9 @@ export class Sgd {
     this.lr = options.lr;
     this.momentum = options.momentum ?? 0;
     this.weightDecay = options.weightDecay ?? 0;
+    this.nesterov = options.nesterov ?? false;
+    this.skipNormBiasDecay = options.skipNormBiasDecay ?? false;
+    this.decays = params.map((p) => decaysTensor(p.shape, this.skipNormBiasDecay));
     this.buffers = this.momentum > 0 ? params.map((p) => tf.variable(tf.zerosLike(p), false)) : undefined;
   }
 
@@ -49,12 +69,12 @@ export class Sgd {
       const grads = tf.split(tf.tensor1d(flatGrads), this.params.map((p) => p.size));
       this.params.forEach((p, i) => {
         let g: tf.Tensor = tf.reshape(grads[i], p.shape);
-        if (this.weightDecay > 0) g = tf.add(g, tf.mul(p, this.weightDecay));
+        if (this.weightDecay > 0 && this.decays[i]) g = tf.add(g, tf.mul(p, this.weightDecay));
         if (this.buffers) {
           const buf = this.buffers[i];
           const next = this.steps === 0 ? g : tf.add(tf.mul(buf, this.momentum), g);
           buf.assign(next);
-          g = buf;
+          g = this.nesterov ? tf.add(g, tf.mul(buf, this.momentum)) : buf;
         }
         p.assign(tf.sub(p, tf.mul(g, this.lr)));
       });

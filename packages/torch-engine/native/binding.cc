@@ -149,6 +149,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     const auto spec = netSpec(info[0].As<Napi::Object>());
     const auto o = info[1].As<Napi::Object>();
     dtrain::EngineOptions opts{str(o, "device"), int(num(o, "threads")), str(o, "precision"), o.Get("channelsLast").ToBoolean(), uint64_t(num(o, "seed"))};
+    const auto sgd = o.Get("sgd").As<Napi::Object>();
+    opts.sgd = {dbl(sgd, "momentum"), dbl(sgd, "weightDecay"), sgd.Get("nesterov").ToBoolean(), sgd.Get("skipNormBiasDecay").ToBoolean()};
+    opts.labelSmoothing = dbl(o, "labelSmoothing");
     if (info.Env().IsExceptionPending()) return;
     thread_ = std::make_unique<EngineThread>();
     const auto err = thread_->run([&] { engine_ = Engine::create(spec, opts); });
@@ -244,17 +247,17 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     }, stepResult);
   }
 
-  // trainStep(images, labels, n, lr, momentum, weightDecay, first)
+  // trainStep(images, labels, n, lr, first)
   Napi::Value trainStep(const Napi::CallbackInfo& info) {
     if (!usable(info.Env(), false)) return info.Env().Undefined();
     const auto images = info[0].As<Napi::Float32Array>();
     const auto labels = info[1].As<Napi::Int32Array>();
     const int64_t n = info[2].As<Napi::Number>().Int64Value();
-    const double lr = info[3].As<Napi::Number>(), m = info[4].As<Napi::Number>(), wd = info[5].As<Napi::Number>();
-    const bool first = info[6].ToBoolean();
+    const double lr = info[3].As<Napi::Number>();
+    const bool first = info[4].ToBoolean();
     const float* img = images.Data();
     const int32_t* lab = labels.Data();
-    return start(info, Napi::Function(), {images, labels}, [this, img, lab, n, lr, m, wd, first](AsyncCall& c) { c.result = engine_->trainStep(img, lab, n, lr, m, wd, first); }, stepResult);
+    return start(info, Napi::Function(), {images, labels}, [this, img, lab, n, lr, first](AsyncCall& c) { c.result = engine_->trainStep(img, lab, n, lr, first); }, stepResult);
   }
 
   Napi::Value evaluate(const Napi::CallbackInfo& info) {
@@ -290,12 +293,12 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return info.Env().Undefined();
   }
 
-  // apply(grads, lr, momentum, weightDecay, first)
+  // apply(grads, lr, first)
   Napi::Value apply(const Napi::CallbackInfo& info) {
     const float* g = info[0].As<Napi::Float32Array>().Data();
-    const double lr = info[1].As<Napi::Number>(), m = info[2].As<Napi::Number>(), wd = info[3].As<Napi::Number>();
-    const bool first = info[4].ToBoolean();
-    return sync(info, [&] { engine_->apply(g, lr, m, wd, first); });
+    const double lr = info[1].As<Napi::Number>();
+    const bool first = info[2].ToBoolean();
+    return sync(info, [&] { engine_->apply(g, lr, first); });
   }
 
   static Engine::State state(const Napi::Value& v) {

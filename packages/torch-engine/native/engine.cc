@@ -56,6 +56,19 @@ class TorchEngine final : public Engine {
     }
     initWeights();
     for (const auto* bn : batchNorms()) runningVar(*bn).fill_(1);
+    initDecayMask();
+  }
+
+  /** Which tensors weight decay applies to (all, or those of more than one dimension), per tensor and as a flat mask. */
+  void initDecayMask() {
+    bool all = true;
+    for (const auto& p : spec_.params) {
+      decays_.push_back(!options_.sgd.skipNormBiasDecay || p.shape.size() > 1);
+      all = all && decays_.back();
+    }
+    if (all) return;
+    decayMask_ = at::ones({spec_.paramCount}, at::TensorOptions().dtype(at::kFloat).device(device_));
+    for (size_t i = 0; i < decays_.size(); i++) if (!decays_[i]) decayMask_.narrow(0, spec_.params[i].offset, spec_.params[i].size).zero_();
   }
 
   StepResult step(const float* images, const int32_t* labels, int64_t n, float* grads, const std::function<void(int)>& onGrad) override {
@@ -72,22 +85,14 @@ class TorchEngine final : public Engine {
     }
   }
 
-  StepResult trainStep(const float* images, const int32_t* labels, int64_t n, double lr, double momentum, double weightDecay, bool first) override {
+  StepResult trainStep(const float* images, const int32_t* labels, int64_t n, double lr, bool first) override {
     const auto r = forwardBackward(images, labels, n);
     if (std::isfinite(r.loss)) {
       // torch.optim.SGD's per-parameter loop, on the gradients autograd left in each .grad.
       c10::NoGradGuard ng;
       for (size_t i = 0; i < leaves_.size(); i++) {
         auto& p = leaves_[i];
-        auto g = p.grad();
-        if (weightDecay > 0) g = g.add(p, weightDecay);
-        if (momentum > 0) {
-          auto buf = engineView(momentum_, i);
-          if (first) buf.copy_(g);
-          else buf.mul_(momentum).add_(g);
-          g = buf;
-        }
-        p.add_(g, -lr);
+        update(p, p.grad(), engineView(momentum_, i), decays_[i] ? options_.sgd.weightDecay : 0.0, lr, first);
       }
     }
     for (auto& p : leaves_) p.mutable_grad().reset();
@@ -118,16 +123,30 @@ class TorchEngine final : public Engine {
     }
   }
 
-  void apply(const float* grads, double lr, double momentum, double weightDecay, bool first) override {
+  void apply(const float* grads, double lr, bool first) override {
     c10::NoGradGuard ng;
     auto g = at::from_blob(const_cast<float*>(grads), {spec_.paramCount}, at::kFloat).to(device_);
-    if (weightDecay > 0) g = g.add(params_, weightDecay);
-    if (momentum > 0) {
-      if (first) momentum_.copy_(g);
-      else momentum_.mul_(momentum).add_(g);
-      g = momentum_;
+    const double wd = options_.sgd.weightDecay;
+    // One update of the flat buffer; with decay skipped for some tensors, a 0/1 mask says which
+    // (p x mask is exact, so g + wd x that rounds as trainStep's per-tensor g + wd x p).
+    if (wd > 0 && decayMask_.defined()) {
+      g = g.add(params_.mul(decayMask_), wd);
+      update(params_, g, momentum_, 0.0, lr, first);
+    } else {
+      update(params_, g, momentum_, wd, lr, first);
     }
-    params_.add_(g, -lr);
+  }
+
+  /** torch.optim.SGD on one tensor (dampening 0): weight decay, momentum, Nesterov. */
+  void update(at::Tensor p, at::Tensor g, at::Tensor buf, double weightDecay, double lr, bool first) {
+    const auto& o = options_.sgd;
+    if (weightDecay > 0) g = g.add(p, weightDecay);
+    if (o.momentum > 0) {
+      if (first) buf.copy_(g);
+      else buf.mul_(o.momentum).add_(g);
+      g = o.nesterov ? g.add(buf, o.momentum) : buf;
+    }
+    p.add_(g, -lr);
   }
 
   void read(State what, float* out) override {
@@ -295,7 +314,7 @@ class TorchEngine final : public Engine {
       }
       static const std::string head = "loss";
       Where w(head, "cross_entropy");
-      const auto loss = at::cross_entropy_loss(logits.to(at::kFloat), y);
+      const auto loss = at::cross_entropy_loss(logits.to(at::kFloat), y, {}, at::Reduction::Mean, -100, options_.labelSmoothing);
       static const std::string backward = "backward pass";
       Where b(backward, "autograd");
       loss.backward();
@@ -352,6 +371,8 @@ class TorchEngine final : public Engine {
   EngineOptions options_;
   at::Device device_;
   at::Tensor params_, momentum_, stats_;
+  std::vector<bool> decays_;  // per parameter: does weight decay apply
+  at::Tensor decayMask_;      // flat 0/1 of decays_, defined only when some tensor is skipped
   std::vector<at::Tensor> leaves_;
   at::Tensor grads_;
   const std::function<void(int)>* onGrad_ = nullptr;

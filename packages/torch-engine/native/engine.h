@@ -57,12 +57,21 @@ struct NetSpec {
   int64_t paramCount = 0, bnStatCount = 0;
 };
 
+/** torch.optim.SGD's settings that stay fixed for a run (dampening 0); the lr changes per step. */
+struct SgdOptions {
+  double momentum = 0, weightDecay = 0;
+  bool nesterov = false;
+  bool skipNormBiasDecay = false;  // no decay of 1-D tensors (biases, BatchNorm scale and shift)
+};
+
 struct EngineOptions {
   std::string device = "cpu";        // "cpu" or "cuda[:i]"
   int threads = 0;                   // intra-op threads; 0: libtorch's default
   std::string precision = "fp32";    // "fp32" | "tf32" | "bf16"
   bool channelsLast = false;
   uint64_t seed = 0;
+  SgdOptions sgd;
+  double labelSmoothing = 0;         // of the training loss, as CrossEntropyLoss(label_smoothing)
 };
 
 struct StepResult {
@@ -81,7 +90,7 @@ class Engine {
   virtual ~Engine() = default;
 
   /**
-   * Forward and backward of the mean cross-entropy on a batch of NHWC images. Each parameter's
+   * Forward and backward of the mean cross-entropy (label-smoothed per the options) on a batch of NHWC images. Each parameter's
    * gradient is copied into `grads` (engine layout) as soon as autograd has finished it, then
    * `onGrad(param)` is called (on the thread that finished it).
    */
@@ -89,13 +98,13 @@ class Engine {
                           const std::function<void(int)>& onGrad) = 0;
   virtual StepResult evaluate(const float* images, const int32_t* labels, int64_t n) = 0;
   virtual void predict(const float* images, int64_t n, int32_t* classes) = 0;
-  /** SGD as torch.optim.SGD (dampening 0): `first` starts the momentum buffer at the gradient. */
-  virtual void apply(const float* grads, double lr, double momentum, double weightDecay, bool first) = 0;
+  /** SGD as torch.optim.SGD (options.sgd): `first` starts the momentum buffer at the gradient. */
+  virtual void apply(const float* grads, double lr, bool first) = 0;
   /**
    * step() then apply() with the gradient kept where autograd left it, for one process alone (no
    * all-reduce needs the gradient): no copy to the host and back. A non-finite loss skips the update.
    */
-  virtual StepResult trainStep(const float* images, const int32_t* labels, int64_t n, double lr, double momentum, double weightDecay, bool first) = 0;
+  virtual StepResult trainStep(const float* images, const int32_t* labels, int64_t n, double lr, bool first) = 0;
 
   enum class State { Weights, Momentum, BatchNormStats };
   /** Reads or writes a whole state vector, TensorFlow layouts (the checkpoint's). */

@@ -23,8 +23,9 @@ export interface NativeEngine {
   step(images: Float32Array, labels: Int32Array, n: number, grads: Float32Array, bucketOf: Int32Array | null, onBucket: ((k: number) => void) | null): Promise<{ loss: number; correct: number }>;
   evaluate(images: Float32Array, labels: Int32Array, n: number): Promise<{ loss: number; correct: number }>;
   predict(images: Float32Array, n: number): Promise<Int32Array>;
-  apply(grads: Float32Array, lr: number, momentum: number, weightDecay: number, first: boolean): void;
-  trainStep(images: Float32Array, labels: Int32Array, n: number, lr: number, momentum: number, weightDecay: number, first: boolean): Promise<{ loss: number; correct: number }>;
+  /** One SGD step with the options' momentum, weight decay and Nesterov; `first` starts the momentum buffer. */
+  apply(grads: Float32Array, lr: number, first: boolean): void;
+  trainStep(images: Float32Array, labels: Int32Array, n: number, lr: number, first: boolean): Promise<{ loss: number; correct: number }>;
   read(what: 'weights' | 'momentum' | 'bnStats', out: Float32Array): void;
   write(what: 'weights' | 'momentum' | 'bnStats', values: Float32Array): void;
   describe(): string;
@@ -37,6 +38,8 @@ export interface NativeEngineOptions {
   precision: string;
   channelsLast: boolean;
   seed: number;
+  sgd: { momentum: number; weightDecay: number; nesterov: boolean; skipNormBiasDecay: boolean };
+  labelSmoothing: number;
 }
 
 interface Addon {

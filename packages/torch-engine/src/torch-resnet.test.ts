@@ -136,39 +136,70 @@ describe('the torch engine', () => {
     m.dispose();
   });
 
-  it('updates as torch.optim.SGD (momentum, weight decay), against a naive float64 loop', async (ctx) => {
-    needsEngine(ctx);
-    const [lr, mom, wd] = [0.05, 0.9, 5e-4];
-    const m = new TorchResNet(config, { seed: 4, sgd: { lr, momentum: mom, weightDecay: wd } });
-    const p0 = await m.getWeights();
-    const g = Float32Array.from({ length: m.paramCount }, (_, i) => Math.cos(i) * 0.01);
-    // Conv gradients are in the engine's layout; this gradient is the same function of the index
-    // in both layouts only if we feed the engine's layout and read TensorFlow's: convert.
-    const gTf = toTensorFlowLayout(m.arch, g, m.gradientLayout);
-    m.applyGradients(g);
-    m.applyGradients(g);
-    const got = await m.getWeights();
-    let worst = 0;
-    for (let i = 0; i < p0.length; i++) {
-      let p = p0[i];
-      let buf = 0;
-      for (let s = 0; s < 2; s++) {
-        const d = gTf[i] + wd * p;
-        buf = s === 0 ? d : mom * buf + d;
-        p -= lr * buf;
+  for (const [nesterov, skipNormBiasDecay] of [[false, false], [true, true]]) {
+    it(`updates as torch.optim.SGD (momentum, weight decay${nesterov ? ', Nesterov, no decay of biases and BatchNorm' : ''}), against a naive float64 loop`, async (ctx) => {
+      needsEngine(ctx);
+      const [lr, mom, wd] = [0.05, 0.9, 5e-4];
+      const m = new TorchResNet(config, { seed: 4, sgd: { lr, momentum: mom, weightDecay: wd, nesterov, skipNormBiasDecay } });
+      const p0 = await m.getWeights();
+      const g = Float32Array.from({ length: m.paramCount }, (_, i) => Math.cos(i) * 0.01);
+      // Conv gradients are in the engine's layout; this gradient is the same function of the index
+      // in both layouts only if we feed the engine's layout and read TensorFlow's: convert.
+      const gTf = toTensorFlowLayout(m.arch, g, m.gradientLayout);
+      const decayed = new Uint8Array(m.paramCount);
+      for (const p of m.arch.params) decayed.fill(!skipNormBiasDecay || p.shape.length > 1 ? 1 : 0, p.offset, p.offset + p.size);
+      if (skipNormBiasDecay) expect(decayed.includes(0) && decayed.includes(1)).toBe(true);
+      m.applyGradients(g);
+      m.applyGradients(g);
+      const got = await m.getWeights();
+      let worst = 0;
+      for (let i = 0; i < p0.length; i++) {
+        let p = p0[i];
+        let buf = 0;
+        for (let s = 0; s < 2; s++) {
+          const d = gTf[i] + (decayed[i] ? wd * p : 0);
+          buf = s === 0 ? d : mom * buf + d;
+          p -= lr * (nesterov ? d + mom * buf : buf);
+        }
+        // float32 vs float64: a few roundings of values of |p|'s size.
+        worst = Math.max(worst, Math.abs(got[i] - p) / Math.max(Math.abs(p), 1e-3));
       }
-      // float32 vs float64: a few roundings of values of |p|'s size.
-      worst = Math.max(worst, Math.abs(got[i] - p) / Math.max(Math.abs(p), 1e-3));
+      expect(worst).toBeLessThan(8 * 2 ** -24 * 8);
+      expect(m.optimizer.steps).toBe(2);
+      m.dispose();
+    });
+  }
+
+  it('label smoothing e moves the output bias gradient by e x (class share - 1/classes), as CrossEntropyLoss(label_smoothing=e)', async (ctx) => {
+    // d loss / d logit = softmax - target, target = (1 - e) one-hot + e / K: with the same weights
+    // and batch, only the target differs, so the fc bias gradient (the mean over the batch of
+    // d loss / d logit) moves by e x mean(one-hot - 1/K) whatever the network computes.
+    needsEngine(ctx);
+    const e = 0.1;
+    const batch = randomBatch(8, 16, 1, 10, 3);
+    const [plain, smooth] = [new TorchResNet(config, { seed: 8 }), new TorchResNet(config, { seed: 8, labelSmoothing: e })];
+    const [a, b] = [await plain.computeGradients(batch), await smooth.computeGradients(batch)];
+    const bias = plain.arch.params.find((p) => p.name === 'head.fc.bias')!;
+    for (let k = 0; k < 10; k++) {
+      const share = batch.labels.filter((y) => y === k).length / batch.n;
+      // float32 softmax entries of size ~0.1 on each side: a few units of 2^-24.
+      expect(b.grads[bias.offset + k] - a.grads[bias.offset + k]).toBeCloseTo(e * (share - 1 / 10), 6);
     }
-    expect(worst).toBeLessThan(8 * 2 ** -24 * 8);
-    expect(m.optimizer.steps).toBe(2);
-    m.dispose();
+    // The smoothed loss is above the plain one here (logits near uniform: -log p ~ log K everywhere).
+    expect(b.loss).not.toBe(a.loss);
+    // Evaluation reports the plain cross-entropy.
+    expect((await smooth.evaluate(batch)).loss).toBe((await plain.evaluate(batch)).loss);
+    expect(() => new TorchResNet(config, { labelSmoothing: 1 })).toThrow(/label smoothing must be in \[0, 1\), got 1/);
+    expect(() => new TorchResNet(config, { sgd: { lr: 0.1, nesterov: true } })).toThrow(/Nesterov momentum needs a momentum above 0/);
+    plain.dispose();
+    smooth.dispose();
   });
 
   it('trainStep (one process alone: the gradient stays in the engine) reaches the same weights as computeGradients + applyGradients, and skips a non-finite step', async (ctx) => {
     needsEngine(ctx);
-    const sgd = { lr: 0.05, momentum: 0.9, weightDecay: 5e-4 };
-    const [a, b] = [new TorchResNet(config, { seed: 6, sgd }), new TorchResNet(config, { seed: 6, sgd })];
+    // Nesterov, decay skipped for biases and BatchNorm, label smoothing: every branch of both paths.
+    const sgd = { lr: 0.05, momentum: 0.9, weightDecay: 5e-4, nesterov: true, skipNormBiasDecay: true };
+    const [a, b] = [new TorchResNet(config, { seed: 6, sgd, labelSmoothing: 0.1 }), new TorchResNet(config, { seed: 6, sgd, labelSmoothing: 0.1 })];
     for (let k = 0; k < 3; k++) {
       const batch = randomBatch(4, 16, 1, 10, k + 1);
       const ra = await a.computeGradients(batch);

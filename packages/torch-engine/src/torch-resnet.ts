@@ -4,6 +4,7 @@
 import os from 'node:os';
 import {
   checkBatch,
+  checkLabelSmoothing,
   checkSgdOptions,
   describeResNet,
   type Architecture,
@@ -26,6 +27,8 @@ export interface TorchResNetOptions {
   /** Seed of the initial weights: same seed, same weights (on this engine; the TensorFlow.js ResNet draws others). */
   seed?: number;
   sgd?: SgdOptions;
+  /** Label smoothing of the training loss, as core's ResNetOptions (evaluation reports the plain cross-entropy). */
+  labelSmoothing?: number;
   /** 'cpu' or 'cuda[:i]'. */
   device?: string;
   /** CPU intra-op threads; default: OMP_NUM_THREADS, else this machine's cores / `localWorkers`. */
@@ -57,21 +60,24 @@ class TorchSgd implements TrainableOptimizer {
   lr: number;
   readonly momentum: number;
   readonly weightDecay: number;
+  readonly nesterov: boolean;
+  readonly skipNormBiasDecay: boolean;
   steps = 0;
 
   constructor(
     private readonly engine: NativeEngine,
     private readonly paramCount: number,
-    options: SgdOptions,
+    options: Required<SgdOptions>,
   ) {
-    checkSgdOptions(options);
     this.lr = options.lr;
-    this.momentum = options.momentum ?? 0;
-    this.weightDecay = options.weightDecay ?? 0;
+    this.momentum = options.momentum;
+    this.weightDecay = options.weightDecay;
+    this.nesterov = options.nesterov;
+    this.skipNormBiasDecay = options.skipNormBiasDecay;
   }
 
   step(grads: Float32Array): void {
-    this.engine.apply(grads, this.lr, this.momentum, this.weightDecay, this.steps === 0);
+    this.engine.apply(grads, this.lr, this.steps === 0);
     this.steps++;
   }
 
@@ -107,16 +113,21 @@ export class TorchResNet implements TrainableModel {
     this.config = config;
     const { Engine } = loadAddon();
     const channelsLast = options.channelsLast ?? false;
+    const given = options.sgd ?? { lr: 0.01 };
+    checkSgdOptions(given);
+    const sgd = { momentum: 0, weightDecay: 0, nesterov: false, skipNormBiasDecay: false, ...given };
     this.native = new Engine(nativeNetSpec(this.arch), {
       device: options.device ?? 'cpu',
       threads: options.threads ?? defaultThreads(options.localWorkers),
       precision: options.precision ?? 'fp32',
       channelsLast,
       seed: options.seed ?? 0,
+      sgd,
+      labelSmoothing: checkLabelSmoothing(options.labelSmoothing ?? 0),
     });
     this.gradientLayout = channelsLast ? 'pytorch-channels-last' : 'pytorch';
     this.device = this.native.describe();
-    this.optimizer = new TorchSgd(this.native, this.arch.paramCount, options.sgd ?? { lr: 0.01 });
+    this.optimizer = new TorchSgd(this.native, this.arch.paramCount, sgd);
   }
 
   get paramCount(): number {
@@ -154,7 +165,7 @@ export class TorchResNet implements TrainableModel {
     checkBatch(this.config, batch);
     const labels = int32Labels(batch);
     const o = this.optimizer;
-    const r = await this.native.trainStep(batch.images, labels, batch.n, o.lr, o.momentum, o.weightDecay, o.steps === 0);
+    const r = await this.native.trainStep(batch.images, labels, batch.n, o.lr, o.steps === 0);
     if (Number.isFinite(r.loss)) o.steps++;
     return r;
   }

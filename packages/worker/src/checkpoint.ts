@@ -77,7 +77,8 @@ export interface CheckpointHeader {
   settings: TrainSettings;
   worldSize: number;
   model: { config: { inChannels: number; classes: number; imageSize: number }; paramCount: number; bnStatCount: number; layoutHash: string };
-  optimizer: { kind: 'sgd'; steps: number; lr: number; momentum: number; weightDecay: number };
+  /** nesterov and skipNormBiasDecay: absent in checkpoints written before they existed (false). */
+  optimizer: { kind: 'sgd'; steps: number; lr: number; momentum: number; weightDecay: number; nesterov?: boolean; skipNormBiasDecay?: boolean };
   /**
    * The sampler's order for epoch e is a pure function of (seed, e), and augmentation draws from
    * Rng(seed, AUGMENT_STREAM, e, rank), re-seeded every epoch: at an epoch boundary the whole

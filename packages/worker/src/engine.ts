@@ -19,7 +19,8 @@ const DTRAIN_VERSION = '0.1.0';
 
 /** Loads the engine of `s` (once per process for tfjs's backend); errors name the flag to change. */
 export async function loadEngine(s: TrainSettings, localWorkers?: number): Promise<ModelEngine> {
-  const sgd = { lr: s.lr, momentum: s.momentum, weightDecay: s.weightDecay };
+  const sgd = { lr: s.lr, momentum: s.momentum, weightDecay: s.weightDecay, nesterov: s.nesterov, skipNormBiasDecay: s.skipNormBiasDecay };
+  const labelSmoothing = s.labelSmoothing;
   if (s.engine === 'torch') {
     const torch = await import('@dtrain/torch-engine');
     const status = torch.torchEngineStatus();
@@ -30,13 +31,13 @@ export async function loadEngine(s: TrainSettings, localWorkers?: number): Promi
     }
     return {
       // channels-last on GPUs, where tensor cores want NHWC; NCHW on the CPU (measured faster: tools/bench).
-      create: (config) => new torch.TorchResNet(config, { seed: s.seed, sgd, device, localWorkers, precision: s.precision, channelsLast: device === 'cuda' }),
+      create: (config) => new torch.TorchResNet(config, { seed: s.seed, sgd, labelSmoothing, device, localWorkers, precision: s.precision, channelsLast: device === 'cuda' }),
       versions: { dtrain: DTRAIN_VERSION, engine: 'torch', libtorch: status.detail, node: process.versions.node },
     };
   }
   const backend = await loadBackend(s.backend, { allowSoftwareGpu: s.allowSoftwareGpu, shareGpu: s.shareGpu, localWorkers });
   return {
-    create: (config) => new ResNet(config, { seed: s.seed, sgd }),
+    create: (config) => new ResNet(config, { seed: s.seed, sgd, labelSmoothing }),
     versions: { dtrain: DTRAIN_VERSION, engine: 'tfjs', tfjs: backend.versions.tfjs, tensorflow: backend.versions.tensorflow, node: process.versions.node, backendPackage: backend.packageName },
     adapter: backend.adapter,
   };

@@ -9,6 +9,14 @@ describe('resolveSettings', () => {
     expect(resolveSettings({ dataset: 'cifar10' }).imageSize).toBe(32);
   });
 
+  it('the fashion-mnist and cifar10 presets: the modern recipe on each data set, overridable', () => {
+    const recipe = { batchSize: 128, lr: 0.1, momentum: 0.9, nesterov: true, weightDecay: 5e-4, skipNormBiasDecay: true, labelSmoothing: 0.1, lrSchedule: 'cosine', warmupEpochs: 1, augment: true };
+    expect(resolveSettings({ preset: 'fashion-mnist' })).toMatchObject({ ...recipe, dataset: 'fashion-mnist', imageSize: 32, epochs: 15, lrScaling: 'none' });
+    expect(resolveSettings({ preset: 'cifar10' })).toMatchObject({ ...recipe, dataset: 'cifar10', imageSize: 96, epochs: 30 });
+    // Two workers at half the batch: the same global batch, the same lr.
+    expect(resolveSettings({ preset: 'fashion-mnist', batchSize: 64, epochs: 3 })).toMatchObject({ ...recipe, batchSize: 64, epochs: 3 });
+  });
+
   it('applies the tutorial preset, and explicit values override it', () => {
     const t = resolveSettings({ preset: 'tutorial' });
     expect(t).toMatchObject({ dataset: 'cifar10', imageSize: 96, batchSize: 64, evalBatchSize: 128, lr: 0.01, momentum: 0, epochs: 20, init: 'xavier-uniform', augment: false });
@@ -37,6 +45,11 @@ describe('resolveSettings', () => {
       [{ dataset: 'cifar10', lrSchedule: 'step', lrMilestones: [5, 3] }, /lrMilestones must be ascending epochs of at least 1, got \[5,3\]/],
       [{ dataset: 'cifar10', lrSchedule: 'step', lrMilestones: [3], lrGamma: 0 }, /lrGamma must be in \(0, 1\], got 0/],
       [{ dataset: 'cifar10', lrMilestones: [3] }, /lrMilestones and lrGamma belong to the step schedule/],
+      [{ dataset: 'cifar10', accumulate: 0 }, /^accumulate must be a positive integer, got 0$/],
+      [{ dataset: 'cifar10', nesterov: true }, /^nesterov needs a momentum above 0/],
+      [{ dataset: 'cifar10', labelSmoothing: -0.1 }, /^labelSmoothing must be in \[0, 1\), got -0.1$/],
+      [{ dataset: 'cifar10', labelSmoothing: 1 }, /^labelSmoothing must be in \[0, 1\), got 1$/],
+      [{ dataset: 'cifar10', skipNormBiasDecay: 'yes' as unknown as boolean }, /^skipNormBiasDecay must be true or false, got yes$/],
     ];
     for (const [input, re] of bad) expect(() => resolveSettings(input), JSON.stringify(input)).toThrow(re);
     expect(() => resolveSettings({ dataset: 'cifar10', epochs: -1 })).toThrow(TrainSettingsError);
@@ -64,7 +77,12 @@ describe('resumeSettings', () => {
     delete old.lrFinal;
     delete old.lrMilestones;
     delete old.lrGamma;
+    delete old.accumulate;
+    delete old.nesterov;
+    delete old.skipNormBiasDecay;
+    delete old.labelSmoothing;
     expect(resumeSettings(old as TrainSettings, {}, 'ck')).toEqual(saved);
+    expect(() => resumeSettings(old as TrainSettings, { labelSmoothing: 0.1 }, 'ck')).toThrow(/labelSmoothing is 0 in ck/);
     expect(() => resumeSettings(old as TrainSettings, { lrScaling: 'linear' }, 'ck')).toThrow(/lrScaling is "none" in ck/);
   });
 

@@ -6,6 +6,8 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
+import { ResNet } from '@dtrain/core';
+import { BatchAssembler } from '@dtrain/data';
 import { needsEngine } from '@dtrain/torch-engine/testing';
 import { listCheckpoints, readCheckpoint } from './checkpoint.js';
 import { createInProcessGroup } from './collective.js';
@@ -127,6 +129,36 @@ describe('training on synthetic data', () => {
 
     // Resuming is not a way to change the run's trajectory.
     await expect(runTraining({ data, resume: cut, settings: { epochs: 3, lr: 0.1 } })).rejects.toThrow(TrainSettingsError);
+  });
+
+  it('--accumulate 2: each step is the images-weighted mean of its micro-batch gradients, against the model driven by hand', async () => {
+    // 40 images, batch 8 x 2 micro-batches: steps of 16, 16 and 8 images (the last has one).
+    const data = syntheticData(40, 8);
+    const settings = { epochs: 1, batchSize: 8, accumulate: 2, lr: 0.02, momentum: 0.9, seed: 4 };
+    const steps: Int32Array[] = [];
+    const run = await runTraining({ data, settings, hooks: { onStep: (st) => steps.push(st.indices) } });
+    expect(steps.map((x) => x.length)).toEqual([16, 16, 8]);
+    expect(run.summary).toMatchObject({ globalBatch: 16, steps: 3 });
+    // The naive reference: the same model, micro-batch by micro-batch, summed in float64.
+    const config = { inChannels: data.train.channels, classes: data.train.classNames.length, imageSize: 16 };
+    const model = new ResNet(config, { seed: 4, sgd: { lr: 0.02, momentum: 0.9 } });
+    const assembler = new BatchAssembler(data.train, { height: 16, width: 16 });
+    for (const idx of steps) {
+      const sum = new Float64Array(model.paramCount);
+      for (let from = 0; from < idx.length; from += 8) {
+        const b = assembler.assemble(data.train, idx.subarray(from, from + 8));
+        const { grads } = await model.computeGradients({ images: b.x, labels: b.y, n: b.n });
+        for (let k = 0; k < sum.length; k++) sum[k] += grads[k] * b.n;
+      }
+      model.applyGradients(Float32Array.from(sum, (v) => v / idx.length));
+    }
+    // Same operations in the same order: the same floats.
+    expect(firstDifference(run.weights, await model.getWeights())).toBe(-1);
+    expect(firstDifference(run.bnStats, await model.getBatchNormStats())).toBe(-1);
+    model.dispose();
+    // Not the run of one micro-batch per step: accumulation changed the trajectory.
+    const plain = await runTraining({ data, settings: { ...settings, accumulate: 1 } });
+    expect(firstDifference(plain.weights, run.weights)).not.toBe(-1);
   });
 
   it('refuses to start a new run in a folder that already holds one', async () => {
@@ -259,10 +291,11 @@ describe('learning-rate scaling with warmup (two replicas in one process)', () =
 });
 
 describe('learning-rate schedules in the trainer', () => {
-  it('cosine: each step runs at lrAt of its position; a resume from the epoch-1 checkpoint continues it bitwise', async () => {
+  it('cosine: each step runs at lrAt of its position; a resume from the epoch-1 checkpoint continues it bitwise (with Nesterov, decay of weights only, label smoothing)', async () => {
     // 32 images, batch 8: 4 steps per epoch, 2 epochs; cosine from 0.02 to 0.002.
     const data = syntheticData(32, 8);
-    const settings = { epochs: 2, batchSize: 8, lr: 0.02, lrSchedule: 'cosine' as const, lrFinal: 0.002, momentum: 0.9, seed: 3 };
+    const recipe = { nesterov: true, weightDecay: 5e-4, skipNormBiasDecay: true, labelSmoothing: 0.1 };
+    const settings = { epochs: 2, batchSize: 8, lr: 0.02, lrSchedule: 'cosine' as const, lrFinal: 0.002, momentum: 0.9, seed: 3, ...recipe };
     const dir = await tempDir();
     const lrs: number[] = [];
     const full = await runTraining({ data, out: path.join(dir, 'full'), settings, hooks: { onStep: (s) => lrs.push(s.lr) } });
@@ -281,6 +314,8 @@ describe('learning-rate schedules in the trainer', () => {
     expect(firstDifference(resumed.momentum, full.momentum)).toBe(-1);
     const config = JSON.parse(await fs.readFile(path.join(dir, 'full', 'config.json'), 'utf8'));
     expect(config.optimizer.lrSchedule).toMatchObject({ shape: 'cosine', finalLr: 0.002, baseLr: 0.02 });
+    expect(config.optimizer).toMatchObject({ nesterov: true, labelSmoothing: 0.1, semantics: 'torch.optim.SGD (dampening 0, Nesterov)' });
+    expect(config.settings).toMatchObject(recipe);
   });
 });
 

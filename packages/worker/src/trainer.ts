@@ -361,7 +361,8 @@ export class Trainer {
     this.grads = new Float32Array(new SharedArrayBuffer((this.model.paramCount + STEP_SUMS) * 4));
     this.gradView = this.grads.subarray(STEP_SUMS);
     // One process alone (not elastic: its group may grow) has no all-reduce: the engine may keep the gradient.
-    this.fusedStep = this.model.trainStep !== undefined && this.collective.worldSize === 1 && this.elastic === null;
+    this.fusedStep = this.model.trainStep !== undefined && this.collective.worldSize === 1 && this.elastic === null && s.accumulate === 1;
+    this.accumulation = s.accumulate > 1 ? { sum: new Float64Array(this.model.paramCount), micro: new Float32Array(this.model.paramCount) } : undefined;
     const overlap = (o.bucketBytes ?? 0) > 0 && this.collective.worldSize > 1 && this.collective.allReduceMeanStaged !== undefined;
     this.modelBuckets = overlap ? gradientBuckets(this.model.arch, o.bucketBytes!) : [];
     this.bucketRanges = this.modelBuckets.map((b, k) => [k === this.modelBuckets.length - 1 ? 0 : STEP_SUMS + b.from, STEP_SUMS + b.to]);
@@ -378,6 +379,8 @@ export class Trainer {
   private readonly minBatch: number;
   /** Each step is the model's trainStep (one process alone, an engine that offers it). */
   private readonly fusedStep: boolean;
+  /** --accumulate K > 1: the running sum of a step's micro-batch gradients, and one micro-batch's. */
+  private readonly accumulation: { sum: Float64Array; micro: Float32Array } | undefined;
   private readonly configExtra: Record<string, unknown>;
   private state: RunState = { progress: { epoch: 0, done: 0, step: 0 }, totals: zeroTotals(), history: emptyHistory() };
   private committed: { state: RunState; bn: Float32Array } | null = null;
@@ -409,7 +412,12 @@ export class Trainer {
 
   /** Steps of a whole epoch with the current world size. */
   get stepsPerEpoch(): number {
-    return stepsOfShare(Math.ceil(this.data.train.count / this.collective.worldSize), this.settings.batchSize, this.minBatch);
+    return stepsOfShare(Math.ceil(this.data.train.count / this.collective.worldSize), this.stepImages, this.minBatch);
+  }
+
+  /** A rank's images per optimiser step: its batch, times the micro-batches accumulated. */
+  private get stepImages(): number {
+    return this.settings.batchSize * this.settings.accumulate;
   }
 
   /**
@@ -426,7 +434,7 @@ export class Trainer {
   }
 
   get globalBatch(): number {
-    return this.settings.batchSize * this.collective.worldSize;
+    return this.stepImages * this.collective.worldSize;
   }
 
   /**
@@ -669,9 +677,9 @@ export class Trainer {
     const start = st.progress.done;
     const n = this.data.train.count;
     const w = c.worldSize;
-    const b = s.batchSize;
+    const b = this.stepImages;
     const mine = shardFrom(this.epochOrder(e), start, w, c.rank);
-    if (start === 0) this.checkBatchNormRoom(b, mine.length, w);
+    if (start === 0) this.checkBatchNormRoom(s.batchSize, mine.length, w);
     // 0 only for the rest of an epoch after a regroup, shorter than one healthy batch per rank:
     // those few images sit this epoch out (DataLoader's drop_last, for this one case).
     const segSteps = stepsOfShare(mine.length, b, this.minBatch);
@@ -699,41 +707,52 @@ export class Trainer {
       m.optimizer.lr = lr;
       const batchIdx = mine.subarray(...stepBounds(j, segSteps, mine.length, b));
       const ta = now();
-      const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
-      const tb = now();
-      // With buckets, each one's all-reduce starts inside the backward pass as soon as its
-      // gradients are final (the head's first), except the stem's: it also carries the step's
-      // sums, written after the pass. 'compute' is then forward + backward with the all-reduce
-      // running beside it, 'allReduce' only the part left once the backward pass is over.
-      const batch = { images: bt.x, labels: bt.y, n: bt.n };
       let r: StepResult;
+      let dataSec: number;
       let tc: number;
       let td: number;
-      if (this.fusedStep) {
-        // Alone: the engine applies its own gradient ('compute' then includes the optimizer step).
-        r = await m.trainStep!(batch);
-        tc = td = now();
-        [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, 0];
-      } else {
-        const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
-        staged?.done.catch(() => undefined);
-        const lastBucket = this.bucketRanges.length - 1;
-        const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
-        r = await m.computeGradients(batch, this.gradView, readiness);
-        // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
-        grads[0] = r.loss * bt.n;
-        grads[1] = r.correct;
-        grads[2] = bt.n;
+      if (this.accumulation) {
+        // DDP's no_sync: the step's micro-batches sum locally, then one all-reduce of their mean.
+        ({ r, dataSec } = await this.accumulate(batchIdx, rng));
         grads[3] = this.elastic?.regroupRequested ? 1 : 0;
         tc = now();
-        if (staged) {
-          staged.ready(lastBucket);
-          await staged.done;
-        } else {
-          await c.allReduceMean(grads);
-        }
+        await c.allReduceMean(grads);
         td = now();
+      } else {
+        const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
+        dataSec = now() - ta;
+        // With buckets, each one's all-reduce starts inside the backward pass as soon as its
+        // gradients are final (the head's first), except the stem's: it also carries the step's
+        // sums, written after the pass. 'compute' is then forward + backward with the all-reduce
+        // running beside it, 'allReduce' only the part left once the backward pass is over.
+        const batch = { images: bt.x, labels: bt.y, n: bt.n };
+        if (this.fusedStep) {
+          // Alone: the engine applies its own gradient ('compute' then includes the optimizer step).
+          r = await m.trainStep!(batch);
+          tc = td = now();
+          [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, 0];
+        } else {
+          const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
+          staged?.done.catch(() => undefined);
+          const lastBucket = this.bucketRanges.length - 1;
+          const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
+          r = await m.computeGradients(batch, this.gradView, readiness);
+          // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
+          grads[0] = r.loss * bt.n;
+          grads[1] = r.correct;
+          grads[2] = bt.n;
+          grads[3] = this.elastic?.regroupRequested ? 1 : 0;
+          tc = now();
+          if (staged) {
+            staged.ready(lastBucket);
+            await staged.done;
+          } else {
+            await c.allReduceMean(grads);
+          }
+          td = now();
+        }
       }
+      const tb = ta + dataSec;
       const gLoss = grads[0] * w;
       const gCorrect = Math.round(grads[1] * w);
       const gN = Math.round(grads[2] * w);
@@ -763,7 +782,7 @@ export class Trainer {
       win.lossSum += gLoss;
       win.correct += gCorrect;
       win.n += gN;
-      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: bt.n, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w });
+      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w });
       if (runDir && step % s.logEverySteps === 0) {
         // Windows tile the training time: the next one starts where this one ends, so the time of
         // writing this line (and of the commit after a step) counts in some window, as in trainSec.
@@ -793,6 +812,34 @@ export class Trainer {
       await this.commit();
     }
     return false;
+  }
+
+  /**
+   * One step's gradient from its micro-batches (--accumulate): each of `batchSize` images (a
+   * too-small last one folded in, as steps are), summed weighted by its images in float64, then
+   * divided by the step's images into the all-reduce buffer: the gradient of the mean loss over
+   * the whole step, as one batch of them would give (BatchNorm aside: it normalises each
+   * micro-batch by its own statistics). Writes the step sums in front, as a plain step does.
+   */
+  private async accumulate(batchIdx: Int32Array, rng: Rng | undefined): Promise<{ r: StepResult; dataSec: number }> {
+    const { sum, micro } = this.accumulation!;
+    const parts = stepsOfShare(batchIdx.length, this.settings.batchSize, this.minBatch);
+    sum.fill(0);
+    let [lossSum, correct, n, dataSec] = [0, 0, 0, 0];
+    for (let i = 0; i < parts; i++) {
+      const t0 = now();
+      const bt = this.assembler.assemble(this.data.train, batchIdx.subarray(...stepBounds(i, parts, batchIdx.length, this.settings.batchSize)), rng, this.batchBuf);
+      dataSec += now() - t0;
+      const r = await this.model.computeGradients({ images: bt.x, labels: bt.y, n: bt.n }, micro);
+      for (let k = 0; k < micro.length; k++) sum[k] += micro[k] * bt.n;
+      lossSum += r.loss * bt.n;
+      correct += r.correct;
+      n += bt.n;
+    }
+    const g = this.gradView;
+    for (let k = 0; k < g.length; k++) g[k] = sum[k] / n;
+    [this.grads[0], this.grads[1], this.grads[2]] = [lossSum, correct, n];
+    return { r: { loss: lossSum / n, correct }, dataSec };
   }
 
   /** BatchNorm averaging, evaluation, history; rank 0: checkpoint and epoch line. Commits the next epoch's start. */
@@ -970,7 +1017,7 @@ export class Trainer {
       settings: s,
       worldSize: this.collective.worldSize,
       model: { config: { ...m.config }, paramCount: m.paramCount, bnStatCount: m.arch.bnStatCount, layoutHash: this.layout },
-      optimizer: { kind: 'sgd', steps: opt.steps, lr: m.optimizer.lr, momentum: m.optimizer.momentum, weightDecay: m.optimizer.weightDecay },
+      optimizer: { kind: 'sgd', steps: opt.steps, lr: m.optimizer.lr, momentum: m.optimizer.momentum, weightDecay: m.optimizer.weightDecay, nesterov: m.optimizer.nesterov, skipNormBiasDecay: m.optimizer.skipNormBiasDecay },
       sampler: { kind: 'distributed', seed: s.seed, nextEpoch: epoch, shuffle: true, dropLast: false },
       rng: { algorithm: 'xoshiro128**', augmentStream: AUGMENT_STREAM, seededBy: '(seed, augmentStream, epoch, rank)' },
       history: st.history,
@@ -1002,8 +1049,11 @@ export class Trainer {
         kind: 'sgd',
         lr: s.lr,
         momentum: s.momentum,
+        nesterov: s.nesterov,
         weightDecay: s.weightDecay,
-        semantics: 'torch.optim.SGD (dampening 0, no Nesterov)',
+        weightDecayApplies: s.skipNormBiasDecay ? 'tensors of 2+ dimensions (not biases, not BatchNorm scale and shift)' : 'every parameter',
+        labelSmoothing: s.labelSmoothing,
+        semantics: `torch.optim.SGD (dampening 0${s.nesterov ? ', Nesterov' : ''})`,
         // The rate actually used: lr, or lr x worldSize after a linear warmup of warmupEpochs (per step).
         lrSchedule: {
           scaling: s.lrScaling, warmupEpochs: s.warmupEpochs, baseLr: s.lr, peakLr: peakLr(s, this.collective.worldSize),

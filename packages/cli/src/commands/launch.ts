@@ -181,7 +181,7 @@ export function registerLaunch(program: Command) {
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;
-        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${plan ? (s.engine === 'torch' ? 'torch CUDA' : BACKEND_NAMES[plan.backend]) : s.engine === 'torch' ? 'torch CPU' : 'CPU'} workers x batch ${s.batchSize} = global batch ${n * s.batchSize}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling)` : ' (not scaled)'}${describeSchedule(s)}, image ${s.imageSize}px`);
+        console.log(`${s.dataset}: ${s.epochs} epochs, ${n} ${plan ? (s.engine === 'torch' ? 'torch CUDA' : BACKEND_NAMES[plan.backend]) : s.engine === 'torch' ? 'torch CPU' : 'CPU'} workers x batch ${s.batchSize}${s.accumulate > 1 ? ` x ${s.accumulate} accumulated` : ''} = global batch ${n * s.batchSize * s.accumulate}, lr ${s.lr}${s.lrScaling === 'linear' ? ` x world size (linear scaling)` : ' (not scaled)'}${describeSchedule(s)}, image ${s.imageSize}px`);
       }
 
       let summary: Summary | undefined;

@@ -114,7 +114,7 @@ export async function prepareNewRun(input: TrainSettingsInput): Promise<{ settin
   const resolved = resolveSettings(input);
   const data = await loadTrainData(resolved);
   // One process: about ceil(images / batch) steps an epoch (the trainer may fold a short last batch).
-  const stepsPerEpoch = Math.ceil(data.train.count / resolved.batchSize);
+  const stepsPerEpoch = Math.ceil(data.train.count / (resolved.batchSize * resolved.accumulate));
   return {
     settings: { ...input, logEverySteps: input.logEverySteps ?? defaultLogEvery(stepsPerEpoch) },
     data: { ...data, name: resolved.dataset },
