@@ -100,6 +100,9 @@ const CASES: Case[] = [
   { name: '--resume of a folder without checkpoints', args: () => ['train', '--resume', path.join(fx.root, 'empty')], says: () => new RegExp(`no checkpoint .* in ${esc(path.join(fx.root, 'empty'))}`) },
   { name: '--resume with a corrupt checkpoint', args: () => ['train', '--resume', path.join(fx.root, 'garbage')], says: () => new RegExp(`${esc(path.join(fx.root, 'garbage', 'checkpoint-e0001.ckpt'))} cannot be used: it is not a dtrain checkpoint`) },
   { name: '--resume with a truncated checkpoint', args: () => ['train', '--resume', path.join(fx.root, 'truncated')], says: () => new RegExp(`${esc(path.join(fx.root, 'truncated', 'checkpoint-e0002.ckpt'))} cannot be used: .*truncated`) },
+  { name: '--init of a missing file', args: () => ['train', ...fm, '--limit-train', '64', '--init', path.join(fx.root, 'nope.safetensors')], says: () => new RegExp(`^error: --init ${esc(path.join(fx.root, 'nope.safetensors'))}: cannot read it \\(ENOENT\\)`) },
+  { name: 'launch --init of a file that is not safetensors', args: () => [...launch1(), '--init', path.join(fx.root, 'garbage', 'checkpoint-e0001.ckpt')], says: () => new RegExp(`^error: --init ${esc(path.join(fx.root, 'garbage', 'checkpoint-e0001.ckpt'))}: .*not a safetensors file`) },
+  { name: 'export of a missing run folder', args: () => ['export', path.join(fx.root, 'nope')], says: () => new RegExp(`${esc(path.join(fx.root, 'nope'))}: no such run folder`) },
   { name: 'launch --resume of a missing folder', args: () => ['launch', '--workers', '1', '--metrics-port', '0', '--resume', path.join(fx.root, 'nope')], says: () => new RegExp(`${esc(path.join(fx.root, 'nope'))}.*--resume`) },
   { name: 'launch --resume with a corrupt checkpoint', args: () => ['launch', '--workers', '1', '--metrics-port', '0', '--resume', path.join(fx.root, 'garbage')], says: () => new RegExp(`${esc(path.join(fx.root, 'garbage', 'checkpoint-e0001.ckpt'))} cannot be used`) },
   // --keys.

@@ -8,6 +8,7 @@ import { registerTrain } from './commands/train.js';
 import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
 import { registerKeys } from './commands/keys.js';
+import { registerExport } from './commands/export.js';
 
 /** Commands that write runs: their files are created with umask 077. */
 const PRIVATE_COMMANDS = new Set(['train', 'launch', 'join']);
@@ -32,6 +33,7 @@ export function buildProgram() {
   registerJoin(program);
   registerReport(program);
   registerRuns(program);
+  registerExport(program);
   registerKeys(program);
   return program;
 }

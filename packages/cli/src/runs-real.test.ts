@@ -11,6 +11,7 @@ import { createInProcessGroup, runTraining, TrainingDivergedError, type Summary 
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
+import { registerExport } from './commands/export.js';
 import { registerTrain } from './commands/train.js';
 import { buildCharts, runFacts, throughputPoints } from './report.js';
 import { readRun } from './run-files.js';
@@ -21,6 +22,7 @@ async function dtrain(...args: string[]): Promise<string[]> {
   registerTrain(program);
   registerReport(program);
   registerRuns(program);
+  registerExport(program);
   const lines: string[] = [];
   const log = vi.spyOn(console, 'log').mockImplementation((...a: unknown[]) => void lines.push(a.join(' ')));
   const err = vi.spyOn(process.stderr, 'write').mockImplementation(() => true);
@@ -160,5 +162,18 @@ describe('a run that diverged', () => {
     expect(summary).toMatchObject({ status: 'diverged', stopReason: e.message, steps: e.step - 1, epochs: 2, worldSize: 1 });
     const facts = runFacts(await readRun(diverged));
     expect(facts.title).toBe('c-diverged: synthetic-test, 1 worker (diverged after 0 of 2 epochs)');
+  });
+});
+
+describe('export, and a run started from its file', () => {
+  it('writes the best checkpoint as the tutorial’s state_dict; train --init takes it', async () => {
+    const lines = await dtrain('export', fashion, '--checkpoint', 'best');
+    const file = path.join(fashion, 'best.safetensors');
+    // 60 parameters and 3 buffers for each of the 17 BatchNorms.
+    expect(lines[0]).toBe(`wrote ${file}: ${60 + 3 * 17} tensors, ${(fs.statSync(file).size / 1e6).toFixed(1)} MB, from best.ckpt (epoch ${readSummary(fashion).bestEpoch}, step ${3 * readSummary(fashion).bestEpoch})`);
+    const out = path.join(root, 'runs', 'd-from-file');
+    await dtrain('train', '--dataset', 'fashion-mnist', '--epochs', '1', '--limit-train', '48', '--limit-test', '32', '--image-size', '16', '--batch-size', '16', '--init', file, '--out', out);
+    expect(readSummary(out).status).toBe('completed');
+    expect(JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')).settings.initFile).toBe(file);
   });
 });

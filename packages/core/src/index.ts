@@ -10,3 +10,5 @@ export { makeConv2d, conv2dReference } from './conv.js';
 export type { ConvSpec } from './conv.js';
 export { METRICS, METRIC_DEFS, METRIC_PREFIX, DEFAULT_METRICS_PORT, WORKER_LABELS, PHASE_LABEL, STEP_PHASES, BUILD_INFO_LABELS, REASON_LABEL, WORKER_LOST_REASONS, REFUSAL_REASONS, metricNameProblems, findMetricDef } from './metrics.js';
 export type { MetricDef, MetricKey, MetricType, MetricUnit, StepPhase, WorkerLostReason, RefusalReason } from './metrics.js';
+export { tutorialStateDict, pytorchModulePath, toPyTorchLayout, fromPyTorchLayout } from './state-dict.js';
+export type { StateDictEntry, StateDictSource } from './state-dict.js';

@@ -17,6 +17,7 @@ export {
   CIFAR10_PRESET,
   PRESETS,
   NATIVE_IMAGE_SIZE,
+  DATASET_SHAPE,
   TRAJECTORY_SETTINGS,
 } from './settings.js';
 export { lrAt, peakLr, LR_SCALINGS, LR_SCHEDULES } from './schedule.js';
@@ -28,6 +29,7 @@ export type { ModelEngine } from './engine.js';
 export {
   readCheckpoint,
   readLatestCheckpoint,
+  BEST_CHECKPOINT,
   writeCheckpoint,
   listCheckpoints,
   encodeCheckpoint,
@@ -45,3 +47,6 @@ export { runDistributedWorker, readWorkerEnv, WorkerEnvError, WORKER_ENTRY, DEFA
 export type { DistributedConfig, DoneReport, StartReport, WorkerReport, WorkerEnv, CrashSpec, RejectedReport } from './distributed.js';
 export { fetchOfferedFiles, isCached, sha256File, DataTransferError } from './dataset-fetch.js';
 export type { OfferedFile } from './dataset-fetch.js';
+export { exportSafetensors, readInitFile } from './model-file.js';
+export { encodeSafetensors, decodeSafetensors, SafetensorsError } from './safetensors.js';
+export type { SafeTensor } from './safetensors.js';

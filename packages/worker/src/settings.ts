@@ -71,6 +71,8 @@ export interface TrainSettings {
   shareGpu: boolean;
   /** The only initialisation the model has: Xavier-uniform weights, zero biases (the tutorial's). */
   init: 'xavier-uniform';
+  /** Start from the weights and BatchNorm statistics of this safetensors file (the tutorial's state_dict: cli export), not from `init`. */
+  initFile: string | null;
   /** A `kind: 'step'` line in metrics.jsonl every this many steps. */
   logEverySteps: number;
   /** Checkpoints kept in the run folder (the newest ones). */
@@ -84,6 +86,8 @@ export type TrainSettingsInput = Partial<TrainSettings>;
 
 /** Native sizes of the named data sets (the default image size). */
 export const NATIVE_IMAGE_SIZE: Record<string, number> = { 'fashion-mnist': 28, cifar10: 32 };
+/** Channels and classes of the named data sets: the network's input and output, before any data is loaded. */
+export const DATASET_SHAPE: Record<string, { channels: number; classes: number }> = { 'fashion-mnist': { channels: 1, classes: 10 }, cifar10: { channels: 3, classes: 10 } };
 
 export const DEFAULTS = {
   preset: null,
@@ -113,6 +117,7 @@ export const DEFAULTS = {
   allowSoftwareGpu: false,
   shareGpu: false,
   init: 'xavier-uniform',
+  initFile: null,
   logEverySteps: 50,
   keepCheckpoints: 2,
   dataDir: null,
@@ -186,6 +191,7 @@ export const TRAJECTORY_SETTINGS = [
   'limitTest',
   'augment',
   'init',
+  'initFile',
 ] as const satisfies readonly (keyof TrainSettings)[];
 
 /** Whether two values of a setting are the same (lrMilestones is an array). */
@@ -252,6 +258,7 @@ export function validateSettings(s: TrainSettings): void {
     throw new TrainSettingsError('precision', `precision ${s.precision} needs the torch engine on GPUs (--engine torch --gpus N); ${s.engine === 'torch' ? 'the CPU' : 'the tfjs engine'} computes fp32`);
   }
   for (const k of ['allowSoftwareGpu', 'shareGpu'] as const) if (typeof s[k] !== 'boolean') throw new TrainSettingsError(k, `${k} must be true or false, got ${String(s[k])}`);
+  if (s.initFile !== null && (typeof s.initFile !== 'string' || s.initFile === '')) throw new TrainSettingsError('initFile', `initFile must be a file name or null, got ${JSON.stringify(s.initFile)}`);
   if (s.init !== 'xavier-uniform') throw new TrainSettingsError('init', `init must be 'xavier-uniform' (the only one the model has), got '${String(s.init)}'`);
 }
 
@@ -326,6 +333,7 @@ export function withScheduleDefaults(s: TrainSettings): TrainSettings {
   return {
     ...s,
     accumulate: s.accumulate ?? DEFAULTS.accumulate,
+    initFile: s.initFile ?? DEFAULTS.initFile,
     nesterov: s.nesterov ?? DEFAULTS.nesterov,
     skipNormBiasDecay: s.skipNormBiasDecay ?? DEFAULTS.skipNormBiasDecay,
     labelSmoothing: s.labelSmoothing ?? DEFAULTS.labelSmoothing,

@@ -37,6 +37,8 @@ import { GroupChangedError, SingleProcess, isElastic, type Collective, type Elas
 import { CheckpointError, ReplicaMismatchError, TrainingDivergedError, TrainSettingsError } from './errors.js';
 import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
 import { lrAt, peakLr } from './schedule.js';
+import { readInitFile } from './model-file.js';
+import { SafetensorsError } from './safetensors.js';
 import { maxStepImages, stepBounds, stepsOfShare } from './steps.js';
 import { sameSetting, TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
 
@@ -449,6 +451,7 @@ export class Trainer {
     this.epochs = [];
     this.lastCheckpoint = resumeFrom?.file ?? null;
     if (resumeFrom) this.restore(resumeFrom);
+    else if (s.initFile !== null && c.rank === (this.elastic ? this.elastic.initialRoot : 0)) await this.initFrom(s.initFile);
     await this.commit();
     // A worker admitted into a run in progress adopts everything and rewrites no run file.
     const joining = this.elastic !== null && this.elastic.initialRoot !== c.rank;
@@ -499,6 +502,15 @@ export class Trainer {
     const summary = this.summaryOf(stopReason === undefined ? 'completed' : 'stopped', stopReason, resumeFrom !== undefined, resumedFinal);
     await this.writeSummary(summary);
     return { summary, epochs: this.epochs };
+  }
+
+  /** --init: the sync's root starts from the file's weights and BatchNorm statistics; the sync hands them to every rank. */
+  private async initFrom(file: string): Promise<void> {
+    const init = await readInitFile(file, this.model.config).catch((err: unknown) => {
+      throw err instanceof SafetensorsError ? new TrainSettingsError('initFile', `initFile ${err.message}`) : err;
+    });
+    this.model.setWeights(init.weights);
+    this.model.setBatchNormStats(init.bnStats);
   }
 
   /** summary.json in the run folder (rank 0 only: others have none). */

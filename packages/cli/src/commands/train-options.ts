@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
 import { DATASET_NAMES } from '@dtrain/data';
-import { DEFAULTS, ENGINE_KINDS, LR_SCALINGS, LR_SCHEDULES, PRECISIONS, PRESETS, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
+import { DEFAULTS, ENGINE_KINDS, LR_SCALINGS, LR_SCHEDULES, PRECISIONS, PRESETS, readInitFile, SafetensorsError, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
 import { UsageError, nonNegativeInt, nonNegativeNumber, oneOf, positiveInt } from '../errors.js';
 
 /** Setting name -> the flag a user types, so errors name what they can change. */
@@ -31,6 +31,7 @@ export const FLAGS: Record<string, string> = {
   limitTrain: '--limit-train',
   limitTest: '--limit-test',
   augment: '--augment',
+  initFile: '--init',
   backend: '--backend',
   engine: '--engine',
   precision: '--precision',
@@ -102,6 +103,7 @@ export function addTrainOptions<A extends unknown[], O extends OptionValues, G e
     .option('--limit-train <n>', 'train on the first N training images only', positiveInt('--limit-train'))
     .option('--limit-test <n>', 'evaluate on the first N test images only', positiveInt('--limit-test'))
     .option('--data-dir <dir>', 'data directory (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
+    .option('--init <file>', 'start from the weights and BatchNorm statistics of a .safetensors file holding the tutorial’s PyTorch state_dict (pnpm cli export writes one) instead of Xavier init')
     .option('--augment', 'random crop (padding 4) and horizontal flip while training (off by default, as in the tutorial)')
     .option('--log-every <steps>', `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps})`, positiveInt('--log-every'))
     .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'))
@@ -143,6 +145,7 @@ export interface TrainFlags {
   limitTrain?: number;
   limitTest?: number;
   augment?: true;
+  init?: string;
   logEvery?: number;
   keepCheckpoints?: number;
   dataDir?: string;
@@ -177,6 +180,7 @@ export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['b
     limitTrain: o.limitTrain,
     limitTest: o.limitTest,
     augment: o.augment,
+    initFile: o.init !== undefined ? path.resolve(o.init) : undefined,
     backend,
     engine: o.engine as TrainSettingsInput['engine'],
     precision: o.precision as TrainSettingsInput['precision'],
@@ -187,6 +191,17 @@ export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['b
     dataDir: o.dataDir !== undefined ? path.resolve(o.dataDir) : undefined,
   };
   return Object.fromEntries(Object.entries(all).filter(([, v]) => v !== undefined)) as TrainSettingsInput;
+}
+
+/**
+ * --init checked before anything starts (a run folder, a worker): the file must hold the network
+ * of this data set and image size. `shape` is the data's channels and classes.
+ */
+export async function checkInitFile(file: string | null, shape: { channels: number; classes: number } | undefined, imageSize: number): Promise<void> {
+  if (file === null || shape === undefined) return;
+  await readInitFile(file, { inChannels: shape.channels, classes: shape.classes, imageSize }).catch((err: unknown) => {
+    throw err instanceof SafetensorsError ? new UsageError(`--init ${err.message}`) : err;
+  });
 }
 
 /** A settings error from the trainer, rephrased with the flag the user typed. */

@@ -1,0 +1,61 @@
+// A trained model leaves the project as the tutorial's PyTorch state_dict in a safetensors file
+// (`cli export`), and such a file starts a run (`train --init`): names, shapes and layouts from
+// @dtrain/core's tutorialStateDict, the format from safetensors.ts.
+
+import fs from 'node:fs/promises';
+import { describeResNet, fromPyTorchLayout, toPyTorchLayout, tutorialStateDict, type Architecture, type ResNetConfig } from '@dtrain/core';
+import type { Checkpoint } from './checkpoint.js';
+import { decodeSafetensors, encodeSafetensors, SafetensorsError, type SafeTensor } from './safetensors.js';
+import { writeFileAtomic } from './files.js';
+
+/** The weights and BatchNorm statistics of a checkpoint as the tutorial module's state_dict, written atomically to `file`. */
+export async function exportSafetensors(ck: Checkpoint, file: string): Promise<{ tensors: number; bytes: number }> {
+  const arch = describeResNet(ck.header.model.config);
+  const tensors = new Map<string, SafeTensor>();
+  // PyTorch counts the training batches each BatchNorm has seen; ours are the optimiser's steps.
+  const count = BigInt64Array.of(BigInt(ck.header.step));
+  for (const e of tutorialStateDict(arch)) {
+    const s = e.source;
+    const data =
+      s.kind === 'param' ? toPyTorchLayout(arch.params[s.index], ck.weights) : s.kind === 'bnStat' ? ck.bnStats.slice(s.offset, s.offset + e.shape[0]) : count;
+    tensors.set(e.name, { dtype: e.dtype, shape: e.shape, data });
+  }
+  const metadata = { format: 'pt', producer: 'dtrain', epoch: String(ck.header.epoch), step: String(ck.header.step), dataset: String(ck.header.settings.dataset) };
+  const bytes = encodeSafetensors(tensors, metadata);
+  await writeFileAtomic(file, bytes);
+  return { tensors: tensors.size, bytes: bytes.length };
+}
+
+/**
+ * The flat weights and BatchNorm statistics (TensorFlow layouts) of the tutorial module's
+ * state_dict in `file`, for a network of `config`. As PyTorch's load_state_dict(strict=True): every
+ * entry must be there with its shape, and nothing else; each error names the file and the tensor.
+ */
+export async function readInitFile(file: string, config: ResNetConfig): Promise<{ weights: Float32Array; bnStats: Float32Array; arch: Architecture }> {
+  const bytes = await fs.readFile(file).catch((err: NodeJS.ErrnoException) => {
+    throw new SafetensorsError(`${file}: cannot read it (${err.code ?? err.message}); --init takes a .safetensors file, e.g. one written by pnpm cli export`);
+  });
+  const { tensors } = decodeSafetensors(bytes, file);
+  const arch = describeResNet(config);
+  const weights = new Float32Array(arch.paramCount);
+  const bnStats = new Float32Array(arch.bnStatCount);
+  const expected = tutorialStateDict(arch);
+  for (const e of expected) {
+    const t = tensors.get(e.name);
+    if (!t) throw new SafetensorsError(`${file}: no tensor ${e.name} (the tutorial network for ${config.inChannels} channel(s), ${config.classes} classes has ${expected.length} entries)`);
+    if (t.shape.join('x') !== e.shape.join('x')) {
+      throw new SafetensorsError(`${file}: tensor ${e.name} is [${t.shape.join(', ')}], the network needs [${e.shape.join(', ')}] (another data set's channels or classes?)`);
+    }
+    if (e.source.kind === 'bnCount') continue;
+    if (t.dtype !== 'F32') throw new SafetensorsError(`${file}: tensor ${e.name} is ${t.dtype}, expected F32`);
+    const values = t.data as Float32Array;
+    const bad = values.findIndex((v) => !Number.isFinite(v));
+    if (bad >= 0) throw new SafetensorsError(`${file}: tensor ${e.name} holds ${values[bad]} at ${bad}`);
+    if (e.source.kind === 'param') fromPyTorchLayout(arch.params[e.source.index], values, weights);
+    else bnStats.set(values, e.source.offset);
+  }
+  const known = new Set(expected.map((e) => e.name));
+  const extra = [...tensors.keys()].filter((n) => !known.has(n));
+  if (extra.length > 0) throw new SafetensorsError(`${file}: tensors the network does not have: ${extra.slice(0, 5).join(', ')}${extra.length > 5 ? `, ... (${extra.length})` : ''}`);
+  return { weights, bnStats, arch };
+}
