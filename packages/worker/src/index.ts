@@ -1,4 +1,4 @@
-export { Trainer, AUGMENT_STREAM, AUGMENT_CROP_PADDING, layoutHash, readMetrics } from './trainer.js';
+export { Trainer, AUGMENT_STREAM, layoutHash, readMetrics } from './trainer.js';
 export type { TrainData, TrainerOptions, TrainerHooks, TrainResult, PhaseTimes, StepInfo, StepMetrics, EpochMetrics, Summary, StartInfo } from './trainer.js';
 export { runTraining, loadTrainData, defaultRunDir } from './run.js';
 export type { RunTrainingOptions, RunTrainingResult } from './run.js';
@@ -18,11 +18,15 @@ export {
   PRESETS,
   NATIVE_IMAGE_SIZE,
   DATASET_SHAPE,
+  AUGMENT_CROP_PADDING,
+  AUGMENT_NAMES,
+  DATASET_AUGMENT,
+  augmentationOf,
   TRAJECTORY_SETTINGS,
 } from './settings.js';
 export { lrAt, peakLr, LR_SCALINGS, LR_SCHEDULES } from './schedule.js';
 export type { LrScaling, LrScheduleSettings } from './schedule.js';
-export type { TrainSettings, TrainSettingsInput, PresetName, BackendKind, EngineKind, Precision } from './settings.js';
+export type { AugmentName, TrainSettings, TrainSettingsInput, PresetName, BackendKind, EngineKind, Precision } from './settings.js';
 export { ENGINE_KINDS, PRECISIONS } from './settings.js';
 export { loadEngine } from './engine.js';
 export type { ModelEngine } from './engine.js';

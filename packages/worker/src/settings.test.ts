@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { TrainSettingsError } from './errors.js';
-import { DEFAULTS, resolveSettings, resumeSettings, type TrainSettings } from './settings.js';
+import { augmentationOf, DEFAULTS, resolveSettings, resumeSettings, type TrainSettings } from './settings.js';
 
 describe('resolveSettings', () => {
   it('takes the data set’s native size and the documented defaults', () => {
@@ -15,6 +15,15 @@ describe('resolveSettings', () => {
     expect(resolveSettings({ preset: 'cifar10' })).toMatchObject({ ...recipe, dataset: 'cifar10', imageSize: 96, epochs: 30 });
     // Two workers at half the batch: the same global batch, the same lr.
     expect(resolveSettings({ preset: 'fashion-mnist', batchSize: 64, epochs: 3 })).toMatchObject({ ...recipe, batchSize: 64, epochs: 3 });
+  });
+
+  it('augmentation by name: true is the data set’s usual crop and flip, a list is exactly what it names', () => {
+    expect(augmentationOf({ dataset: 'fashion-mnist', augment: true })).toEqual({ cropPadding: 4, horizontalFlip: true });
+    expect(augmentationOf({ dataset: 'cifar10', augment: ['crop'] })).toEqual({ cropPadding: 4, horizontalFlip: false });
+    expect(augmentationOf({ dataset: 'cifar10', augment: ['flip'] })).toEqual({ cropPadding: 0, horizontalFlip: true });
+    expect(augmentationOf({ dataset: 'cifar10', augment: false })).toBeUndefined();
+    expect(augmentationOf({ dataset: 'cifar10', augment: [] })).toBeUndefined();
+    expect(resolveSettings({ dataset: 'fashion-mnist', augment: ['crop'] }).augment).toEqual(['crop']);
   });
 
   it('applies the tutorial preset, and explicit values override it', () => {
@@ -45,6 +54,7 @@ describe('resolveSettings', () => {
       [{ dataset: 'cifar10', lrSchedule: 'step', lrMilestones: [5, 3] }, /lrMilestones must be ascending epochs of at least 1, got \[5,3\]/],
       [{ dataset: 'cifar10', lrSchedule: 'step', lrMilestones: [3], lrGamma: 0 }, /lrGamma must be in \(0, 1\], got 0/],
       [{ dataset: 'cifar10', lrMilestones: [3] }, /lrMilestones and lrGamma belong to the step schedule/],
+      [{ dataset: 'cifar10', augment: ['rotate'] as unknown as ['crop'] }, /^augment must be true, false or a list of crop, flip, got \["rotate"\]$/],
       [{ dataset: 'cifar10', accumulate: 0 }, /^accumulate must be a positive integer, got 0$/],
       [{ dataset: 'cifar10', nesterov: true }, /^nesterov needs a momentum above 0/],
       [{ dataset: 'cifar10', labelSmoothing: -0.1 }, /^labelSmoothing must be in \[0, 1\), got -0.1$/],

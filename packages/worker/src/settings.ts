@@ -16,6 +16,23 @@ export const ENGINE_KINDS = ['tfjs', 'torch'] as const satisfies readonly Engine
 export type Precision = 'fp32' | 'tf32' | 'bf16';
 export const PRECISIONS = ['fp32', 'tf32', 'bf16'] as const satisfies readonly Precision[];
 export const PRESETS = ['tutorial', 'fashion-mnist', 'cifar10'] as const;
+export const AUGMENT_NAMES = ['crop', 'flip'] as const;
+export type AugmentName = (typeof AUGMENT_NAMES)[number];
+/**
+ * What `augment: true` means per data set: crop and flip for clothes and objects, whose mirror
+ * images are as likely as they are (a digit's is not: a data set of digits would list only crop).
+ * A data set not listed (data given in memory) gets both.
+ */
+export const DATASET_AUGMENT: Record<string, AugmentName[]> = { 'fashion-mnist': ['crop', 'flip'], cifar10: ['crop', 'flip'] };
+/** Padding of the random crop (torchvision's usual CIFAR choice). */
+export const AUGMENT_CROP_PADDING = 4;
+
+/** The augmentation a run's settings ask for, as the batch pipeline takes it (undefined: none). */
+export function augmentationOf(s: Pick<TrainSettings, 'augment' | 'dataset'>): { cropPadding: number; horizontalFlip: boolean } | undefined {
+  const names = s.augment === true ? (DATASET_AUGMENT[s.dataset] ?? [...AUGMENT_NAMES]) : s.augment === false ? [] : s.augment;
+  if (names.length === 0) return undefined;
+  return { cropPadding: names.includes('crop') ? AUGMENT_CROP_PADDING : 0, horizontalFlip: names.includes('flip') };
+}
 export type PresetName = (typeof PRESETS)[number];
 
 export interface TrainSettings {
@@ -58,8 +75,11 @@ export interface TrainSettings {
   /** Use only the first N training / test images (null: all). */
   limitTrain: number | null;
   limitTest: number | null;
-  /** Random crop (padding 4) and horizontal flip while training. */
-  augment: boolean;
+  /**
+   * Augmentation while training, by name: 'crop' (random crop, padding 4) and 'flip' (horizontal
+   * flip); true: the data set's usual ones (DATASET_AUGMENT); false or []: none.
+   */
+  augment: boolean | AugmentName[];
   backend: BackendKind;
   /** Which engine computes the network; every rank of a run uses the same one, and a checkpoint of one resumes on the other. */
   engine: EngineKind;
@@ -258,6 +278,9 @@ export function validateSettings(s: TrainSettings): void {
     throw new TrainSettingsError('precision', `precision ${s.precision} needs the torch engine on GPUs (--engine torch --gpus N); ${s.engine === 'torch' ? 'the CPU' : 'the tfjs engine'} computes fp32`);
   }
   for (const k of ['allowSoftwareGpu', 'shareGpu'] as const) if (typeof s[k] !== 'boolean') throw new TrainSettingsError(k, `${k} must be true or false, got ${String(s[k])}`);
+  if (typeof s.augment !== 'boolean' && !(Array.isArray(s.augment) && s.augment.every((a) => (AUGMENT_NAMES as readonly string[]).includes(a)))) {
+    throw new TrainSettingsError('augment', `augment must be true, false or a list of ${AUGMENT_NAMES.join(', ')}, got ${JSON.stringify(s.augment)}`);
+  }
   if (s.initFile !== null && (typeof s.initFile !== 'string' || s.initFile === '')) throw new TrainSettingsError('initFile', `initFile must be a file name or null, got ${JSON.stringify(s.initFile)}`);
   if (s.init !== 'xavier-uniform') throw new TrainSettingsError('init', `init must be 'xavier-uniform' (the only one the model has), got '${String(s.init)}'`);
 }

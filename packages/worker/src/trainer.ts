@@ -40,12 +40,10 @@ import { lrAt, peakLr } from './schedule.js';
 import { readInitFile } from './model-file.js';
 import { SafetensorsError } from './safetensors.js';
 import { maxStepImages, stepBounds, stepsOfShare } from './steps.js';
-import { sameSetting, TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
+import { augmentationOf, sameSetting, TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
 
 /** Stream id mixed into the augmentation generator's seed, so it never repeats the sampler's stream. */
 export const AUGMENT_STREAM = 0xa06e;
-/** Random crop padding when `augment` is on (torchvision's usual CIFAR choice). */
-export const AUGMENT_CROP_PADDING = 4;
 
 export interface TrainData {
   train: Dataset;
@@ -358,7 +356,7 @@ export class Trainer {
     this.assembler = new BatchAssembler(train, {
       height: s.imageSize,
       width: s.imageSize,
-      augment: s.augment ? { cropPadding: AUGMENT_CROP_PADDING, horizontalFlip: true } : undefined,
+      augment: augmentationOf(s),
     });
     this.grads = new Float32Array(new SharedArrayBuffer((this.model.paramCount + STEP_SUMS) * 4));
     this.gradView = this.grads.subarray(STEP_SUMS);
@@ -702,7 +700,7 @@ export class Trainer {
     }
     // At an epoch start (seed, epoch, rank), as before elastic training existed; a re-sharded rest
     // gets a stream of its own, which every rank derives from the same position.
-    const rng = s.augment ? (start === 0 ? new Rng(s.seed, AUGMENT_STREAM, e, c.rank) : new Rng(s.seed, AUGMENT_STREAM, e, c.rank, start)) : undefined;
+    const rng = augmentationOf(s) ? (start === 0 ? new Rng(s.seed, AUGMENT_STREAM, e, c.rank) : new Rng(s.seed, AUGMENT_STREAM, e, c.rank, start)) : undefined;
     const runDir = this.runDir;
     const grads = this.grads;
     const t = st.totals;
@@ -1078,7 +1076,7 @@ export class Trainer {
         test: { name: test.name, images: test.count, shape: [test.height, test.width, test.channels] },
         classes: train.classNames,
         preprocessing: { resize: `bilinear ${train.height}x${train.width} -> ${s.imageSize}x${s.imageSize}`, normalize: '(x/255 - 0.5) / 0.5' },
-        augment: s.augment ? { cropPadding: AUGMENT_CROP_PADDING, horizontalFlip: true } : false,
+        augment: augmentationOf(s) ?? false,
         sampler: { kind: 'distributed', shuffle: true, dropLast: false, lastBatch: 'kept (may be short)' },
       },
       versions: this.engine.versions,

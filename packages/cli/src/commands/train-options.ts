@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
 import { DATASET_NAMES } from '@dtrain/data';
-import { DEFAULTS, ENGINE_KINDS, LR_SCALINGS, LR_SCHEDULES, PRECISIONS, PRESETS, readInitFile, SafetensorsError, TrainSettingsError, type TrainSettingsInput } from '@dtrain/worker';
+import { AUGMENT_NAMES, DEFAULTS, ENGINE_KINDS, LR_SCALINGS, LR_SCHEDULES, PRECISIONS, PRESETS, readInitFile, SafetensorsError, TrainSettingsError, type AugmentName, type TrainSettingsInput } from '@dtrain/worker';
 import { UsageError, nonNegativeInt, nonNegativeNumber, oneOf, positiveInt } from '../errors.js';
 
 /** Setting name -> the flag a user types, so errors name what they can change. */
@@ -57,6 +57,13 @@ function milestones(value: string): number[] {
   return m;
 }
 
+function augmentNames(value: string): AugmentName[] {
+  const names = value.split(',').map((x) => x.trim());
+  const bad = names.find((n) => !(AUGMENT_NAMES as readonly string[]).includes(n));
+  if (bad !== undefined) throw new UsageError(`--augment takes ${AUGMENT_NAMES.join(', ')} (comma-separated), got '${bad}'`);
+  return [...new Set(names)] as AugmentName[];
+}
+
 function labelSmoothingValue(value: string): number {
   const n = nonNegativeNumber('--label-smoothing')(value);
   if (n >= 1) throw new UsageError(`--label-smoothing must be below 1 (0.1 is usual), got '${value}'`);
@@ -104,7 +111,7 @@ export function addTrainOptions<A extends unknown[], O extends OptionValues, G e
     .option('--limit-test <n>', 'evaluate on the first N test images only', positiveInt('--limit-test'))
     .option('--data-dir <dir>', 'data directory (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
     .option('--init <file>', 'start from the weights and BatchNorm statistics of a .safetensors file holding the tutorial’s PyTorch state_dict (pnpm cli export writes one) instead of Xavier init')
-    .option('--augment', 'random crop (padding 4) and horizontal flip while training (off by default, as in the tutorial)')
+    .option('--augment [names]', `augmentation while training (off by default, as in the tutorial): alone, the data set's usual ones (crop and flip for Fashion-MNIST and CIFAR-10), or named: ${AUGMENT_NAMES.join(', ')} (crop: random crop with padding 4, flip: horizontal flip), e.g. --augment crop; seeded per rank and epoch`, augmentNames)
     .option('--log-every <steps>', `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps})`, positiveInt('--log-every'))
     .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'))
     .addOption(
@@ -144,7 +151,7 @@ export interface TrainFlags {
   seed?: number;
   limitTrain?: number;
   limitTest?: number;
-  augment?: true;
+  augment?: true | AugmentName[];
   init?: string;
   logEvery?: number;
   keepCheckpoints?: number;

@@ -24,6 +24,7 @@ describe('dtrain train: flags', () => {
       [['--dataset', 'fashion-mnist', '--batch-size', '0'], /^--batch-size must be a positive integer, got '0'$/],
       [['--dataset', 'fashion-mnist', '--lr', '-1'], /^--lr must be a positive number, got '-1'$/],
       [['--dataset', 'fashion-mnist', '--momentum', '1'], /^--momentum must be below 1, got '1'$/],
+      [['--dataset', 'fashion-mnist', '--augment', 'crop,rotate'], /^--augment takes crop, flip \(comma-separated\), got 'rotate'$/],
       [['--dataset', 'fashion-mnist', '--accumulate', '0'], /^--accumulate must be a positive integer, got '0'$/],
       [['--dataset', 'fashion-mnist', '--nesterov'], /^--nesterov needs a momentum above 0 \(e\.g\. momentum 0\.9\), as torch\.optim\.SGD$/],
       [['--dataset', 'fashion-mnist', '--label-smoothing', '1'], /^--label-smoothing must be below 1 \(0\.1 is usual\), got '1'$/],
