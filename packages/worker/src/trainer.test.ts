@@ -170,35 +170,38 @@ describe('training on synthetic data', () => {
 });
 
 describe('two replicas in one process (the seam of the distributed workers)', () => {
-  it('stay bitwise identical, count every test image once, and only rank 0 writes files', async () => {
-    const data = syntheticData(40, 25);
-    const dir = await tempDir();
-    const group = createInProcessGroup(2);
-    const outs = [path.join(dir, 'r0'), path.join(dir, 'r1')];
-    const evals: number[][] = [[], []];
-    const results = await Promise.all(
-      group.map((collective, rank) =>
-        runTraining({
-          data,
-          collective,
-          out: outs[rank],
-          settings: { epochs: 1, batchSize: 8, lr: 0.01, momentum: 0.9, augment: true, seed: 4 },
-          hooks: { onEpochEnd: (m) => evals[rank].push(m.testImages, m.images) },
-        }),
-      ),
-    );
-    expect(firstDifference(results[0].weights, results[1].weights)).toBe(-1);
-    expect(firstDifference(results[0].bnStats, results[1].bnStats)).toBe(-1);
-    expect(firstDifference(results[0].momentum, results[1].momentum)).toBe(-1);
-    // 25 test images over 2 ranks (13 + 12): all of them, once; 40 train images, 20 per rank.
-    expect(evals).toEqual([[25, 40], [25, 40]]);
-    expect(results[0].summary).toMatchObject({ worldSize: 2, globalBatch: 16, steps: 3, testImages: 25 });
-    expect(results[0].epochs[0].testAcc).toBe(results[1].epochs[0].testAcc);
-    expect(results[1].runDir).toBeNull();
-    await expect(fs.access(outs[1])).rejects.toThrow();
-    const config = JSON.parse(await fs.readFile(path.join(outs[0], 'config.json'), 'utf8'));
-    expect(config).toMatchObject({ worldSize: 2, globalBatch: 16 });
-  });
+  // 40 train images, 20 per rank: batch 8 gives steps of 8, 8, 4; 2 micro-batches of 8, steps of 16 and 4.
+  for (const [accumulate, steps] of [[1, 3], [2, 2]]) {
+    it(`stay bitwise identical, count every test image once, and only rank 0 writes files (${accumulate} micro-batch${accumulate > 1 ? 'es' : ''} a step)`, async () => {
+      const data = syntheticData(40, 25);
+      const dir = await tempDir();
+      const group = createInProcessGroup(2);
+      const outs = [path.join(dir, 'r0'), path.join(dir, 'r1')];
+      const evals: number[][] = [[], []];
+      const results = await Promise.all(
+        group.map((collective, rank) =>
+          runTraining({
+            data,
+            collective,
+            out: outs[rank],
+            settings: { epochs: 1, batchSize: 8, accumulate, lr: 0.01, momentum: 0.9, augment: true, seed: 4 },
+            hooks: { onEpochEnd: (m) => evals[rank].push(m.testImages, m.images) },
+          }),
+        ),
+      );
+      expect(firstDifference(results[0].weights, results[1].weights)).toBe(-1);
+      expect(firstDifference(results[0].bnStats, results[1].bnStats)).toBe(-1);
+      expect(firstDifference(results[0].momentum, results[1].momentum)).toBe(-1);
+      // 25 test images over 2 ranks (13 + 12): all of them, once; 40 train images, 20 per rank.
+      expect(evals).toEqual([[25, 40], [25, 40]]);
+      expect(results[0].summary).toMatchObject({ worldSize: 2, globalBatch: 16 * accumulate, steps, testImages: 25 });
+      expect(results[0].epochs[0].testAcc).toBe(results[1].epochs[0].testAcc);
+      expect(results[1].runDir).toBeNull();
+      await expect(fs.access(outs[1])).rejects.toThrow();
+      const config = JSON.parse(await fs.readFile(path.join(outs[0], 'config.json'), 'utf8'));
+      expect(config).toMatchObject({ worldSize: 2, globalBatch: 16 * accumulate });
+    });
+  }
 
   it('all-reducing the gradient in buckets during the backward pass reaches the same weights as one all-reduce after it', async () => {
     const data = syntheticData(32, 8);
