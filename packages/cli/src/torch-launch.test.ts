@@ -17,10 +17,10 @@ async function epochs(dir: string): Promise<EpochMetrics[]> {
 }
 
 describe('pnpm cli launch --engine torch', () => {
-  it('trains Fashion-MNIST on 2 CPU workers with gradient buckets overlapping the backward pass, replicas bitwise identical', async (ctx) => {
+  it('trains Fashion-MNIST on 2 CPU workers with gradient buckets overlapping the backward pass, replicas bitwise identical (Nesterov, decay of weights only, label smoothing)', async (ctx) => {
     needsEngine(ctx);
     const out = path.join(tmp(), 'run');
-    const r = await runCli(ctx, ['launch', '--workers', '2', '--engine', 'torch', '--dataset', 'fashion-mnist', '--epochs', '1', '--limit-train', '512', '--limit-test', '256', '--momentum', '0.9', '--bucket-mb', '1', '--metrics-port', '0', '--out', out]);
+    const r = await runCli(ctx, ['launch', '--workers', '2', '--engine', 'torch', '--dataset', 'fashion-mnist', '--epochs', '1', '--limit-train', '512', '--limit-test', '256', '--momentum', '0.9', '--nesterov', '--weight-decay', '5e-4', '--skip-norm-bias-decay', '--label-smoothing', '0.1', '--bucket-mb', '1', '--metrics-port', '0', '--out', out]);
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^fashion-mnist: 1 epochs, 2 torch CPU workers x batch 64/m);
     expect(r.stdout).toMatch(/^epoch 1\/1 .* test \d+\.\d% \(256 images\)/m);
