@@ -13,11 +13,10 @@
 // chartjs-node-canvas) were ruled out: node-canvas needs a native build or a binary download.
 // SVG to PNG: @resvg/resvg-js (Rust resvg; its prebuilt binary ships as an npm package, so it
 // installs offline). The HTML page inlines the same SVGs: self-contained, no script, no network.
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Resvg } from '@resvg/resvg-js';
 import * as echarts from 'echarts';
-import type { EpochMetrics } from '@dtrain/worker';
+import { writeFileAtomic, type EpochMetrics } from '@dtrain/worker';
 import { readRun, RunFolderError, runStatus, type RunFiles } from './run-files.js';
 
 const CHART_W = 700;
@@ -318,28 +317,17 @@ ${rows}
 `;
 }
 
-/** Written to a temporary name and renamed, so a reader never sees half a file. */
-async function writeAtomic(file: string, data: string | Buffer): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  try {
-    await fs.writeFile(tmp, data);
-    await fs.rename(tmp, file);
-  } catch (err) {
-    await fs.rm(tmp, { force: true });
-    throw err;
-  }
-}
 
 export async function writeReport(runDir: string, o: { png?: string; html?: string }): Promise<{ run: RunFiles; written: string[] }> {
   const run = await readRun(runDir);
   const charts = buildCharts(run);
   const written: string[] = [];
   if (o.png) {
-    await writeAtomic(o.png, renderPng(composeSvg(run, charts)));
+    await writeFileAtomic(o.png, renderPng(composeSvg(run, charts)));
     written.push(o.png);
   }
   if (o.html) {
-    await writeAtomic(o.html, renderHtml(run, charts));
+    await writeFileAtomic(o.html, renderHtml(run, charts));
     written.push(o.html);
   }
   return { run, written };

@@ -9,9 +9,13 @@ import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import {
-  ControlServer, countAuthRefused, curveServerSecurity, initKeyDir, isLoopback, loadKeyDir, SecurityError, transportCounters, workerEnv,
+  ControlServer, countAuthRefused, curveServerSecurity, dtrain, initKeyDir, isLoopback, loadKeyDir, SecurityError, transportCounters, workerEnv,
   type ControlEnvelope, type KeyMaterial, type Security,
 } from '@dtrain/transport';
+
+// The protocol's enums (proto/dtrain.proto), as the worker uses them.
+const Kind = dtrain.Command.Kind;
+const Code = dtrain.Error.Code;
 import { deviceForLocalRank } from './gpus.js';
 import { startMetricsServer, TrainingMetrics, type MetricsServer } from './metrics.js';
 
@@ -592,7 +596,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
     if (joining >= 0) pendingJoiners.splice(joining, 1);
     const slot = member.local ? slots[member.slot] : undefined;
     // A worker cut off but alive learns it is out (and exits) instead of waiting for a Welcome.
-    void server.send(member.peer, 'error', { code: 4, message: `this worker was declared lost: ${reason}`, rank: member.rank, host: member.host }).catch(() => undefined);
+    void server.send(member.peer, 'error', { code: Code.PEER_LOST, message: `this worker was declared lost: ${reason}`, rank: member.rank, host: member.host }).catch(() => undefined);
     // A hung (or stopped) process must not come back into a group that moved on.
     if (slot && slot.child.exitCode === null && slot.child.signalCode === null) slot.child.kill('SIGKILL');
     metrics.countWorkerLost(kind);
@@ -620,7 +624,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
   function refuseJoiners(why: string): void {
     for (const x of pendingJoiners.splice(0)) {
       members.delete(x.peer.toString('hex'));
-      void server.send(x.peer, 'error', { code: 3, message: why, rank: -1, host: x.host }).catch(() => undefined);
+      void server.send(x.peer, 'error', { code: Code.REFUSED, message: why, rank: -1, host: x.host }).catch(() => undefined);
     }
   }
   function startRegroup(kind: 'rollback' | 'join', reason: string): void {
@@ -650,7 +654,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
     if (kind === 'rollback') regroupState.rollback = true;
     for (const x of byRank) {
       if (regroupState.ready.has(x)) continue;
-      void server.send(x.peer, 'command', { kind: kind === 'rollback' ? 5 : 7, reason, generation }).catch(() => undefined);
+      void server.send(x.peer, 'command', { kind: kind === 'rollback' ? Kind.ROLLBACK : Kind.REGROUP, reason, generation }).catch(() => undefined);
     }
     tryFinishRegroup();
   }
@@ -674,7 +678,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
     member.released = why;
     const i = byRank.indexOf(member);
     if (i >= 0) byRank.splice(i, 1);
-    void server.send(member.peer, 'command', { kind: 6, reason: `the run is complete: ${why}` }).catch(() => undefined);
+    void server.send(member.peer, 'command', { kind: Kind.STOP, reason: `the run is complete: ${why}` }).catch(() => undefined);
     emit({ kind: 'released', rank: member.rank, host: member.host, reason: why });
     if (member.rank === 0) {
       failed(lastFilesMissing(member, why));
@@ -778,7 +782,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
       const requested = h.requestedRank ?? 0; // proto3 omits 0
       const host = h.host ?? '';
       const localRank = h.localRank ?? 0;
-      const refuse = (why: string) => void server.send(e.peer, 'error', { code: 3, message: why, rank: requested, host }).catch(() => undefined);
+      const refuse = (why: string) => void server.send(e.peer, 'error', { code: Code.REFUSED, message: why, rank: requested, host }).catch(() => undefined);
       const during = welcomed && elastic;
       if (welcomed && !elastic) return refuse(`the run already started with ${worldSize} workers (start it with --elastic to admit workers while it runs)`);
       if (!host) return refuse('a Hello needs a host');
@@ -823,7 +827,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
           node.agent = e.peer;
           agents.set(key, host);
           // The reply carries the run id, so the join process's later reports are accepted.
-          void server.send(e.peer, 'command', { kind: 1, reason: elastic ? 'registered (elastic)' : 'registered' }).catch(() => undefined);
+          void server.send(e.peer, 'command', { kind: Kind.START, reason: elastic ? 'registered (elastic)' : 'registered' }).catch(() => undefined);
           return checkJoined();
         }
         if ([...members.values()].some((x) => x.host === host && x.localRank === localRank)) return refuse(`local rank ${localRank} of host ${host} already joined`);
@@ -890,7 +894,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
       if (detail.kind === 'done') {
         member.final = detail;
         // The acknowledgement lets the worker exit knowing its report arrived.
-        void server.send(e.peer, 'command', { kind: 6, reason: 'done' }).catch(() => undefined);
+        void server.send(e.peer, 'command', { kind: Kind.STOP, reason: 'done' }).catch(() => undefined);
         // A regroup started before this report (a member failed in the last collective) is moot:
         // training is over. Those that already asked to regroup are released; later askers too.
         const st = regroupState;
@@ -945,7 +949,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
         : fileRequestsInFlight.has(key) ? `one file request at a time: '${name}' at ${offset} came before the chunk of the previous one was sent`
         : undefined;
       if (!f || refusal !== undefined) {
-        void server.send(e.peer, 'error', { code: 3, message: refusal, rank: -1, host: localHost }).catch(() => undefined);
+        void server.send(e.peer, 'error', { code: Code.REFUSED, message: refusal, rank: -1, host: localHost }).catch(() => undefined);
         return;
       }
       fileRequestsInFlight.add(key);
@@ -968,7 +972,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
         }
       })().catch((err: unknown) => {
         fileRequestsInFlight.delete(key);
-        void server.send(e.peer, 'error', { code: 3, message: `the coordinator could not read ${f.file}: ${(err as Error).message}`, rank: -1, host: localHost }).catch(() => undefined);
+        void server.send(e.peer, 'error', { code: Code.REFUSED, message: `the coordinator could not read ${f.file}: ${(err as Error).message}`, rank: -1, host: localHost }).catch(() => undefined);
       });
     }
   });
@@ -986,9 +990,9 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
    * hear why the run ends without them (their join exits non-zero saying so), before the socket closes.
    */
   const tellNotAdmitted = async (why: string) => {
-    const waiting = pendingJoiners.splice(0).map((x) => server.send(x.peer, 'error', { code: 7, message: `${why}: local rank ${x.localRank} of host ${x.host}`, rank: -1, host: localHost }));
+    const waiting = pendingJoiners.splice(0).map((x) => server.send(x.peer, 'error', { code: Code.SHUTDOWN, message: `${why}: local rank ${x.localRank} of host ${x.host}`, rank: -1, host: localHost }));
     const outside = [...nodes.values()].filter((node) => node.agent && !byRank.some((x) => x.host === node.host));
-    const agents = outside.map((node) => server.send(node.agent!, 'error', { code: 7, message: `${why}: host ${node.host}`, rank: -1, host: localHost }));
+    const agents = outside.map((node) => server.send(node.agent!, 'error', { code: Code.SHUTDOWN, message: `${why}: host ${node.host}`, rank: -1, host: localHost }));
     await Promise.all([...waiting, ...agents].map((p) => p.catch(() => undefined)));
   };
   const failWith = async (err: Error): Promise<never> => {
@@ -997,7 +1001,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
     if (regroupState) clearTimeout(regroupState.timer);
     // The join processes stop their workers and exit non-zero with this message.
     for (const node of nodes.values()) {
-      if (node.agent) void server.send(node.agent, 'error', { code: 7, message: err.message, rank: -1, host: localHost }).catch(() => undefined);
+      if (node.agent) void server.send(node.agent, 'error', { code: Code.SHUTDOWN, message: err.message, rank: -1, host: localHost }).catch(() => undefined);
     }
     await killAll();
     await server.close();

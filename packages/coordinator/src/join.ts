@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { ControlClient, ControlTimeoutError, curveClientSecurity, workerEnv, type KeyMaterial } from '@dtrain/transport';
+import { ControlClient, ControlTimeoutError, curveClientSecurity, dtrain, workerEnv, type KeyMaterial } from '@dtrain/transport';
 import { CoordinatorError, NODE_AGENT_RANK, type AgentExitReport } from './coordinator.js';
 import { deviceForLocalRank } from './gpus.js';
 
@@ -217,7 +217,7 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
         if (firstFailure && !elastic) return;
         const reason = [...x.tail].reverse().find((l) => l.startsWith('error: '))?.slice('error: '.length);
         const report: AgentExitReport = { localRank: x.i, exitCode: x.code, signal: x.signal, reason, logTail: x.tail, logFile: x.logFile };
-        await control.send('error', { code: 6, message: JSON.stringify(report), rank: -1, host: o.host }).catch(() => undefined);
+        await control.send('error', { code: dtrain.Error.Code.WORKER_FAILED, message: JSON.stringify(report), rank: -1, host: o.host }).catch(() => undefined);
         if (elastic) {
           // The coordinator regroups without it; this machine's other workers train on.
           lostHere.push(x);

@@ -34,7 +34,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { destroyWebGpuDevice } from '@dtrain/backend';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
-import { ControlClient, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, ThreadedRing } from '@dtrain/transport';
+import { ControlClient, dtrain, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, ThreadedRing } from '@dtrain/transport';
 import { RunCompleteError, type Collective } from './collective.js';
 import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
 import { checkOfferedFiles, fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
@@ -484,7 +484,7 @@ export async function runDistributedWorker(
       return undefined;
     }
     await control
-      .send('error', { code: 6, message: e.message ?? String(err), rank: env.rank, host: env.host })
+      .send('error', { code: dtrain.Error.Code.WORKER_FAILED, message: e.message ?? String(err), rank: env.rank, host: env.host })
       .catch(() => undefined);
     await (elasticRef?.ring ?? ring)?.close().catch(() => undefined);
     await control.close().catch(() => undefined);
