@@ -10,7 +10,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import {
   ControlServer, countAuthRefused, curveServerSecurity, dtrain, initKeyDir, isLoopback, loadKeyDir, SecurityError, transportCounters, workerEnv,
-  type ControlEnvelope, type KeyMaterial, type Security,
+  type ControlEnvelope, type KeyMaterial, type RegroupReport, type Security,
 } from '@dtrain/transport';
 
 // The protocol's enums (proto/dtrain.proto), as the worker uses them.
@@ -286,15 +286,6 @@ interface Member {
 }
 
 const ACTIVITY_NAMES = ['idle', 'compute', 'all-reduce', 'evaluate', 'checkpoint', 'data'];
-
-/** A worker's answer to ROLLBACK/REGROUP: see @dtrain/worker's elastic-ring.ts (RegroupReport). */
-interface RegroupReport {
-  generation: number;
-  committed: { epoch: number; done: number; step: number };
-  endpoints: string[];
-  key: string;
-  reason?: string;
-}
 
 /** Another machine, known from its `join` process's registration or its first worker's Hello. */
 interface Node {

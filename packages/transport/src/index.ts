@@ -82,3 +82,4 @@ export {
   type KeyMaterial,
   type AllowedKey,
 } from './keys.js';
+export type { RegroupReport } from './reports.js';

@@ -10,7 +10,7 @@
 //   3. the coordinator's Welcome of the next generation gives the new rank, world size and peers,
 //      and (in config_json) the root whose state everyone adopts and whether to stop;
 //   4. the new ring connects (the preflight of a launch), and the trainer syncs from the root.
-import { ThreadedRing, TransportError, type RingOptions } from '@dtrain/transport';
+import { ThreadedRing, TransportError, type RegroupReport, type RingOptions } from '@dtrain/transport';
 import { GroupChangedError, type BucketRanges, type ElasticCollective, type Progress, type RegroupResult, type StagedReduce } from './collective.js';
 import { CommandKind, welcomePeers, type CommandBody, type CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
 import { RingCollective, type RingCollectiveOptions } from './ring-collective.js';
@@ -20,18 +20,8 @@ export interface RegroupAnnouncement {
   regroup: { root: number; stop: boolean; reason: string };
 }
 
-/** A `kind: 'regroup'` report: a worker left its group and is ready for the next. */
-export interface RegroupReport {
-  kind: 'regroup';
-  /** The generation it left. */
-  generation: number;
-  committed: Progress;
-  endpoints: string[];
-  /** Its new ring's CURVE public key ('' without CURVE). */
-  key: string;
-  /** Why it left (the ring's error, or the coordinator's command). */
-  reason: string;
-}
+/** The report each worker sends when it leaves a group (its type is the protocol's: @dtrain/transport). */
+export type { RegroupReport };
 
 export interface ElasticRingOptions {
   link: CoordinatorLink;
