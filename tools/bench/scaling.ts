@@ -28,6 +28,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { workerEnv, type PeerInfo } from '@dtrain/transport';
+import { readMetrics, type StepMetrics } from '@dtrain/worker';
 import { machine, parseArgs, REPO_ROOT, stats, writeResults, type Stats } from './_common.js';
 import { FORWARD_SHARE } from './_overlap-model.js';
 import type { RingInit, RingResult, StepSample, StreamInit } from './_scaling-worker.js';
@@ -429,14 +430,6 @@ interface RealRow {
   ratioToDdp: number | null;
 }
 
-interface StepLine {
-  kind: 'step';
-  step: number;
-  images: number;
-  imagesPerSec: number;
-  phaseSec: { data: number; compute: number; allReduce: number; optimizer: number };
-}
-
 interface RealOptions {
   dataset: string;
   batch: number;
@@ -479,12 +472,11 @@ async function realRun(world: number, bucketMb: number, o: RealOptions, baseline
       throw e;
     }
     if (code !== 0) throw new Error(`dtrain launch --workers ${world} exited with ${code ?? 'a signal'}:\n${p.tail()}`);
-    const lines = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as { kind: string });
-    const steps = (lines.filter((l) => l.kind === 'step') as StepLine[]).sort((a, b) => a.step - b.step).slice(o.warmup);
+    const steps = (await readMetrics(out)).filter((l): l is StepMetrics => l.kind === 'step').sort((a, b) => a.step - b.step).slice(o.warmup);
     if (steps.length < 1) throw new Error(`${out}/metrics.jsonl has no step lines after ${o.warmup} warm-up steps`);
     // Each line is one step of rank 0 (--log-every 1); its window is the step plus the line's write.
     const stepSec = steps.map((s) => s.images / s.imagesPerSec);
-    const sum = (f: (s: StepLine) => number) => steps.reduce((a, s) => a + f(s), 0);
+    const sum = (f: (s: StepMetrics) => number) => steps.reduce((a, s) => a + f(s), 0);
     const wall = stepSec.reduce((a, b) => a + b, 0);
     const ph = { data: sum((s) => s.phaseSec.data), compute: sum((s) => s.phaseSec.compute), allReduce: sum((s) => s.phaseSec.allReduce), optimizer: sum((s) => s.phaseSec.optimizer) };
     const imagesPerSec = (world * o.batch * steps.length) / wall;
