@@ -9,7 +9,7 @@ import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import {
-  ControlServer, countAuthRefused, curveServerSecurity, dtrain, initKeyDir, isLoopback, loadKeyDir, SecurityError, transportCounters, workerEnv,
+  ControlServer, countAuthRefused, curveServerSecurity, dtrain, initKeyDir, isLoopback, loadKeyDir, SecurityError, transportCounters, workerEnv, writeWorkerEnv,
   type ControlEnvelope, type KeyMaterial, type RegroupReport, type Security,
 } from '@dtrain/transport';
 
@@ -441,33 +441,25 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
   };
 
   for (let rank = 0; rank < n; rank++) {
-    const env: NodeJS.ProcessEnv = {
-      ...process.env,
-      ...o.env,
-      RANK: String(rank),
-      LOCAL_RANK: String(rank),
-      WORLD_SIZE: String(n),
-      LOCAL_WORLD_SIZE: String(n),
-      MASTER_ADDR: masterAddr,
-      MASTER_PORT: String(server.port),
-      DTRAIN_JOIN_TIMEOUT_MS: String(joinTimeoutMs),
-      DTRAIN_TIMEOUT_MS: String(timeoutMs),
-    };
-    if (multi) {
-      // The world size is known only when the other machines have joined: the Welcome says it.
-      delete env.WORLD_SIZE;
-      env.DTRAIN_RING_LISTEN = listen;
-      if (advertise) env.DTRAIN_ADVERTISE = advertise;
-      env.DTRAIN_HOST = localHost;
-    }
-    if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + rank);
-    if (o.gpus) env.CUDA_VISIBLE_DEVICES = deviceForLocalRank(rank, n, { ...process.env, ...o.env });
-    delete env.DTRAIN_COORDINATOR_KEY;
-    delete env.DTRAIN_INSECURE;
-    if (o.keys) {
-      env.DTRAIN_KEYS_DIR = o.keys.dir;
-      env.DTRAIN_COORDINATOR_KEY = o.keys.publicKey;
-    } else env.DTRAIN_INSECURE = '1';
+    const env = writeWorkerEnv(
+      {
+        rank,
+        // Several machines: the world size is known only when the others have joined (the Welcome says it).
+        worldSize: multi ? undefined : n,
+        localRank: rank,
+        localWorldSize: n,
+        masterAddr,
+        masterPort: server.port,
+        joinTimeoutMs,
+        timeoutMs,
+        ...(multi ? { listen, advertise, host: localHost } : {}),
+        ringPort: o.ringPortBase !== undefined ? o.ringPortBase + rank : undefined,
+        cudaVisibleDevices: o.gpus ? deviceForLocalRank(rank, n, { ...process.env, ...o.env }) : undefined,
+        keys: o.keys ? { dir: o.keys.dir, coordinatorKey: o.keys.publicKey } : undefined,
+        insecure: !o.keys,
+      },
+      { ...process.env, ...o.env },
+    );
     const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     const logFile = path.join(logDir, `rank-${rank}.log`);
     const log = fs.createWriteStream(logFile, { flags: 'a' });

@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { ControlClient, ControlTimeoutError, curveClientSecurity, dtrain, workerEnv, type KeyMaterial } from '@dtrain/transport';
+import { ControlClient, ControlTimeoutError, curveClientSecurity, dtrain, workerEnv, writeWorkerEnv, type KeyMaterial } from '@dtrain/transport';
 import { CoordinatorError, NODE_AGENT_RANK, type AgentExitReport } from './coordinator.js';
 import { deviceForLocalRank } from './gpus.js';
 
@@ -114,31 +114,27 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
   type Exit = { i: number; code: number | null; signal: NodeJS.Signals | null; tail: string[]; logFile: string };
   const exits: Promise<Exit>[] = [];
   for (let i = 0; i < n; i++) {
-    const env: NodeJS.ProcessEnv = {
-      ...process.env,
-      ...o.env,
-      MASTER_ADDR: o.masterAddr,
-      MASTER_PORT: String(o.masterPort),
-      LOCAL_RANK: String(i),
-      LOCAL_WORLD_SIZE: String(n),
-      DTRAIN_HOST: o.host,
-      DTRAIN_RING_LISTEN: o.advertise,
-      DTRAIN_ADVERTISE: o.advertise,
-      DTRAIN_JOIN_TIMEOUT_MS: String(joinTimeoutMs),
-      DTRAIN_TIMEOUT_MS: String(timeoutMs),
-    };
-    delete env.RANK;
-    delete env.WORLD_SIZE;
-    if (o.dataDir) env.DTRAIN_DATA_DIR = path.resolve(o.dataDir);
-    env.DTRAIN_RUN_DIR = path.resolve(o.runDir ?? path.join(path.dirname(o.logDir), 'run'));
-    if (o.ringPortBase !== undefined) env.DTRAIN_RING_PORT = String(o.ringPortBase + i);
-    if (o.gpus) env.CUDA_VISIBLE_DEVICES = deviceForLocalRank(i, n, { ...process.env, ...o.env });
-    delete env.DTRAIN_COORDINATOR_KEY;
-    delete env.DTRAIN_INSECURE;
-    if (o.keys && o.coordinatorKey) {
-      env.DTRAIN_KEYS_DIR = o.keys.dir;
-      env.DTRAIN_COORDINATOR_KEY = o.coordinatorKey;
-    } else if (o.insecure) env.DTRAIN_INSECURE = '1';
+    // No RANK, no WORLD_SIZE: the coordinator assigns the rank, the Welcome says the world size.
+    const env = writeWorkerEnv(
+      {
+        localRank: i,
+        localWorldSize: n,
+        masterAddr: o.masterAddr,
+        masterPort: o.masterPort,
+        host: o.host,
+        listen: o.advertise,
+        advertise: o.advertise,
+        joinTimeoutMs,
+        timeoutMs,
+        dataDir: o.dataDir ? path.resolve(o.dataDir) : undefined,
+        runDir: path.resolve(o.runDir ?? path.join(path.dirname(o.logDir), 'run')),
+        ringPort: o.ringPortBase !== undefined ? o.ringPortBase + i : undefined,
+        cudaVisibleDevices: o.gpus ? deviceForLocalRank(i, n, { ...process.env, ...o.env }) : undefined,
+        keys: o.keys && o.coordinatorKey ? { dir: o.keys.dir, coordinatorKey: o.coordinatorKey } : undefined,
+        insecure: o.insecure ?? false,
+      },
+      { ...process.env, ...o.env },
+    );
     const child = spawn(process.execPath, ['--import', 'tsx', o.entry], { env: workerEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     children.push(child);
     const logFile = path.join(o.logDir, `local-${i}.log`);

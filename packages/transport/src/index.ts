@@ -40,7 +40,8 @@ export {
 } from './protocol.js';
 export { addInto, addKernelNames, chooseAddKernels, addPlain, addUnrolled, makeWasmAdd, type AddKernel } from './sum.js';
 export { floatToHalf, HALF_TO_FLOAT, encodeHalf, decodeHalf, roundThroughHalf } from './fp16.js';
-export { workerEnv, WORKER_GLIBC_TUNABLES } from './env.js';
+export { workerEnv, WORKER_GLIBC_TUNABLES, writeWorkerEnv, readWorkerEnv, WorkerEnvError } from './env.js';
+export type { WorkerEnv, WorkerEnvSpec } from './env.js';
 export {
   ControlServer,
   ControlClient,

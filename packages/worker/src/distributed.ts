@@ -2,39 +2,13 @@
 // with the unchanged Trainer over a RingCollective, report to the coordinator, leave.
 //
 // Configured like torchrun's workers, so any launcher (ours, a batch system, a shell) can start it:
-//   RANK, WORLD_SIZE           this worker's rank and the number of workers; RANK unset: the
-//                              coordinator assigns it (`dtrain join`: Hello.requested_rank -1);
-//                              WORLD_SIZE unset: learned from the Welcome
-//   LOCAL_RANK                 index on this machine (default 0; names the device)
-//   LOCAL_WORLD_SIZE           workers on this machine (default 1; a coordinator waiting for
-//                              other machines knows a host is complete when that many joined)
-//   MASTER_ADDR, MASTER_PORT   the coordinator's control socket (required)
-//   DTRAIN_RING_LISTEN         address the ring's data socket binds (default: 127.0.0.1 when
-//                              MASTER_ADDR is a loopback address, else 0.0.0.0)
-//   DTRAIN_ADVERTISE           address the other workers use to reach this one (default: the
-//                              listen address, or the host name for 0.0.0.0)
-//   DTRAIN_RING_PORT           TCP port of the ring's data socket (default 0: any free port)
-//   DTRAIN_HOST                name of this machine in messages (default os.hostname())
-//   DTRAIN_DATA_DIR            data directory of a worker without RANK (on another machine than
-//                              the coordinator): data sets the coordinator offers are cached here
-//   DTRAIN_RUN_DIR             run folder of a worker without RANK, should it become rank 0 in an
-//                              elastic run (default ./runs/joined-<run id>): it never writes to a
-//                              path the coordinator names
-//   DTRAIN_JOIN_TIMEOUT_MS     how long to wait for the coordinator's Welcome (default 120000)
-//   DTRAIN_TIMEOUT_MS          a ring collective fails when a neighbour is silent this long (default 120000)
-//   DTRAIN_COORDINATOR_KEY     the coordinator's CURVE public key: when set, the control link and
-//                              the ring use CURVE with this machine's keys from DTRAIN_KEYS_DIR
-//                              (`pnpm cli keys init`); unset: no encryption, and the ring binds
-//                              loopback addresses only
-//   DTRAIN_KEYS_DIR            key directory (default ~/.config/dtrain/keys)
-//   DTRAIN_INSECURE=1          no encryption chosen explicitly: the ring may bind any address
+// the variables are listed, written and read in @dtrain/transport's env.ts.
 import fs from 'node:fs';
-import { hostname } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { destroyWebGpuDevice } from '@dtrain/backend';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
-import { ControlClient, dtrain, transportCounters, curveClientSecurity, curveServerSecurity, isCurveKey, loadKeyDir, PROTOCOL_VERSION, ThreadedRing } from '@dtrain/transport';
+import { ControlClient, dtrain, transportCounters, curveClientSecurity, curveServerSecurity, loadKeyDir, PROTOCOL_VERSION, ThreadedRing, WorkerEnvError, type WorkerEnv } from '@dtrain/transport';
 import { RunCompleteError, type Collective } from './collective.js';
 import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
 import { checkOfferedFiles, fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
@@ -127,87 +101,6 @@ export interface RejectedReport {
 export type WorkerReport = StartReport | { kind: 'epoch'; metrics: EpochMetrics } | { kind: 'checkpoint'; file: string; unixMs: number } | DoneReport | RejectedReport;
 
 /** A worker started with a missing or wrong environment variable. */
-export class WorkerEnvError extends Error {
-  readonly code = 'E_WORKER_ENV' as const;
-}
-
-export interface WorkerEnv {
-  /** -1: the coordinator assigns it (RANK unset). */
-  rank: number;
-  /** 0: unknown until the Welcome (RANK unset). */
-  worldSize: number;
-  localRank: number;
-  localWorldSize: number;
-  ringPort: number;
-  masterAddr: string;
-  masterPort: number;
-  listen: string;
-  advertise: string | undefined;
-  host: string;
-  joinTimeoutMs: number;
-  /** Ring collectives fail when a neighbour is silent this long. */
-  timeoutMs: number;
-  /** The coordinator's CURVE public key (DTRAIN_COORDINATOR_KEY); undefined: no CURVE. */
-  coordinatorKey?: string;
-  /** This machine's key directory (DTRAIN_KEYS_DIR; undefined: the default). */
-  keysDir?: string;
-  /** DTRAIN_INSECURE=1: no CURVE by choice, so the ring may bind beyond loopback. */
-  insecure: boolean;
-}
-
-function intVar(env: NodeJS.ProcessEnv, name: string, fallback?: number): number {
-  const raw = env[name];
-  if (raw === undefined || raw === '') {
-    if (fallback !== undefined) return fallback;
-    throw new WorkerEnvError(`${name} is not set: a dtrain worker needs MASTER_ADDR and MASTER_PORT, and RANK and WORLD_SIZE as for torchrun unless the coordinator assigns them (start it with \`pnpm cli launch\` or \`pnpm cli join\`)`);
-  }
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < 0) throw new WorkerEnvError(`${name} must be a non-negative integer, got '${raw}'`);
-  return n;
-}
-
-export function readWorkerEnv(env: NodeJS.ProcessEnv = process.env): WorkerEnv {
-  const assigned = env.RANK === undefined || env.RANK === '';
-  const rank = assigned ? -1 : intVar(env, 'RANK');
-  // WORLD_SIZE unset: learned from the Welcome (a coordinator waiting for other machines does not know it yet).
-  const worldSize = intVar(env, 'WORLD_SIZE', 0);
-  if (env.WORLD_SIZE && worldSize < 1) throw new WorkerEnvError(`WORLD_SIZE must be at least 1, got ${worldSize}`);
-  if (!assigned && worldSize > 0 && rank >= worldSize) throw new WorkerEnvError(`RANK ${rank} is not below WORLD_SIZE ${worldSize}`);
-  const ringPort = intVar(env, 'DTRAIN_RING_PORT', 0);
-  if (ringPort > 65535) throw new WorkerEnvError(`DTRAIN_RING_PORT must be a TCP port (0-65535), got ${ringPort}`);
-  const masterAddr = env.MASTER_ADDR;
-  if (!masterAddr) throw new WorkerEnvError('MASTER_ADDR is not set: the address of the coordinator (e.g. 127.0.0.1)');
-  const masterPort = intVar(env, 'MASTER_PORT');
-  if (masterPort < 1 || masterPort > 65535) throw new WorkerEnvError(`MASTER_PORT must be a TCP port (1-65535), got ${masterPort}`);
-  const coordinatorKey = env.DTRAIN_COORDINATOR_KEY || undefined;
-  if (coordinatorKey !== undefined && !isCurveKey(coordinatorKey)) {
-    throw new WorkerEnvError(`DTRAIN_COORDINATOR_KEY must be a CURVE public key (40 Z85 characters, as pnpm cli keys show prints), got '${coordinatorKey}'`);
-  }
-  const insecure = env.DTRAIN_INSECURE === '1';
-  if (env.DTRAIN_INSECURE !== undefined && env.DTRAIN_INSECURE !== '' && env.DTRAIN_INSECURE !== '0' && !insecure) {
-    throw new WorkerEnvError(`DTRAIN_INSECURE must be 1 (no encryption, any address) or unset, got '${env.DTRAIN_INSECURE}'`);
-  }
-  if (insecure && coordinatorKey !== undefined) throw new WorkerEnvError('DTRAIN_INSECURE=1 and DTRAIN_COORDINATOR_KEY exclude each other: unset one');
-  const loopback = masterAddr === 'localhost' || masterAddr.startsWith('127.') || masterAddr === '::1';
-  return {
-    rank,
-    worldSize,
-    localRank: intVar(env, 'LOCAL_RANK', 0),
-    localWorldSize: Math.max(1, intVar(env, 'LOCAL_WORLD_SIZE', 1)),
-    ringPort,
-    masterAddr,
-    masterPort,
-    listen: env.DTRAIN_RING_LISTEN || (loopback ? '127.0.0.1' : '0.0.0.0'),
-    advertise: env.DTRAIN_ADVERTISE || undefined,
-    host: env.DTRAIN_HOST || hostname(),
-    joinTimeoutMs: intVar(env, 'DTRAIN_JOIN_TIMEOUT_MS', 120_000),
-    timeoutMs: intVar(env, 'DTRAIN_TIMEOUT_MS', 120_000),
-    coordinatorKey,
-    keysDir: env.DTRAIN_KEYS_DIR || undefined,
-    insecure,
-  };
-}
-
 /** Runs one worker to the end; resolves when training completed and the final report is sent. */
 export async function runDistributedWorker(
   env: WorkerEnv,

@@ -3,7 +3,8 @@
 // (the error is printed and sent to the coordinator); 2 for a wrong environment.
 import { onDeviceLost } from '@dtrain/backend';
 import { closeThreadedRings } from '@dtrain/transport';
-import { readWorkerEnv, runDistributedWorker, WorkerEnvError } from './distributed.js';
+import { readWorkerEnv, WorkerEnvError } from '@dtrain/transport';
+import { runDistributedWorker } from './distributed.js';
 
 let exiting: Promise<never> | undefined;
 

@@ -1,7 +1,7 @@
 // The worker's environment: torchrun's variables, or none of RANK/WORLD_SIZE when `dtrain join`
 // starts it and the coordinator assigns the rank.
 import { describe, expect, it } from 'vitest';
-import { readWorkerEnv, WorkerEnvError } from './distributed.js';
+import { readWorkerEnv, WorkerEnvError, writeWorkerEnv } from './env.js';
 
 const base = { MASTER_ADDR: '10.0.0.1', MASTER_PORT: '29500' };
 
@@ -32,5 +32,23 @@ describe('readWorkerEnv', () => {
   it('no security unless chosen: DTRAIN_INSECURE=1 (the ring then binds 0.0.0.0 without CURVE; unset it refuses)', () => {
     expect(readWorkerEnv(base).insecure).toBe(false);
     expect(readWorkerEnv({ ...base, DTRAIN_INSECURE: '1' }).insecure).toBe(true);
+  });
+});
+
+describe('writeWorkerEnv', () => {
+  const spec = { masterAddr: '10.0.0.1', masterPort: 29500, localRank: 1, localWorldSize: 2, joinTimeoutMs: 5000, timeoutMs: 9000, insecure: false };
+
+  it('writes what readWorkerEnv reads back, field for field (launch: a rank; join: none)', () => {
+    const launched = readWorkerEnv(writeWorkerEnv({ ...spec, rank: 3, worldSize: 4, ringPort: 29601, host: 'a', listen: '10.0.0.1', advertise: '10.0.0.1', insecure: true }, {}));
+    expect(launched).toEqual({ rank: 3, worldSize: 4, localRank: 1, localWorldSize: 2, ringPort: 29601, masterAddr: '10.0.0.1', masterPort: 29500, listen: '10.0.0.1', advertise: '10.0.0.1', host: 'a', joinTimeoutMs: 5000, timeoutMs: 9000, coordinatorKey: undefined, keysDir: undefined, insecure: true });
+    const key = 'rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7';
+    const joined = readWorkerEnv(writeWorkerEnv({ ...spec, keys: { dir: '/k', coordinatorKey: key } }, {}));
+    expect(joined).toMatchObject({ rank: -1, worldSize: 0, coordinatorKey: key, keysDir: '/k', insecure: false });
+  });
+
+  it('never passes on the launcher’s own RANK, WORLD_SIZE or security variables', () => {
+    const inherited = { RANK: '7', WORLD_SIZE: '8', DTRAIN_INSECURE: '1', DTRAIN_COORDINATOR_KEY: 'x', PATH: '/bin' };
+    const env = writeWorkerEnv(spec, inherited);
+    expect([env.RANK, env.WORLD_SIZE, env.DTRAIN_INSECURE, env.DTRAIN_COORDINATOR_KEY, env.PATH]).toEqual([undefined, undefined, undefined, undefined, '/bin']);
   });
 });
