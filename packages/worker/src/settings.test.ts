@@ -11,14 +11,15 @@ describe('resolveSettings', () => {
 
   it('the fashion-mnist and cifar10 presets: the modern recipe on each data set, overridable', () => {
     const recipe = { batchSize: 128, lr: 0.1, momentum: 0.9, nesterov: true, weightDecay: 5e-4, skipNormBiasDecay: true, labelSmoothing: 0.1, lrSchedule: 'cosine', warmupEpochs: 1, augment: true };
-    expect(resolveSettings({ preset: 'fashion-mnist' })).toMatchObject({ ...recipe, dataset: 'fashion-mnist', imageSize: 32, epochs: 15, lrScaling: 'none' });
+    expect(resolveSettings({ preset: 'fashion-mnist' })).toMatchObject({ ...recipe, dataset: 'fashion-mnist', imageSize: 32, epochs: 20, lrScaling: 'none' });
     expect(resolveSettings({ preset: 'cifar10' })).toMatchObject({ ...recipe, dataset: 'cifar10', imageSize: 96, epochs: 30 });
     // Two workers at half the batch: the same global batch, the same lr.
     expect(resolveSettings({ preset: 'fashion-mnist', batchSize: 64, epochs: 3 })).toMatchObject({ ...recipe, batchSize: 64, epochs: 3 });
   });
 
   it('augmentation by name: true is the data set’s usual crop and flip, a list is exactly what it names', () => {
-    expect(augmentationOf({ dataset: 'fashion-mnist', augment: true })).toEqual({ cropPadding: 4, horizontalFlip: true });
+    expect(augmentationOf({ dataset: 'fashion-mnist', augment: true })).toEqual({ cropPadding: 2, horizontalFlip: true });
+    expect(augmentationOf({ dataset: 'cifar10', augment: true })).toEqual({ cropPadding: 4, horizontalFlip: true });
     expect(augmentationOf({ dataset: 'cifar10', augment: ['crop'] })).toEqual({ cropPadding: 4, horizontalFlip: false });
     expect(augmentationOf({ dataset: 'cifar10', augment: ['flip'] })).toEqual({ cropPadding: 0, horizontalFlip: true });
     expect(augmentationOf({ dataset: 'cifar10', augment: false })).toBeUndefined();

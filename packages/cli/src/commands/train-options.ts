@@ -80,7 +80,7 @@ function momentumValue(value: string): number {
 export function addTrainOptions<A extends unknown[], O extends OptionValues, G extends OptionValues>(cmd: Command<A, O, G>) {
   return cmd
     .addOption(new Option('--dataset <name>', 'data set').choices(DATASET_NAMES).argParser(oneOf('--dataset', DATASET_NAMES)))
-    .addOption(new Option('--preset <name>', 'tutorial: CIFAR-10, 96x96, batch 64 (test 128), plain SGD lr 0.01, 20 epochs, Xavier init. fashion-mnist (32x32, 15 epochs) and cifar10 (96x96, 30 epochs): batch 128, SGD lr 0.1 with Nesterov momentum 0.9, 1 warmup epoch then cosine, weight decay 5e-4 on weights only, label smoothing 0.1, crop and flip (for N workers give --batch-size 128/N). Flags override a preset').choices(PRESETS).argParser(oneOf('--preset', PRESETS)))
+    .addOption(new Option('--preset <name>', 'tutorial: CIFAR-10, 96x96, batch 64 (test 128), plain SGD lr 0.01, 20 epochs, Xavier init. fashion-mnist (32x32, 20 epochs) and cifar10 (96x96, 30 epochs): batch 128, SGD lr 0.1 with Nesterov momentum 0.9, 1 warmup epoch then cosine, weight decay 5e-4 on weights only, label smoothing 0.1, crop and flip (for N workers give --batch-size 128/N). Flags override a preset').choices(PRESETS).argParser(oneOf('--preset', PRESETS)))
     .option('--epochs <n>', `epochs to train (default ${DEFAULTS.epochs}); with --resume, the new total`, positiveInt('--epochs'))
     .option('--batch-size <n>', `images per step, per worker (default ${DEFAULTS.batchSize}; global batch = this x workers, x --accumulate)`, positiveInt('--batch-size'))
     .option('--accumulate <k>', 'sum the gradients of K batches per optimiser step, then all-reduce once (DDP’s no_sync): a global batch of batch x K x workers in the memory of one batch; --lr is the rate of that step (default 1)', positiveInt('--accumulate'))
@@ -111,7 +111,7 @@ export function addTrainOptions<A extends unknown[], O extends OptionValues, G e
     .option('--limit-test <n>', 'evaluate on the first N test images only', positiveInt('--limit-test'))
     .option('--data-dir <dir>', 'data directory (default: $DTRAIN_DATA_DIR, else ~/.cache/dtrain/data)')
     .option('--init <file>', 'start from the weights and BatchNorm statistics of a .safetensors file holding the tutorial’s PyTorch state_dict (pnpm cli export writes one) instead of Xavier init')
-    .option('--augment [names]', `augmentation while training (off by default, as in the tutorial): alone, the data set's usual ones (crop and flip for Fashion-MNIST and CIFAR-10), or named: ${AUGMENT_NAMES.join(', ')} (crop: random crop with padding 4, flip: horizontal flip), e.g. --augment crop; seeded per rank and epoch`, augmentNames)
+    .option('--augment [names]', `augmentation while training (off by default, as in the tutorial): alone, the data set's usual ones (crop and flip for Fashion-MNIST and CIFAR-10), or named: ${AUGMENT_NAMES.join(', ')} (crop: random crop with padding 2 for Fashion-MNIST, 4 for CIFAR-10; flip: horizontal flip), e.g. --augment crop; seeded per rank and epoch`, augmentNames)
     .option('--log-every <steps>', `a step line in metrics.jsonl every N steps (default ${DEFAULTS.logEverySteps})`, positiveInt('--log-every'))
     .option('--keep-checkpoints <n>', `checkpoints kept in the run folder (default ${DEFAULTS.keepCheckpoints})`, positiveInt('--keep-checkpoints'))
     .addOption(
