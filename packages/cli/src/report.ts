@@ -35,7 +35,7 @@ export interface Chart {
 function stepsPerEpoch(run: RunFiles): number | null {
   const cfg = run.config as RunFiles['config'] & { data?: { train?: { images?: number } } };
   const images = cfg.data?.train?.images;
-  if (typeof images === 'number' && images > 0) return Math.ceil(Math.ceil(images / run.config.worldSize) / run.config.settings.batchSize);
+  if (typeof images === 'number' && images > 0) return Math.ceil(Math.ceil(images / run.config.worldSize) / (run.config.settings.batchSize * (run.config.settings.accumulate ?? 1)));
   const first = run.epochs.find((e) => e.epoch === 1);
   return first ? first.step : null;
 }
@@ -82,7 +82,7 @@ function lossChart(run: RunFiles, spe: number | null): Chart {
     id: 'loss',
     title: 'Loss',
     svg: render({
-      ...base('Loss', 'cross-entropy; epoch means, test split after each epoch'),
+      ...base('Loss', run.config.settings.labelSmoothing ? `train: cross-entropy with label smoothing ${run.config.settings.labelSmoothing}, test: plain; epoch means` : 'cross-entropy; epoch means, test split after each epoch'),
       xAxis: { type: 'value', name: 'epoch', nameLocation: 'middle', nameGap: 26, min: 0 },
       yAxis: { type: 'value', name: 'loss', scale: true },
       series,
@@ -237,7 +237,7 @@ export function runFacts(run: RunFiles): { title: string; lines: string[] } {
   return {
     title: `${run.name}: ${c.settings.dataset}, ${c.worldSize} worker${c.worldSize > 1 ? 's' : ''} (${statusText(run)})`,
     lines: [
-      `epochs ${c.settings.epochs}, global batch ${c.globalBatch}, lr ${c.settings.lr}, image ${c.settings.imageSize}px, backend ${c.settings.backend ?? '-'}${c.createdAt ? `, started ${c.createdAt.replace('T', ' ').replace(/\.\d+Z$/, ' UTC')}` : ''}`,
+      `epochs ${c.settings.epochs}, global batch ${c.globalBatch}, lr ${c.settings.lr}, image ${c.settings.imageSize}px, backend ${c.settings.backend ?? '-'}${c.settings.engine === 'torch' ? ' (torch engine)' : ''}${c.createdAt ? `, started ${c.createdAt.replace('T', ' ').replace(/\.\d+Z$/, ' UTC')}` : ''}`,
       `test accuracy ${acc === undefined ? '-' : `${(acc * 100).toFixed(2)}%`}${best}, ${fmtSec(secs ?? NaN)}, ${ips === undefined ? '-' : ips.toFixed(1)} images/s`,
       ...(s?.stopReason ? [`${runStatus(run)}: ${s.stopReason}`] : []),
       ...missingStepLines(run),

@@ -19,7 +19,7 @@ export class RunFolderError extends Error {
 /** The parts of config.json the report and the run list use. */
 export interface RunConfig {
   /** `logEverySteps`: steps per `kind: 'step'` line of metrics.jsonl (absent in configs of older runs). */
-  settings: { dataset: string; epochs: number; batchSize: number; lr: number; imageSize: number; backend?: string; logEverySteps?: number };
+  settings: { dataset: string; epochs: number; batchSize: number; lr: number; imageSize: number; backend?: string; engine?: string; labelSmoothing?: number; accumulate?: number; logEverySteps?: number };
   worldSize: number;
   globalBatch: number;
   createdAt?: string;
