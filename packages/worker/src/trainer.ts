@@ -717,52 +717,8 @@ export class Trainer {
       m.optimizer.lr = lr;
       const batchIdx = mine.subarray(...stepBounds(j, segSteps, mine.length, b));
       const ta = now();
-      let r: StepResult;
-      let dataSec: number;
-      let tc: number;
-      let td: number;
-      if (this.accumulation) {
-        // DDP's no_sync: the step's micro-batches sum locally, then one all-reduce of their mean.
-        ({ r, dataSec } = await this.accumulate(batchIdx, rng));
-        grads[3] = this.elastic?.regroupRequested ? 1 : 0;
-        tc = now();
-        await c.allReduceMean(grads);
-        td = now();
-      } else {
-        const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
-        dataSec = now() - ta;
-        // With buckets, each one's all-reduce starts inside the backward pass as soon as its
-        // gradients are final (the head's first), except the stem's: it also carries the step's
-        // sums, written after the pass. 'compute' is then forward + backward with the all-reduce
-        // running beside it, 'allReduce' only the part left once the backward pass is over.
-        const batch = { images: bt.x, labels: bt.y, n: bt.n };
-        if (this.fusedStep) {
-          // Alone: the engine applies its own gradient ('compute' then includes the optimizer step).
-          r = await m.trainStep!(batch);
-          tc = td = now();
-          [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, 0];
-        } else {
-          const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
-          staged?.done.catch(() => undefined);
-          const lastBucket = this.bucketRanges.length - 1;
-          const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
-          r = await m.computeGradients(batch, this.gradView, readiness);
-          // Per-step global sums ride along with the gradient: [loss x n, correct, n, regroup flag].
-          grads[0] = r.loss * bt.n;
-          grads[1] = r.correct;
-          grads[2] = bt.n;
-          grads[3] = this.elastic?.regroupRequested ? 1 : 0;
-          tc = now();
-          if (staged) {
-            staged.ready(lastBucket);
-            await staged.done;
-          } else {
-            await c.allReduceMean(grads);
-          }
-          td = now();
-        }
-      }
-      const tb = ta + dataSec;
+      // The step's gradient, all-reduced, with the step sums in front: [loss x n, correct, n, regroup flag].
+      const { r, tb, tc, td } = this.accumulation ? await this.accumulatedStep(batchIdx, rng) : await this.step(batchIdx, rng);
       const gLoss = grads[0] * w;
       const gCorrect = Math.round(grads[1] * w);
       const gN = Math.round(grads[2] * w);
@@ -822,6 +778,52 @@ export class Trainer {
       await this.commit();
     }
     return false;
+  }
+
+  /**
+   * One batch: forward, backward and the all-reduce of its gradient. With buckets, each one's
+   * all-reduce starts inside the backward pass as soon as its gradients are final (the head's
+   * first), except the stem's: it also carries the step's sums, written after the pass. 'compute'
+   * (tb..tc) is then forward + backward with the all-reduce running beside it, 'allReduce' (tc..td)
+   * only the part left once the backward pass is over. Alone, the engine applies its own gradient
+   * ('compute' then includes the optimiser step). Times are now()'s, from the data's end (tb) on.
+   */
+  private async step(batchIdx: Int32Array, rng: Rng | undefined): Promise<{ r: StepResult; tb: number; tc: number; td: number }> {
+    const c = this.collective;
+    const grads = this.grads;
+    const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
+    const tb = now();
+    const batch = { images: bt.x, labels: bt.y, n: bt.n };
+    if (this.fusedStep) {
+      const r = await this.model.trainStep!(batch);
+      [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, 0];
+      const t = now();
+      return { r, tb, tc: t, td: t };
+    }
+    const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
+    staged?.done.catch(() => undefined);
+    const lastBucket = this.bucketRanges.length - 1;
+    const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
+    const r = await this.model.computeGradients(batch, this.gradView, readiness);
+    [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, this.elastic?.regroupRequested ? 1 : 0];
+    const tc = now();
+    if (staged) {
+      staged.ready(lastBucket);
+      await staged.done;
+    } else {
+      await c.allReduceMean(grads);
+    }
+    return { r, tb, tc, td: now() };
+  }
+
+  /** --accumulate: the step's micro-batches sum locally (DDP's no_sync), then one all-reduce of their mean. */
+  private async accumulatedStep(batchIdx: Int32Array, rng: Rng | undefined): Promise<{ r: StepResult; tb: number; tc: number; td: number }> {
+    const t0 = now();
+    const { r, dataSec } = await this.accumulate(batchIdx, rng);
+    this.grads[3] = this.elastic?.regroupRequested ? 1 : 0;
+    const tc = now();
+    await this.collective.allReduceMean(this.grads);
+    return { r, tb: t0 + dataSec, tc, td: now() };
   }
 
   /**
