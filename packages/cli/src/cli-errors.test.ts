@@ -77,7 +77,7 @@ const CASES: Case[] = [
   // Names.
   { name: 'unknown --dataset', args: () => ['train', '--dataset', 'imagenet'], says: () => /--dataset must be one of cifar10, fashion-mnist, got 'imagenet'/ },
   { name: 'unknown --dataset on launch', args: () => ['launch', '--workers', '1', '--dataset', 'mnist'], says: () => /--dataset must be one of cifar10, fashion-mnist, got 'mnist'/ },
-  { name: 'unknown --preset', args: () => ['train', '--preset', 'resnet50'], says: () => /--preset must be one of tutorial, got 'resnet50'/ },
+  { name: 'unknown --preset', args: () => ['train', '--preset', 'resnet50'], says: () => /--preset must be one of tutorial, fashion-mnist, cifar10, got 'resnet50'/ },
   { name: 'unknown --backend', args: () => ['train', ...fm, '--backend', 'tpu'], says: () => /--backend must be one of cpu, webgpu, gpu, got 'tpu'/ },
   { name: 'unknown --engine', args: () => ['train', ...fm, '--engine', 'jax'], says: () => /--engine must be one of tfjs, torch, got 'jax'/ },
   { name: '--engine torch on WebGPU', args: () => ['train', ...fm, '--engine', 'torch', '--backend', 'webgpu'], says: () => /^error: --engine torch runs on the CPU or on CUDA \(--backend cpu\|gpu\), not on WebGPU: use --engine tfjs with --backend webgpu$/m },
