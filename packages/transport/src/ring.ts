@@ -125,6 +125,13 @@ export const IPC_IS_FASTER = true;
 
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_PIECE_BYTES = 4 << 20;
+/**
+ * How long a closed link waits before it fails the ring, so that the cause of a failure, not its
+ * echo, names the lost rank: a closed previous link first reads a queued RingAbort; a closed next
+ * link, longer, waits for the previous rank's loss (see the constructor and connect).
+ */
+const PREV_LOST_GRACE_MS = 100;
+const NEXT_LOST_GRACE_MS = 300;
 /** Per shared-memory link. Measured (README "Same-host links"): with 16 slots of 4 MiB, a
  * 44.8 MB all-reduce between 2 or 4 ranks never has to spill a piece to the socket. */
 const DEFAULT_SHM_BYTES = 64 << 20;
@@ -301,7 +308,11 @@ export class Ring {
       // while it is still connected leaves the count >= 1 and changes nothing.
       if (this.closing) this.onPrevGone?.();
       else if (this.prevSeen) {
-        this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
+        // The previous rank may have closed because it failed: its RingAbort, naming the cause,
+        // is then already queued here, and a moment's grace lets the receive read it first.
+        setTimeout(() => {
+          if (!this.closing) this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
+        }, PREV_LOST_GRACE_MS);
       }
     });
   }
@@ -460,9 +471,14 @@ export class Ring {
       nextConnected = true;
     });
     dealer.events.on('disconnect', () => {
-      if (nextConnected && !this.closing) {
-        this.fail(new PeerLostError(next.rank, next.host, `connection to ${endpoint} closed`, this.rank), false);
-      }
+      if (!nextConnected || this.closing) return;
+      // When a rank dies, its next rank fails and closes its ring, so this rank may read that
+      // close before the dead rank's own disconnect (two sockets, two event queues, read in any
+      // order by a busy process). The longer grace lets the previous rank's loss, the cause, be
+      // the error that names the lost rank.
+      setTimeout(() => {
+        if (!this.closing) this.fail(new PeerLostError(next.rank, next.host, `connection to ${endpoint} closed`, this.rank), false);
+      }, NEXT_LOST_GRACE_MS);
     });
     dealer.connect(endpoint);
     const offer = this.offerSharedMemory(next);
