@@ -11,7 +11,7 @@ describe('resolveSettings', () => {
 
   it('the fashion-mnist and cifar10 presets: the modern recipe on each data set, overridable', () => {
     const recipe = { batchSize: 128, lr: 0.1, momentum: 0.9, nesterov: true, weightDecay: 5e-4, skipNormBiasDecay: true, labelSmoothing: 0.1, lrSchedule: 'cosine', warmupEpochs: 1, augment: true };
-    expect(resolveSettings({ preset: 'fashion-mnist' })).toMatchObject({ ...recipe, dataset: 'fashion-mnist', imageSize: 32, epochs: 20, lrScaling: 'none' });
+    expect(resolveSettings({ preset: 'fashion-mnist' })).toMatchObject({ ...recipe, dataset: 'fashion-mnist', imageSize: 32, epochs: 30, lrScaling: 'none' });
     expect(resolveSettings({ preset: 'cifar10' })).toMatchObject({ ...recipe, dataset: 'cifar10', imageSize: 96, epochs: 30 });
     // Two workers at half the batch: the same global batch, the same lr.
     expect(resolveSettings({ preset: 'fashion-mnist', batchSize: 64, epochs: 3 })).toMatchObject({ ...recipe, batchSize: 64, epochs: 3 });
