@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The peer of `pnpm bench scaling --ddp PYTHON`: PyTorch DDP over gloo on this machine, N processes
-(as torchrun starts them), each training the tutorial's ResNet (torch_resnet.py's definition) on
+(as torchrun starts them), each training the tutorial's ResNet (tools/export/tutorial_resnet.py's definition) on
 its own batch: forward, cross-entropy, backward with DDP's bucketed all-reduce, SGD. Each process
 gets cores / N intra-op threads (torchrun's OMP_NUM_THREADS=1 would starve it on a small machine).
 
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_resnet import TutorialResNet  # noqa: E402
+from torch_resnet import xavier_resnet  # noqa: E402
 
 
 def worker(rank: int, a, port: int, q) -> None:
@@ -29,7 +29,7 @@ def worker(rank: int, a, port: int, q) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.workers))
     dist.init_process_group('gloo', rank=rank, world_size=a.workers)
     torch.manual_seed(0)
-    model = TutorialResNet(a.channels)
+    model = xavier_resnet(a.channels)
     ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_mb) if a.workers > 1 else model
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
     x = torch.randn(a.batch, a.channels, a.size, a.size)

@@ -2,12 +2,8 @@
 """The peer of `pnpm bench train-step` on a GPU: the tutorial's ResNet in PyTorch, one full training
 step (forward, cross-entropy, backward, SGD lr 0.01) at batch 64, images/s, on the same GPU.
 
-The network is the one of packages/core/src/architecture.ts, written as the tutorial writes it:
-  stem   Conv2d(C, 64, 7, stride 2, no padding, bias) -> BatchNorm(64, eps 1e-3) -> ReLU
-         -> MaxPool(3, 2, padding 1)
-  block  conv3x3(stride s) -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> + shortcut -> ReLU
-         (shortcut: Conv2d(c_in, c_out, 1, stride s, bias) where the shape changes)
-  head   mean over the final map -> Linear(512, classes); Xavier-uniform weights, zero biases.
+The network is the one of packages/core/src/architecture.ts as tools/export/tutorial_resnet.py
+defines it (the module our exported weights load into), Xavier-uniform weights, zero biases.
 Its parameter count is checked against the one our model reports (11,180,810 for 3 channels).
 
 Modes, each timed in this one process on the same GPU:
@@ -31,40 +27,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=True) if (stride != 1 or cin != cout) else None
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))  # the tutorial's ReLU before the addition
-        return F.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'export'))
+from tutorial_resnet import tutorial_resnet  # noqa: E402  the network's one definition in Python
 
 
-class TutorialResNet(nn.Module):
-    def __init__(self, in_channels: int = 3, classes: int = 10):
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, 64, 7, 2, 0, bias=True)
-        self.stem_bn = nn.BatchNorm2d(64, eps=1e-3)
-        self.pool = nn.MaxPool2d(3, 2, 1)
-        stages = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
-        self.blocks = nn.Sequential(*[b for cin, cout, s in stages for b in (Block(cin, cout, s), Block(cout, cout, 1))])
-        self.fc = nn.Linear(512, classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.stem_bn(self.stem(x))))
-        x = self.blocks(x)
-        return self.fc(x.mean(dim=(2, 3)))
+def xavier_resnet(channels: int = 3, classes: int = 10) -> nn.Module:
+    """The tutorial's ResNet initialised as our model is: Xavier-uniform weights, zero biases."""
+    model = tutorial_resnet(channels, classes)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
 
 
 def set_tf32(on: bool) -> None:
@@ -77,7 +52,7 @@ def make_step(mode: str, size: int, batch: int, channels: int, device: torch.dev
     torch.manual_seed(0)
     set_tf32(mode == 'tf32')
     torch.backends.cudnn.benchmark = True  # as users run fixed-shape training
-    model = TutorialResNet(channels).to(device)
+    model = xavier_resnet(channels).to(device)
     fmt = torch.channels_last if mode in ('bf16-cl', 'fp32-cl') else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -138,7 +113,7 @@ def main() -> int:
     device = torch.device(a.device)
     if a.serve:
         return serve(a, device)
-    params = sum(t.numel() for t in TutorialResNet(a.channels).parameters())
+    params = sum(t.numel() for t in xavier_resnet(a.channels).parameters())
     expected = 11_180_810 if a.channels == 3 else None
     if expected is not None and params != expected:
         print(f'error: the PyTorch network has {params} parameters, ours {expected}: the definitions differ', file=sys.stderr)
