@@ -4,6 +4,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Architecture, ResNetConfig } from '../architecture.js';
 import { gradientBuckets, ResNet, type Batch } from '../resnet.js';
+import type { TrainableModel } from '../model.js';
 
 /** Deterministic pseudo-random batch (not all zeros, not learnable). */
 export function randomBatch(n: number, size: number, channels: number, classes: number, seed = 1): Batch {
@@ -141,5 +142,43 @@ export async function compareWithCpuReference(config: ResNetConfig, n: number, p
     };
   } finally {
     await tf.setBackend(gpuBackend);
+  }
+}
+
+/** What label smoothing did to a model's gradient and losses (see labelSmoothingEffect). */
+export interface LabelSmoothingEffect {
+  /** Largest |measured - expected| shift of an fc bias gradient entry. */
+  worstBiasShiftError: number;
+  smoothedLossDiffers: boolean;
+  /** Evaluation reports the plain cross-entropy whatever the smoothing. */
+  evaluationLossEqual: boolean;
+}
+
+/**
+ * Label smoothing e, as CrossEntropyLoss(label_smoothing=e): d loss / d logit = softmax - target
+ * with target = (1 - e) one-hot + e / K. With the same weights and batch only the target differs,
+ * so the fc bias gradient (the batch mean of d loss / d logit) moves by e x (class share - 1/K),
+ * whatever the network computes. `make(ls)` builds the model (same seed) with smoothing ls.
+ */
+export async function labelSmoothingEffect(make: (labelSmoothing: number) => TrainableModel, e: number, batch: Batch): Promise<LabelSmoothingEffect> {
+  const [plain, smooth] = [make(0), make(e)];
+  try {
+    const [a, b] = [await plain.computeGradients(batch), await smooth.computeGradients(batch)];
+    const bias = plain.arch.params.find((p) => p.name === 'head.fc.bias')!;
+    const classes = plain.config.classes;
+    let worstBiasShiftError = 0;
+    for (let k = 0; k < classes; k++) {
+      const share = Array.from(batch.labels).filter((y) => y === k).length / batch.n;
+      const shift = b.grads[bias.offset + k] - a.grads[bias.offset + k];
+      worstBiasShiftError = Math.max(worstBiasShiftError, Math.abs(shift - e * (share - 1 / classes)));
+    }
+    return {
+      worstBiasShiftError,
+      smoothedLossDiffers: b.loss !== a.loss,
+      evaluationLossEqual: (await smooth.evaluate(batch)).loss === (await plain.evaluate(batch)).loss,
+    };
+  } finally {
+    plain.dispose();
+    smooth.dispose();
   }
 }
