@@ -51,6 +51,6 @@ export { runDistributedWorker, WORKER_ENTRY, DEFAULT_BUCKET_MB } from './distrib
 export type { DistributedConfig, DoneReport, StartReport, WorkerReport, CrashSpec, RejectedReport } from './distributed.js';
 export { fetchOfferedFiles, isCached, sha256File, DataTransferError } from './dataset-fetch.js';
 export type { OfferedFile } from './dataset-fetch.js';
-export { exportSafetensors, readInitFile } from './model-file.js';
+export { checkInitFile, exportSafetensors, readInitFile } from './model-file.js';
 export { encodeSafetensors, decodeSafetensors, SafetensorsError } from './safetensors.js';
 export type { SafeTensor } from './safetensors.js';

@@ -12,7 +12,7 @@ import { describeResNet, ResNet } from '@dtrain/core';
 import { BatchAssembler } from '@dtrain/data';
 import { forwardTolerance, randomBatch } from '@dtrain/core/testing';
 import { readLatestCheckpoint } from './checkpoint.js';
-import { exportSafetensors, readInitFile } from './model-file.js';
+import { checkInitFile, exportSafetensors, readInitFile } from './model-file.js';
 import { runTraining } from './run.js';
 import { decodeSafetensors, encodeSafetensors } from './safetensors.js';
 import { firstDifference, syntheticData, tempDir } from './testing/helpers.js';
@@ -78,18 +78,29 @@ describe('export and --init', () => {
     expect(firstDifference(bnStats, ck.bnStats)).toBe(-1);
   });
 
-  it('refuses a file for another network, a missing or an extra tensor, one line each naming file and tensor', async () => {
+  it('refuses a file for another network, a missing or an extra tensor, a truncated file, one line each naming file and tensor (header check and full read alike)', async () => {
     const config = { inChannels: 1, classes: 10, imageSize: 16 };
-    await expect(readInitFile(file, { ...config, inChannels: 3 })).rejects.toThrow(/model\.safetensors: tensor 0\.0\.weight is \[64, 1, 7, 7\], the network needs \[64, 3, 7, 7\]/);
     const { tensors } = decodeSafetensors(await fs.readFile(file), file);
     const without = new Map(tensors);
     without.delete('8.bias');
     await fs.writeFile(path.join(dir, 'missing.safetensors'), encodeSafetensors(without));
-    await expect(readInitFile(path.join(dir, 'missing.safetensors'), config)).rejects.toThrow(/missing\.safetensors: no tensor 8\.bias/);
     const extra = new Map(tensors).set('9.weight', { dtype: 'F32', shape: [1], data: new Float32Array(1) });
     await fs.writeFile(path.join(dir, 'extra.safetensors'), encodeSafetensors(extra));
-    await expect(readInitFile(path.join(dir, 'extra.safetensors'), config)).rejects.toThrow(/extra\.safetensors: tensors the network does not have: 9\.weight/);
-    await expect(readInitFile(path.join(dir, 'nope.safetensors'), config)).rejects.toThrow(/nope\.safetensors: cannot read it \(ENOENT\)/);
+    await fs.writeFile(path.join(dir, 'cut.safetensors'), (await fs.readFile(file)).subarray(0, 100_000));
+    for (const check of [checkInitFile, readInitFile]) {
+      await expect(check(file, { ...config, inChannels: 3 })).rejects.toThrow(/model\.safetensors: tensor 0\.0\.weight is \[64, 1, 7, 7\], the network needs \[64, 3, 7, 7\]/);
+      await expect(check(path.join(dir, 'missing.safetensors'), config)).rejects.toThrow(/missing\.safetensors: no tensor 8\.bias/);
+      await expect(check(path.join(dir, 'extra.safetensors'), config)).rejects.toThrow(/extra\.safetensors: tensors the network does not have: 9\.weight/);
+      await expect(check(path.join(dir, 'cut.safetensors'), config)).rejects.toThrow(/cut\.safetensors: tensor \S+: bytes \[\d+, \d+\) do not hold its shape/);
+      await expect(check(path.join(dir, 'nope.safetensors'), config)).rejects.toThrow(/nope\.safetensors: cannot read it \(ENOENT\)/);
+    }
+    await expect(checkInitFile(file, config)).resolves.toBeUndefined();
+    // Values are the full read's to check: the header check cannot see them.
+    const bias = new Float32Array(10);
+    bias[3] = NaN;
+    await fs.writeFile(path.join(dir, 'nan.safetensors'), encodeSafetensors(new Map(tensors).set('8.bias', { dtype: 'F32', shape: [10], data: bias })));
+    await expect(readInitFile(path.join(dir, 'nan.safetensors'), config)).rejects.toThrow(/nan\.safetensors: tensor 8\.bias holds NaN at 3/);
+    await expect(checkInitFile(path.join(dir, 'nan.safetensors'), config)).resolves.toBeUndefined();
   });
 
   it('a run with --init starts from the file: its first step’s loss is the loss of the file’s weights on that batch', async () => {

@@ -3,6 +3,8 @@
 // then the tensors' bytes, little-endian. Written and read here without a dependency: F32 and I64
 // are all the network needs.
 
+import fs from 'node:fs/promises';
+
 export interface SafeTensor {
   dtype: 'F32' | 'I64';
   shape: number[];
@@ -46,15 +48,33 @@ export function encodeSafetensors(tensors: Map<string, SafeTensor>, metadata: Re
   return out;
 }
 
-/** The tensors of a safetensors file (`file` names it in errors). Checks every byte range before use. */
-export function decodeSafetensors(bytes: Uint8Array, file: string): { tensors: Map<string, SafeTensor>; metadata: Record<string, string> } {
+/** A tensor as the header describes it: its bytes are [begin, end) after the header. */
+export interface SafeTensorEntry {
+  dtype: SafeTensor['dtype'];
+  shape: number[];
+  begin: number;
+  end: number;
+}
+
+/** A parsed header: the entries by name, the metadata, where the data starts in the file. */
+export interface SafetensorsHeader {
+  entries: Map<string, SafeTensorEntry>;
+  metadata: Record<string, string>;
+  dataStart: number;
+}
+
+/**
+ * The header of a file of `fileLength` bytes whose first bytes are `prefix` (at least the 8-byte
+ * length and the JSON, when the file has them). Checks every entry's byte range against the file.
+ */
+export function parseSafetensorsHeader(prefix: Uint8Array, fileLength: number, file: string): SafetensorsHeader {
   const fail = (why: string): never => {
     throw new SafetensorsError(`${file}: ${why}`);
   };
-  if (bytes.length < 8) fail(`${bytes.length} bytes: not a safetensors file (it starts with an 8-byte header length)`);
-  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (fileLength < 8) fail(`${fileLength} bytes: not a safetensors file (it starts with an 8-byte header length)`);
+  const buf = Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength);
   const headerLength = Number(buf.readBigUInt64LE(0));
-  if (headerLength > MAX_HEADER || 8 + headerLength > bytes.length) fail(`header length ${headerLength} does not fit the file's ${bytes.length} bytes: not a safetensors file, or truncated`);
+  if (headerLength > MAX_HEADER || 8 + headerLength > fileLength) fail(`header length ${headerLength} does not fit the file's ${fileLength} bytes: not a safetensors file, or truncated`);
   let header: Record<string, unknown>;
   try {
     header = JSON.parse(buf.subarray(8, 8 + headerLength).toString('utf8')) as Record<string, unknown>;
@@ -62,8 +82,8 @@ export function decodeSafetensors(bytes: Uint8Array, file: string): { tensors: M
     return fail('the header is not JSON: not a safetensors file');
   }
   const dataStart = 8 + headerLength;
-  const dataLength = bytes.length - dataStart;
-  const tensors = new Map<string, SafeTensor>();
+  const dataLength = fileLength - dataStart;
+  const entries = new Map<string, SafeTensorEntry>();
   for (const [name, v] of Object.entries(header)) {
     if (name === '__metadata__') continue;
     const e = v as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
@@ -76,11 +96,37 @@ export function decodeSafetensors(bytes: Uint8Array, file: string): { tensors: M
     const [begin, end] = offsets as number[];
     const count = (shape as number[]).reduce((a, d) => a * d, 1);
     if (end - begin !== count * BYTES[dtype] || end > dataLength) fail(`tensor ${name}: bytes [${begin}, ${end}) do not hold its shape [${(shape as number[]).join(', ')}] in the file's ${dataLength} data bytes`);
+    entries.set(name, { dtype, shape: shape as number[], begin, end });
+  }
+  const metadata = (header.__metadata__ ?? {}) as Record<string, string>;
+  return { entries, metadata, dataStart };
+}
+
+/** The header of the safetensors file `file`, read without its tensors' bytes. */
+export async function readSafetensorsHeader(file: string): Promise<SafetensorsHeader> {
+  const handle = await fs.open(file, 'r');
+  try {
+    const { size } = await handle.stat();
+    const length = Buffer.alloc(8);
+    await handle.read(length, 0, Math.min(8, size), 0);
+    const headerLength = size >= 8 ? Math.min(Number(length.readBigUInt64LE(0)), MAX_HEADER, size - 8) : 0;
+    const prefix = Buffer.alloc(8 + headerLength);
+    await handle.read(prefix, 0, Math.min(prefix.length, size), 0);
+    return parseSafetensorsHeader(prefix, size, file);
+  } finally {
+    await handle.close();
+  }
+}
+
+/** The tensors of a safetensors file (`file` names it in errors). Checks every byte range before use. */
+export function decodeSafetensors(bytes: Uint8Array, file: string): { tensors: Map<string, SafeTensor>; metadata: Record<string, string> } {
+  const { entries, metadata, dataStart } = parseSafetensorsHeader(bytes, bytes.length, file);
+  const tensors = new Map<string, SafeTensor>();
+  for (const [name, { dtype, shape, begin, end }] of entries) {
     // A copy: aligned for the typed array, independent of the file's buffer.
     const raw = new Uint8Array(bytes.subarray(dataStart + begin, dataStart + end));
     const data = dtype === 'F32' ? new Float32Array(raw.buffer) : new BigInt64Array(raw.buffer);
-    tensors.set(name, { dtype, shape: shape as number[], data });
+    tensors.set(name, { dtype, shape, data });
   }
-  const metadata = (header.__metadata__ ?? {}) as Record<string, string>;
   return { tensors, metadata };
 }

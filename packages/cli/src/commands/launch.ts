@@ -24,7 +24,7 @@ import { nonNegativeInt, nonNegativeNumber, oneOf, positiveInt, UsageError } fro
 import { BACKEND_NAMES, chooseGpuBackend, chooseTorchGpus, GPU_BACKENDS, type GpuPlan } from './gpu-backend.js';
 import { parseHostPort } from './join.js';
 import { chooseSecurity, INSECURE_HELP, KEYS_HELP } from './security.js';
-import { addTrainOptions, checkInitFile, settingsFromFlags } from './train-options.js';
+import { addTrainOptions, preflightInitFile, settingsFromFlags } from './train-options.js';
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 
@@ -179,7 +179,7 @@ export function registerLaunch(program: Command) {
         const s = resolveSettings(input, o.syntheticTestData ? { name: 'synthetic', imageSize: o.syntheticTestData.size } : undefined);
         dataset = o.syntheticTestData ? undefined : s.dataset;
         dataDir = s.dataDir;
-        await checkInitFile(s.initFile, DATASET_SHAPE[s.dataset], s.imageSize);
+        await preflightInitFile(s.initFile, DATASET_SHAPE[s.dataset], s.imageSize);
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;

@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { Command, Option, type OptionValues } from '@commander-js/extra-typings';
 import { DATASET_NAMES } from '@dtrain/data';
-import { AUGMENT_NAMES, DEFAULTS, ENGINE_KINDS, LR_SCALINGS, LR_SCHEDULES, PRECISIONS, PRESETS, readInitFile, SafetensorsError, TrainSettingsError, type AugmentName, type TrainSettingsInput } from '@dtrain/worker';
+import { AUGMENT_NAMES, DEFAULTS, ENGINE_KINDS, LR_SCALINGS, LR_SCHEDULES, PRECISIONS, PRESETS, checkInitFile, SafetensorsError, TrainSettingsError, type AugmentName, type TrainSettingsInput } from '@dtrain/worker';
 import { UsageError, nonNegativeInt, nonNegativeNumber, oneOf, positiveInt } from '../errors.js';
 
 /** Setting name -> the flag a user types, so errors name what they can change. */
@@ -201,12 +201,13 @@ export function settingsFromFlags(o: TrainFlags, backend?: TrainSettingsInput['b
 }
 
 /**
- * --init checked before anything starts (a run folder, a worker): the file must hold the network
- * of this data set and image size. `shape` is the data's channels and classes.
+ * --init checked before anything starts (a run folder, a worker): the file's header must describe
+ * the network of this data set and image size (the values are read once, by the run).
+ * `shape` is the data's channels and classes.
  */
-export async function checkInitFile(file: string | null, shape: { channels: number; classes: number } | undefined, imageSize: number): Promise<void> {
+export async function preflightInitFile(file: string | null, shape: { channels: number; classes: number } | undefined, imageSize: number): Promise<void> {
   if (file === null || shape === undefined) return;
-  await readInitFile(file, { inChannels: shape.channels, classes: shape.classes, imageSize }).catch((err: unknown) => {
+  await checkInitFile(file, { inChannels: shape.channels, classes: shape.classes, imageSize }).catch((err: unknown) => {
     throw err instanceof SafetensorsError ? new UsageError(`--init ${err.message}`) : err;
   });
 }

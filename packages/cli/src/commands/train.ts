@@ -15,7 +15,7 @@ import {
   type TrainSettingsInput,
 } from '@dtrain/worker';
 import { oneOf, UsageError } from '../errors.js';
-import { addTrainOptions, checkInitFile, settingsFromFlags, toUsage } from './train-options.js';
+import { addTrainOptions, preflightInitFile, settingsFromFlags, toUsage } from './train-options.js';
 
 const BACKENDS = ['cpu', 'webgpu', 'gpu'] as const;
 
@@ -113,7 +113,7 @@ export function defaultLogEvery(stepsPerEpoch: number): number {
 export async function prepareNewRun(input: TrainSettingsInput): Promise<{ settings: TrainSettingsInput; data: TrainData & { name: string } }> {
   const resolved = resolveSettings(input);
   const data = await loadTrainData(resolved);
-  await checkInitFile(resolved.initFile, { channels: data.train.channels, classes: data.train.classNames.length }, resolved.imageSize);
+  await preflightInitFile(resolved.initFile, { channels: data.train.channels, classes: data.train.classNames.length }, resolved.imageSize);
   // One process: about ceil(images / batch) steps an epoch (the trainer may fold a short last batch).
   const stepsPerEpoch = Math.ceil(data.train.count / (resolved.batchSize * resolved.accumulate));
   return {
