@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { DataFileMissingError, DatasetArgumentError } from './errors.js';
-import { DATASET_NAMES, isDatasetName, loadDataset } from './datasets.js';
+import { DATASET_NAMES, datasetShape, isDatasetName, loadDataset } from './datasets.js';
 import { fashionMnistCacheFile } from './fashion-mnist.js';
 
 describe('loadDataset', () => {
@@ -12,6 +12,8 @@ describe('loadDataset', () => {
     try {
       const test = await loadDataset('fashion-mnist', 'test', { dataDir });
       expect([test.name, test.count, test.height, test.width, test.channels]).toEqual(['fashion-mnist/test', 10_000, 28, 28, 1]);
+      // What the network is built for before the data is loaded is what the data is.
+      expect(datasetShape('fashion-mnist')).toEqual({ channels: test.channels, classes: test.classNames.length, size: test.height });
       expect((await fs.stat(fashionMnistCacheFile(dataDir))).size).toBeGreaterThan(70_000 * 784);
       // From the cache, the same images.
       const again = await loadDataset('fashion-mnist', 'test', { dataDir });
@@ -31,5 +33,7 @@ describe('loadDataset', () => {
     expect(DATASET_NAMES).toEqual(['cifar10', 'fashion-mnist']);
     expect(isDatasetName('fashion-mnist')).toBe(true);
     expect(isDatasetName('synthetic')).toBe(false);
+    expect(datasetShape('cifar10')).toEqual({ channels: 3, classes: 10, size: 32 });
+    expect(datasetShape('synthetic')).toBeUndefined();
   });
 });

@@ -12,6 +12,24 @@ export function isDatasetName(name: string): name is DatasetName {
   return (DATASET_NAMES as readonly string[]).includes(name);
 }
 
+/** What a named data set is, before any of it is loaded: the network's input and output. */
+export interface DatasetShape {
+  channels: number;
+  classes: number;
+  /** Native image side (the default image size). */
+  size: number;
+}
+
+const DATASET_SHAPES: Record<DatasetName, DatasetShape> = {
+  cifar10: { channels: 3, classes: 10, size: 32 },
+  'fashion-mnist': { channels: 1, classes: 10, size: 28 },
+};
+
+/** The shape of a named data set; undefined for any other name (a test's synthetic data). */
+export function datasetShape(name: string): DatasetShape | undefined {
+  return isDatasetName(name) ? DATASET_SHAPES[name] : undefined;
+}
+
 export interface LoadDatasetOptions {
   /** Defaults to `defaultDataDir()`. */
   dataDir?: string;

@@ -34,8 +34,8 @@ export {
   FASHION_MNIST_CLASS_NAMES,
   FASHION_MNIST_TRAIN_PER_CLASS,
 } from './fashion-mnist.js';
-export { loadDataset, isDatasetName, DATASET_NAMES } from './datasets.js';
-export type { DatasetName, LoadDatasetOptions } from './datasets.js';
+export { loadDataset, isDatasetName, datasetShape, DATASET_NAMES } from './datasets.js';
+export type { DatasetName, DatasetShape, LoadDatasetOptions } from './datasets.js';
 export { makeSyntheticTestDataset } from './synthetic.js';
 export type { SyntheticTestDatasetOptions } from './synthetic.js';
 export { Rng } from './rng.js';

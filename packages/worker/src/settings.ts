@@ -2,7 +2,7 @@
 // passes only the flags the user gave; everything else comes from here, so the library, the CLI
 // and (later) the launcher cannot disagree on a default.
 
-import { DATASET_NAMES } from '@dtrain/data';
+import { DATASET_NAMES, datasetShape } from '@dtrain/data';
 import { TrainSettingsError } from './errors.js';
 import { LR_SCALINGS, LR_SCHEDULES, type LrScaling, type LrSchedule } from './schedule.js';
 
@@ -108,10 +108,6 @@ export interface TrainSettings {
 /** What a caller may give; unset fields come from the preset, then the defaults. */
 export type TrainSettingsInput = Partial<TrainSettings>;
 
-/** Native sizes of the named data sets (the default image size). */
-export const NATIVE_IMAGE_SIZE: Record<string, number> = { 'fashion-mnist': 28, cifar10: 32 };
-/** Channels and classes of the named data sets: the network's input and output, before any data is loaded. */
-export const DATASET_SHAPE: Record<string, { channels: number; classes: number }> = { 'fashion-mnist': { channels: 1, classes: 10 }, cifar10: { channels: 3, classes: 10 } };
 
 export const DEFAULTS = {
   preset: null,
@@ -247,7 +243,7 @@ export function resolveSettings(input: TrainSettingsInput, inMemoryData?: { name
   if (inMemoryData ? dataset !== inMemoryData.name : !(DATASET_NAMES as readonly string[]).includes(dataset)) {
     throw new TrainSettingsError('dataset', `unknown data set '${dataset}': choose one of ${DATASET_NAMES.join(', ')}`);
   }
-  const imageSize = defined.imageSize ?? fromPreset.imageSize ?? inMemoryData?.imageSize ?? NATIVE_IMAGE_SIZE[dataset];
+  const imageSize = defined.imageSize ?? fromPreset.imageSize ?? inMemoryData?.imageSize ?? datasetShape(dataset)!.size; // a known name here (checked above)
   const s: TrainSettings = { ...DEFAULTS, ...fromPreset, ...defined, dataset, preset, imageSize };
   validateSettings(s);
   return s;

@@ -6,10 +6,9 @@ import { Command, Option } from '@commander-js/extra-typings';
 import { launch, RunStoppedError, WorkerFailedError, type LaunchOptions, type LaunchResult, type RunEvent } from '@dtrain/coordinator';
 import { curveServerSecurity, describeSecurity } from '@dtrain/transport';
 import { DEFAULT_METRICS_PORT } from '@dtrain/core';
-import { CIFAR10_DIRNAME, CIFAR10_META_FILE, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, resolveDataDir } from '@dtrain/data';
+import { CIFAR10_DIRNAME, CIFAR10_META_FILE, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, datasetShape, resolveDataDir } from '@dtrain/data';
 import {
   defaultRunDir,
-  DATASET_SHAPE,
   readLatestCheckpoint,
   resolveSettings,
   resumeSettings,
@@ -179,7 +178,7 @@ export function registerLaunch(program: Command) {
         const s = resolveSettings(input, o.syntheticTestData ? { name: 'synthetic', imageSize: o.syntheticTestData.size } : undefined);
         dataset = o.syntheticTestData ? undefined : s.dataset;
         dataDir = s.dataDir;
-        await preflightInitFile(s.initFile, DATASET_SHAPE[s.dataset], s.imageSize);
+        await preflightInitFile(s.initFile, datasetShape(s.dataset), s.imageSize);
         runDir = o.out ? path.resolve(o.out) : defaultRunDir(s.dataset);
         if (fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} already holds a run: continue it with --resume ${runDir}, or choose another --out`);
         config.out = runDir;
