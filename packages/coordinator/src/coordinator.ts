@@ -556,6 +556,16 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
   // setup before it fails and reports: the regroup's deadline leaves it half a timeout more, or
   // both neighbours of the dead one would be declared lost at the same moment.
   const regroupDeadlineMs = timeoutMs + timeoutMs / 2;
+  /** Tells each machine's node agent the rank of each of its workers in the group just welcomed. */
+  const tellAgents = () => {
+    for (const node of nodes.values()) {
+      if (node.agent === undefined) continue;
+      const mine = byRank.filter((x) => !x.local && x.host === node.host);
+      const ranks = new Array<number>(Math.max(0, ...mine.map((x) => x.localRank + 1))).fill(-1);
+      for (const x of mine) ranks[x.localRank] = x.rank;
+      void server.send(node.agent, 'rankAssignment', { generation, worldSize, ranks }).catch(() => undefined);
+    }
+  };
   const groupHosts = () => {
     const hs: { host: string; ranks: number[] }[] = [];
     for (const x of byRank) {
@@ -720,6 +730,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
       const configJson = joiners.includes(x) ? JSON.stringify({ ...(runConfig as object), regroup }) : JSON.stringify({ regroup });
       void server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation, peers, heartbeatMs, timeoutMs, configJson }).catch(() => undefined);
     }
+    tellAgents();
     metrics.setWorkers(worldSize, worldSize);
     metrics.countRegroup();
     emit({ kind: 'regrouped', generation, worldSize, root: regroup.root, reason: regroup.reason, stop, hosts: groupHosts() });
@@ -1014,6 +1025,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
   for (const x of byRank) x.lastHeard = Date.now();
   metrics.setWorkers(worldSize, worldSize);
   await Promise.all(byRank.map((x) => server.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation: 1, peers, heartbeatMs, timeoutMs, configJson })));
+  tellAgents();
   emit({ kind: 'welcomed', worldSize, hosts: groupHosts() });
   if (remote.length === 0) remoteFinished();
 

@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { ControlClient, ControlTimeoutError, curveClientSecurity, dtrain, workerEnv, writeWorkerEnv, type KeyMaterial } from '@dtrain/transport';
+import { ControlClient, ControlTimeoutError, countRejected, curveClientSecurity, dtrain, workerEnv, writeWorkerEnv, type KeyMaterial } from '@dtrain/transport';
 import { CoordinatorError, NODE_AGENT_RANK, type AgentExitReport } from './coordinator.js';
 import { deviceForLocalRank } from './gpus.js';
 
@@ -59,7 +59,7 @@ export interface JoinOptions {
 export type JoinEvent =
   | { kind: 'registered'; runId: string }
   | { kind: 'spawned'; localRank: number; pid: number; logFile: string }
-  | { kind: 'assigned'; localRank: number; rank: number; worldSize: number };
+  | { kind: 'assigned'; localRank: number; rank: number; worldSize: number; generation: number };
 
 export interface JoinResult {
   /** Rank of each local worker, by local rank. */
@@ -109,8 +109,24 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
   emit({ kind: 'registered', runId });
 
   const children: ChildProcess[] = [];
+  // By local rank, from the coordinator's RankAssignment after each round of Welcomes (-1: none yet).
   const ranks: number[] = new Array<number>(n).fill(-1);
   let worldSize = 0;
+  let assignedGeneration = 0;
+  const applyAssignment = (a: dtrain.RankAssignment.$Properties) => {
+    const generation = a.generation ?? 0;
+    const world = a.worldSize ?? 0;
+    const got = a.ranks ?? [];
+    if (generation < assignedGeneration || got.some((r) => !Number.isInteger(r) || r < -1 || r >= world)) return countRejected('bad rankAssignment');
+    assignedGeneration = generation;
+    worldSize = world;
+    ranks.forEach((_, i) => {
+      const rank = got[i] ?? -1;
+      if (rank === ranks[i]) return;
+      ranks[i] = rank;
+      if (rank >= 0) emit({ kind: 'assigned', localRank: i, rank, worldSize, generation });
+    });
+  };
   type Exit = { i: number; code: number | null; signal: NodeJS.Signals | null; tail: string[]; logFile: string };
   const exits: Promise<Exit>[] = [];
   for (let i = 0; i < n; i++) {
@@ -140,20 +156,12 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
     const logFile = path.join(o.logDir, `local-${i}.log`);
     const log = fs.createWriteStream(logFile, { flags: 'a' });
     const tail: string[] = [];
-    let prefix = `[local ${i}]`;
     let open = 2;
     const streamsDone = new Promise<void>((resolve) => {
       for (const stream of [child.stdout!, child.stderr!]) {
         const rl = createInterface({ input: stream });
         rl.on('line', (line) => {
-          const assigned = /the coordinator assigned rank (\d+) of (\d+)/.exec(line);
-          if (assigned) {
-            ranks[i] = Number(assigned[1]);
-            worldSize = Number(assigned[2]);
-            prefix = `[rank ${ranks[i]}]`;
-            emit({ kind: 'assigned', localRank: i, rank: ranks[i], worldSize });
-          }
-          log.write(`${prefix} ${line}\n`);
+          log.write(`${ranks[i] >= 0 ? `[rank ${ranks[i]}]` : `[local ${i}]`} ${line}\n`);
           tail.push(line);
           if (tail.length > tailLines) tail.shift();
         });
@@ -185,6 +193,7 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
       try {
         const m = await control.receive('the run', 1000);
         lastHeard = Date.now();
+        if (m.kind === 'rankAssignment') applyAssignment(m.body as dtrain.RankAssignment.$Properties);
         if (m.kind === 'error') {
           coordinatorSaid = (m.body as { message?: string }).message ?? 'no reason given';
           stopAll();

@@ -29,6 +29,7 @@ const samples: { [K in BodyKind]: Parameters<typeof encodeMessage<K>>[1] } = {
   fileChunk: { name: 'data_batch_1.bin', offset: 4096, totalSize: 30730000, sha256: 'aa' },
   ringClose: { rank: 1, generation: 2, ack: true },
   ringCredit: { generation: 2, rank: 3, pieces: 2 ** 40 },
+  rankAssignment: { generation: 2, worldSize: 5, ranks: [3, -1, 4] },
 };
 
 describe('protocol', () => {
@@ -120,6 +121,7 @@ describe('protocol', () => {
     expect(decodeMessage(encodeMessage('hello', { ...samples.hello, datasets: entries(65) }, 'r'))).toEqual({ ok: false, reason: 'invalid hello: datasets too long' });
     expect(decodeMessage(encodeMessage('hello', { ...samples.hello, dataEndpoints: Array(17).fill('tcp://h:1') }, 'r'))).toEqual({ ok: false, reason: 'invalid hello: dataEndpoints too long' });
     expect(decodeMessage(encodeMessage('hello', { ...samples.hello, datasets: entries(64) }, 'r')).ok).toBe(true);
+    expect(decodeMessage(encodeMessage('rankAssignment', { ...samples.rankAssignment, ranks: Array(4097).fill(-1) }, 'r'))).toEqual({ ok: false, reason: 'invalid rankAssignment: ranks too long' });
     // Bodies that legitimately grow keep their room: a rank's shard of 1M indices, a Welcome of 1,000 peers.
     expect(decodeMessage(encodeMessage('shardAssignment', { ...samples.shardAssignment, indices: Array.from({ length: 1_000_000 }, (_, i) => i) }, 'r')).ok).toBe(true);
     const peers = Array.from({ length: 1000 }, (_, rank) => ({ rank, host: `host-${rank}.example`, dataEndpoints: [`tcp://10.0.${rank >> 8}.${rank & 255}:29500`], curvePublicKey: 'x'.repeat(40) }));

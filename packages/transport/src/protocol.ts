@@ -32,6 +32,7 @@ const MAX_BODY_BYTES: Record<BodyKind, number> = {
   fileChunk: 4 * MAX_STRING,
   ringClose: 4 * 1024,
   ringCredit: 4 * 1024,
+  rankAssignment: 64 * 1024,
 };
 
 /** Entries a repeated field may have, where far fewer than MAX_REPEATED are legitimate. */
@@ -40,6 +41,7 @@ const MAX_ENTRIES: Record<string, number> = {
   'hello.datasets': 64,
   'welcome.peers': 65536,
   'error.logTail': 1000,
+  'rankAssignment.ranks': 4096,
 };
 
 export type BodyKind =
@@ -56,12 +58,13 @@ export type BodyKind =
   | 'fileRequest'
   | 'fileChunk'
   | 'ringClose'
-  | 'ringCredit';
+  | 'ringCredit'
+  | 'rankAssignment';
 
 export const BODY_KINDS: readonly BodyKind[] = [
   'hello', 'welcome', 'error', 'heartbeat', 'ringHello', 'ringChunk', 'ringAbort',
   'shardAssignment', 'command', 'stepReport', 'fileRequest', 'fileChunk', 'ringClose',
-  'ringCredit',
+  'ringCredit', 'rankAssignment',
 ];
 
 /** The message types by body name, with the properties generated from the .proto. */
@@ -80,6 +83,7 @@ export interface Bodies {
   fileChunk: dtrain.FileChunk.$Properties;
   ringClose: dtrain.RingClose.$Properties;
   ringCredit: dtrain.RingCredit.$Properties;
+  rankAssignment: dtrain.RankAssignment.$Properties;
 }
 
 /** A decoded, verified envelope: exactly one body, protocol version checked by the caller. */
@@ -265,6 +269,7 @@ function decodeUncounted(frame: Uint8Array | undefined): DecodeResult {
 export const BODY_FIELD_NUMBERS: Record<BodyKind, number> = {
   hello: 10, welcome: 11, error: 12, heartbeat: 13, ringHello: 14, ringChunk: 15, ringAbort: 16,
   shardAssignment: 17, command: 18, stepReport: 19, fileRequest: 20, fileChunk: 21, ringClose: 22, ringCredit: 23,
+  rankAssignment: 24,
 };
 const KIND_OF_FIELD = new Map<number, BodyKind>(BODY_KINDS.map((k) => [BODY_FIELD_NUMBERS[k], k]));
 

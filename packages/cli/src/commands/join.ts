@@ -90,7 +90,7 @@ export function registerJoin(program: Command) {
         insecure: o.insecure === true,
         onEvent: (e) => {
           if (e.kind === 'registered') console.log(`joined the coordinator at ${masterAddr}:${masterPort} as host ${host} (ring address ${advertise}); starting ${n} ${gpus ? 'GPU' : 'CPU'} workers, logs in ${logDir}`);
-          else if (e.kind === 'assigned') console.log(`local worker ${e.localRank}: rank ${e.rank} of ${e.worldSize}`);
+          else if (e.kind === 'assigned') console.log(`local worker ${e.localRank}: rank ${e.rank} of ${e.worldSize}${e.generation > 1 ? ` (regrouped, generation ${e.generation})` : ''}`);
         },
       });
       console.log(`done: ranks ${r.ranks.join(', ')} of ${r.worldSize} on host ${host} completed (logs in ${logDir})`);
