@@ -122,11 +122,11 @@ export class OfferedFileError extends CoordinatorError {
 /**
  * Hello.requested_rank of a `dtrain join` process itself (not a worker): it registers its host and
  * how many workers it will start, and receives Command START (which carries the run id), so it can
- * later report its workers' exits (Error, message = JSON AgentExitReport) and hear about the end.
+ * later report its workers' exits (Error with a WorkerExit) and hear about the end.
  */
 export const NODE_AGENT_RANK = -2;
 
-/** What a `dtrain join` process reports when one of its workers exits non-zero. */
+/** What a `dtrain join` process reports when one of its workers exits non-zero (Error.worker_exit, read). */
 export interface AgentExitReport {
   localRank: number;
   exitCode: number | null;
@@ -901,16 +901,20 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
       }
       emit({ kind: 'report', rank, detail });
     } else if (m.kind === 'error') {
-      const err = m.body as { rank?: number; message?: string; host?: string; logTail?: string[] };
+      const err = m.body as dtrain.Error.$Properties;
       const agentHost = agents.get(key);
       if (agentHost !== undefined) {
-        // A join process reports one of its workers' exit (AgentExitReport as JSON).
-        let x: AgentExitReport;
-        try {
-          x = JSON.parse(err.message ?? '') as AgentExitReport;
-        } catch {
-          return metrics.countMalformedMessages();
-        }
+        // A join process reports one of its workers' exit.
+        const we = err.workerExit;
+        if (!we) return metrics.countMalformedMessages();
+        const x: AgentExitReport = {
+          localRank: we.localRank ?? 0,
+          exitCode: we.signal ? null : (we.exitCode ?? 0),
+          signal: we.signal || null,
+          reason: err.message || undefined,
+          logTail: err.logTail ?? [],
+          logFile: we.logFile ?? '',
+        };
         remoteExits.push({ host: agentHost, report: x });
         if (elastic && welcomed) {
           const w = [...members.values()].find((mm) => !mm.local && mm.host === agentHost && mm.localRank === x.localRank);
@@ -921,7 +925,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
       }
       const member = members.get(key);
       if (!member) return;
-      if (member.error === undefined) member.error = err.message;
+      if (member.error === undefined) member.error = err.message ?? undefined;
       if (elastic && welcomed) {
         // Its process exits next (a local child's exit, or its join process's report) and is
         // declared lost then; a remote one that says this much is lost already.

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { ControlClient, ControlTimeoutError, countRejected, curveClientSecurity, dtrain, workerEnv, writeWorkerEnv, type KeyMaterial } from '@dtrain/transport';
-import { CoordinatorError, NODE_AGENT_RANK, type AgentExitReport } from './coordinator.js';
+import { CoordinatorError, NODE_AGENT_RANK } from './coordinator.js';
 import { deviceForLocalRank } from './gpus.js';
 
 /** A worker of this machine failed, the coordinator refused the host, or it ended the run. */
@@ -221,8 +221,8 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
         if (x.code === 0 || coordinatorSaid !== undefined) return;
         if (firstFailure && !elastic) return;
         const reason = [...x.tail].reverse().find((l) => l.startsWith('error: '))?.slice('error: '.length);
-        const report: AgentExitReport = { localRank: x.i, exitCode: x.code, signal: x.signal, reason, logTail: x.tail, logFile: x.logFile };
-        await control.send('error', { code: dtrain.Error.Code.WORKER_FAILED, message: JSON.stringify(report), rank: -1, host: o.host }).catch(() => undefined);
+        const workerExit = { localRank: x.i, exitCode: x.code ?? 0, signal: x.signal ?? '', logFile: x.logFile };
+        await control.send('error', { code: dtrain.Error.Code.WORKER_FAILED, message: reason ?? '', rank: -1, host: o.host, logTail: x.tail, workerExit }).catch(() => undefined);
         if (elastic) {
           // The coordinator regroups without it; this machine's other workers train on.
           lostHere.push(x);
