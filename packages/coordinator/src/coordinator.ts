@@ -821,7 +821,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
           node.agent = e.peer;
           agents.set(key, host);
           // The reply carries the run id, so the join process's later reports are accepted.
-          void server.send(e.peer, 'command', { kind: Kind.START, reason: elastic ? 'registered (elastic)' : 'registered' }).catch(() => undefined);
+          void server.send(e.peer, 'command', { kind: Kind.START, reason: elastic ? 'registered (elastic)' : 'registered', elastic }).catch(() => undefined);
           return checkJoined();
         }
         if ([...members.values()].some((x) => x.host === host && x.localRank === localRank)) return refuse(`local rank ${localRank} of host ${host} already joined`);

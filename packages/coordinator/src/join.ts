@@ -100,7 +100,7 @@ export async function join(o: JoinOptions): Promise<JoinResult> {
     if (reply.kind === 'error') throw new JoinFailedError(`the coordinator at ${where} refused host ${o.host}: ${(reply.body as { message?: string }).message ?? 'no reason given'}`);
     runId = reply.runId;
     // An elastic run: a worker lost here is the coordinator's business, the others go on.
-    elastic = reply.kind === 'command' && /elastic/.test((reply.body as { reason?: string }).reason ?? '');
+    elastic = reply.kind === 'command' && (reply.body as dtrain.Command.$Properties).elastic === true;
   } catch (e) {
     await control.close().catch(() => undefined);
     throw e;
