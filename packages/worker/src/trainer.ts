@@ -82,6 +82,8 @@ export interface StepInfo {
   done: number;
   /** World size of the group that applied the step. */
   worldSize: number;
+  /** Bytes of the buffer this rank all-reduced for the step: the gradient with the step sums in front (0: one process whose engine applied its own gradient). */
+  allReduceBytes: number;
 }
 
 /** What `onRegroup` sees after an elastic regroup and the sync from the new root. */
@@ -748,7 +750,7 @@ export class Trainer {
       win.lossSum += gLoss;
       win.correct += gCorrect;
       win.n += gN;
-      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w });
+      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w, allReduceBytes: this.fusedStep ? 0 : grads.byteLength });
       if (runDir && step % s.logEverySteps === 0) {
         // Windows tile the training time: the next one starts where this one ends, so the time of
         // writing this line (and of the commit after a step) counts in some window, as in trainSec.
