@@ -1166,9 +1166,9 @@ const str = (x: unknown): string => (typeof x === 'string' && x ? x : 'unknown')
 function observeRank0(metrics: TrainingMetrics, d: Record<string, unknown>, worldSize: number): void {
   if (d.kind === 'start') {
     const info = (d.info ?? {}) as Record<string, unknown>;
-    const v = (d.versions ?? {}) as Record<string, unknown>;
-    metrics.setBuildInfo({ version: str(v.dtrain), tfjs: str(v.tfjs), tensorflow: str(v.tensorflow), node: str(v.node), backend: str(d.backend), worldSize });
-    metrics.setRun({ epochs: num(info.epochs), lr: num(d.lr), startEpoch: num(info.startEpoch, 1) });
+    const v = (info.versions ?? {}) as Record<string, unknown>;
+    metrics.setBuildInfo({ version: str(v.dtrain), tfjs: str(v.tfjs), tensorflow: str(v.tensorflow), node: str(v.node), backend: str(info.backend), worldSize });
+    metrics.setRun({ epochs: num(info.epochs), lr: num(info.lr), startEpoch: num(info.startEpoch, 1) });
   } else if (d.kind === 'checkpoint') {
     metrics.observeCheckpoint(new Date(num(d.unixMs, Date.now())));
   } else if (d.kind === 'epoch' && typeof d.metrics === 'object' && d.metrics !== null) {

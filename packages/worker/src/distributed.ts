@@ -3,7 +3,6 @@
 //
 // Configured like torchrun's workers, so any launcher (ours, a batch system, a shell) can start it:
 // the variables are listed, written and read in @dtrain/transport's env.ts.
-import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { destroyWebGpuDevice } from '@dtrain/backend';
@@ -86,10 +85,6 @@ export interface StartReport {
   kind: 'start';
   info: StartInfo;
   worldSize: number;
-  /** From the run's config.json: the resolved learning rate and backend, and the versions. */
-  lr?: number;
-  backend?: string;
-  versions?: Record<string, string>;
 }
 
 /** This process's count of messages its sockets dropped (garbage, strangers, replays), sent when it changes. */
@@ -268,7 +263,7 @@ export async function runDistributedWorker(
       hooks: {
         onStart: (info) => {
           log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
-          if (collective.rank === 0) void report({ kind: 'start', info, worldSize: collective.worldSize, ...runFacts(info.runDir) });
+          if (collective.rank === 0) void report({ kind: 'start', info, worldSize: collective.worldSize });
           link.setActivity('compute');
         },
         onEpochStart: () => {
@@ -381,16 +376,6 @@ export async function runDistributedWorker(
 }
 
 /** Learning rate, backend and versions from rank 0's config.json (written before onStart). */
-function runFacts(runDir: string | null): Pick<StartReport, 'lr' | 'backend' | 'versions'> {
-  if (!runDir) return {};
-  try {
-    const c = JSON.parse(fs.readFileSync(path.join(runDir, 'config.json'), 'utf8')) as { settings?: { lr?: number; backend?: string }; versions?: Record<string, string> };
-    return { lr: c.settings?.lr, backend: c.settings?.backend, versions: c.versions };
-  } catch {
-    return {};
-  }
-}
-
 function syntheticData(s: NonNullable<DistributedConfig['synthetic']>) {
   const opts = { height: s.size, width: s.size, channels: s.channels ?? 1, numClasses: 10 };
   const train = makeSyntheticTestDataset({ ...opts, count: s.train, seed: s.seed ?? 1 });

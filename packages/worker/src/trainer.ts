@@ -187,6 +187,10 @@ export interface StartInfo {
   testImages: number;
   resumedFromEpoch: number | null;
   runDir: string | null;
+  /** What config.json records of the run: the base learning rate, the backend, the versions. */
+  lr: number;
+  backend: string;
+  versions: Record<string, string>;
 }
 
 export interface TrainerHooks {
@@ -471,6 +475,9 @@ export class Trainer {
       testImages: this.data.test.count,
       resumedFromEpoch: resumeFrom ? this.state.progress.epoch : null,
       runDir,
+      lr: s.lr,
+      backend: s.backend,
+      versions: this.engine.versions,
     });
 
     try {
