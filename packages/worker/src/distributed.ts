@@ -5,7 +5,6 @@
 // the variables are listed, written and read in @dtrain/transport's env.ts.
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { destroyWebGpuDevice } from '@dtrain/backend';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
 import { ControlClient, dtrain, transportCounters, curveClientSecurity, curveServerSecurity, loadKeyDir, PROTOCOL_VERSION, ThreadedRing, WorkerEnvError, type WorkerEnv } from '@dtrain/transport';
 import { RunCompleteError, type Collective } from './collective.js';
@@ -14,6 +13,7 @@ import { checkOfferedFiles, fetchOfferedFiles, type OfferedFile } from './datase
 import { ElasticRingCollective, parseAnnouncement, type RegroupReport } from './elastic-ring.js';
 import { hashFloats, RingCollective, type RingCollectiveOptions } from './ring-collective.js';
 import { runTraining } from './run.js';
+import { TestCrashes, type CrashSpec } from './test-crashes.js';
 import type { TrainSettingsInput } from './settings.js';
 import type { EpochMetrics, StartInfo, Summary } from './trainer.js';
 
@@ -49,22 +49,6 @@ export interface DistributedConfig {
  * shared-memory links the ring's thread took so much CPU that CPU workers were 6-9% slower with it.
  */
 export const DEFAULT_BUCKET_MB = 8;
-
-/** FOR TESTS ONLY: where a worker kills itself with SIGKILL, to test recovery at each phase. */
-export interface CrashSpec {
-  /** The worker's rank in the first group (its RANK). */
-  rank: number;
-  /** compute: in the forward/backward of step `step`; allReduce: inside its gradient all-reduce; deviceLost: its WebGPU device is lost before the compute of step `step`;
-   * evaluate: at the start of the evaluation after epoch `epoch` (before it adds its share); checkpoint: right after rank 0 wrote a checkpoint;
-   * final: after training completed, a second after the others sent their final reports, before its own (`at` is not used);
-   * finalRegroup: at the same point, it acts as if its last collective had failed and asks to regroup (instead of dying);
-   * welcomed: right after the Welcome of generation `generation` (> 1), before its new ring connects (`at` is not used). */
-  phase: 'compute' | 'allReduce' | 'deviceLost' | 'evaluate' | 'checkpoint' | 'final' | 'finalRegroup' | 'welcomed';
-  /** Global optimiser step (compute, allReduce) or 1-based epoch (evaluate, checkpoint). */
-  at: number;
-  /** Only in this ring generation (default 1: the first group), so a regrouped run does not crash again. */
-  generation?: number;
-}
 
 /** A `kind: 'done'` report: every rank sends one after training completed. */
 export interface DoneReport {
@@ -201,17 +185,11 @@ export async function runDistributedWorker(
     link.start();
     linkRef = link;
 
-    let crashInNextMean = false;
-    const collectiveOptions: RingCollectiveOptions = {
-      beforeOp: (op) => {
-        link.setActivity('allReduce');
-        if (crashInNextMean && op === 'mean') {
-          crashInNextMean = false;
-          setTimeout(() => crashNow('inside its gradient all-reduce'), 3);
-        }
-      },
+    const crashes = new TestCrashes(config.crash, rank, () => (elastic ? elastic.generation : 1), (line) => log(`${who}: ${line}`));
+    const collectiveOptions: RingCollectiveOptions = crashes.wrapCollective({
+      beforeOp: () => link.setActivity('allReduce'),
       afterOp: () => link.setActivity('compute'),
-    };
+    });
     const currentRank = () => collective.rank;
     const report = (r: WorkerReport, extra: Record<string, unknown> = {}) =>
       control.send('stepReport', { rank: currentRank(), detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
@@ -225,22 +203,12 @@ export async function runDistributedWorker(
           initialRoot: config.regroup ? parseAnnouncement(w).root : 0,
           collectiveOptions,
           log: (line) => log(`${who}: ${line}`),
-          onWelcome: (welcome) => {
-            if (welcomedCrash && welcome.generation === (welcomedCrash.generation ?? 2)) crashNow(`right after the Welcome of generation ${welcome.generation}`);
-          },
+          onWelcome: (welcome) => crashes.onWelcome(welcome.generation ?? 0),
         })
       : undefined;
     elasticRef = elastic;
     const plain = elastic ? undefined : new RingCollective(ring, collectiveOptions);
     const collective: Collective & { stats(): { seconds: number; calls: number } } = (elastic ?? plain)!;
-    const crashes = [config.crash ?? []].flat().filter((c) => c.rank === rank);
-    const crash = crashes.find((c) => c.phase !== 'welcomed');
-    const welcomedCrash = crashes.find((c) => c.phase === 'welcomed');
-    const crashNow = (why: string) => {
-      log(`${who}: TEST CRASH ${why}: SIGKILL`);
-      process.kill(process.pid, 'SIGKILL');
-    };
-    const crashGeneration = () => (elastic ? elastic.generation : 1) === (crash?.generation ?? 1);
     let stepStart = performance.now();
     let rejectedSent = 0;
     // What this worker's sockets dropped goes to the coordinator's metric (when it changed).
@@ -260,7 +228,7 @@ export async function runDistributedWorker(
       collective,
       bucketBytes: config.bucketBytes ?? 0,
       localWorkers: env.localWorldSize,
-      hooks: {
+      hooks: crashes.wrapHooks({
         onStart: (info) => {
           log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
           if (collective.rank === 0) void report({ kind: 'start', info, worldSize: collective.worldSize });
@@ -271,29 +239,14 @@ export async function runDistributedWorker(
         },
         onCheckpoint: (file) => {
           if (collective.rank === 0) void report({ kind: 'checkpoint', file, unixMs: Date.now() });
-          if (crash?.phase === 'checkpoint' && crashGeneration()) crashNow(`after writing ${file}`);
         },
-        onEvalStart: (epoch) => {
-          link.setActivity('evaluate');
-          // At its start: this worker never contributes to the evaluation's all-reduce.
-          if (crash?.phase === 'evaluate' && crash.at === epoch && crashGeneration()) crashNow(`at the start of the evaluation of epoch ${epoch}`);
-        },
+        onEvalStart: () => link.setActivity('evaluate'),
         onStep: (s) => {
           const now = performance.now();
           const cpu = process.cpuUsage();
           // Every rank, every step: the figures of the coordinator's Prometheus exporter.
           link.step = s.step;
           reportRejected();
-          // The crash points: the next step's compute (this process never reaches its all-reduce),
-          // or inside the next step's all-reduce (a few milliseconds after it started).
-          if (crash && crashGeneration() && crash.at === s.step + 1) {
-            if (crash.phase === 'compute') crashNow(`before the compute of step ${crash.at}`);
-            if (crash.phase === 'deviceLost') {
-              log(`${who}: TEST DEVICE LOSS before the compute of step ${crash.at}`);
-              destroyWebGpuDevice();
-            }
-            if (crash.phase === 'allReduce') crashInNextMean = true;
-          }
           void control
             .send('stepReport', {
               rank: collective.rank,
@@ -325,14 +278,9 @@ export async function runDistributedWorker(
             void report({ kind: 'epoch', metrics }, { epoch: metrics.epoch, step: metrics.step, loss: metrics.loss, evaluation: true, allReduceMs: metrics.phaseSec.allReduce * 1000, computeMs: metrics.phaseSec.compute * 1000, dataMs: metrics.phaseSec.data * 1000 });
           }
         },
-      },
+      }),
     });
-    if ((crash?.phase === 'final' || crash?.phase === 'finalRegroup') && crashGeneration()) {
-      await new Promise((r) => setTimeout(r, 1000));
-      if (crash.phase === 'final') crashNow('after training completed, before its final report');
-      log(`${who}: TEST: acting as if the last collective had failed: regroup`);
-      await elastic!.regroup({ epoch: 0, done: 0, step: 0 });
-    }
+    await crashes.afterTraining(() => elastic!.regroup({ epoch: 0, done: 0, step: 0 }));
     const st = collective.stats();
     who = `rank ${collective.rank} on host ${env.host}`;
     const done: DoneReport = {
@@ -375,7 +323,6 @@ export async function runDistributedWorker(
   }
 }
 
-/** Learning rate, backend and versions from rank 0's config.json (written before onStart). */
 function syntheticData(s: NonNullable<DistributedConfig['synthetic']>) {
   const opts = { height: s.size, width: s.size, channels: s.channels ?? 1, numClasses: 10 };
   const train = makeSyntheticTestDataset({ ...opts, count: s.train, seed: s.seed ?? 1 });

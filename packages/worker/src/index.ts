@@ -46,7 +46,8 @@ export { TrainError, TrainSettingsError, TrainingDivergedError, CheckpointError,
 export { RingCollective, hashFloats } from './ring-collective.js';
 export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
 export { runDistributedWorker, WORKER_ENTRY, DEFAULT_BUCKET_MB } from './distributed.js';
-export type { DistributedConfig, DoneReport, StartReport, WorkerReport, CrashSpec, RejectedReport } from './distributed.js';
+export type { DistributedConfig, DoneReport, StartReport, WorkerReport, RejectedReport } from './distributed.js';
+export type { CrashSpec } from './test-crashes.js';
 export { fetchOfferedFiles, isCached, sha256File, DataTransferError } from './dataset-fetch.js';
 export type { OfferedFile } from './dataset-fetch.js';
 export { checkInitFile, exportSafetensors, readInitFile } from './model-file.js';
