@@ -127,7 +127,7 @@ export class OfferedFileError extends CoordinatorError {
 export const NODE_AGENT_RANK = -2;
 
 /** What a `dtrain join` process reports when one of its workers exits non-zero (Error.worker_exit, read). */
-export interface AgentExitReport {
+interface AgentExitReport {
   localRank: number;
   exitCode: number | null;
   signal: string | null;

@@ -254,6 +254,8 @@ export class Ring {
   private sendChain: Promise<void> = Promise.resolve();
   private opId = 0;
   private liveInbound = 0;
+  /** Pending lost-link grace timers (see PREV_LOST_GRACE_MS); close() clears them. */
+  private readonly graceTimers = new Set<NodeJS.Timeout>();
   private prevSeen = false;
   private pendingReceive: Promise<Buffer[]> | undefined;
   private readonly stats_: RingStats = emptyRingStats();
@@ -310,9 +312,9 @@ export class Ring {
       else if (this.prevSeen) {
         // The previous rank may have closed because it failed: its RingAbort, naming the cause,
         // is then already queued here, and a moment's grace lets the receive read it first.
-        setTimeout(() => {
-          if (!this.closing) this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
-        }, PREV_LOST_GRACE_MS);
+        this.afterGrace(PREV_LOST_GRACE_MS, () => {
+          this.fail(new PeerLostError(this.prev.rank, this.prev.host, 'its connection to this rank closed', this.rank), true);
+        });
       }
     });
   }
@@ -476,9 +478,9 @@ export class Ring {
       // close before the dead rank's own disconnect (two sockets, two event queues, read in any
       // order by a busy process). The longer grace lets the previous rank's loss, the cause, be
       // the error that names the lost rank.
-      setTimeout(() => {
-        if (!this.closing) this.fail(new PeerLostError(next.rank, next.host, `connection to ${endpoint} closed`, this.rank), false);
-      }, NEXT_LOST_GRACE_MS);
+      this.afterGrace(NEXT_LOST_GRACE_MS, () => {
+        this.fail(new PeerLostError(next.rank, next.host, `connection to ${endpoint} closed`, this.rank), false);
+      });
     });
     dealer.connect(endpoint);
     const offer = this.offerSharedMemory(next);
@@ -1253,6 +1255,8 @@ export class Ring {
       }
     }
     this.closed = true;
+    for (const t of this.graceTimers) clearTimeout(t);
+    this.graceTimers.clear();
     for (const w of this.failWaiters) w(new RingUsageError(`rank ${this.rank}: ring closed`));
     this.failWaiters = [];
     this.dealer?.close();
@@ -1262,6 +1266,15 @@ export class Ring {
     this.outShm = undefined;
     this.inShm = undefined;
     if (this.ipcPath !== undefined) rmSync(dirname(this.ipcPath), { recursive: true, force: true });
+  }
+
+  /** Runs `fn` after `ms` unless the ring is closing by then; close() cancels it. */
+  private afterGrace(ms: number, fn: () => void): void {
+    const timer = setTimeout(() => {
+      this.graceTimers.delete(timer);
+      if (!this.closing) fn();
+    }, ms);
+    this.graceTimers.add(timer);
   }
 
   private async closeHandshake(dealer: zmq.Dealer): Promise<void> {

@@ -1,6 +1,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { firstDifference } from '@dtrain/core/testing';
 import {
   checkpointFileName,
   decodeCheckpoint,
@@ -13,7 +14,7 @@ import {
 } from './checkpoint.js';
 import { CheckpointError, NoCheckpointError } from './errors.js';
 import { resolveSettings } from './settings.js';
-import { firstDifference, tempDir } from './testing/helpers.js';
+import { tempDir } from './testing/helpers.js';
 
 function content(epoch: number, n = 1000): CheckpointContent {
   const weights = Float32Array.from({ length: n }, (_, i) => Math.sin(i + epoch) * 1e-3);

@@ -8,12 +8,13 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
+import { firstDifference } from '@dtrain/core/testing';
 import { DistributedSampler } from '@dtrain/data';
 import { listCheckpoints, readCheckpoint } from './checkpoint.js';
 import { createInProcessGroup, type Collective } from './collective.js';
 import { runTraining, type RunTrainingResult } from './run.js';
 import { ElasticInProcessGroup, ReplicaKilledError, type ElasticMember } from './testing/elastic-group.js';
-import { firstDifference, syntheticData, tempDir } from './testing/helpers.js';
+import { syntheticData, tempDir } from './testing/helpers.js';
 import { readMetrics, type EpochMetrics, type StepInfo, type TrainerHooks } from './trainer.js';
 import type { TrainSettingsInput } from './settings.js';
 

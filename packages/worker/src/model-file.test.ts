@@ -10,12 +10,12 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
 import { describeResNet, ResNet } from '@dtrain/core';
 import { BatchAssembler } from '@dtrain/data';
-import { forwardTolerance, randomBatch } from '@dtrain/core/testing';
+import { firstDifference, forwardTolerance, randomBatch } from '@dtrain/core/testing';
 import { readLatestCheckpoint } from './checkpoint.js';
 import { checkInitFile, exportSafetensors, readInitFile } from './model-file.js';
 import { runTraining } from './run.js';
 import { decodeSafetensors, encodeSafetensors } from './safetensors.js';
-import { firstDifference, syntheticData, tempDir } from './testing/helpers.js';
+import { syntheticData, tempDir } from './testing/helpers.js';
 
 const REPO = path.resolve(import.meta.dirname, '../../..');
 

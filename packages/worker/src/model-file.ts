@@ -69,8 +69,9 @@ export async function checkInitFile(file: string, config: ResNetConfig): Promise
  */
 export async function readInitFile(file: string, config: ResNetConfig): Promise<{ weights: Float32Array; bnStats: Float32Array; arch: Architecture }> {
   const bytes = await fs.readFile(file).catch(cannotRead(file));
-  const { arch, expected } = matchTutorialStateDict(parseSafetensorsHeader(bytes, bytes.length, file), config, file);
-  const { tensors } = decodeSafetensors(bytes, file);
+  const header = parseSafetensorsHeader(bytes, bytes.length, file);
+  const { arch, expected } = matchTutorialStateDict(header, config, file);
+  const { tensors } = decodeSafetensors(bytes, file, header);
   const weights = new Float32Array(arch.paramCount);
   const bnStats = new Float32Array(arch.bnStatCount);
   for (const e of expected) {

@@ -118,9 +118,16 @@ export async function readSafetensorsHeader(file: string): Promise<SafetensorsHe
   }
 }
 
-/** The tensors of a safetensors file (`file` names it in errors). Checks every byte range before use. */
-export function decodeSafetensors(bytes: Uint8Array, file: string): { tensors: Map<string, SafeTensor>; metadata: Record<string, string> } {
-  const { entries, metadata, dataStart } = parseSafetensorsHeader(bytes, bytes.length, file);
+/**
+ * The tensors of a safetensors file (`file` names it in errors). Checks every byte range before use;
+ * a caller that has parsed the header already passes it, so it is parsed once.
+ */
+export function decodeSafetensors(
+  bytes: Uint8Array,
+  file: string,
+  header: SafetensorsHeader = parseSafetensorsHeader(bytes, bytes.length, file),
+): { tensors: Map<string, SafeTensor>; metadata: Record<string, string> } {
+  const { entries, metadata, dataStart } = header;
   const tensors = new Map<string, SafeTensor>();
   for (const [name, { dtype, shape, begin, end }] of entries) {
     // A copy: aligned for the typed array, independent of the file's buffer.

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { loadBackend } from '@dtrain/backend';
 import { ResNet } from '@dtrain/core';
+import { firstDifference } from '@dtrain/core/testing';
 import { BatchAssembler } from '@dtrain/data';
 import { needsEngine } from '@dtrain/torch-engine/testing';
 import { listCheckpoints, readCheckpoint } from './checkpoint.js';
@@ -14,7 +15,7 @@ import { createInProcessGroup } from './collective.js';
 import { RunDirError, TrainingDivergedError, TrainSettingsError } from './errors.js';
 import { runTraining } from './run.js';
 import { lrAt } from './schedule.js';
-import { firstDifference, syntheticData, tempDir } from './testing/helpers.js';
+import { syntheticData, tempDir } from './testing/helpers.js';
 import { readMetrics, type EpochMetrics, type StepMetrics, type Summary } from './trainer.js';
 
 beforeAll(async () => {
