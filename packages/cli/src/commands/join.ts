@@ -55,44 +55,66 @@ export function registerJoin(program: Command) {
     .option('--out <dir>', "where this machine's worker writes the run's checkpoints and metrics should it become rank 0 of an --elastic run (default: run next to the log folder)")
     .addOption(new Option('--join-timeout-s <s>', 'fail when the coordinator does not answer or the run does not start by then').default(120).argParser(positiveInt('--join-timeout-s')))
     .addOption(new Option('--timeout-s <s>', "a worker, neighbour or coordinator silent this long is gone (use launch's value)").default(60).argParser(positiveInt('--timeout-s')))
-    .action(async (target, o) => {
-      if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
-      const n = (o.workers ?? o.gpus)!;
-      const gpus = o.gpus !== undefined;
-      const { host: masterAddr, port: masterPort } = parseHostPort('the coordinator address', target);
-      if (gpus) requireGpus(n);
-      const host = o.host || process.env.DTRAIN_HOST || hostname();
-      const advertise = o.advertise ?? (await localAddressTowards(masterAddr, masterPort));
-      if (!advertise) throw new UsageError(`no local address routes to ${masterAddr}: check the address, or give --advertise ADDR`);
-      if (o.ringPortBase !== undefined && (o.ringPortBase < 1 || o.ringPortBase + n - 1 > 65535)) throw new UsageError(`--ring-port-base ${o.ringPortBase} with ${n} workers must stay within ports 1-65535`);
-      if (o.coordinatorKey !== undefined && o.keys === undefined) throw new UsageError('--coordinator-key needs --keys [DIR] (this machine\'s key pair)');
-      const keys = chooseSecurity(o, [masterAddr, advertise], 'join');
-      const coordinatorKey = keys ? coordinatorKeyOf(o.coordinatorKey, keys) : undefined;
-      console.log(`${describeSecurity(keys && coordinatorKey ? curveClientSecurity(keys, coordinatorKey) : { kind: 'none' }, `the links to ${masterAddr}:${masterPort} and the rings`)}${keys ? `; coordinator key ${coordinatorKey}` : ''}`);
-      const stamp = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
-      const logDir = path.resolve(o.logDir ?? path.join('runs', `join-${stamp}-${host.replace(/[^A-Za-z0-9_.-]+/g, '_')}`, 'logs'));
-      const r = await join({
-        masterAddr,
-        masterPort,
-        workers: n,
-        entry: WORKER_ENTRY,
-        host,
-        advertise,
-        ringPortBase: o.ringPortBase,
-        logDir,
-        runDir: o.out,
-        dataDir: o.dataDir,
-        gpus,
-        joinTimeoutMs: o.joinTimeoutS * 1000,
-        timeoutMs: o.timeoutS * 1000,
-        keys,
-        coordinatorKey,
-        insecure: o.insecure === true,
-        onEvent: (e) => {
-          if (e.kind === 'registered') console.log(`joined the coordinator at ${masterAddr}:${masterPort} as host ${host} (ring address ${advertise}); starting ${n} ${gpus ? 'GPU' : 'CPU'} workers, logs in ${logDir}`);
-          else if (e.kind === 'assigned') console.log(`local worker ${e.localRank}: rank ${e.rank} of ${e.worldSize}${e.generation > 1 ? ` (regrouped, generation ${e.generation})` : ''}`);
-        },
-      });
-      console.log(`done: ranks ${r.ranks.join(', ')} of ${r.worldSize} on host ${host} completed (logs in ${logDir})`);
-    });
+    .action((target, o) => joinRun(target, o));
+}
+
+/** What `join` reads from its flags (and `launch --slurm` gives it on the nodes after the first). */
+export interface JoinFlags {
+  workers?: number;
+  gpus?: number;
+  advertise?: string;
+  host?: string;
+  ringPortBase?: number;
+  dataDir?: string;
+  keys?: string | true;
+  coordinatorKey?: string;
+  insecure?: true;
+  logDir?: string;
+  out?: string;
+  joinTimeoutS: number;
+  timeoutS: number;
+  /** Under --slurm the nodes share one key directory: the coordinator's key is this one's. */
+  sharedKeys?: boolean;
+}
+
+/** Joins the run at `target` (ADDR:PORT) with this machine's workers; resolves when they completed. */
+export async function joinRun(target: string, o: JoinFlags): Promise<void> {
+  if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
+  const n = (o.workers ?? o.gpus)!;
+  const gpus = o.gpus !== undefined;
+  const { host: masterAddr, port: masterPort } = parseHostPort('the coordinator address', target);
+  if (gpus) requireGpus(n);
+  const host = o.host || process.env.DTRAIN_HOST || hostname();
+  const advertise = o.advertise ?? (await localAddressTowards(masterAddr, masterPort));
+  if (!advertise) throw new UsageError(`no local address routes to ${masterAddr}: check the address, or give --advertise ADDR`);
+  if (o.ringPortBase !== undefined && (o.ringPortBase < 1 || o.ringPortBase + n - 1 > 65535)) throw new UsageError(`--ring-port-base ${o.ringPortBase} with ${n} workers must stay within ports 1-65535`);
+  if (o.coordinatorKey !== undefined && o.keys === undefined) throw new UsageError('--coordinator-key needs --keys [DIR] (this machine\'s key pair)');
+  const keys = chooseSecurity(o, [masterAddr, advertise], 'join');
+  const coordinatorKey = keys ? (o.sharedKeys && o.coordinatorKey === undefined ? keys.publicKey : coordinatorKeyOf(o.coordinatorKey, keys)) : undefined;
+  console.log(`${describeSecurity(keys && coordinatorKey ? curveClientSecurity(keys, coordinatorKey) : { kind: 'none' }, `the links to ${masterAddr}:${masterPort} and the rings`)}${keys ? `; coordinator key ${coordinatorKey}` : ''}`);
+  const stamp = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+  const logDir = path.resolve(o.logDir ?? path.join('runs', `join-${stamp}-${host.replace(/[^A-Za-z0-9_.-]+/g, '_')}`, 'logs'));
+  const r = await join({
+    masterAddr,
+    masterPort,
+    workers: n,
+    entry: WORKER_ENTRY,
+    host,
+    advertise,
+    ringPortBase: o.ringPortBase,
+    logDir,
+    runDir: o.out,
+    dataDir: o.dataDir,
+    gpus,
+    joinTimeoutMs: o.joinTimeoutS * 1000,
+    timeoutMs: o.timeoutS * 1000,
+    keys,
+    coordinatorKey,
+    insecure: o.insecure === true,
+    onEvent: (e) => {
+      if (e.kind === 'registered') console.log(`joined the coordinator at ${masterAddr}:${masterPort} as host ${host} (ring address ${advertise}); starting ${n} ${gpus ? 'GPU' : 'CPU'} workers, logs in ${logDir}`);
+      else if (e.kind === 'assigned') console.log(`local worker ${e.localRank}: rank ${e.rank} of ${e.worldSize}${e.generation > 1 ? ` (regrouped, generation ${e.generation})` : ''}`);
+    },
+  });
+  console.log(`done: ranks ${r.ranks.join(', ')} of ${r.worldSize} on host ${host} completed (logs in ${logDir})`);
 }

@@ -21,7 +21,8 @@ import {
 } from '@dtrain/worker';
 import { nonNegativeInt, nonNegativeNumber, oneOf, positiveInt, UsageError } from '../errors.js';
 import { BACKEND_NAMES, chooseGpuBackend, chooseTorchGpus, GPU_BACKENDS, type GpuPlan } from './gpu-backend.js';
-import { parseHostPort } from './join.js';
+import { joinRun, parseHostPort } from './join.js';
+import { slurmRole } from './slurm-role.js';
 import { chooseSecurity, INSECURE_HELP, KEYS_HELP } from './security.js';
 import { addTrainOptions, preflightInitFile, settingsFromFlags } from './train-options.js';
 
@@ -117,6 +118,7 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--nodes <m>', 'machines in the run, this one included; the others run pnpm cli join ADDR:PORT').default(1).argParser(positiveInt('--nodes')))
     .option('--listen <addr:port>', 'address and port of the control socket the other machines connect to (needed with --nodes; 0.0.0.0:PORT for every interface)')
     .option('--advertise <addr>', 'address of this machine the other machines reach (default: the --listen address unless it is 0.0.0.0, else the host name)')
+    .option('--slurm', "inside a Slurm job, as srun --ntasks-per-node=1 pnpm cli launch --slurm --workers N (or --gpus N): every node of the step trains with N workers; the first node hosts the coordinator on --port (default: 20000 + job id % 20000), the others join it; needs --keys (a key directory the nodes share) or --insecure")
     .addOption(new Option('--ring-port-base <port>', 'worker i of this machine binds its ring socket on this port + i (default: any free port; fix it to open a port range in a firewall)').argParser(nonNegativeInt('--ring-port-base')))
     .option('--keys [dir]', KEYS_HELP)
     .option('--insecure', INSECURE_HELP)
@@ -131,7 +133,24 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--metrics-linger-s <s>', 'keep serving metrics this long after the run ended, for a last scrape').default(0).argParser(nonNegativeNumber('--metrics-linger-s')))
     .addOption(new Option('--synthetic-test-data <spec>', 'FOR TESTS: synthetic patterns TRAIN:TEST:SIZE instead of a data set').argParser(parseSynthetic).hideHelp())
     .addOption(new Option('--test-crash <spec>', 'FOR TESTS (repeatable): RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch, final: before its final report, welcomed: after the Welcome of GENERATION)').argParser(parseCrash).hideHelp())
-    .action(async (o) => {
+    .action(async (flags) => {
+      let o = flags;
+      if (o.slurm) {
+        const role = await slurmRole(o);
+        const { task } = role;
+        if (role.address === undefined) {
+          console.log(`slurm job ${task.jobId}: node ${task.nodeName} (${task.nodeId + 1} of ${task.nodes.length}) joins the coordinator on ${role.coordinator}:${role.port}`);
+          return joinRun(`${role.coordinator}:${role.port}`, {
+            ...o,
+            host: task.nodeName,
+            logDir: o.out === undefined ? undefined : path.join(path.resolve(o.out), 'logs', task.nodeName),
+            sharedKeys: true,
+          });
+        }
+        console.log(`slurm job ${task.jobId}: ${task.nodes.length} nodes (${task.nodes.join(', ')}); the coordinator runs here on ${task.nodeName}, ${role.address}:${role.port}`);
+        process.env.DTRAIN_HOST ??= task.nodeName;
+        o = { ...o, nodes: task.nodes.length, listen: `${role.address}:${role.port}`, advertise: role.address, port: undefined };
+      }
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
       const gpus = o.gpus !== undefined;
@@ -194,7 +213,7 @@ export function registerLaunch(program: Command) {
           if (keys || o.insecure) console.log(`${describeSecurity(keys ? curveServerSecurity(keys) : { kind: 'none' }, where)}${keys ? `; keys in ${keys.dir}` : ''}`);
           else console.log(`security: CURVE on ${where} with a key pair made for this run: only the workers this launch starts hold it (pnpm cli join needs --keys on both sides, or --insecure on both)`);
           console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
-          if (o.nodes > 1) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
+          if (o.nodes > 1 && !o.slurm) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
         } else if (e.kind === 'offered') {
           console.log(`offering ${e.files.length} data files (${(e.files.reduce((a, f) => a + f.size, 0) / 1e6).toFixed(1)} MB) to workers of other machines that lack them`);
         } else if (e.kind === 'node') console.log(`host ${e.host} joined with ${e.workers} workers (${e.nodes} of ${e.expectedNodes} machines)`);
