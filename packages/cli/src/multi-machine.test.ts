@@ -9,73 +9,16 @@
 // Also across these hosts: --resume of a 3-machine run on 2 machines, a machine joining an
 // --elastic run in progress, and a machine whose link goes down (namespaces only; the measured
 // detection time is printed as a `fault:` line, like faults.test.ts).
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { addAllowedKey, initKeyDir } from '@dtrain/transport';
+import { HOSTS, ip, makeNet, type Host, type Net } from './testing/netns.js';
 import { runCli, testTimeoutFor, type Line, type ProcessRun } from './testing/processes.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-mm-'));
 const prefix = `dtmm${process.pid}`;
-const HOSTS = ['a', 'b', 'c'] as const;
-type Host = (typeof HOSTS)[number];
-
-interface Net {
-  kind: 'netns' | 'loopback';
-  addr: Record<Host, string>;
-  /** Command prefix that runs a program on that host. */
-  exec: Record<Host, string[]>;
-  why?: string;
-}
-
-function ip(...args: string[]): void {
-  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 });
-}
-
-function removeNamespaces(): void {
-  for (const h of [...HOSTS, 'sw']) {
-    try {
-      ip('netns', 'del', `${prefix}${h}`);
-    } catch {
-      // not created
-    }
-  }
-}
-
-function makeNet(): Net {
-  const loopback: Net = {
-    kind: 'loopback',
-    addr: { a: '127.0.0.2', b: '127.0.0.3', c: '127.0.0.4' },
-    exec: { a: [], b: [], c: [] },
-  };
-  if (process.platform !== 'linux' || process.getuid?.() !== 0) return { ...loopback, why: 'not running as root' };
-  try {
-    ip('netns', 'add', `${prefix}sw`);
-    ip('-n', `${prefix}sw`, 'link', 'add', 'br0', 'type', 'bridge');
-    ip('-n', `${prefix}sw`, 'link', 'set', 'br0', 'up');
-    HOSTS.forEach((h, i) => {
-      const ns = `${prefix}${h}`;
-      ip('netns', 'add', ns);
-      // Both ends are created inside the namespaces: the root namespace never sees them.
-      ip('-n', `${prefix}sw`, 'link', 'add', `p${h}`, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns);
-      ip('-n', `${prefix}sw`, 'link', 'set', `p${h}`, 'master', 'br0');
-      ip('-n', `${prefix}sw`, 'link', 'set', `p${h}`, 'up');
-      ip('-n', ns, 'addr', 'add', `10.213.7.${i + 1}/24`, 'dev', 'eth0');
-      ip('-n', ns, 'link', 'set', 'eth0', 'up');
-      ip('-n', ns, 'link', 'set', 'lo', 'up');
-    });
-    return {
-      kind: 'netns',
-      addr: { a: '10.213.7.1', b: '10.213.7.2', c: '10.213.7.3' },
-      exec: { a: ['ip', 'netns', 'exec', `${prefix}a`], b: ['ip', 'netns', 'exec', `${prefix}b`], c: ['ip', 'netns', 'exec', `${prefix}c`] },
-    };
-  } catch (e) {
-    removeNamespaces();
-    return { ...loopback, why: `ip netns failed: ${String((e as { stderr?: Buffer }).stderr ?? (e as Error).message).trim()}` };
-  }
-}
 
 type CliRun = ProcessRun;
 
@@ -90,13 +33,13 @@ function cliOn(ctx: TestContext, h: Host, args: string[], onLine?: (l: Line) => 
 
 let net: Net;
 beforeAll(() => {
-  net = makeNet();
+  net = makeNet(prefix, '10.213.7');
   if (net.kind === 'loopback') {
     console.warn(`multi-machine test: NO NETWORK NAMESPACES (${net.why}); running the same scenario on loopback addresses 127.0.0.2-4 instead`);
   }
 });
 afterAll(() => {
-  if (net?.kind === 'netns') removeNamespaces();
+  net?.remove();
 });
 
 /** Skips (reported as skipped, not passed) a case that needs a network of its own. */
@@ -179,7 +122,7 @@ describe('three machines: launch --nodes 3 in one, join in the others', () => {
   it('connectivity preflight: a host that advertises an address the others cannot reach is named with both hosts and the port', async (ctx) => {
     needsNamespaces(ctx);
     // Host c has a second network (10.213.8.0/24, again only inside its namespace) and advertises it.
-    ip('-n', `${prefix}c`, 'addr', 'add', '10.213.8.3/24', 'dev', 'eth0');
+    ip('-n', net.ns.c, 'addr', 'add', '10.213.8.3/24', 'dev', 'eth0');
     const out = path.join(tmp(), 'run');
     const common = ['--ring-port-base', String(RING + 100), '--join-timeout-s', '60', '--timeout-s', '8', '--insecure'];
     const coordinator = cliOn(ctx, 'a', [
@@ -288,7 +231,7 @@ describe('three machines: resume, elastic join, link down', () => {
       if (cutAt === 0 && /^epoch 1\/2 /.test(l.text)) {
         // Host c's port on the bridge: c's eth0 loses its carrier, nobody gets a reset.
         try {
-          ip('-n', `${prefix}sw`, 'link', 'set', 'pc', 'down');
+          ip('-n', net.ns.sw, 'link', 'set', 'pc', 'down');
           cutAt = Date.now();
         } catch (e) {
           console.warn(`multi-machine link-down test: could not take host c's link down: ${String(e)}`);
@@ -327,7 +270,7 @@ describe('three machines: resume, elastic join, link down', () => {
       expect(b.leftBehind || c.leftBehind).toBe(false);
       console.log(`fault: link of host c down (elastic, 3 machines, timeout 10 s, heartbeat 250 ms): warned after ${((late!.t - cutAt) / 1000).toFixed(1)}s, declared lost after ${detect.toFixed(1)}s; run completed with 2 workers; host c's join and workers stopped ${stopped.toFixed(1)}s after the cut (exit ${cc.code}: ${said!.text.slice(0, 160)})`);
     } finally {
-      ip('-n', `${prefix}sw`, 'link', 'set', 'pc', 'up');
+      ip('-n', net.ns.sw, 'link', 'set', 'pc', 'up');
     }
   }, testTimeoutFor(2));
 });

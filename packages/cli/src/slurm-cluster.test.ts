@@ -1,7 +1,7 @@
 // `launch --slurm` on a real Slurm (Debian's slurm-wlm 22.05): a cluster of 3 nodes, each slurmd in
 // a network namespace of its own (tools/slurm/test-cluster.sh), jobs submitted with the shipped
 // tools/slurm/train.sbatch. Skipped, and reported as skipped, without root, network namespaces or
-// Slurm (.ci/run installs it: tools/slurm/ensure-slurm.sh).
+// Slurm (.ci/run installs it: tools/ensure-cluster-tools.sh).
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -29,7 +29,7 @@ function clusterCmd(args: string[], timeout = 30_000): string {
 
 beforeAll(() => {
   if (process.platform !== 'linux' || process.getuid?.() !== 0) why = 'not running as root';
-  else if (!['slurmctld', 'slurmd', 'munged'].every((b) => fs.existsSync(`/usr/sbin/${b}`))) why = 'Slurm is not installed (tools/slurm/ensure-slurm.sh)';
+  else if (!['slurmctld', 'slurmd', 'munged'].every((b) => fs.existsSync(`/usr/sbin/${b}`))) why = 'Slurm is not installed (tools/ensure-cluster-tools.sh)';
   else {
     const dir = tmp();
     try {

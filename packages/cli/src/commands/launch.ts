@@ -23,6 +23,9 @@ import { nonNegativeInt, nonNegativeNumber, oneOf, positiveInt, UsageError } fro
 import { BACKEND_NAMES, chooseGpuBackend, chooseTorchGpus, GPU_BACKENDS, type GpuPlan } from './gpu-backend.js';
 import { joinRun, parseHostPort } from './join.js';
 import { slurmRole } from './slurm-role.js';
+import { parseHosts, readHostfile, type HostSlots } from '../hosts.js';
+import type { SshSettings } from '../ssh.js';
+import { planHosts, probeHosts, PROJECT_DIR, startRemoteJoins, type HostsPlan, type RemoteJoins } from './ssh-hosts.js';
 import { chooseSecurity, INSECURE_HELP, KEYS_HELP } from './security.js';
 import { addTrainOptions, preflightInitFile, settingsFromFlags } from './train-options.js';
 
@@ -118,6 +121,13 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--nodes <m>', 'machines in the run, this one included; the others run pnpm cli join ADDR:PORT').default(1).argParser(positiveInt('--nodes')))
     .option('--listen <addr:port>', 'address and port of the control socket the other machines connect to (needed with --nodes; 0.0.0.0:PORT for every interface)')
     .option('--advertise <addr>', 'address of this machine the other machines reach (default: the --listen address unless it is 0.0.0.0, else the host name)')
+    .addOption(new Option('--hosts <list>', 'machines and their worker slots, HOST[:SLOTS],... (horovodrun -H); this machine runs the coordinator and its slots, the others are started over ssh (pnpm cli join); needs --keys or --insecure').argParser(parseHosts))
+    .option('--hostfile <file>', "as --hosts, from a file of 'HOST slots=N' lines (horovodrun's format)")
+    .addOption(new Option('--slot-kind <kind>', 'with --hosts/--hostfile: a slot is a CPU worker or a GPU worker').choices(['cpu', 'gpu'] as const).default('cpu' as const))
+    .addOption(new Option('--ssh-port <port>', 'with --hosts: ssh port of the hosts (default: ssh\'s, ~/.ssh/config)').argParser(positiveInt('--ssh-port')))
+    .option('--ssh-identity <file>', 'with --hosts: private key for ssh (default: ssh\'s)')
+    .option('--ssh-config <file>', 'with --hosts: ssh config file instead of ~/.ssh/config (ssh -F)')
+    .option('--remote-dir <dir>', 'with --hosts: the project folder on the other hosts (default: the same path as here)')
     .option('--slurm', "inside a Slurm job, as srun --ntasks-per-node=1 pnpm cli launch --slurm --workers N (or --gpus N): every node of the step trains with N workers; the first node hosts the coordinator on --port (default: 20000 + job id % 20000), the others join it; needs --keys (a key directory the nodes share) or --insecure")
     .addOption(new Option('--ring-port-base <port>', 'worker i of this machine binds its ring socket on this port + i (default: any free port; fix it to open a port range in a firewall)').argParser(nonNegativeInt('--ring-port-base')))
     .option('--keys [dir]', KEYS_HELP)
@@ -151,6 +161,12 @@ export function registerLaunch(program: Command) {
         process.env.DTRAIN_HOST ??= task.nodeName;
         o = { ...o, nodes: task.nodes.length, listen: `${role.address}:${role.port}`, advertise: role.address, port: undefined };
       }
+      let hostsRun: { plan: HostsPlan; ssh: SshSettings; remote?: RemoteJoins } | undefined;
+      if (o.hosts !== undefined || o.hostfile !== undefined) {
+        hostsRun = await prepareHosts(o);
+        const { plan } = hostsRun;
+        o = { ...o, nodes: 1 + plan.remote.length, advertise: plan.address, ...(o.slotKind === 'gpu' ? { gpus: plan.local.slots } : { workers: plan.local.slots }) };
+      }
       if ((o.workers === undefined) === (o.gpus === undefined)) throw new UsageError('give exactly one of --workers N (CPU) or --gpus N');
       const n = (o.workers ?? o.gpus)!;
       const gpus = o.gpus !== undefined;
@@ -162,7 +178,7 @@ export function registerLaunch(program: Command) {
           ? chooseTorchGpus(n, o.shareGpu === true)
           : chooseGpuBackend(n, { backend: o.backend, allowSoftwareGpu: o.allowSoftwareGpu === true, shareGpu: o.shareGpu === true });
       if (plan) console.log(plan.line);
-      let listen: string | undefined;
+      let listen: string | undefined = hostsRun?.plan.address;
       let port = o.port;
       if (o.listen !== undefined) {
         const l = parseHostPort('--listen', o.listen);
@@ -213,7 +229,8 @@ export function registerLaunch(program: Command) {
           if (keys || o.insecure) console.log(`${describeSecurity(keys ? curveServerSecurity(keys) : { kind: 'none' }, where)}${keys ? `; keys in ${keys.dir}` : ''}`);
           else console.log(`security: CURVE on ${where} with a key pair made for this run: only the workers this launch starts hold it (pnpm cli join needs --keys on both sides, or --insecure on both)`);
           console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
-          if (o.nodes > 1 && !o.slurm) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
+          if (hostsRun) hostsRun.remote = startHostJoins(hostsRun, o, Number(e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)), keys?.publicKey, e.logDir);
+          else if (o.nodes > 1 && !o.slurm) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
         } else if (e.kind === 'offered') {
           console.log(`offering ${e.files.length} data files (${(e.files.reduce((a, f) => a + f.size, 0) / 1e6).toFixed(1)} MB) to workers of other machines that lack them`);
         } else if (e.kind === 'node') console.log(`host ${e.host} joined with ${e.workers} workers (${e.nodes} of ${e.expectedNodes} machines)`);
@@ -238,6 +255,13 @@ export function registerLaunch(program: Command) {
           } else if (d.kind === 'done' && d.summary) summary = d.summary;
         }
       };
+      // Ctrl-C or a kill: the ssh sessions end first (their hosts hang up), then this process as before.
+      const onSignal = (sig: NodeJS.Signals) => {
+        hostsRun?.remote?.stop();
+        process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+        process.kill(process.pid, sig);
+      };
+      if (hostsRun) process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
       const result = await launchOrExplain({
         workers: n,
         entry: WORKER_ENTRY,
@@ -263,9 +287,71 @@ export function registerLaunch(program: Command) {
         metricsPort: o.metricsPort,
         metricsHost: o.metricsHost ?? listen ?? '127.0.0.1',
         metricsLingerMs: o.metricsLingerS * 1000,
+      }).finally(async () => {
+        process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+        await endRemoteJoins(hostsRun?.remote);
       });
       if (summary) console.log(formatSummaryLine(summary, allReduce, runDir));
       const hostCount = new Set(result.hosts).size;
       console.log(`replicas identical: state sha256 ${String(result.finals[0].stateSha256).slice(0, 16)} on all ${result.finals.length} workers${hostCount > 1 ? ` on ${hostCount} machines` : ''}`);
     });
+}
+
+interface HostsFlags {
+  hosts?: HostSlots[];
+  hostfile?: string;
+  workers?: number;
+  gpus?: number;
+  nodes: number;
+  listen?: string;
+  sshPort?: number;
+  sshIdentity?: string;
+  sshConfig?: string;
+}
+
+/** --hosts / --hostfile: the hosts, this machine among them, every other one reachable over ssh. */
+async function prepareHosts(o: HostsFlags): Promise<{ plan: HostsPlan; ssh: SshSettings }> {
+  if (o.hosts !== undefined && o.hostfile !== undefined) throw new UsageError('give --hosts or --hostfile, not both');
+  const flag = o.hosts !== undefined ? '--hosts' : `--hostfile ${o.hostfile}`;
+  if (o.workers !== undefined || o.gpus !== undefined) throw new UsageError(`${o.workers !== undefined ? '--workers' : '--gpus'} with ${flag}: the slots of each host give its workers (--slot-kind gpu for GPUs)`);
+  if (o.nodes !== 1 || o.listen !== undefined) throw new UsageError(`${o.nodes !== 1 ? '--nodes' : '--listen'} with ${flag}: the host list makes the run (the coordinator listens on this machine's address towards the others; --port to choose its port)`);
+  const plan = await planHosts(o.hosts ?? readHostfile(o.hostfile!), flag);
+  const ssh: SshSettings = { port: o.sshPort, identity: o.sshIdentity, config: o.sshConfig, connectTimeoutS: 10 };
+  await probeHosts(plan.remote, ssh);
+  console.log(`hosts: ${[plan.local, ...plan.remote].map((h) => `${h.host} (${h.slots})`).join(', ')}; this machine is ${plan.local.host}, the others start over ssh`);
+  return { plan, ssh };
+}
+
+interface RemoteFlags {
+  slotKind: 'cpu' | 'gpu';
+  remoteDir?: string;
+  keys?: string | true;
+  insecure?: true;
+  ringPortBase?: number;
+  joinTimeoutS: number;
+  timeoutS: number;
+}
+
+/** `join` on every other host, once the coordinator listens on `port`; its logs in `logDir`/HOST there. */
+function startHostJoins(run: { plan: HostsPlan; ssh: SshSettings }, o: RemoteFlags, port: number, coordinatorKey: string | undefined, logDir: string): RemoteJoins {
+  const security = o.insecure ? ['--insecure'] : ['--keys', ...(o.keys === true || o.keys === undefined ? [] : [path.resolve(o.keys)]), ...(coordinatorKey ? ['--coordinator-key', coordinatorKey] : [])];
+  return startRemoteJoins(run.plan.remote, o.remoteDir ?? PROJECT_DIR, run.ssh, (h) => [
+    `${run.plan.address}:${port}`,
+    o.slotKind === 'gpu' ? '--gpus' : '--workers', String(h.slots),
+    '--host', h.host,
+    '--log-dir', path.join(logDir, h.host),
+    ...security,
+    ...(o.ringPortBase !== undefined ? ['--ring-port-base', String(o.ringPortBase)] : []),
+    '--join-timeout-s', String(o.joinTimeoutS),
+    '--timeout-s', String(o.timeoutS),
+  ]);
+}
+
+/** After the run: the remote joins end on their own; a session still open 10 s later is closed. */
+async function endRemoteJoins(remote: RemoteJoins | undefined): Promise<void> {
+  if (remote === undefined) return;
+  const timer = setTimeout(() => remote.stop(), 10_000);
+  const codes = await remote.done;
+  clearTimeout(timer);
+  for (const c of codes) if (c.code !== 0) console.log(`[${c.host}] join ended with ${c.code === null ? 'a signal' : `exit code ${c.code}`}`);
 }
