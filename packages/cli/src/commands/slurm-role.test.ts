@@ -30,8 +30,8 @@ describe('slurmRole', () => {
     expect((await slurmRole({ gpus: 2, nodes: 1 }, { ...env, SLURM_STEP_GPUS: '0,1' })).task.gpus).toEqual(['0', '1']);
   });
   it('the first node binds its own address, and refuses a name that resolves to loopback', async () => {
-    const first = { ...env, SLURM_NODEID: '0', SLURM_PROCID: '0', SLURMD_NODENAME: 'dtnode1', SLURM_STEP_NODELIST: 'localhost,dtnode2,dtnode3'  };
-    await expect(slurmRole({ workers: 1, nodes: 1 }, { ...first, SLURMD_NODENAME: 'localhost' })).rejects.toThrow(
+    const first = { ...env, SLURM_NODEID: '0', SLURM_PROCID: '0', SLURMD_NODENAME: 'localhost', SLURM_STEP_NODELIST: 'localhost,dtnode2,dtnode3' };
+    await expect(slurmRole({ workers: 1, nodes: 1 }, first)).rejects.toThrow(
       'localhost resolves to 127.0.0.1 on itself (a loopback address, as Debian\'s /etc/hosts does for a machine\'s own name): the other nodes cannot reach it there; make the name resolve to the node\'s network address',
     );
     const alone = await slurmRole({ workers: 1, nodes: 1 }, { ...first, SLURM_STEP_NODELIST: 'localhost', SLURM_STEP_TASKS_PER_NODE: '1', SLURM_STEP_NUM_TASKS: '1' });
