@@ -145,6 +145,25 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     expect(log).toMatch(new RegExp(`^0: slurmstepd-dtnode1: error: \\*\\*\\* STEP ${job.id}\\.0 ON dtnode1 CANCELLED AT `, 'm'));
     await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
   }, testTimeoutFor(1));
+  it("with --elastic, a node's worker killed: the others regroup and complete the run (train.sbatch lets the step go on); the job's exit code still reports the node", async (ctx) => {
+    needsCluster(ctx);
+    const out = path.join(tmp(), 'run');
+    const job = await submit(ctx, 3, out, [...TRAIN, '--epochs', '2', '--elastic']);
+    await until(() => /^0: epoch 1\/2 /m.test(job.output()), 90_000, `no epoch 1 in time:\n${job.output()}`);
+    const worker = await until(() => nodeProcesses().find((l) => l.startsWith('dtnode3 ') && l.includes('worker-main.ts')), 30_000, 'no worker on dtnode3');
+    process.kill(Number(worker.split(' ')[1]), 'SIGKILL');
+    const r = await job.done;
+    const log = job.output();
+    // As `join` does (exit 0 only when every worker of its machine completed), dtnode3's task fails,
+    // and with it the job's exit code, while the run itself completes.
+    expect(r.code, log).not.toBe(0);
+    expect(log).toMatch(/^srun: error: dtnode3: task 2: Exited with exit code \d+$/m);
+    expect(log).not.toMatch(/^srun: error: dtnode[12]: /m);
+    expect(log).toMatch(/^0: lost rank 2 on host dtnode3: /m);
+    expect(log).toMatch(/^0: regrouped: generation 2, 2 workers \(dtnode1: 1, dtnode2: 1\)/m);
+    expect(log).toMatch(/^0: replicas identical: state sha256 [0-9a-f]{16} on all 2 workers on 2 machines$/m);
+    await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
+  }, testTimeoutFor(1));
 });
 
 describe('launch --slurm, bad input', () => {
