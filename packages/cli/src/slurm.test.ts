@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { expandHostlist, expandTasksPerNode, slurmPort, slurmTask, SlurmEnvError } from './slurm.js';
+import { SECOND_OF_THREE_NODES } from './testing/slurm-env.js';
 
 describe('expandHostlist', () => {
   // Expected values: the output of `scontrol show hostnames LIST` of Slurm 22.05.8 (Debian 12).
@@ -39,16 +40,7 @@ describe('expandTasksPerNode', () => {
 });
 
 describe('slurmTask', () => {
-  // What srun -N3 --ntasks-per-node=1 gave the task on the second node (seen on a real cluster).
-  const env = {
-    SLURM_JOB_ID: '17',
-    SLURM_STEP_NODELIST: 'dtnode[1-3]',
-    SLURM_STEP_TASKS_PER_NODE: '1(x3)',
-    SLURM_NODEID: '1',
-    SLURM_PROCID: '1',
-    SLURM_STEP_NUM_TASKS: '3',
-    SLURMD_NODENAME: 'dtnode2',
-  };
+  const env = SECOND_OF_THREE_NODES;
   it('reads the step: nodes, this node, tasks', () => {
     expect(slurmTask(env)).toEqual({ jobId: 17, nodes: ['dtnode1', 'dtnode2', 'dtnode3'], nodeId: 1, nodeName: 'dtnode2', procId: 1, nTasks: 3, tasksPerNode: [1, 1, 1], gpus: undefined });
     expect(slurmTask({ ...env, SLURM_STEP_GPUS: '2,3' }).gpus).toEqual(['2', '3']);

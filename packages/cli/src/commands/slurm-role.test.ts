@@ -1,16 +1,8 @@
 import { describe, expect, it } from 'vitest';
+import { SECOND_OF_THREE_NODES } from '../testing/slurm-env.js';
 import { slurmRole } from './slurm-role.js';
 
-// The environment srun gives the task on the second of 3 nodes (seen on a real Slurm 22.05).
-const env = {
-  SLURM_JOB_ID: '17',
-  SLURM_STEP_NODELIST: 'dtnode[1-3]',
-  SLURM_STEP_TASKS_PER_NODE: '1(x3)',
-  SLURM_NODEID: '1',
-  SLURM_PROCID: '1',
-  SLURM_STEP_NUM_TASKS: '3',
-  SLURMD_NODENAME: 'dtnode2',
-};
+const env = SECOND_OF_THREE_NODES;
 
 describe('slurmRole', () => {
   it('a node after the first joins the first node on the job port (or --port)', async () => {
