@@ -5,7 +5,7 @@ import { PeerLostError, RingAbortedError, RingUsageError } from './errors.js';
 import { encodeMessage, transportCounters } from './protocol.js';
 import { Ring, type PeerInfo } from './ring.js';
 import { ThreadedRing, sharedFloat32Array } from './ring-thread.js';
-import { makeData, ringReference } from './testing/data.js';
+import { makeData, ringReference, stagedReference } from './testing/data.js';
 import * as zmq from 'zeromq';
 
 const cleanup: (() => unknown)[] = [];
@@ -63,8 +63,7 @@ describe('ThreadedRing', () => {
     const len = 300_000;
     const buckets: [number, number][] = [[200_000, 300_000], [50_000, 200_000], [0, 50_000]];
     const inputs = [0, 1].map((r) => makeData({ len, seed: 11 }, r));
-    const want = new Float32Array(len);
-    for (const [from, to] of buckets) want.set(ringReference(inputs.map((a) => a.subarray(from, to)), { average: true }), from);
+    const want = stagedReference(inputs, buckets, { average: true });
     const data = inputs.map((a) => {
       const s = sharedFloat32Array(len);
       s.set(a);

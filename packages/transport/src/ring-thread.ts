@@ -22,7 +22,7 @@ export type ToThread =
   | { t: 'connect'; id: number; peers: PeerInfo[]; ids: ConnectIds }
   | { t: 'allReduce'; id: number; data: Float32Array; opts: AllReduceOptions }
   | { t: 'broadcast'; id: number; data: Float32Array; root: number }
-  | { t: 'staged'; id: number; data: Float32Array; buckets: Buckets; opts: Omit<AllReduceOptions, 'bucketBytes'> }
+  | { t: 'staged'; id: number; data: Float32Array; buckets: Buckets; opts: AllReduceOptions }
   | { t: 'ready'; id: number; index: number }
   | { t: 'abort'; reason: string }
   | { t: 'close'; id: number };
@@ -173,7 +173,7 @@ export class ThreadedRing {
    * can be called from inside a backward pass that keeps this thread busy. `data` must live on a
    * SharedArrayBuffer (sharedFloat32Array): the thread reads each bucket where the caller wrote it.
    */
-  allReduceStaged(data: Float32Array, buckets: Buckets, opts: Omit<AllReduceOptions, 'bucketBytes'> = {}): StagedAllReduce {
+  allReduceStaged(data: Float32Array, buckets: Buckets, opts: AllReduceOptions = {}): StagedAllReduce {
     if (!isShared(data)) throw new RingUsageError(`rank ${this.rank}: allReduceStaged needs a buffer on a SharedArrayBuffer (sharedFloat32Array)`);
     const id = ++this.nextId;
     const done = this.call({ t: 'staged', id, data, buckets, opts }, id);

@@ -2,7 +2,7 @@
 // and ipc://, checked against references computed here from the same deterministic inputs.
 import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { makeData, naiveSum, ringReference } from './testing/data.js';
+import { makeData, naiveSum, ringReference, stagedReference, tailFirstBuckets } from './testing/data.js';
 import { startRing, type RingRun } from './testing/harness.js';
 import type { WorkerMessage, WorkerOp } from './testing/ring-worker.js';
 
@@ -35,7 +35,7 @@ async function runAndCheck(n: number, ops: WorkerOp[], extra: Extra = {}): Promi
       expect(done[0].sha256, what).toBe(sha(inputs[op.broadcastRoot]));
       continue;
     }
-    const ref = ringReference(inputs, op);
+    const ref = op.buckets !== undefined ? stagedReference(inputs, op.buckets, op) : ringReference(inputs, op);
     if (done[0].data !== undefined) {
       const got = new Float32Array(new Uint8Array(Buffer.from(done[0].data, 'base64')).buffer);
       expect(Array.from(got), what).toEqual(Array.from(ref));
@@ -116,13 +116,13 @@ describe('ring all-reduce between processes', () => {
     await runAndCheck(3, [{ len: 11_200_000, seed: 12, average: true }], { preferIpc: false, sharedMemory: false });
   });
 
-  it('fp16 on the wire, bucketing, small pieces and broadcast, world 3', async () => {
+  it('fp16 on the wire, staged buckets, small pieces and broadcast, world 3', async () => {
     await runAndCheck(
       3,
       [
         { len: 1_000_003, seed: 21, fp16: true, average: true },
-        { len: 100_003, seed: 22, bucketBytes: 40_000 },
-        { len: 100_003, seed: 23, fp16: true, bucketBytes: 40_000 },
+        { len: 100_003, seed: 22, buckets: tailFirstBuckets(100_003, 10_000) },
+        { len: 100_003, seed: 23, fp16: true, buckets: tailFirstBuckets(100_003, 10_000) },
         { len: 100_003, seed: 24, broadcastRoot: 1 },
         { len: 5, seed: 25, broadcastRoot: 0 },
       ],

@@ -80,8 +80,6 @@ export interface AllReduceOptions {
   average?: boolean;
   /** Send binary16 on the wire (half the bytes); sums are accumulated in float32. */
   fp16?: boolean;
-  /** Split the buffer (or fuse small buffers) into all-reduces of about this many bytes. */
-  bucketBytes?: number;
 }
 
 /** An all-reduce whose buckets are handed over one by one (Ring.allReduceStaged). */
@@ -878,14 +876,6 @@ export class Ring {
    */
   async allReduce(data: Float32Array, opts: AllReduceOptions = {}): Promise<void> {
     this.checkUsable();
-    const bucket = opts.bucketBytes;
-    if (bucket !== undefined) {
-      if (!(bucket >= 4)) throw new RingUsageError(`bucketBytes must be >= 4, got ${bucket}`);
-      const per = Math.max(1, Math.floor(bucket / 4));
-      if (data.length === 0) return this.runOp(data, opts);
-      for (let i = 0; i < data.length; i += per) await this.runOp(data.subarray(i, Math.min(data.length, i + per)), opts);
-      return;
-    }
     return this.runOp(data, opts);
   }
 
@@ -897,7 +887,7 @@ export class Ring {
    * must pass the same buckets and call `ready` for every bucket (in any order); until `done`
    * settles the caller may only write to buckets not yet declared ready.
    */
-  allReduceStaged(data: Float32Array, buckets: ReadonlyArray<readonly [number, number]>, opts: Omit<AllReduceOptions, 'bucketBytes'> = {}): StagedAllReduce {
+  allReduceStaged(data: Float32Array, buckets: ReadonlyArray<readonly [number, number]>, opts: AllReduceOptions = {}): StagedAllReduce {
     const gates = buckets.map(() => {
       let open!: () => void;
       const opened = new Promise<void>((resolve) => (open = resolve));
@@ -936,51 +926,6 @@ export class Ring {
         resolve();
       });
     });
-  }
-
-  /**
-   * All-reduces several buffers, fused into buckets of about `bucketBytes` (default 25 MiB, as
-   * PyTorch DDP): consecutive small buffers are copied into one fusion buffer and reduced together,
-   * buffers larger than a bucket are reduced in bucket-sized slices in place.
-   */
-  async allReduceMany(buffers: Float32Array[], opts: AllReduceOptions = {}): Promise<void> {
-    this.checkUsable();
-    const bucketElems = Math.max(1, Math.floor((opts.bucketBytes ?? 25 * 1024 * 1024) / 4));
-    const single = { average: opts.average, fp16: opts.fp16 };
-    let group: Float32Array[] = [];
-    let groupLen = 0;
-    const flush = async () => {
-      if (group.length === 0) return;
-      if (group.length === 1) {
-        await this.runOp(group[0], single);
-      } else {
-        const fused = new Float32Array(groupLen);
-        let o = 0;
-        for (const g of group) {
-          fused.set(g, o);
-          o += g.length;
-        }
-        await this.runOp(fused, single);
-        o = 0;
-        for (const g of group) {
-          g.set(fused.subarray(o, o + g.length));
-          o += g.length;
-        }
-      }
-      group = [];
-      groupLen = 0;
-    };
-    for (const b of buffers) {
-      if (b.length >= bucketElems) {
-        await flush();
-        for (let i = 0; i < b.length; i += bucketElems) await this.runOp(b.subarray(i, Math.min(b.length, i + bucketElems)), single);
-        continue;
-      }
-      if (groupLen + b.length > bucketElems) await flush();
-      group.push(b);
-      groupLen += b.length;
-    }
-    await flush();
   }
 
   /** Copies rank `root`'s `data` to every rank (same length everywhere), pipelined around the ring. */

@@ -11,11 +11,6 @@ export type RingLike = Pick<Ring, 'rank' | 'worldSize' | 'allReduce' | 'broadcas
 export type CollectiveOp = 'mean' | 'sum' | 'broadcast';
 
 export interface RingCollectiveOptions {
-  /**
-   * Split large all-reduces into pieces of about this many bytes (default: none; the ring already
-   * pipelines 4 MiB pieces). Part of the summation order: every rank must use the same value.
-   */
-  bucketBytes?: number;
   /** Called when a collective starts (e.g. to report the activity). */
   beforeOp?: (op: CollectiveOp, buf: Float32Array) => void;
   /** Called after every collective with its result (e.g. to hash it); must not keep `buf`. */
@@ -49,11 +44,11 @@ export class RingCollective implements Collective {
   }
 
   allReduceMean(buf: Float32Array): Promise<void> {
-    return this.timed('mean', buf, () => this.ring.allReduce(buf, { average: true, bucketBytes: this.opts.bucketBytes }));
+    return this.timed('mean', buf, () => this.ring.allReduce(buf, { average: true }));
   }
 
   allReduceSum(buf: Float32Array): Promise<void> {
-    return this.timed('sum', buf, () => this.ring.allReduce(buf, { bucketBytes: this.opts.bucketBytes }));
+    return this.timed('sum', buf, () => this.ring.allReduce(buf));
   }
 
   broadcast(buf: Float32Array, root: number): Promise<void> {

@@ -39,11 +39,11 @@ export function makeData(spec: DataSpec, rank: number): Float32Array {
 }
 
 /** The documented result: chunk c of each op summed as ((x_c + x_{c+1}) + ...) + x_{c-1}. */
-export function ringReference(inputs: Float32Array[], opts: { average?: boolean; fp16?: boolean; bucketBytes?: number } = {}): Float32Array {
+export function ringReference(inputs: Float32Array[], opts: { average?: boolean; fp16?: boolean } = {}): Float32Array {
   const n = inputs.length;
   const len = inputs[0].length;
   const out = new Float32Array(len);
-  const per = opts.bucketBytes !== undefined ? Math.max(1, Math.floor(opts.bucketBytes / 4)) : Math.max(1, len);
+  const per = Math.max(1, len);
   for (let b = 0; b < len; b += per) {
     const blen = Math.min(per, len - b);
     const base = Math.floor(blen / n);
@@ -80,4 +80,18 @@ export function naiveSum(inputs: Float32Array[]): Float64Array {
   const out = new Float64Array(inputs[0].length);
   for (const a of inputs) for (let i = 0; i < a.length; i++) out[i] += a[i];
   return out;
+}
+
+/** Ring.allReduceStaged's result: each of `buckets` (together covering the buffer) one all-reduce. */
+export function stagedReference(inputs: Float32Array[], buckets: ReadonlyArray<readonly [number, number]>, opts: { average?: boolean; fp16?: boolean } = {}): Float32Array {
+  const want = new Float32Array(inputs[0].length);
+  for (const [from, to] of buckets) want.set(ringReference(inputs.map((a) => a.subarray(from, to)), opts), from);
+  return want;
+}
+
+/** [from, to) ranges of `per` floats covering `len`, last first (the order a backward pass fills them). */
+export function tailFirstBuckets(len: number, per: number): [number, number][] {
+  const out: [number, number][] = [];
+  for (let from = 0; from < len; from += per) out.push([from, Math.min(len, from + per)]);
+  return out.reverse();
 }

@@ -7,7 +7,8 @@ import { makeData, type DataSpec } from './data.js';
 export interface WorkerOp extends DataSpec {
   average?: boolean;
   fp16?: boolean;
-  bucketBytes?: number;
+  /** Reduce with allReduceStaged over these [from, to) ranges, handing them over in order. */
+  buckets?: [number, number][];
   broadcastRoot?: number;
 }
 
@@ -72,7 +73,11 @@ async function main(): Promise<void> {
     const t0 = performance.now();
     try {
       if (op.broadcastRoot !== undefined) await ring.broadcast(data, op.broadcastRoot);
-      else await ring.allReduce(data, { average: op.average, fp16: op.fp16, bucketBytes: op.bucketBytes });
+      else if (op.buckets !== undefined) {
+        const staged = ring.allReduceStaged(data, op.buckets, { average: op.average, fp16: op.fp16 });
+        op.buckets.forEach((_, b) => staged.ready(b));
+        await staged.done;
+      } else await ring.allReduce(data, { average: op.average, fp16: op.fp16 });
     } catch (e) {
       const err = e as Error;
       send({
