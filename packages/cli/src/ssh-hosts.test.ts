@@ -157,7 +157,7 @@ describe('launch --hosts over ssh', () => {
 });
 
 describe('--hosts / --hostfile, bad input', () => {
-  it('a malformed hostfile line, and a list without this machine: one line each', async (ctx) => {
+  it('a malformed hostfile line, a list without this machine, an ssh flag without hosts: one line each', async (ctx) => {
     const file = path.join(tmp(), 'hostfile');
     fs.writeFileSync(file, '# workstations\nws1 slots=2\nws2 slots=two\n');
     const bad = await startCli(ctx, ['launch', '--hostfile', file, '--insecure', ...TRAIN]).done;
@@ -166,5 +166,7 @@ describe('--hosts / --hostfile, bad input', () => {
     const notHere = await startCli(ctx, ['launch', '--hosts', 'ws1:2,ws2:2', '--insecure', ...TRAIN]).done;
     expect(notHere.code).toBe(2);
     expect(notHere.stderr).toMatch(/^error: --hosts does not list this machine \(.+\): the coordinator and rank 0 run where launch runs/);
+    const stray = await startCli(ctx, ['launch', '--workers', '1', '--ssh-port', '2222', ...TRAIN]).done;
+    expect(stray.stderr.trim()).toBe('error: --ssh-port applies to --hosts / --hostfile (workers started over ssh)');
   });
 });

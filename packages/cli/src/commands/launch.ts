@@ -145,6 +145,10 @@ export function registerLaunch(program: Command) {
     .addOption(new Option('--test-crash <spec>', 'FOR TESTS (repeatable): RANK:PHASE:AT[:GENERATION], the worker of that rank SIGKILLs itself (phase compute|allReduce at a step, evaluate|checkpoint at an epoch, final: before its final report, welcomed: after the Welcome of GENERATION)').argParser(parseCrash).hideHelp())
     .action(async (flags) => {
       let o = flags;
+      const hostList = o.hosts !== undefined || o.hostfile !== undefined;
+      const sshOnly = ([['--ssh-port', o.sshPort], ['--ssh-identity', o.sshIdentity], ['--ssh-config', o.sshConfig], ['--remote-dir', o.remoteDir], ['--slot-kind', o.slotKind === 'cpu' ? undefined : o.slotKind]] as const).find(([, v]) => v !== undefined);
+      if (sshOnly && !hostList) throw new UsageError(`${sshOnly[0]} applies to --hosts / --hostfile (workers started over ssh)`);
+      if (o.slurm && hostList) throw new UsageError('give --slurm (inside a Slurm job) or --hosts / --hostfile (over ssh), not both');
       if (o.slurm) {
         const role = await slurmRole(o);
         const { task } = role;
@@ -162,7 +166,7 @@ export function registerLaunch(program: Command) {
         o = { ...o, nodes: task.nodes.length, listen: `${role.address}:${role.port}`, advertise: role.address, port: undefined };
       }
       let hostsRun: { plan: HostsPlan; ssh: SshSettings; remote?: RemoteJoins } | undefined;
-      if (o.hosts !== undefined || o.hostfile !== undefined) {
+      if (hostList) {
         hostsRun = await prepareHosts(o);
         const { plan } = hostsRun;
         o = { ...o, nodes: 1 + plan.remote.length, advertise: plan.address, ...(o.slotKind === 'gpu' ? { gpus: plan.local.slots } : { workers: plan.local.slots }) };
