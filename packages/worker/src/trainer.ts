@@ -10,7 +10,8 @@
 //                also after a resume, also when only rank 0 could read the checkpoint)
 //   every step:  all-reduce-mean of [loss x n, correct, n, regroup flag, flat gradient]; the
 //                first four are multiplied back by the world size: the step's global sums. With
-//                bucketBytes, in buckets that start during the backward pass (head first)
+//                bucketBytes, in buckets that start during the backward pass (head first): the
+//                GradientReducer (reducer.ts) owns this buffer, its buckets and its all-reduce
 //   every epoch: all-reduce-mean of BatchNorm running statistics (before evaluation and the
 //                checkpoint), all-reduce-sum of [eval loss sum, correct, count] (each rank
 //                evaluates its own contiguous shard, so every test image counts exactly once)
@@ -29,7 +30,7 @@ import { existsSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { WebGpuAdapterInfo } from '@dtrain/backend';
-import { describeResNet, gradientBuckets, minTrainingBatch, MIN_BATCHNORM_VALUES, type GradientBucket, type ResNetConfig, type StepResult, type TrainableModel } from '@dtrain/core';
+import { describeResNet, minTrainingBatch, MIN_BATCHNORM_VALUES, type ResNetConfig, type StepResult, type TrainableModel } from '@dtrain/core';
 import { BatchAssembler, DistributedSampler, Rng, batchesOf, evaluationShard, shardFrom, type Dataset } from '@dtrain/data';
 import { loadEngine, type ModelEngine } from './engine.js';
 import { BEST_CHECKPOINT, keepAsBest, writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
@@ -38,6 +39,7 @@ import { CheckpointError, ReplicaMismatchError, TrainingDivergedError, TrainSett
 import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
 import { lrAt, peakLr } from './schedule.js';
 import { readInitFile } from './model-file.js';
+import { GradientReducer, type StepSums } from './reducer.js';
 import { SafetensorsError } from './safetensors.js';
 import { maxStepImages, stepBounds, stepsOfShare } from './steps.js';
 import { augmentationOf, sameSetting, TRAJECTORY_SETTINGS, withScheduleDefaults, type TrainSettings } from './settings.js';
@@ -295,8 +297,6 @@ interface SyncedState extends RunState {
   lr: number;
 }
 
-/** Floats before the gradient in the all-reduced buffer: [loss x n, correct, n, regroup flag]. */
-const STEP_SUMS = 4;
 
 function round(x: number, digits = 6): number {
   const f = 10 ** digits;
@@ -320,16 +320,8 @@ export class Trainer {
   private readonly elastic: ElasticCollective | null;
   private readonly hooks: TrainerHooks;
   private readonly assembler: BatchAssembler;
-  /**
-   * STEP_SUMS floats, then the gradient (`gradView`), on a SharedArrayBuffer: a ring in its own
-   * thread reduces it where it lies. The sums come first so that they ride in the bucket the
-   * backward pass completes last (the stem's), after they are known.
-   */
-  private readonly grads: Float32Array;
-  private readonly gradView: Float32Array;
-  /** Buckets of the model's gradient and the same as ranges of `grads`; empty: no overlap. */
-  private readonly modelBuckets: GradientBucket[];
-  private readonly bucketRanges: [number, number][];
+  /** The gradient's buffer (step sums in front), its buckets and its all-reduce. */
+  private readonly reducer: GradientReducer;
   private readonly batchBuf: { x: Float32Array; y: Int32Array };
   private readonly evalBuf: { x: Float32Array; y: Int32Array };
   private readonly sampler: DistributedSampler;
@@ -364,14 +356,10 @@ export class Trainer {
       width: s.imageSize,
       augment: augmentationOf(s),
     });
-    this.grads = new Float32Array(new SharedArrayBuffer((this.model.paramCount + STEP_SUMS) * 4));
-    this.gradView = this.grads.subarray(STEP_SUMS);
+    this.reducer = new GradientReducer(this.model.arch, this.collective, o.bucketBytes);
     // One process alone (not elastic: its group may grow) has no all-reduce: the engine may keep the gradient.
     this.fusedStep = this.model.trainStep !== undefined && this.collective.worldSize === 1 && this.elastic === null && s.accumulate === 1;
     this.accumulation = s.accumulate > 1 ? { sum: new Float64Array(this.model.paramCount), micro: new Float32Array(this.model.paramCount) } : undefined;
-    const overlap = (o.bucketBytes ?? 0) > 0 && this.collective.worldSize > 1 && this.collective.allReduceMeanStaged !== undefined;
-    this.modelBuckets = overlap ? gradientBuckets(this.model.arch, o.bucketBytes!) : [];
-    this.bucketRanges = this.modelBuckets.map((b, k) => [k === this.modelBuckets.length - 1 ? 0 : STEP_SUMS + b.from, STEP_SUMS + b.to]);
     const len = this.assembler.imageLength;
     const most = maxStepImages(s.batchSize, this.minBatch);
     this.batchBuf = { x: new Float32Array(most * len), y: new Int32Array(most) };
@@ -711,7 +699,6 @@ export class Trainer {
     // gets a stream of its own, which every rank derives from the same position.
     const rng = augmentationOf(s) ? (start === 0 ? new Rng(s.seed, AUGMENT_STREAM, e, c.rank) : new Rng(s.seed, AUGMENT_STREAM, e, c.rank, start)) : undefined;
     const runDir = this.runDir;
-    const grads = this.grads;
     const t = st.totals;
     const trainBase = t.trainSec;
     const segStart = now();
@@ -726,17 +713,14 @@ export class Trainer {
       m.optimizer.lr = lr;
       const batchIdx = mine.subarray(...stepBounds(j, segSteps, mine.length, b));
       const ta = now();
-      // The step's gradient, all-reduced, with the step sums in front: [loss x n, correct, n, regroup flag].
+      // The step's gradient, all-reduced, and its sums over the group.
       const { r, tb, tc, td } = this.accumulation ? await this.accumulatedStep(batchIdx, rng) : await this.step(batchIdx, rng);
-      const gLoss = grads[0] * w;
-      const gCorrect = Math.round(grads[1] * w);
-      const gN = Math.round(grads[2] * w);
-      const regroup = Math.round(grads[3] * w) > 0;
+      const { lossSum: gLoss, correct: gCorrect, images: gN, regroup } = this.reducer.groupSums();
       if (!Number.isFinite(gLoss)) {
         const where = Number.isFinite(r.loss) ? `on another rank than ${c.rank}` : `on rank ${c.rank}`;
         throw new TrainingDivergedError(st.progress.step + 1, e + 1, `the loss became ${Number.isFinite(r.loss) ? gLoss : r.loss} at step ${st.progress.step + 1} (epoch ${e + 1}) ${where}; training diverged, try a smaller --lr`);
       }
-      if (!this.fusedStep) m.applyGradients(this.gradView);
+      if (!this.fusedStep) m.applyGradients(this.reducer.gradient);
       const te = now();
       st.progress.step++;
       // The last step completes the epoch (it may hold the folded-in remainder: steps.ts).
@@ -757,7 +741,7 @@ export class Trainer {
       win.lossSum += gLoss;
       win.correct += gCorrect;
       win.n += gN;
-      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w, allReduceBytes: this.fusedStep ? 0 : grads.byteLength });
+      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w, allReduceBytes: this.fusedStep ? 0 : this.reducer.buffer.byteLength });
       if (runDir && step % s.logEverySteps === 0) {
         // Windows tile the training time: the next one starts where this one ends, so the time of
         // writing this line (and of the commit after a step) counts in some window, as in trainSec.
@@ -798,40 +782,28 @@ export class Trainer {
    * ('compute' then includes the optimiser step). Times are now()'s, from the data's end (tb) on.
    */
   private async step(batchIdx: Int32Array, rng: Rng | undefined): Promise<{ r: StepResult; tb: number; tc: number; td: number }> {
-    const c = this.collective;
-    const grads = this.grads;
     const bt = this.assembler.assemble(this.data.train, batchIdx, rng, this.batchBuf);
     const tb = now();
     const batch = { images: bt.x, labels: bt.y, n: bt.n };
     if (this.fusedStep) {
       const r = await this.model.trainStep!(batch);
-      [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, 0];
+      this.reducer.writeSums({ lossSum: r.loss * bt.n, correct: r.correct, images: bt.n, regroup: false });
       const t = now();
       return { r, tb, tc: t, td: t };
     }
-    const staged = this.bucketRanges.length > 0 ? c.allReduceMeanStaged!(grads, this.bucketRanges) : undefined;
-    staged?.done.catch(() => undefined);
-    const lastBucket = this.bucketRanges.length - 1;
-    const readiness = staged && { buckets: this.modelBuckets, onBucketReady: (k: number) => k !== lastBucket && staged.ready(k) };
-    const r = await this.model.computeGradients(batch, this.gradView, readiness);
-    [grads[0], grads[1], grads[2], grads[3]] = [r.loss * bt.n, r.correct, bt.n, this.elastic?.regroupRequested ? 1 : 0];
+    const reduce = this.reducer.begin();
+    const r = await this.model.computeGradients(batch, this.reducer.gradient, reduce.readiness);
     const tc = now();
-    if (staged) {
-      staged.ready(lastBucket);
-      await staged.done;
-    } else {
-      await c.allReduceMean(grads);
-    }
+    await reduce.finish({ lossSum: r.loss * bt.n, correct: r.correct, images: bt.n, regroup: this.elastic?.regroupRequested ?? false });
     return { r, tb, tc, td: now() };
   }
 
   /** --accumulate: the step's micro-batches sum locally (DDP's no_sync), then one all-reduce of their mean. */
   private async accumulatedStep(batchIdx: Int32Array, rng: Rng | undefined): Promise<{ r: StepResult; tb: number; tc: number; td: number }> {
     const t0 = now();
-    const { r, dataSec } = await this.accumulate(batchIdx, rng);
-    this.grads[3] = this.elastic?.regroupRequested ? 1 : 0;
+    const { r, dataSec, sums } = await this.accumulate(batchIdx, rng);
     const tc = now();
-    await this.collective.allReduceMean(this.grads);
+    await this.reducer.reduce({ ...sums, regroup: this.elastic?.regroupRequested ?? false });
     return { r, tb: t0 + dataSec, tc, td: now() };
   }
 
@@ -840,9 +812,9 @@ export class Trainer {
    * too-small last one folded in, as steps are), summed weighted by its images in float64, then
    * divided by the step's images into the all-reduce buffer: the gradient of the mean loss over
    * the whole step, as one batch of them would give (BatchNorm aside: it normalises each
-   * micro-batch by its own statistics). Writes the step sums in front, as a plain step does.
+   * micro-batch by its own statistics). Returns the step's sums with it.
    */
-  private async accumulate(batchIdx: Int32Array, rng: Rng | undefined): Promise<{ r: StepResult; dataSec: number }> {
+  private async accumulate(batchIdx: Int32Array, rng: Rng | undefined): Promise<{ r: StepResult; dataSec: number; sums: Omit<StepSums, 'regroup'> }> {
     const { sum, micro } = this.accumulation!;
     const parts = stepsOfShare(batchIdx.length, this.settings.batchSize, this.minBatch);
     sum.fill(0);
@@ -857,10 +829,9 @@ export class Trainer {
       correct += r.correct;
       n += bt.n;
     }
-    const g = this.gradView;
+    const g = this.reducer.gradient;
     for (let k = 0; k < g.length; k++) g[k] = sum[k] / n;
-    [this.grads[0], this.grads[1], this.grads[2]] = [lossSum, correct, n];
-    return { r: { loss: lossSum / n, correct }, dataSec };
+    return { r: { loss: lossSum / n, correct }, dataSec, sums: { lossSum, correct, images: n } };
   }
 
   /** BatchNorm averaging, evaluation, history; rank 0: checkpoint and epoch line. Commits the next epoch's start. */
