@@ -130,6 +130,7 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     expect(r2.code, log).toBe(0);
     expect(log).toMatch(new RegExp(`^0: resuming ${out} from checkpoint-e000${last.header.epoch}\\.ckpt \\(epoch ${last.header.epoch}, written by 3 workers\\) with 1$`, 'm'));
     expect(log).toMatch(/^0: epoch 4\/4 /m);
+    expect(log).toContain(`1: done: ranks 1 of 3 on host dtnode2 completed (logs in ${out}/logs/dtnode2)`);
     expect(log).toMatch(/^0: replicas identical: state sha256 [0-9a-f]{16} on all 3 workers on 3 machines$/m);
   }, testTimeoutFor(2));
 

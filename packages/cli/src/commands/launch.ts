@@ -154,10 +154,14 @@ export function registerLaunch(program: Command) {
         const { task } = role;
         if (role.address === undefined) {
           console.log(`slurm job ${task.jobId}: node ${task.nodeName} (${task.nodeId + 1} of ${task.nodes.length}) joins the coordinator on ${role.coordinator}:${role.port}`);
+          const runDir = o.out ?? o.resume;
           return joinRun(`${role.coordinator}:${role.port}`, {
             ...o,
+            // Should this node's worker become rank 0 (--elastic), it continues the same run folder.
+            out: runDir,
             host: task.nodeName,
-            logDir: o.out === undefined ? undefined : path.join(path.resolve(o.out), 'logs', task.nodeName),
+            // Beside the coordinator's logs when the run folder is on a shared file system.
+            logDir: runDir === undefined ? undefined : path.join(path.resolve(runDir), 'logs', task.nodeName),
             sharedKeys: true,
           });
         }
