@@ -13,9 +13,10 @@ if [[ $(id -u) -eq 0 ]]; then sudo=(); elif command -v sudo >/dev/null; then sud
 fi
 echo "ensure-cluster-tools: installing Debian's ${packages[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq >&2
 # The packages' services cannot start without an init system (harmless): the tests start their own.
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >&2 || true
+install() { "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >&2; }
+# The package lists are usually fresh (ensure-prometheus.sh updated them): update only if needed.
+install || { "${sudo[@]}" apt-get update -qq >&2 && install; } || true
 have || {
   echo "ensure-cluster-tools: apt-get install ${packages[*]} did not provide slurmctld, slurmd, munged, iptables, ssh and sshd" >&2
   exit 1

@@ -16,8 +16,8 @@ const CLUSTER = path.join(REPO, 'tools', 'slurm', 'test-cluster.sh');
 const SBATCH = path.join(REPO, 'tools', 'slurm', 'train.sbatch');
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-slurm-'));
 
-/** Real Fashion-MNIST, small: 192 training and 64 test images at 16 px, 12 steps of 16 per epoch. */
-const TRAIN = ['--dataset', 'fashion-mnist', '--limit-train', '192', '--limit-test', '64', '--image-size', '16', '--batch-size', '16', '--seed', '3', '--metrics-port', '0', '--timeout-s', '30'];
+/** Real Fashion-MNIST, small: 96 training and 32 test images at 12 px, 2 steps of 3 x 16 per epoch. */
+const TRAIN = ['--dataset', 'fashion-mnist', '--limit-train', '96', '--limit-test', '32', '--image-size', '12', '--batch-size', '16', '--seed', '3', '--metrics-port', '0', '--timeout-s', '30'];
 
 let clusterDir: string | undefined;
 let why = '';
@@ -91,30 +91,16 @@ async function until<T>(probe: () => T | undefined, ms: number, what: string): P
 const nodeProcesses = () => clusterCmd(['ps', clusterDir!]).split('\n').filter((l) => l !== '');
 
 describe('launch --slurm on a 3-node Slurm cluster', () => {
-  it('a 3-node job trains Fashion-MNIST to completion, ranks by node, CURVE, identical replicas', async (ctx) => {
+  it('a 3-node job (ranks by node, CURVE); scancel stops every process, the last checkpoint intact; resubmitted with --resume it trains to completion, identical replicas', async (ctx) => {
     needsCluster(ctx);
     const out = path.join(tmp(), 'run');
-    const job = await submit(ctx, 3, out, [...TRAIN, '--epochs', '2']);
-    const r = await job.done;
-    const log = job.output();
-    expect(r.code, `${r.out}\n${log}`).toBe(0);
-    expect(log).toMatch(new RegExp(`^0: slurm job ${job.id}: 3 nodes \\(dtnode1, dtnode2, dtnode3\\); the coordinator runs here on dtnode1, 10\\.214\\.\\d+\\.1:${20_000 + (Number(job.id) % 20_000)}$`, 'm'));
-    expect(log).toMatch(/^0: security: CURVE on the control socket and the rings/m);
-    expect(log).toMatch(/^1: slurm job \d+: node dtnode2 \(2 of 3\) joins the coordinator on dtnode1:\d+$/m);
-    expect(log).toMatch(/^0: all 3 workers joined \(dtnode1: rank 0, dtnode2: rank 1, dtnode3: rank 2\); ring starting$/m);
-    expect(log).toMatch(/^0: done: 2 epochs, 8 steps, test accuracy .* on 64 images$/m);
-    expect(log).toMatch(/^0: replicas identical: state sha256 [0-9a-f]{16} on all 3 workers on 3 machines$/m);
-    expect(log).toMatch(/^2: done: ranks 2 of 3 on host dtnode3 completed \(logs in .*\/logs\/dtnode3\)$/m);
-    const summary = JSON.parse(fs.readFileSync(path.join(out, 'summary.json'), 'utf8')) as Summary;
-    expect(summary.worldSize).toBe(3);
-    expect(nodeProcesses()).toEqual([]);
-  }, testTimeoutFor(1));
-
-  it('scancel mid-run: every process exits, the last checkpoint is intact, a resubmitted job with --resume completes', async (ctx) => {
-    needsCluster(ctx);
-    const out = path.join(tmp(), 'run');
-    const job = await submit(ctx, 3, out, [...TRAIN, '--epochs', '4']);
-    await until(() => /^0: epoch 2\/4 /m.test(job.output()), 120_000, `no epoch 2 in time:\n${job.output()}`);
+    const job = await submit(ctx, 3, out, [...TRAIN, '--epochs', '3']);
+    await until(() => /^0: epoch 1\/3 /m.test(job.output()), 120_000, `no epoch 1 in time:\n${job.output()}`);
+    const first = job.output();
+    expect(first).toMatch(new RegExp(`^0: slurm job ${job.id}: 3 nodes \\(dtnode1, dtnode2, dtnode3\\); the coordinator runs here on dtnode1, 10\\.214\\.\\d+\\.1:${20_000 + (Number(job.id) % 20_000)}$`, 'm'));
+    expect(first).toMatch(/^0: security: CURVE on the control socket and the rings/m);
+    expect(first).toMatch(/^1: slurm job \d+: node dtnode2 \(2 of 3\) joins the coordinator on dtnode1:\d+$/m);
+    expect(first).toMatch(/^0: all 3 workers joined \(dtnode1: rank 0, dtnode2: rank 1, dtnode3: rank 2\); ring starting$/m);
     clusterCmd(['exec', clusterDir!, 'scancel', job.id]);
     const r = await job.done;
     expect(r.code).not.toBe(0);
@@ -123,33 +109,21 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     const cks = await listCheckpoints(out);
     expect(cks.length).toBeGreaterThan(0);
     const last = await readCheckpoint(cks.at(-1)!.file);
-    expect(last.header.epoch).toBeGreaterThanOrEqual(2);
+    expect(last.header.epoch).toBeGreaterThanOrEqual(1);
     const again = await submit(ctx, 3, out, ['--resume', out]);
     const r2 = await again.done;
     const log = again.output();
     expect(r2.code, log).toBe(0);
     expect(log).toMatch(new RegExp(`^0: resuming ${out} from checkpoint-e000${last.header.epoch}\\.ckpt \\(epoch ${last.header.epoch}, written by 3 workers\\) with 1$`, 'm'));
-    expect(log).toMatch(/^0: epoch 4\/4 /m);
-    expect(log).toContain(`1: done: ranks 1 of 3 on host dtnode2 completed (logs in ${out}/logs/dtnode2)`);
+    expect(log).toMatch(/^0: epoch 3\/3 /m);
+    expect(log).toMatch(/^0: done: 3 epochs, \d+ steps, test accuracy .* on 32 images/m);
     expect(log).toMatch(/^0: replicas identical: state sha256 [0-9a-f]{16} on all 3 workers on 3 machines$/m);
+    expect(log).toContain(`1: done: ranks 1 of 3 on host dtnode2 completed (logs in ${out}/logs/dtnode2)`);
+    expect(log).toContain(`2: done: ranks 2 of 3 on host dtnode3 completed (logs in ${out}/logs/dtnode3)`);
+    expect((JSON.parse(fs.readFileSync(path.join(out, 'summary.json'), 'utf8')) as Summary).worldSize).toBe(3);
+    expect(nodeProcesses()).toEqual([]);
   }, testTimeoutFor(2));
 
-  it("a node's worker killed: the job fails naming its rank and node, and nothing is left running", async (ctx) => {
-    needsCluster(ctx);
-    const out = path.join(tmp(), 'run');
-    const job = await submit(ctx, 3, out, [...TRAIN, '--epochs', '3']);
-    await until(() => /^0: all 3 workers joined/m.test(job.output()), 60_000, `the workers did not join in time:\n${job.output()}`);
-    const worker = await until(() => nodeProcesses().find((l) => l.startsWith('dtnode3 ') && l.includes('worker-main.ts')), 30_000, 'no worker on dtnode3');
-    process.kill(Number(worker.split(' ')[1]), 'SIGKILL');
-    const r = await job.done;
-    const log = job.output();
-    expect(r.code, log).not.toBe(0);
-    // dtnode3's task reports the loss and exits non-zero; srun --kill-on-bad-exit (train.sbatch)
-    // then ends the step on every node.
-    expect(log).toMatch(/^2: error: rank 2 \(local worker 0\) on host dtnode3 was killed by SIGKILL\. Last lines of its log /m);
-    expect(log).toMatch(new RegExp(`^0: slurmstepd-dtnode1: error: \\*\\*\\* STEP ${job.id}\\.0 ON dtnode1 CANCELLED AT `, 'm'));
-    await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
-  }, testTimeoutFor(1));
   it("with --elastic, a node's worker killed: the others regroup and complete the run (train.sbatch lets the step go on); the job's exit code still reports the node", async (ctx) => {
     needsCluster(ctx);
     const out = path.join(tmp(), 'run');

@@ -33,7 +33,14 @@ function startSshd(h: Host): void {
     ].join('\n') + '\n',
   );
   execFileSync('ip', ['netns', 'exec', net.ns[h], SSHD, '-f', config, '-E', path.join(dir, `sshd-${h}.log`)], { timeout: 10_000 });
-  sshdPids.push(Number(fs.readFileSync(path.join(dir, `sshd-${h}.pid`), 'utf8')));
+  // sshd's parent returns before the daemon has written its pid file (and listens).
+  const pidFile = path.join(dir, `sshd-${h}.pid`);
+  const deadline = Date.now() + 10_000;
+  while (!fs.existsSync(pidFile) || fs.readFileSync(pidFile, 'utf8').trim() === '') {
+    if (Date.now() > deadline) throw new Error(`sshd in host ${h} wrote no pid file in 10 s: ${fs.readFileSync(path.join(dir, `sshd-${h}.log`), 'utf8')}`);
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
+  }
+  sshdPids.push(Number(fs.readFileSync(pidFile, 'utf8')));
 }
 
 beforeAll(() => {
