@@ -9,7 +9,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { initKeyDir } from '@dtrain/transport';
 import { listCheckpoints, readCheckpoint, type Summary } from '@dtrain/worker';
-import { CLI_DIR, startProcess, testTimeoutFor, type ProcessRun } from './testing/processes.js';
+import { CLI_DIR, startProcess, testTimeoutFor } from './testing/processes.js';
 
 const REPO = path.resolve(CLI_DIR, '..', '..');
 const CLUSTER = path.join(REPO, 'tools', 'slurm', 'test-cluster.sh');
@@ -23,8 +23,8 @@ let clusterDir: string | undefined;
 let why = '';
 let keys = '';
 
-function clusterCmd(args: string[], timeout = 30_000): string {
-  return execFileSync(CLUSTER, args, { encoding: 'utf8', timeout, stdio: ['ignore', 'pipe', 'pipe'] });
+function clusterCmd(args: string[], timeout = 30_000, env: Record<string, string> = {}): string {
+  return execFileSync(CLUSTER, args, { encoding: 'utf8', timeout, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
 }
 
 beforeAll(() => {
@@ -61,8 +61,8 @@ const needsCluster = (ctx: TestContext) => {
 
 interface Job {
   id: string;
-  /** sbatch --wait: ends when the job does, with its exit code. */
-  done: Promise<ProcessRun>;
+  /** Ends when the job does, with its exit code (128 + the signal that ended it, if one did). */
+  done: Promise<{ code: number; out: string }>;
   /** The job's output so far (srun --label: "N: " before each line of task N). */
   output(): string;
 }
@@ -70,11 +70,37 @@ interface Job {
 /** Submits tools/slurm/train.sbatch on `nodes` nodes with `args` for launch. */
 async function submit(ctx: TestContext, nodes: number, out: string, args: string[], env: Record<string, string> = {}): Promise<Job> {
   const file = path.join(clusterDir!, `job-${Date.now()}.out`);
-  const started = startProcess(ctx, CLUSTER, ['exec', clusterDir!, 'sbatch', '--wait', '--parsable', `--nodes=${nodes}`, `--output=${file}`, `--chdir=${REPO}`, SBATCH, ...args], {
-    env: { DTRAIN_WORKERS: '--workers 1', DTRAIN_SECURITY: `--keys ${keys}`, DTRAIN_OUT: out, ...env },
+  const printed = clusterCmd(['exec', clusterDir!, 'sbatch', '--parsable', `--nodes=${nodes}`, `--output=${file}`, `--chdir=${REPO}`, SBATCH, ...args], 30_000, {
+    DTRAIN_WORKERS: '--workers 1', DTRAIN_SECURITY: `--keys ${keys}`, DTRAIN_OUT: out, ...env,
   });
-  const id = await until(() => /^(\d+)/m.exec(started.run.stdout)?.[1], 30_000, 'sbatch printed no job id');
-  return { id, done: started.done, output: () => (fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '') };
+  const id = /^(\d+)/m.exec(printed)?.[1];
+  if (id === undefined) throw new Error(`sbatch printed no job id: ${printed}`);
+  ctx.onTestFinished(() => {
+    try {
+      clusterCmd(['exec', clusterDir!, 'scancel', id]);
+    } catch {
+      // ended already
+    }
+  });
+  return { id, done: jobEnd(id), output: () => (fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '') };
+}
+
+/**
+ * The job's end, polled every 250 ms (sbatch --wait polls at growing intervals: seconds late).
+ * scontrol keeps a finished job for MinJobAge (300 s by default).
+ */
+async function jobEnd(id: string): Promise<{ code: number; out: string }> {
+  const deadline = Date.now() + 240_000;
+  for (;;) {
+    const line = clusterCmd(['exec', clusterDir!, 'scontrol', '-o', 'show', 'job', id]);
+    const state = /JobState=(\S+)/.exec(line)?.[1] ?? '';
+    if (!['PENDING', 'CONFIGURING', 'RUNNING', 'COMPLETING', 'SUSPENDED', ''].includes(state)) {
+      const [, code, signal] = /ExitCode=(\d+):(\d+)/.exec(line) ?? ['', '1', '0'];
+      return { code: Number(code) !== 0 ? Number(code) : Number(signal) !== 0 ? 128 + Number(signal) : 0, out: line };
+    }
+    if (Date.now() > deadline) throw new Error(`job ${id} did not end in 240 s: ${line}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
 }
 
 async function until<T>(probe: () => T | undefined, ms: number, what: string): Promise<T> {
@@ -121,7 +147,7 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     expect(log).toContain(`1: done: ranks 1 of 3 on host dtnode2 completed (logs in ${out}/logs/dtnode2)`);
     expect(log).toContain(`2: done: ranks 2 of 3 on host dtnode3 completed (logs in ${out}/logs/dtnode3)`);
     expect((JSON.parse(fs.readFileSync(path.join(out, 'summary.json'), 'utf8')) as Summary).worldSize).toBe(3);
-    expect(nodeProcesses()).toEqual([]);
+    await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
   }, testTimeoutFor(2));
 
   it("with --elastic, a node's worker killed: the others regroup and complete the run (train.sbatch lets the step go on); the job's exit code still reports the node", async (ctx) => {
