@@ -63,7 +63,12 @@ beforeAll(() => {
 }, 60_000);
 
 afterAll(() => {
-  for (const pid of sshdPids) {
+  // Also an sshd whose pid file came after its start failed the test (read again here).
+  for (const h of ['b', 'c'] as const) {
+    const file = path.join(dir, `sshd-${h}.pid`);
+    if (dir !== '' && fs.existsSync(file)) sshdPids.push(Number(fs.readFileSync(file, 'utf8')));
+  }
+  for (const pid of new Set(sshdPids.filter((p) => p > 0))) {
     try {
       process.kill(pid, 'SIGTERM');
     } catch {
