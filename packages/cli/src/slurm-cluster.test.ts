@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vit
 import { initKeyDir } from '@dtrain/transport';
 import { listCheckpoints, readCheckpoint, type Summary } from '@dtrain/worker';
 import { CLI_DIR, startProcess, testTimeoutFor } from './testing/processes.js';
+import { until } from './testing/wait.js';
 
 const REPO = path.resolve(CLI_DIR, '..', '..');
 const CLUSTER = path.join(REPO, 'tools', 'slurm', 'test-cluster.sh');
@@ -103,16 +104,6 @@ async function jobEnd(id: string): Promise<{ code: number; out: string }> {
   }
 }
 
-async function until<T>(probe: () => T | undefined, ms: number, what: string): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = probe();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new Error(what);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
-
 /** Processes on the nodes besides Slurm's daemons: "NODE PID COMMAND LINE" lines. */
 const nodeProcesses = () => clusterCmd(['ps', clusterDir!]).split('\n').filter((l) => l !== '');
 
@@ -121,7 +112,7 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     needsCluster(ctx);
     const out = path.join(tmp(), 'run');
     const job = await submit(ctx, 3, out, [...TRAIN, '--epochs', '3']);
-    await until(() => /^0: epoch 1\/3 /m.test(job.output()), 120_000, `no epoch 1 in time:\n${job.output()}`);
+    await until(() => /^0: epoch 1\/3 /m.test(job.output()), 120_000, () => `no epoch 1 in time:\n${job.output()}`);
     const first = job.output();
     expect(first).toMatch(new RegExp(`^0: slurm job ${job.id}: 3 nodes \\(dtnode1, dtnode2, dtnode3\\); the coordinator runs here on dtnode1, 10\\.214\\.\\d+\\.1:${20_000 + (Number(job.id) % 20_000)}$`, 'm'));
     expect(first).toMatch(/^0: security: CURVE on the control socket and the rings/m);
@@ -131,7 +122,7 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     const r = await job.done;
     expect(r.code).not.toBe(0);
     // KillWait (5 s) bounds how long a task may outlive the scancel.
-    await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
+    await until(() => nodeProcesses().length === 0, 15_000, () => `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
     const cks = await listCheckpoints(out);
     expect(cks.length).toBeGreaterThan(0);
     const last = await readCheckpoint(cks.at(-1)!.file);
@@ -147,15 +138,15 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     expect(log).toContain(`1: done: ranks 1 of 3 on host dtnode2 completed (logs in ${out}/logs/dtnode2)`);
     expect(log).toContain(`2: done: ranks 2 of 3 on host dtnode3 completed (logs in ${out}/logs/dtnode3)`);
     expect((JSON.parse(fs.readFileSync(path.join(out, 'summary.json'), 'utf8')) as Summary).worldSize).toBe(3);
-    await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
+    await until(() => nodeProcesses().length === 0, 15_000, () => `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
   }, testTimeoutFor(2));
 
   it("with --elastic, a node's worker killed: the others regroup and complete the run (train.sbatch lets the step go on); the job's exit code still reports the node", async (ctx) => {
     needsCluster(ctx);
     const out = path.join(tmp(), 'run');
     const job = await submit(ctx, 3, out, [...TRAIN, '--epochs', '2', '--elastic']);
-    await until(() => /^0: epoch 1\/2 /m.test(job.output()), 90_000, `no epoch 1 in time:\n${job.output()}`);
-    const worker = await until(() => nodeProcesses().find((l) => l.startsWith('dtnode3 ') && l.includes('worker-main.ts')), 30_000, 'no worker on dtnode3');
+    await until(() => /^0: epoch 1\/2 /m.test(job.output()), 90_000, () => `no epoch 1 in time:\n${job.output()}`);
+    const worker = await until(() => nodeProcesses().find((l) => l.startsWith('dtnode3 ') && l.includes('worker-main.ts')), 30_000, () => 'no worker on dtnode3');
     process.kill(Number(worker.split(' ')[1]), 'SIGKILL');
     const r = await job.done;
     const log = job.output();
@@ -167,7 +158,7 @@ describe('launch --slurm on a 3-node Slurm cluster', () => {
     expect(log).toMatch(/^0: lost rank 2 on host dtnode3: /m);
     expect(log).toMatch(/^0: regrouped: generation 2, 2 workers \(dtnode1: 1, dtnode2: 1\)/m);
     expect(log).toMatch(/^0: replicas identical: state sha256 [0-9a-f]{16} on all 2 workers on 2 machines$/m);
-    await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
+    await until(() => nodeProcesses().length === 0, 15_000, () => `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
   }, testTimeoutFor(1));
 });
 
@@ -188,7 +179,7 @@ describe('launch --slurm, bad input', () => {
       const log = job.output();
       expect(r.code, log).not.toBe(0);
       expect(log).toMatch(new RegExp(`^\\d: .*could not reach rank 2 on host dtnode3 at tcp://10\\.214\\.\\d+\\.3:${ring} within 8000 ms: check that this port is open`, 'm'));
-      await until(() => nodeProcesses().length === 0, 15_000, `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
+      await until(() => nodeProcesses().length === 0, 15_000, () => `processes left on the nodes:\n${nodeProcesses().join('\n')}`);
     } finally {
       iptables('-D');
     }

@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vit
 import { initKeyDir } from '@dtrain/transport';
 import { makeNet, type Host, type Net } from './testing/netns.js';
 import { startCli, testTimeoutFor } from './testing/processes.js';
+import { until } from './testing/wait.js';
 
 const SSHD = '/usr/sbin/sshd';
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-ssh-'));
@@ -110,14 +111,6 @@ function hostProcesses(): string[] {
     }
   }
   return lines;
-}
-
-async function until(probe: () => boolean, ms: number, what: () => string): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!probe()) {
-    if (Date.now() > deadline) throw new Error(what());
-    await new Promise((r) => setTimeout(r, 250));
-  }
 }
 
 describe('launch --hosts over ssh', () => {

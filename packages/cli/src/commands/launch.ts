@@ -237,8 +237,9 @@ export function registerLaunch(program: Command) {
           if (keys || o.insecure) console.log(`${describeSecurity(keys ? curveServerSecurity(keys) : { kind: 'none' }, where)}${keys ? `; keys in ${keys.dir}` : ''}`);
           else console.log(`security: CURVE on ${where} with a key pair made for this run: only the workers this launch starts hold it (pnpm cli join needs --keys on both sides, or --insecure on both)`);
           console.log(`coordinator ${e.endpoint}, run folder ${runDir}, worker logs ${e.logDir}`);
-          if (hostsRun) hostsRun.remote = startHostJoins(hostsRun, o, Number(e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)), keys?.publicKey, e.logDir);
-          else if (o.nodes > 1 && !o.slurm) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1)} --workers N`);
+          const boundPort = Number(e.endpoint.slice(e.endpoint.lastIndexOf(':') + 1));
+          if (hostsRun) hostsRun.remote = startHostJoins(hostsRun, o, boundPort, keys?.publicKey, e.logDir);
+          else if (o.nodes > 1 && !o.slurm) console.log(`waiting for ${o.nodes - 1} more machine${o.nodes > 2 ? 's' : ''}: on each, run  pnpm cli join ${o.advertise ?? listen}:${boundPort} --workers N`);
         } else if (e.kind === 'offered') {
           console.log(`offering ${e.files.length} data files (${(e.files.reduce((a, f) => a + f.size, 0) / 1e6).toFixed(1)} MB) to workers of other machines that lack them`);
         } else if (e.kind === 'node') console.log(`host ${e.host} joined with ${e.workers} workers (${e.nodes} of ${e.expectedNodes} machines)`);

@@ -6,7 +6,9 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { hostname, networkInterfaces } from 'node:os';
 import path from 'node:path';
+import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { isLoopback } from '@dtrain/transport';
 import { UsageError } from '../errors.js';
 import type { HostSlots } from '../hosts.js';
 import { sshProbeArgv, sshRunArgv, type SshSettings } from '../ssh.js';
@@ -17,7 +19,7 @@ export const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.u
 
 /** Whether `host` names this machine: localhost, the host name, or one of its addresses. */
 export function isThisMachine(host: string): boolean {
-  if (host === 'localhost' || host.startsWith('127.') || host === hostname() || host === hostname().split('.')[0]) return true;
+  if (isLoopback(host) || host === hostname() || host === hostname().split('.')[0]) return true;
   return Object.values(networkInterfaces()).some((list) => list?.some((a) => a.address === host));
 }
 
@@ -82,7 +84,7 @@ export function startRemoteJoins(remote: HostSlots[], dir: string, ssh: SshSetti
       const argv = sshRunArgv(h.host, dir, ['node', '--import', 'tsx', 'packages/cli/src/main.ts', 'join', ...joinArgs(h)], ssh);
       const child = spawn('ssh', ['-o', 'LogLevel=ERROR', ...argv], { stdio: ['ignore', 'pipe', 'pipe'] });
       children.push(child);
-      for (const stream of [child.stdout!, child.stderr!]) labelLines(stream, `[${h.host}] `);
+      for (const stream of [child.stdout!, child.stderr!]) labelLines(stream.setEncoding('utf8'), `[${h.host}] `);
       return new Promise<{ host: string; code: number | null }>((resolve) => {
         child.on('error', (e) => {
           console.log(`[${h.host}] ssh did not start: ${e.message}`);
@@ -100,16 +102,7 @@ export function startRemoteJoins(remote: HostSlots[], dir: string, ssh: SshSetti
   };
 }
 
-/** Prints each line of `stream` with `label` before it (a remote terminal's \r\n becomes \n). */
+/** Prints each line of `stream` with `label` before it (readline ends lines at \n and \r\n, a remote terminal's). */
 function labelLines(stream: NodeJS.ReadableStream, label: string): void {
-  let rest = '';
-  stream.setEncoding('utf8');
-  stream.on('data', (chunk: string) => {
-    const lines = (rest + chunk).replace(/\r/g, '').split('\n');
-    rest = lines.pop()!;
-    for (const l of lines) console.log(label + l);
-  });
-  stream.on('end', () => {
-    if (rest !== '') console.log(label + rest);
-  });
+  createInterface({ input: stream, crlfDelay: Infinity }).on('line', (l) => console.log(label + l));
 }
