@@ -4,10 +4,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { readRun } from '@dtrain/worker';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildCharts, phaseBreakdown, runFacts, writeReport } from './report.js';
 import { collectRuns, formatRunTable } from './commands/runs.js';
-import { readRun } from './run-files.js';
 import { writeRunFixture } from './testing/run-fixture.js';
 
 const main = path.join(path.dirname(fileURLToPath(import.meta.url)), 'main.ts');

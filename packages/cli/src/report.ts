@@ -16,8 +16,7 @@
 import path from 'node:path';
 import { Resvg } from '@resvg/resvg-js';
 import * as echarts from 'echarts';
-import { writeFileAtomic, type EpochMetrics } from '@dtrain/worker';
-import { readRun, RunFolderError, runStatus, type RunFiles } from './run-files.js';
+import { readRun, RunFolderError, runStatus, writeFileAtomic, type EpochMetrics, type RunFiles } from '@dtrain/worker';
 
 const CHART_W = 700;
 const CHART_H = 400;

@@ -7,14 +7,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { Command } from '@commander-js/extra-typings';
 import { makeSyntheticTestDataset } from '@dtrain/data';
-import { createInProcessGroup, runTraining, TrainingDivergedError, type Summary } from '@dtrain/worker';
+import { createInProcessGroup, readRun, runTraining, TrainingDivergedError, type Summary } from '@dtrain/worker';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { registerReport } from './commands/report.js';
 import { registerRuns } from './commands/runs.js';
 import { registerExport } from './commands/export.js';
 import { registerTrain } from './commands/train.js';
 import { buildCharts, runFacts, throughputPoints } from './report.js';
-import { readRun } from './run-files.js';
 
 /** Runs `dtrain ARGS` in this process and returns what it printed with console.log. */
 async function dtrain(...args: string[]): Promise<string[]> {

@@ -15,7 +15,8 @@ import { hashFloats, RingCollective, type RingCollectiveOptions } from './ring-c
 import { runTraining } from './run.js';
 import { TestCrashes, type CrashSpec } from './test-crashes.js';
 import type { TrainSettingsInput } from './settings.js';
-import type { EpochMetrics, StartInfo, Summary } from './trainer.js';
+import type { EpochMetrics, Summary } from './run-folder.js';
+import type { StartInfo } from './trainer.js';
 
 /** What the launcher sends every worker in Welcome.config_json. */
 export interface DistributedConfig {

@@ -15,7 +15,8 @@ import { createInProcessGroup, type Collective } from './collective.js';
 import { runTraining, type RunTrainingResult } from './run.js';
 import { ElasticInProcessGroup, ReplicaKilledError, type ElasticMember } from './testing/elastic-group.js';
 import { syntheticData, tempDir } from './testing/helpers.js';
-import { readMetrics, type EpochMetrics, type StepInfo, type TrainerHooks } from './trainer.js';
+import { readMetrics, type EpochMetrics } from './run-folder.js';
+import type { StepInfo, TrainerHooks } from './trainer.js';
 import type { TrainSettingsInput } from './settings.js';
 
 beforeAll(async () => {

@@ -77,3 +77,14 @@ export class RunDirError extends TrainError {
     super(`run folder ${dir}: ${detail}`);
   }
 }
+
+/** A folder that cannot be read as a run folder (`runs`, `report`); the message names the folder and the file. */
+export class RunFolderError extends TrainError {
+  readonly code = 'E_RUN_FOLDER' as const;
+  constructor(
+    readonly dir: string,
+    message: string,
+  ) {
+    super(`${dir}: ${message}`);
+  }
+}

@@ -1,5 +1,7 @@
-export { Trainer, AUGMENT_STREAM, layoutHash, readMetrics } from './trainer.js';
-export type { TrainData, TrainerOptions, TrainerHooks, TrainResult, PhaseTimes, StepInfo, StepMetrics, EpochMetrics, Summary, StartInfo } from './trainer.js';
+export { Trainer, AUGMENT_STREAM, layoutHash } from './trainer.js';
+export type { TrainData, TrainerOptions, TrainerHooks, TrainResult, StepInfo, StartInfo } from './trainer.js';
+export { readMetrics, readRun, listRunDirs, runStatus } from './run-folder.js';
+export type { PhaseTimes, StepMetrics, EpochMetrics, MetricsLine, Summary, RunConfig, RunFiles, RunStatus } from './run-folder.js';
 export { runTraining, loadTrainData, defaultRunDir } from './run.js';
 export type { RunTrainingOptions, RunTrainingResult } from './run.js';
 export { SingleProcess, createInProcessGroup, GroupChangedError, RunCompleteError, isElastic } from './collective.js';
@@ -42,7 +44,7 @@ export {
 } from './checkpoint.js';
 export type { Checkpoint, CheckpointHeader, CheckpointHistory, CheckpointContent } from './checkpoint.js';
 export { writeFileAtomic, removeStaleTemporaries } from './files.js';
-export { TrainError, TrainSettingsError, TrainingDivergedError, CheckpointError, NoCheckpointError, ReplicaMismatchError, RunDirError } from './errors.js';
+export { TrainError, TrainSettingsError, TrainingDivergedError, CheckpointError, NoCheckpointError, ReplicaMismatchError, RunDirError, RunFolderError } from './errors.js';
 export { RingCollective, hashFloats } from './ring-collective.js';
 export type { RingCollectiveOptions, CollectiveStats, CollectiveOp } from './ring-collective.js';
 export { runDistributedWorker, WORKER_ENTRY, DEFAULT_BUCKET_MB } from './distributed.js';

@@ -8,6 +8,7 @@ import { readLatestCheckpoint, type Checkpoint } from './checkpoint.js';
 import { SingleProcess, isElastic, type Collective } from './collective.js';
 import { RunDirError, TrainSettingsError } from './errors.js';
 import { removeStaleTemporaries, type AtomicWriteOptions } from './files.js';
+import { CONFIG_FILE, METRICS_FILE } from './run-folder.js';
 import { resolveSettings, resumeSettings, type TrainSettings, type TrainSettingsInput } from './settings.js';
 import { Trainer, type TrainData, type TrainResult, type TrainerHooks } from './trainer.js';
 
@@ -59,7 +60,7 @@ export async function loadTrainData(s: TrainSettings): Promise<TrainData> {
 async function prepareNewRunDir(dir: string): Promise<void> {
   try {
     await fs.mkdir(dir, { recursive: true });
-    const existing = (await fs.readdir(dir)).filter((n) => n === 'config.json' || n === 'metrics.jsonl' || n.endsWith('.ckpt'));
+    const existing = (await fs.readdir(dir)).filter((n) => n === CONFIG_FILE || n === METRICS_FILE || n.endsWith('.ckpt'));
     if (existing.length > 0) {
       throw new RunDirError(dir, `it already holds a run (${existing.join(', ')}); continue it with --resume ${dir}, or choose another --out`);
     }

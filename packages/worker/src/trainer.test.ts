@@ -16,7 +16,7 @@ import { RunDirError, TrainingDivergedError, TrainSettingsError } from './errors
 import { runTraining } from './run.js';
 import { lrAt } from './schedule.js';
 import { syntheticData, tempDir } from './testing/helpers.js';
-import { readMetrics, type EpochMetrics, type StepMetrics, type Summary } from './trainer.js';
+import { readMetrics, type EpochMetrics, type StepMetrics, type Summary } from './run-folder.js';
 
 beforeAll(async () => {
   await loadBackend('cpu');

@@ -36,9 +36,10 @@ import { loadEngine, type ModelEngine } from './engine.js';
 import { BEST_CHECKPOINT, keepAsBest, writeCheckpoint, type Checkpoint, type CheckpointHeader, type CheckpointHistory, type EpochTotals } from './checkpoint.js';
 import { GroupChangedError, SingleProcess, isElastic, type Collective, type ElasticCollective, type Progress, type RegroupResult } from './collective.js';
 import { CheckpointError, ReplicaMismatchError, TrainingDivergedError, TrainSettingsError } from './errors.js';
-import { writeFileAtomic, type AtomicWriteOptions } from './files.js';
+import type { AtomicWriteOptions } from './files.js';
 import { lrAt, peakLr } from './schedule.js';
 import { readInitFile } from './model-file.js';
+import { appendMetrics, readMetrics, trimMetrics, writeConfig, writeSummary, type EpochMetrics, type PhaseTimes, type ResumeRecord, type StepMetrics, type Summary } from './run-folder.js';
 import { GradientReducer, type StepSums } from './reducer.js';
 import { SafetensorsError } from './safetensors.js';
 import { maxStepImages, stepBounds, stepsOfShare } from './steps.js';
@@ -50,18 +51,6 @@ export const AUGMENT_STREAM = 0xa06e;
 export interface TrainData {
   train: Dataset;
   test: Dataset;
-}
-
-/** Seconds spent in each phase of a training step. */
-export interface PhaseTimes {
-  /** Batch assembly (index lookup, resize, normalisation). */
-  data: number;
-  /** Forward and backward pass, gradients copied into the flat buffer. */
-  compute: number;
-  /** Gradient all-reduce (zero in one process). */
-  allReduce: number;
-  /** Optimiser update. */
-  optimizer: number;
 }
 
 export interface StepInfo {
@@ -97,88 +86,10 @@ export interface RegroupInfo extends RegroupResult {
   progress: Progress;
 }
 
-/** A `kind: 'step'` line of metrics.jsonl: this rank's figures over the last `steps` steps. */
-export interface StepMetrics {
-  kind: 'step';
-  epoch: number;
-  step: number;
-  steps: number;
-  loss: number;
-  trainAcc: number;
-  images: number;
-  imagesPerSec: number;
-  phaseSec: PhaseTimes;
-  time: string;
-}
-
-/** A `kind: 'epoch'` line of metrics.jsonl (all ranks together). */
-export interface EpochMetrics {
-  kind: 'epoch';
-  epoch: number;
-  epochs: number;
-  step: number;
-  loss: number;
-  trainAcc: number;
-  testLoss: number;
-  testAcc: number;
-  testImages: number;
-  /** This epoch's wall time, training and evaluation. */
-  elapsedSec: number;
-  trainSec: number;
-  evalSec: number;
-  /** Training images (all ranks) per second of training time. */
-  images: number;
-  imagesPerSec: number;
-  /** Rank 0's step phases in seconds; `other` is the rest of the training time (bookkeeping, hooks). */
-  phaseSec: PhaseTimes & { other: number };
-  /** The same as fractions of the training time. */
-  phaseShare: PhaseTimes & { other: number };
-  worldSize: number;
-  globalBatch: number;
-  /** The learning rate of the epoch's last step (during warmup it grew over the epoch from lrFirst). */
-  lr: number;
-  /** The learning rate of the epoch's first step (absent in lines written before the schedule existed). */
-  lrFirst?: number;
-  /** Wall time of the whole run so far, resumes included. */
-  totalElapsedSec: number;
-  time: string;
-}
-
 /** The index of the first NaN or infinity in `a`, or -1. */
 function firstNonFinite(a: Float32Array): number {
   for (let i = 0; i < a.length; i++) if (a[i] - a[i] !== 0) return i; // NaN and +-Infinity only
   return -1;
-}
-
-export interface Summary {
-  /**
-   * 'stopped': an elastic run fell below --min-workers; it wrote a checkpoint of its position.
-   * 'diverged': the loss stopped being finite (the run ended with TrainingDivergedError).
-   */
-  status: 'completed' | 'stopped' | 'diverged';
-  /** Why a stopped or diverged run ended (the regroup's reason, the divergence's message). */
-  stopReason?: string;
-  dataset: string;
-  epochs: number;
-  steps: number;
-  finalTrainLoss: number;
-  finalTrainAcc: number;
-  finalTestLoss: number;
-  finalTestAcc: number;
-  bestTestAcc: number;
-  bestEpoch: number;
-  testImages: number;
-  totalSec: number;
-  trainSec: number;
-  /** Training images per second of training time, over the whole run. */
-  imagesPerSec: number;
-  worldSize: number;
-  globalBatch: number;
-  runDir: string | null;
-  lastCheckpoint: string | null;
-  /** The checkpoint of `bestEpoch` (best.ckpt in the run folder), if this run folder has one. */
-  bestCheckpoint?: string | null;
-  resumed: boolean;
 }
 
 export interface StartInfo {
@@ -452,7 +363,7 @@ export class Trainer {
 
     const runDir = this.runDir;
     if (runDir && !joining) {
-      await this.writeConfig(runDir, resumeFrom);
+      await writeConfig(runDir, this.configFields(), resumeFrom && this.resumeRecord(resumeFrom));
       if (resumeFrom) await trimMetrics(runDir, resumeFrom.header.epoch, resumeFrom.header.position ? resumeFrom.header.step : null);
     }
     this.hooks.onStart?.({
@@ -480,7 +391,7 @@ export class Trainer {
       }
     } catch (err) {
       // `runs` and `report` then say 'diverged' with the reason, not 'incomplete'.
-      if (err instanceof TrainingDivergedError) await this.writeSummary(this.summaryOf('diverged', err.message, resumeFrom !== undefined));
+      if (err instanceof TrainingDivergedError) await this.saveSummary(this.summaryOf('diverged', err.message, resumeFrom !== undefined));
       throw err;
     }
 
@@ -495,7 +406,7 @@ export class Trainer {
     }
     const resumedFinal = this.epochs.length === 0 ? await this.resumedFinalMetrics(this.runDir) : undefined;
     const summary = this.summaryOf(stopReason === undefined ? 'completed' : 'stopped', stopReason, resumeFrom !== undefined, resumedFinal);
-    await this.writeSummary(summary);
+    await this.saveSummary(summary);
     return { summary, epochs: this.epochs };
   }
 
@@ -509,8 +420,8 @@ export class Trainer {
   }
 
   /** summary.json in the run folder (rank 0 only: others have none). */
-  private async writeSummary(summary: Summary): Promise<void> {
-    if (summary.runDir) await writeFileAtomic(path.join(summary.runDir, 'summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
+  private async saveSummary(summary: Summary): Promise<void> {
+    if (summary.runDir) await writeSummary(summary.runDir, summary);
   }
 
   /** The run's summary as it stands; `resumedFinal`: the last epoch's line when this process trained none. */
@@ -657,7 +568,7 @@ export class Trainer {
     this.lastCheckpoint = await this.saveCheckpoint(runDir, st);
     this.hooks.onCheckpoint?.(this.lastCheckpoint);
     if (st.history.bestEpoch === m.epoch) await keepAsBest(runDir, this.lastCheckpoint);
-    await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(m)}\n`);
+    await appendMetrics(runDir, m);
     // Its hooks saw the epoch as another rank: now as the rank that reports it.
     this.hooks.onEpochEnd?.(m);
   }
@@ -759,7 +670,7 @@ export class Trainer {
           phaseSec: { data: round(win.phases.data, 4), compute: round(win.phases.compute, 4), allReduce: round(win.phases.allReduce, 4), optimizer: round(win.phases.optimizer, 4) },
           time: new Date().toISOString(),
         };
-        await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(line)}\n`);
+        await appendMetrics(runDir, line);
         win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: end, phases: zeroPhases() };
       }
       t.trainSec = trainBase + (now() - segStart);
@@ -899,7 +810,7 @@ export class Trainer {
       this.lastCheckpoint = await this.saveCheckpoint(runDir, st);
       this.hooks.onCheckpoint?.(this.lastCheckpoint);
       if (history.bestEpoch === m.epoch) await keepAsBest(runDir, this.lastCheckpoint);
-      await fs.appendFile(path.join(runDir, 'metrics.jsonl'), `${JSON.stringify(m)}\n`);
+      await appendMetrics(runDir, m);
     }
     this.epochs.push(m);
     this.hooks.onEpochEnd?.(m);
@@ -1022,16 +933,16 @@ export class Trainer {
     return writeCheckpoint(runDir, { ...header, weights, bnStats: await m.getBatchNormStats(), momentum: opt.buffers }, s.keepCheckpoints, this.checkpointWrite);
   }
 
-  private async writeConfig(runDir: string, resumeFrom: Checkpoint | undefined): Promise<void> {
-    const file = path.join(runDir, 'config.json');
+  /** config.json's entry for a resume from `ck`. */
+  private resumeRecord(ck: Checkpoint): ResumeRecord {
+    return { at: new Date().toISOString(), fromCheckpoint: path.basename(ck.file), fromEpoch: ck.header.epoch, ...(ck.header.position ? { fromDone: ck.header.position.done } : {}), worldSize: this.collective.worldSize, epochs: this.settings.epochs };
+  }
+
+  /** What config.json records of the run (writeConfig adds when it was created and its resumes). */
+  private configFields(): Record<string, unknown> {
     const s = this.settings;
     const { train, test } = this.data;
-    const resume = resumeFrom
-      ? { at: new Date().toISOString(), fromCheckpoint: path.basename(resumeFrom.file), fromEpoch: resumeFrom.header.epoch, ...(resumeFrom.header.position ? { fromDone: resumeFrom.header.position.done } : {}), worldSize: this.collective.worldSize, epochs: s.epochs }
-      : undefined;
-    let previous: { createdAt?: string; resumes?: unknown[] } = {};
-    if (resumeFrom) previous = JSON.parse(await fs.readFile(file, 'utf8').catch(() => '{}')) as typeof previous;
-    const config = {
+    return {
       settings: s,
       seed: s.seed,
       worldSize: this.collective.worldSize,
@@ -1064,10 +975,7 @@ export class Trainer {
       versions: this.engine.versions,
       host: { hostname: os.hostname(), platform: process.platform, arch: process.arch, cpus: os.cpus().length },
       ...this.configExtra,
-      createdAt: previous.createdAt ?? new Date().toISOString(),
-      resumes: [...(previous.resumes ?? []), ...(resume ? [resume] : [])],
     };
-    await writeFileAtomic(file, `${JSON.stringify(config, null, 2)}\n`);
   }
 
   /** When a resume finds nothing left to train, the summary repeats the last epoch's line. */
@@ -1076,45 +984,4 @@ export class Trainer {
     const lines = await readMetrics(runDir);
     return lines.filter((l): l is EpochMetrics => l.kind === 'epoch').pop();
   }
-}
-
-/**
- * After a resume from epoch E, metrics.jsonl keeps only lines of epochs <= E: the lines of an
- * epoch that was cut short (and any half-written last line) would otherwise appear twice. From a
- * mid-epoch checkpoint at step S, the step lines of epoch E+1 up to S stay too.
- */
-async function trimMetrics(runDir: string, epoch: number, midEpochStep: number | null): Promise<void> {
-  const file = path.join(runDir, 'metrics.jsonl');
-  let text: string;
-  try {
-    text = await fs.readFile(file, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw err;
-  }
-  const keep = text.split('\n').filter((l) => {
-    try {
-      const x = JSON.parse(l) as { kind?: string; epoch?: number; step?: number };
-      if (x.epoch! <= epoch) return true;
-      return midEpochStep !== null && x.kind === 'step' && x.epoch === epoch + 1 && x.step! <= midEpochStep;
-    } catch {
-      return false;
-    }
-  });
-  await writeFileAtomic(file, keep.map((l) => `${l}\n`).join(''));
-}
-
-/** Parses metrics.jsonl (an absent file is empty). */
-export async function readMetrics(runDir: string): Promise<Array<EpochMetrics | StepMetrics>> {
-  let text: string;
-  try {
-    text = await fs.readFile(path.join(runDir, 'metrics.jsonl'), 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw err;
-  }
-  return text
-    .split('\n')
-    .filter((l) => l.trim() !== '')
-    .map((l) => JSON.parse(l) as EpochMetrics | StepMetrics);
 }

@@ -1,7 +1,7 @@
 // `dtrain runs [--dir runs] [--json]`: the runs under runs/, oldest first, one line each.
 import path from 'node:path';
 import { Command } from '@commander-js/extra-typings';
-import { listRunDirs, readRun, runStatus, type RunFiles, type RunStatus } from '../run-files.js';
+import { listRunDirs, readRun, runStatus, type RunFiles, type RunStatus } from '@dtrain/worker';
 
 export interface RunRow {
   run: string;
