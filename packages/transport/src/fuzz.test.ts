@@ -66,7 +66,8 @@ describe('fuzz', () => {
     cleanup.push(() => Promise.all(rings.map((r) => r.close())));
     const peers: PeerInfo[] = rings.map((r) => ({ rank: r.rank, host: r.host, endpoints: r.endpoints }));
     await Promise.all(rings.map((r) => r.connect(peers)));
-    const dealer = (rings[0] as unknown as { dealer: zmq.Dealer }).dealer;
+    const link = (rings[0] as unknown as { toNext: { dealer: zmq.Dealer } }).toNext;
+    const dealer = link.dealer;
     const send = dealer.send.bind(dealer);
     const rand = rng(20261129);
     const history: Buffer[][] = [];
@@ -82,8 +83,8 @@ describe('fuzz', () => {
       }
       await send(frames);
     };
-    // zeromq.js sockets are sealed: put a proxy in the ring's place that intercepts send only.
-    (rings[0] as unknown as { dealer: zmq.Dealer }).dealer = new Proxy(dealer, {
+    // zeromq.js sockets are sealed: put a proxy in the link's place that intercepts send only.
+    link.dealer = new Proxy(dealer, {
       get(t, p) {
         if (p === 'send') return tapped;
         const v: unknown = Reflect.get(t, p, t);
