@@ -9,7 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { launch, ReplicaDivergedError } from './index.js';
-import { replicaDivergence, type ReplicaState } from './coordinator.js';
+import { replicaDivergence, type ReplicaState } from './errors.js';
 
 const FAKE = fileURLToPath(new URL('./testing/fake-worker.ts', import.meta.url));
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-diverge-'));

@@ -1,5 +1,7 @@
-export { launch, CoordinatorError, WorkerFailedError, JoinTimeoutError, ReplicaDivergedError, OfferedFileError, RunStoppedError, NODE_AGENT_RANK } from './coordinator.js';
+export { launch } from './coordinator.js';
 export type { LaunchOptions, LaunchResult, RunEvent } from './coordinator.js';
+export { CoordinatorError, WorkerFailedError, JoinTimeoutError, ReplicaDivergedError, OfferedFileError, RunStoppedError } from './errors.js';
+export { NODE_AGENT_RANK } from './membership.js';
 export { TrainingMetrics, startMetricsServer, MetricsPortError } from './metrics.js';
 export type { WorkerStepReport, EpochReport, PhaseSeconds, BuildInfo, MetricsServer } from './metrics.js';
 export { join, JoinFailedError } from './join.js';
