@@ -22,7 +22,8 @@
 // on GroupChangedError anywhere it restores the commit, calls regroup(committed progress), runs
 // the start sync from the returned root, and continues from the root's position (see README).
 //
-// Only the current rank 0 writes files. One gradient buffer and one batch buffer are reused by every step.
+// Only the current rank 0 writes files (their format is run-folder.ts's and checkpoint.ts's).
+// One gradient buffer and one batch buffer are reused by every step.
 
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -208,6 +209,56 @@ interface SyncedState extends RunState {
   lr: number;
 }
 
+
+/** The steps since the last `kind: 'step'` line of metrics.jsonl: the group's sums, rank 0's phases. */
+interface StepWindow {
+  steps: number;
+  lossSum: number;
+  correct: number;
+  n: number;
+  /** now()'s time when the window opened. */
+  start: number;
+  phases: PhaseTimes;
+}
+
+function emptyWindow(start: number): StepWindow {
+  return { steps: 0, lossSum: 0, correct: 0, n: 0, start, phases: zeroPhases() };
+}
+
+/** One step's group sums, phase times and rate added to the epoch's totals and to the step line's window. */
+function addStep(t: EpochTotals, win: StepWindow, sums: StepSums, p: PhaseTimes, lr: number): void {
+  for (const key of Object.keys(p) as (keyof PhaseTimes)[]) {
+    t.phases[key] += p[key];
+    win.phases[key] += p[key];
+  }
+  t.lossSum += sums.lossSum;
+  t.correct += sums.correct;
+  t.count += sums.images;
+  t.steps++;
+  t.lrFirst ??= lr;
+  t.lrLast = lr;
+  win.steps++;
+  win.lossSum += sums.lossSum;
+  win.correct += sums.correct;
+  win.n += sums.images;
+}
+
+/** The `kind: 'step'` line of the window `win`, closed at `end` (now()'s time). */
+function stepLine(win: StepWindow, epoch: number, step: number, end: number): StepMetrics {
+  const secs = end - win.start;
+  return {
+    kind: 'step',
+    epoch,
+    step,
+    steps: win.steps,
+    loss: round(win.lossSum / win.n),
+    trainAcc: round(win.correct / win.n),
+    images: win.n,
+    imagesPerSec: round(win.n / secs, 2),
+    phaseSec: { data: round(win.phases.data, 4), compute: round(win.phases.compute, 4), allReduce: round(win.phases.allReduce, 4), optimizer: round(win.phases.optimizer, 4) },
+    time: new Date().toISOString(),
+  };
+}
 
 function round(x: number, digits = 6): number {
   const f = 10 ** digits;
@@ -613,8 +664,7 @@ export class Trainer {
     const t = st.totals;
     const trainBase = t.trainSec;
     const segStart = now();
-    // The window of the next `kind: 'step'` line.
-    let win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: now(), phases: zeroPhases() };
+    let win = emptyWindow(now());
     for (let j = 0; j < segSteps; j++) {
       // Without a regroup in this epoch: a function of (settings, world size, epoch, step), so a
       // resume at an epoch boundary recomputes exactly the rates of the uninterrupted run. After
@@ -626,11 +676,8 @@ export class Trainer {
       const ta = now();
       // The step's gradient, all-reduced, and its sums over the group.
       const { r, tb, tc, td } = this.accumulation ? await this.accumulatedStep(batchIdx, rng) : await this.step(batchIdx, rng);
-      const { lossSum: gLoss, correct: gCorrect, images: gN, regroup } = this.reducer.groupSums();
-      if (!Number.isFinite(gLoss)) {
-        const where = Number.isFinite(r.loss) ? `on another rank than ${c.rank}` : `on rank ${c.rank}`;
-        throw new TrainingDivergedError(st.progress.step + 1, e + 1, `the loss became ${Number.isFinite(r.loss) ? gLoss : r.loss} at step ${st.progress.step + 1} (epoch ${e + 1}) ${where}; training diverged, try a smaller --lr`);
-      }
+      const sums = this.reducer.groupSums();
+      this.checkLossFinite(sums.lossSum, r.loss);
       if (!this.fusedStep) m.applyGradients(this.reducer.gradient);
       const te = now();
       st.progress.step++;
@@ -638,50 +685,33 @@ export class Trainer {
       st.progress.done = j === segSteps - 1 ? n : start + (j + 1) * b * w;
       const step = st.progress.step;
       const p: PhaseTimes = { data: tb - ta, compute: tc - tb, allReduce: td - tc, optimizer: te - td };
-      for (const key of Object.keys(p) as (keyof PhaseTimes)[]) {
-        t.phases[key] += p[key];
-        win.phases[key] += p[key];
-      }
-      t.lossSum += gLoss;
-      t.correct += gCorrect;
-      t.count += gN;
-      t.steps++;
-      t.lrFirst ??= lr;
-      t.lrLast = lr;
-      win.steps++;
-      win.lossSum += gLoss;
-      win.correct += gCorrect;
-      win.n += gN;
+      addStep(t, win, sums, p, lr);
       this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w, allReduceBytes: this.fusedStep ? 0 : this.reducer.buffer.byteLength });
       if (runDir && step % s.logEverySteps === 0) {
         // Windows tile the training time: the next one starts where this one ends, so the time of
         // writing this line (and of the commit after a step) counts in some window, as in trainSec.
         const end = now();
-        const secs = end - win.start;
-        const line: StepMetrics = {
-          kind: 'step',
-          epoch: e + 1,
-          step,
-          steps: win.steps,
-          loss: round(win.lossSum / win.n),
-          trainAcc: round(win.correct / win.n),
-          images: win.n,
-          imagesPerSec: round(win.n / secs, 2),
-          phaseSec: { data: round(win.phases.data, 4), compute: round(win.phases.compute, 4), allReduce: round(win.phases.allReduce, 4), optimizer: round(win.phases.optimizer, 4) },
-          time: new Date().toISOString(),
-        };
-        await appendMetrics(runDir, line);
-        win = { steps: 0, lossSum: 0, correct: 0, n: 0, start: end, phases: zeroPhases() };
+        await appendMetrics(runDir, stepLine(win, e + 1, step, end));
+        win = emptyWindow(end);
       }
       t.trainSec = trainBase + (now() - segStart);
       await this.commit();
-      if (regroup) return true;
+      if (sums.regroup) return true;
     }
     if (segSteps === 0) {
       st.progress.done = n;
       await this.commit();
     }
     return false;
+  }
+
+  /** Stops every rank at the first step whose summed loss is not finite (all see the same sum), naming the rank where it began if this is it. */
+  private checkLossFinite(groupLoss: number, myLoss: number): void {
+    if (Number.isFinite(groupLoss)) return;
+    const c = this.collective;
+    const { step, epoch } = this.state.progress;
+    const where = Number.isFinite(myLoss) ? `on another rank than ${c.rank}` : `on rank ${c.rank}`;
+    throw new TrainingDivergedError(step + 1, epoch + 1, `the loss became ${Number.isFinite(myLoss) ? groupLoss : myLoss} at step ${step + 1} (epoch ${epoch + 1}) ${where}; training diverged, try a smaller --lr`);
   }
 
   /**
@@ -747,8 +777,6 @@ export class Trainer {
 
   /** BatchNorm averaging, evaluation, history; rank 0: checkpoint and epoch line. Commits the next epoch's start. */
   private async endEpoch(): Promise<void> {
-    const s = this.settings;
-    const c = this.collective;
     const st = this.state;
     const e = st.progress.epoch;
     const t = st.totals;
@@ -774,33 +802,7 @@ export class Trainer {
     history.elapsedSec += elapsedSec;
     history.trainSec += t.trainSec;
     history.images += t.count;
-    const share = (x: number) => (t.trainSec > 0 ? round(x / t.trainSec, 4) : 0);
-    const ph = t.phases;
-    const other = Math.max(0, t.trainSec - ph.data - ph.compute - ph.allReduce - ph.optimizer);
-    const m: EpochMetrics = {
-      kind: 'epoch',
-      epoch: e + 1,
-      epochs: s.epochs,
-      step: st.progress.step,
-      loss: round(t.lossSum / t.count),
-      trainAcc: round(t.correct / t.count),
-      testLoss: round(ev.loss),
-      testAcc: round(ev.acc),
-      testImages: ev.count,
-      elapsedSec: round(elapsedSec, 3),
-      trainSec: round(t.trainSec, 3),
-      evalSec: round(evalSec, 3),
-      images: t.count,
-      imagesPerSec: round(t.count / t.trainSec, 2),
-      phaseSec: { data: round(ph.data, 3), compute: round(ph.compute, 3), allReduce: round(ph.allReduce, 3), optimizer: round(ph.optimizer, 3), other: round(other, 3) },
-      phaseShare: { data: share(ph.data), compute: share(ph.compute), allReduce: share(ph.allReduce), optimizer: share(ph.optimizer), other: share(other) },
-      worldSize: c.worldSize,
-      globalBatch: this.globalBatch,
-      lr: t.lrLast ?? this.model.optimizer.lr,
-      lrFirst: t.lrFirst ?? this.model.optimizer.lr,
-      totalElapsedSec: round(this.elapsedBefore + (now() - this.t0), 3),
-      time: new Date().toISOString(),
-    };
+    const m = this.epochLine(ev, evalSec);
     st.progress = { epoch: e + 1, done: 0, step: st.progress.step };
     st.totals = zeroTotals();
     st.lastEpoch = m;
@@ -815,6 +817,39 @@ export class Trainer {
     this.epochs.push(m);
     this.hooks.onEpochEnd?.(m);
     await this.commit();
+  }
+
+  /** The epoch's `kind: 'epoch'` line, from its totals and evaluation (before the position moves on). */
+  private epochLine(ev: { loss: number; acc: number; count: number }, evalSec: number): EpochMetrics {
+    const { progress, totals: t } = this.state;
+    const elapsedSec = t.trainSec + evalSec;
+    const share = (x: number) => (t.trainSec > 0 ? round(x / t.trainSec, 4) : 0);
+    const ph = t.phases;
+    const other = Math.max(0, t.trainSec - ph.data - ph.compute - ph.allReduce - ph.optimizer);
+    return {
+      kind: 'epoch',
+      epoch: progress.epoch + 1,
+      epochs: this.settings.epochs,
+      step: progress.step,
+      loss: round(t.lossSum / t.count),
+      trainAcc: round(t.correct / t.count),
+      testLoss: round(ev.loss),
+      testAcc: round(ev.acc),
+      testImages: ev.count,
+      elapsedSec: round(elapsedSec, 3),
+      trainSec: round(t.trainSec, 3),
+      evalSec: round(evalSec, 3),
+      images: t.count,
+      imagesPerSec: round(t.count / t.trainSec, 2),
+      phaseSec: { data: round(ph.data, 3), compute: round(ph.compute, 3), allReduce: round(ph.allReduce, 3), optimizer: round(ph.optimizer, 3), other: round(other, 3) },
+      phaseShare: { data: share(ph.data), compute: share(ph.compute), allReduce: share(ph.allReduce), optimizer: share(ph.optimizer), other: share(other) },
+      worldSize: this.collective.worldSize,
+      globalBatch: this.globalBatch,
+      lr: t.lrLast ?? this.model.optimizer.lr,
+      lrFirst: t.lrFirst ?? this.model.optimizer.lr,
+      totalElapsedSec: round(this.elapsedBefore + (now() - this.t0), 3),
+      time: new Date().toISOString(),
+    };
   }
 
   /** Loss and accuracy over the whole test split: each rank its shard, counts summed. */
