@@ -1,3 +1,7 @@
+// Atomic writes, and only those: a file written here is always either its old content or the whole
+// new one, whenever the process dies. Checkpoints, the safetensors export, the run folder's
+// config.json and summary.json (run-folder.ts) and the CLI's reports go through writeFileAtomic;
+// what a writer killed half-way leaves behind is a temporary that removeStaleTemporaries clears.
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
