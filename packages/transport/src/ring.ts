@@ -2,11 +2,13 @@ import { hostname } from 'node:os';
 import { PeerLostError, PeerTimeoutError, RingAbortedError, RingSetupError, RingUsageError, TransportError } from './errors.js';
 import { accumulateHalf, encodeHalf, finishHalf, HALF_TO_FLOAT } from './fp16.js';
 import { dtrain, dtypeSize, encodeMessage, countRejected, logRejection, PROTOCOL_VERSION, type Message } from './protocol.js';
-import { Breaker, bindDataSocket, NextLink, PrevLink, type DataSocket, type LinkIds, type LinkOwner, type SlotSizes } from './ring-link.js';
+import { Breaker, type LinkIds, type LinkOwner } from './ring-link.js';
+import { NextLink, type SlotSizes } from './ring-next-link.js';
+import { bindDataSocket, PrevLink, type DataSocket } from './ring-prev-link.js';
 import { clientSocketOptions, type Security } from './security.js';
 import { addInto, divideInto } from './sum.js';
 
-export { CURVE_FRAME_OVERHEAD, RING_QUEUE_BYTES, ringInboundLimits } from './ring-link.js';
+export { CURVE_FRAME_OVERHEAD, RING_QUEUE_BYTES, ringInboundLimits } from './ring-prev-link.js';
 
 const Phase = dtrain.RingChunk.Phase;
 const DType = dtrain.RingChunk.DType;
@@ -168,10 +170,10 @@ function chunkHeader(op: ReduceOp, phase: dtrain.RingChunk.Phase, step: number, 
 }
 
 /**
- * One rank's end of a ring of workers: a link from the previous rank (a ROUTER socket, bound at
- * creation), a link to the next rank (a DEALER, connected by `connect`) and the collectives over
- * them (ring-link.ts). Create with `Ring.create`, advertise `endpoints`, then `connect` with the
- * full peer list. Collectives must be called in the same order with the same sizes and options on
+ * One rank's end of a ring of workers: a link from the previous rank (a ROUTER socket bound at
+ * creation, ring-prev-link.ts), a link to the next rank (a DEALER connected by `connect`,
+ * ring-next-link.ts) and the collectives over them. Create with `Ring.create`, advertise
+ * `endpoints`, then `connect` with the full peer list. Collectives must be called in the same order with the same sizes and options on
  * every rank.
  */
 export class Ring {
@@ -206,7 +208,7 @@ export class Ring {
   private closed = false;
   private readonly breaker = new Breaker();
   private opId = 0;
-  /** Pending lost-link grace timers (PREV_LOST_GRACE_MS in ring-link.ts); close() clears them. */
+  /** Pending lost-link grace timers (ring-link.ts); close() clears them. */
   private readonly graceTimers = new Set<NodeJS.Timeout>();
   private readonly stats_: RingStats = emptyRingStats();
   private readonly slotSizes: SlotSizes;
