@@ -149,7 +149,7 @@ export class ControlServer {
         receiveHighWaterMark: CONTROL_RECEIVE_HWM,
         sendHighWaterMark: CONTROL_SEND_HWM,
         // No ZMTP heartbeats here (a socket open to strangers): see the ring's data socket in
-        // ring.ts for the libzmq abort they can cause. Liveness of workers comes from the
+        // ring-prev-link.ts for the libzmq abort they can cause. Liveness of workers comes from the
         // application's Heartbeat messages; each worker's DEALER still pings this socket.
       },
       onRefused: (reason, address) => {

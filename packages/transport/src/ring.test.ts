@@ -171,7 +171,7 @@ describe('a peer that dies or hangs', () => {
   it('SIGSTOP mid all-reduce: the others fail within the timeout, naming the stopped rank', async () => {
     // A stopped process answers no ZMTP heartbeat: its previous rank (rank 0, whose link pings it)
     // drops it after timeout/2 and names it. Its next rank (rank 2) has no heartbeats on its data
-    // socket (see ring.ts: libzmq aborts on them there); it fails when rank 0, having given up,
+    // socket (see ring-prev-link.ts: libzmq aborts on them there); it fails when rank 0, having given up,
     // closes its link, or at its own receive timeout: within the timeout, never a hang. In a run,
     // the coordinator's heartbeats name the stopped worker (issue 7), and rank 0's report, the
     // first, names it too.

@@ -290,7 +290,7 @@ export function serverAllowList(security: Security | undefined, who: string): st
  * ZeroMQ's I/O thread answers them even while JavaScript is busy, so they tell a dead, stopped or
  * cut-off peer (no answer) from a slow one. The link is dead after half the timeout, so a stopped
  * rank's previous rank names it before anyone's receive timeout blames a healthy, starved rank.
- * Never on sockets that accept strangers (see the ring's data socket in ring.ts).
+ * Never on sockets that accept strangers (see the ring's data socket in ring-prev-link.ts).
  */
 export function heartbeats(timeoutMs: number): { heartbeatInterval: number; heartbeatTimeout: number } {
   return {
