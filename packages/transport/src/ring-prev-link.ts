@@ -303,10 +303,7 @@ export class PrevLink {
 
   /** The message in `frames` when it is the previous rank's and this run's; undefined when dropped. */
   private screen(frames: Buffer[]): Message | undefined {
-    if (frames.length < 2 || !frames[0].equals(this.identity)) {
-      this.ring.reject('unknown sender', peerLabel(frames[0]));
-      return undefined;
-    }
+    if (!this.isFromPrev(frames)) return undefined;
     const decoded = decodeMessage(frames[1]);
     if (!decoded.ok) {
       this.ring.reject(decoded.reason);
@@ -324,6 +321,13 @@ export class PrevLink {
     return m;
   }
 
+  /** Whether `frames` come from the previous rank; anyone else's are counted and dropped. */
+  private isFromPrev(frames: Buffer[]): boolean {
+    if (frames.length >= 2 && frames[0].equals(this.identity)) return true;
+    this.ring.reject('unknown sender', peerLabel(frames[0]));
+    return false;
+  }
+
   /**
    * A RingAbort (the ring broke upstream), or a RingClose while this rank still expects data, ends
    * the wait by throwing the failure it reports; a stale one is dropped.
@@ -332,14 +336,18 @@ export class PrevLink {
     const { rank, generation } = this.ids;
     if (m.kind === 'ringAbort') {
       const a = m.body as dtrain.RingAbort.$Properties;
-      if ((a.generation ?? 0) !== generation || m.protocolVersion !== PROTOCOL_VERSION) return this.ring.reject('stale ringAbort');
+      if ((a.generation ?? 0) !== generation || m.protocolVersion !== PROTOCOL_VERSION) {
+        this.ring.reject('stale ringAbort');
+        return;
+      }
       const err = new PeerLostError(a.failedRank ?? 0, a.failedHost ?? '?', `${a.reason ?? ''} [reported by rank ${a.reporterRank ?? '?'}]`, rank);
-      this.ring.fail(err, true);
+      this.ring.fail(err, true); // passed on naming the same rank and host (Ring.fail reads them off err)
       throw err;
     }
     const c = m.body as dtrain.RingClose.$Properties;
     if (m.protocolVersion !== PROTOCOL_VERSION || (c.generation ?? 0) !== generation || (c.rank ?? 0) !== this.peer.rank || c.ack === true) {
-      return this.ring.reject('stale ringClose');
+      this.ring.reject('stale ringClose');
+      return;
     }
     throw this.fatal(new PeerLostError(this.peer.rank, this.peer.host, 'it closed its ring while this rank still expected data (collectives called differently on different ranks?)', rank));
   }
@@ -405,10 +413,7 @@ export class PrevLink {
     router.receiveTimeout = Math.max(1, deadline - Date.now());
     for (;;) {
       const frames = await router.receive();
-      if (frames.length < 2 || !frames[0].equals(this.identity)) {
-        this.ring.reject('unknown sender', peerLabel(frames[0]));
-        continue;
-      }
+      if (!this.isFromPrev(frames)) continue;
       const d = decodeMessage(frames[1]);
       if (d.ok && d.message.kind === 'ringClose' && !(d.message.body as dtrain.RingClose.$Properties).ack) {
         await this.send([frames[0], encodeMessage('ringClose', { rank: this.ids.rank, generation: this.ids.generation, ack: true }, this.ids.runId)]);
