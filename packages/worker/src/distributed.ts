@@ -1,22 +1,26 @@
-// One worker of a distributed run: join the coordinator (Hello -> Welcome), build the ring, train
-// with the unchanged Trainer over a RingCollective, report to the coordinator, leave.
+// The worker process's main: everything one worker of a distributed run does, from its start by a
+// launcher (worker-main.ts, WORKER_ENTRY, is the script) to its exit. In order (WorkerProcess.run):
+// bind the ring, join the coordinator (Hello -> Welcome: rank, world size, the run's config),
+// connect the ring, on another machine receive the data files it lacks, train with the unchanged
+// Trainer over a RingCollective (an ElasticRingCollective with --elastic) while reporting to the
+// coordinator, send the final report, wait for the coordinator's STOP, close both connections.
 //
 // Configured like torchrun's workers, so any launcher (ours, a batch system, a shell) can start it:
 // the variables are listed, written and read in @dtrain/transport's env.ts.
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
-import { ControlClient, dtrain, transportCounters, curveClientSecurity, curveServerSecurity, loadKeyDir, PROTOCOL_VERSION, ThreadedRing, WorkerEnvError, type WorkerEnv } from '@dtrain/transport';
+import { ControlClient, dtrain, transportCounters, curveClientSecurity, curveServerSecurity, loadKeyDir, PROTOCOL_VERSION, ThreadedRing, WorkerEnvError, type ControlMessage, type KeyMaterial, type RingOptions, type WorkerEnv } from '@dtrain/transport';
 import { RunCompleteError, type Collective } from './collective.js';
 import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
 import { checkOfferedFiles, fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
 import { ElasticRingCollective, parseAnnouncement, type RegroupReport } from './elastic-ring.js';
 import { hashFloats, RingCollective, type RingCollectiveOptions } from './ring-collective.js';
-import { runTraining } from './run.js';
+import { runTraining, type RunTrainingResult } from './run.js';
 import { TestCrashes, type CrashSpec } from './test-crashes.js';
 import type { TrainSettingsInput } from './settings.js';
 import type { EpochMetrics, Summary } from './run-folder.js';
-import type { StartInfo } from './trainer.js';
+import type { StartInfo, StepInfo, TrainerHooks } from './trainer.js';
 
 /** What the launcher sends every worker in Welcome.config_json. */
 export interface DistributedConfig {
@@ -80,41 +84,100 @@ export interface RejectedReport {
 
 export type WorkerReport = StartReport | { kind: 'epoch'; metrics: EpochMetrics } | { kind: 'checkpoint'; file: string; unixMs: number } | DoneReport | RejectedReport;
 
-/** A worker started with a missing or wrong environment variable. */
 /** Runs one worker to the end; resolves when training completed and the final report is sent. */
 export async function runDistributedWorker(
   env: WorkerEnv,
   log: (line: string) => void = console.log,
   onCoordinatorLost?: (e: Error) => void,
 ): Promise<DoneReport | undefined> {
-  let who = env.rank >= 0 ? `rank ${env.rank} on host ${env.host}` : `local rank ${env.localRank} on host ${env.host}`;
-  // CURVE: the control link checks the coordinator's key; the ring's data socket admits the keys
-  // of this machine's allow-list, and each link to the next rank checks that rank's key.
-  const keys = env.coordinatorKey ? loadKeyDir(env.keysDir) : undefined;
-  const control = new ControlClient(`tcp://${env.masterAddr}:${env.masterPort}`, {
-    timeoutMs: env.joinTimeoutMs,
-    who,
-    security: keys && env.coordinatorKey ? curveClientSecurity(keys, env.coordinatorKey) : undefined,
-  });
-  // Once the coordinator acknowledged the final report it may exit at any moment: no longer a loss.
-  let finished = false;
-  if (onCoordinatorLost) control.onLost((e) => void (finished || onCoordinatorLost(e)));
-  const remote = env.rank < 0;
-  let ring: ThreadedRing | undefined;
-  let linkRef: CoordinatorLink | undefined;
-  let elasticRef: ElasticRingCollective | undefined;
-  // Every ring of this worker (the first, and a new one at each elastic regroup) binds the same way.
-  const ringOptions = { host: env.host, listen: env.listen, port: env.ringPort, advertise: env.advertise, timeoutMs: env.timeoutMs, security: keys ? curveServerSecurity(keys) : env.insecure ? { kind: 'none' as const } : undefined };
+  const worker = new WorkerProcess(env, log, onCoordinatorLost);
   try {
+    return await worker.run();
+  } catch (err) {
+    return worker.fail(err);
+  }
+}
+
+/** The ring's binding, the same for the first ring and for each new one at an elastic regroup. */
+type RingBinding = Omit<RingOptions, 'rank' | 'worldSize' | 'generation' | 'runId'>;
+
+/**
+ * One worker process from its Hello to its last report. It owns the two connections, the control
+ * link to the coordinator and the ring to the other workers (a new ring at each elastic regroup),
+ * and closes both however the run ends.
+ */
+class WorkerProcess {
+  /** How log lines and errors name this worker: by rank once the coordinator assigned one. */
+  private who: string;
+  /** The rank and world size are the Welcome's once it came. */
+  private env: WorkerEnv;
+  /** Started without RANK (`dtrain join` on another machine): its own data and run folder. */
+  private readonly remote: boolean;
+  private readonly keys: KeyMaterial | undefined;
+  private readonly control: ControlClient;
+  private readonly ringBinding: RingBinding;
+  private ring: ThreadedRing | undefined;
+  private elastic: ElasticRingCollective | undefined;
+  private link: CoordinatorLink | undefined;
+  /** Once the coordinator acknowledged the final report it may exit at any moment: no longer a loss. */
+  private finished = false;
+
+  constructor(
+    env: WorkerEnv,
+    private readonly log: (line: string) => void,
+    private readonly onCoordinatorLost: ((e: Error) => void) | undefined,
+  ) {
+    this.env = env;
+    this.who = env.rank >= 0 ? `rank ${env.rank} on host ${env.host}` : `local rank ${env.localRank} on host ${env.host}`;
+    this.remote = env.rank < 0;
+    // CURVE: the control link checks the coordinator's key; the ring's data socket admits the keys
+    // of this machine's allow-list, and each link to the next rank checks that rank's key.
+    this.keys = env.coordinatorKey ? loadKeyDir(env.keysDir) : undefined;
+    this.control = new ControlClient(`tcp://${env.masterAddr}:${env.masterPort}`, {
+      timeoutMs: env.joinTimeoutMs,
+      who: this.who,
+      security: this.keys && env.coordinatorKey ? curveClientSecurity(this.keys, env.coordinatorKey) : undefined,
+    });
+    if (onCoordinatorLost) this.control.onLost((e) => void (this.finished || onCoordinatorLost(e)));
+    this.ringBinding = { host: env.host, listen: env.listen, port: env.ringPort, advertise: env.advertise, timeoutMs: env.timeoutMs, security: this.keys ? curveServerSecurity(this.keys) : env.insecure ? { kind: 'none' as const } : undefined };
+  }
+
+  /** The ring in use: the elastic collective's newest, else the first. */
+  private get currentRing(): ThreadedRing | undefined {
+    return this.elastic?.ring ?? this.ring;
+  }
+
+  /** Rendezvous, ring, data, training, final report. */
+  async run(): Promise<DoneReport> {
+    const env = this.env;
     // The ring binds first: its endpoints go into the Hello.
     // A worker without RANK binds a ring of one and takes its rank and world size from the Welcome.
-    ring = await ThreadedRing.create({
-      rank: Math.max(0, env.rank),
-      worldSize: env.worldSize > 0 ? env.worldSize : Math.max(0, env.rank) + 1,
-      ...ringOptions,
+    this.ring = await ThreadedRing.create({ rank: Math.max(0, env.rank), worldSize: env.worldSize > 0 ? env.worldSize : Math.max(0, env.rank) + 1, ...this.ringBinding });
+    const { runId, welcome } = await this.join(this.ring);
+    const config = JSON.parse(welcome.configJson ?? '{}') as DistributedConfig;
+    await this.connectRing(this.ring, runId, welcome);
+    const place = await this.placeRun(config, runId);
+    const link = this.startLink(welcome);
+    const crashes = new TestCrashes(config.crash, this.env.rank, () => (this.elastic ? this.elastic.generation : 1), (line) => this.log(`${this.who}: ${line}`));
+    const collective = this.createCollective(config, runId, welcome, link, crashes);
+    const reports = new CoordinatorReports(this.control, collective, this.env.host);
+    const result = await runTraining({
+      ...place,
+      data: config.synthetic ? syntheticData(config.synthetic) : undefined,
+      collective,
+      bucketBytes: config.bucketBytes ?? 0,
+      localWorkers: env.localWorldSize,
+      hooks: crashes.wrapHooks(this.trainingHooks(collective, link, reports)),
     });
+    await crashes.afterTraining(() => this.elastic!.regroup({ epoch: 0, done: 0, step: 0 }));
+    return this.finish(result, collective, reports);
+  }
+
+  /** Hello (with the ring's endpoints), then the rendezvous: the Welcome, with this worker's rank. */
+  private async join(ring: ThreadedRing): Promise<{ runId: string; welcome: WelcomeBody }> {
+    const env = this.env;
     const device = process.env.CUDA_VISIBLE_DEVICES !== undefined ? `cuda:${process.env.CUDA_VISIBLE_DEVICES}` : 'cpu';
-    await control.send('hello', {
+    await this.control.send('hello', {
       host: env.host,
       pid: process.pid,
       localRank: env.localRank,
@@ -126,201 +189,256 @@ export async function runDistributedWorker(
     });
     const tcp = ring.endpoints[0] ?? '';
     const bound = `${env.listen}:${tcp.slice(tcp.lastIndexOf(':') + 1)}`;
-    log(`${who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket bound on ${bound} (${keys ? 'CURVE' : 'no encryption'}), advertised as ${ring.endpoints.join(' ')}, pid ${process.pid}`);
-    // A worker admitted into a run in progress (--elastic) waits here until the next step boundary.
-    let m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
-    while (m.kind === 'heartbeat' || m.kind === 'command') m = await control.receive('the rendezvous (waiting for all workers to join)', env.joinTimeoutMs);
+    this.log(`${this.who}: joined the coordinator at ${env.masterAddr}:${env.masterPort}, ring socket bound on ${bound} (${this.keys ? 'CURVE' : 'no encryption'}), advertised as ${ring.endpoints.join(' ')}, pid ${process.pid}`);
+    const m = await this.receiveWelcome();
+    this.control.runId = m.runId;
+    const welcome = m.body as WelcomeBody;
+    this.adoptRank(welcome);
+    return { runId: m.runId, welcome };
+  }
+
+  /** A worker admitted into a run in progress (--elastic) waits here until the next step boundary. */
+  private async receiveWelcome(): Promise<ControlMessage> {
+    const during = 'the rendezvous (waiting for all workers to join)';
+    let m = await this.control.receive(during, this.env.joinTimeoutMs);
+    while (m.kind === 'heartbeat' || m.kind === 'command') m = await this.control.receive(during, this.env.joinTimeoutMs);
     if (m.kind === 'error') {
       const e = m.body as { message?: string };
-      throw new WorkerEnvError(`the coordinator refused ${who}: ${e.message ?? 'no reason given'}`);
+      throw new WorkerEnvError(`the coordinator refused ${this.who}: ${e.message ?? 'no reason given'}`);
     }
-    if (m.kind !== 'welcome') throw new WorkerEnvError(`${who}: expected Welcome from the coordinator, got ${m.kind}`);
-    control.runId = m.runId;
-    const w = m.body as WelcomeBody;
+    if (m.kind !== 'welcome') throw new WorkerEnvError(`${this.who}: expected Welcome from the coordinator, got ${m.kind}`);
+    return m;
+  }
+
+  /** The coordinator's rank and world size: checked against RANK and WORLD_SIZE where given, else taken. */
+  private adoptRank(w: WelcomeBody): void {
+    const env = this.env;
     const rank = w.rank ?? 0;
     const worldSize = w.worldSize ?? 0;
     if (env.rank >= 0 && (rank !== env.rank || (env.worldSize > 0 && worldSize !== env.worldSize))) {
-      throw new WorkerEnvError(`${who}: the coordinator assigned rank ${w.rank} of ${w.worldSize}, this worker was started as RANK ${env.rank} of WORLD_SIZE ${env.worldSize}`);
+      throw new WorkerEnvError(`${this.who}: the coordinator assigned rank ${w.rank} of ${w.worldSize}, this worker was started as RANK ${env.rank} of WORLD_SIZE ${env.worldSize}`);
     }
-    if (env.rank < 0) log(`${who}: the coordinator assigned rank ${rank} of ${worldSize}`);
-    env = { ...env, rank, worldSize };
-    who = `rank ${rank} on host ${env.host}`;
-    const config = JSON.parse(w.configJson ?? '{}') as DistributedConfig;
-    const peers = welcomePeers(w);
-    // The connectivity preflight: connect() returns only when both ring links answered, and names
-    // both hosts and the endpoint when one does not.
-    await ring.connect(peers, { runId: m.runId, generation: w.generation ?? 1, rank, worldSize });
+    if (env.rank < 0) this.log(`${this.who}: the coordinator assigned rank ${rank} of ${worldSize}`);
+    this.env = { ...env, rank, worldSize };
+    this.who = `rank ${rank} on host ${env.host}`;
+  }
+
+  /**
+   * The connectivity preflight: connect() returns only when both ring links answered, and names
+   * both hosts and the endpoint when one does not.
+   */
+  private async connectRing(ring: ThreadedRing, runId: string, w: WelcomeBody): Promise<void> {
+    const { rank, worldSize } = this.env;
+    await ring.connect(welcomePeers(w), { runId, generation: w.generation ?? 1, rank, worldSize });
     const links = ring.stats().shm;
     const via = (shared: boolean) => (shared ? 'shared memory' : 'socket');
-    log(
-      `${who}: ring of ${worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${m.runId}, ${keys ? `CURVE, key ${keys.publicKey}` : 'no encryption'}` +
+    this.log(
+      `${this.who}: ring of ${worldSize} connected (protocol ${PROTOCOL_VERSION}, run ${runId}, ${this.keys ? `CURVE, key ${this.keys.publicKey}` : 'no encryption'}` +
         `${worldSize > 1 ? `; link to the next rank: ${via(links.toNext)}, from the previous: ${via(links.fromPrev)}` : ''})`,
     );
+  }
 
-    // A worker on another machine (started without RANK, by `dtrain join`) uses its own data
-    // directory, and receives there the files the coordinator offers that it lacks.
-    let settings = config.settings;
-    // The run folder: the coordinator's for its own machine's workers; a worker of another machine
-    // writes only to its own (if it becomes rank 0), and takes a resumed run's settings from the
-    // coordinator instead of a checkpoint on the coordinator's disk.
-    const out = remote ? path.resolve(process.env.DTRAIN_RUN_DIR || path.join('runs', `joined-${m.runId}`)) : config.out;
-    const resume = remote ? undefined : config.resume;
-    if (remote && config.resume) settings = config.resumedSettings ?? settings;
-    if (remote) {
-      const dataDir = resolveDataDir(process.env.DTRAIN_DATA_DIR || undefined);
-      settings = { ...settings, dataDir };
-      if (config.offeredFiles?.length) {
-        checkOfferedFiles(config.offeredFiles);
-        const got = await fetchOfferedFiles(control, config.offeredFiles, dataDir, { timeoutMs: env.timeoutMs, log, who });
-        log(`${who}: data files in ${dataDir}: ${got.cached.length} cached, ${got.fetched.length} received from the coordinator`);
-      }
+  /**
+   * The settings, run folder and resume of this worker's training. The coordinator's machine's
+   * workers take them from the config. A worker on another machine (started without RANK, by
+   * `dtrain join`) uses its own data directory and receives there the files the coordinator offers
+   * that it lacks; it writes only to its own run folder (if it becomes rank 0), and takes a resumed
+   * run's settings from the coordinator instead of a checkpoint on the coordinator's disk.
+   */
+  private async placeRun(config: DistributedConfig, runId: string): Promise<{ settings: TrainSettingsInput; out?: string; resume?: string }> {
+    if (!this.remote) return { settings: config.settings, out: config.out, resume: config.resume };
+    const out = path.resolve(process.env.DTRAIN_RUN_DIR || path.join('runs', `joined-${runId}`));
+    const dataDir = resolveDataDir(process.env.DTRAIN_DATA_DIR || undefined);
+    const settings = { ...(config.resume ? (config.resumedSettings ?? config.settings) : config.settings), dataDir };
+    if (config.offeredFiles?.length) {
+      checkOfferedFiles(config.offeredFiles);
+      const got = await fetchOfferedFiles(this.control, config.offeredFiles, dataDir, { timeoutMs: this.env.timeoutMs, log: this.log, who: this.who });
+      this.log(`${this.who}: data files in ${dataDir}: ${got.cached.length} cached, ${got.fetched.length} received from the coordinator`);
     }
+    return { settings, out, resume: undefined };
+  }
 
-    // From here on one loop reads the control connection, and heartbeats flow both ways.
-    const heartbeatMs = w.heartbeatMs || 1000;
-    const link = new CoordinatorLink(control, { rank, heartbeatMs, timeoutMs: w.timeoutMs || env.timeoutMs, who, endpoint: `${env.masterAddr}:${env.masterPort}` });
+  /** From here on one loop reads the control connection, and heartbeats flow both ways. */
+  private startLink(w: WelcomeBody): CoordinatorLink {
+    const env = this.env;
+    const link = new CoordinatorLink(this.control, { rank: env.rank, heartbeatMs: w.heartbeatMs || 1000, timeoutMs: w.timeoutMs || env.timeoutMs, who: this.who, endpoint: `${env.masterAddr}:${env.masterPort}` });
     link.onLost((e) => {
-      (elastic?.ring ?? ring)?.abort(e.message);
-      (onCoordinatorLost ?? ((err: Error) => log(`error: ${err.message}`)))(e);
+      this.currentRing?.abort(e.message);
+      (this.onCoordinatorLost ?? ((err: Error) => this.log(`error: ${err.message}`)))(e);
     });
     link.start();
-    linkRef = link;
+    this.link = link;
+    return link;
+  }
 
-    const crashes = new TestCrashes(config.crash, rank, () => (elastic ? elastic.generation : 1), (line) => log(`${who}: ${line}`));
+  /**
+   * The trainer's collective over the ring: elastic (--elastic: a lost worker makes the others
+   * regroup) or plain. Either marks the link's activity around each collective.
+   */
+  private createCollective(config: DistributedConfig, runId: string, w: WelcomeBody, link: CoordinatorLink, crashes: TestCrashes): StatsCollective {
     const collectiveOptions: RingCollectiveOptions = crashes.wrapCollective({
       beforeOp: () => link.setActivity('allReduce'),
       afterOp: () => link.setActivity('compute'),
     });
-    const currentRank = () => collective.rank;
-    const report = (r: WorkerReport, extra: Record<string, unknown> = {}) =>
-      control.send('stepReport', { rank: currentRank(), detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
-    const elastic: ElasticRingCollective | undefined = config.elastic
-      ? new ElasticRingCollective(ring, {
-          link,
-          ringOptions,
-          runId: m.runId,
-          report: (r: RegroupReport) => control.send('stepReport', { rank: currentRank(), detailJson: JSON.stringify(r) }),
-          regroupTimeoutMs: Math.max(2 * env.timeoutMs, env.joinTimeoutMs),
-          initialRoot: config.regroup ? parseAnnouncement(w).root : 0,
-          collectiveOptions,
-          log: (line) => log(`${who}: ${line}`),
-          onWelcome: (welcome) => crashes.onWelcome(welcome.generation ?? 0),
-        })
-      : undefined;
-    elasticRef = elastic;
-    const plain = elastic ? undefined : new RingCollective(ring, collectiveOptions);
-    const collective: Collective & { stats(): { seconds: number; calls: number } } = (elastic ?? plain)!;
-    let stepStart = performance.now();
-    let rejectedSent = 0;
-    // What this worker's sockets dropped goes to the coordinator's metric (when it changed).
-    const reportRejected = () => {
-      const rejected = transportCounters().rejected;
-      if (rejected === rejectedSent) return;
-      rejectedSent = rejected;
-      void report({ kind: 'rejected', total: rejected });
-    };
-
-    const data = config.synthetic ? syntheticData(config.synthetic) : undefined;
-    const result = await runTraining({
-      settings,
-      out,
-      resume,
-      data,
-      collective,
-      bucketBytes: config.bucketBytes ?? 0,
-      localWorkers: env.localWorldSize,
-      hooks: crashes.wrapHooks({
-        onStart: (info) => {
-          log(`${who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
-          if (collective.rank === 0) void report({ kind: 'start', info, worldSize: collective.worldSize });
-          link.setActivity('compute');
-        },
-        onEpochStart: () => {
-          stepStart = performance.now();
-        },
-        onCheckpoint: (file) => {
-          if (collective.rank === 0) void report({ kind: 'checkpoint', file, unixMs: Date.now() });
-        },
-        onEvalStart: () => link.setActivity('evaluate'),
-        onStep: (s) => {
-          const now = performance.now();
-          const cpu = process.cpuUsage();
-          // Every rank, every step: the figures of the coordinator's Prometheus exporter.
-          link.step = s.step;
-          reportRejected();
-          void control
-            .send('stepReport', {
-              rank: collective.rank,
-              epoch: s.epoch,
-              step: s.step,
-              loss: s.loss,
-              examples: s.n,
-              correct: s.correct,
-              dataMs: s.phases.data * 1000,
-              computeMs: s.phases.compute * 1000,
-              allReduceMs: s.phases.allReduce * 1000,
-              optimizerMs: s.phases.optimizer * 1000,
-              allReduceBytes: s.allReduceBytes,
-              host: env.host,
-              rssBytes: process.memoryUsage.rss(),
-              cpuSec: (cpu.user + cpu.system) / 1e6,
-              stepMs: now - stepStart,
-            })
-            .catch(() => undefined);
-          stepStart = now;
-          if (s.stepInEpoch === s.stepsInEpoch || s.stepInEpoch % 20 === 0) {
-            log(`${who}: epoch ${s.epoch} step ${s.stepInEpoch}/${s.stepsInEpoch} loss ${s.loss.toFixed(4)} compute ${(s.phases.compute * 1000).toFixed(0)} ms all-reduce ${(s.phases.allReduce * 1000).toFixed(0)} ms`);
-          }
-        },
-        onEpochEnd: (metrics) => {
-          reportRejected();
-          log(`${who}: epoch ${metrics.epoch} done, test accuracy ${metrics.testAcc}`);
-          if (collective.rank === 0) {
-            void report({ kind: 'epoch', metrics }, { epoch: metrics.epoch, step: metrics.step, loss: metrics.loss, evaluation: true, allReduceMs: metrics.phaseSec.allReduce * 1000, computeMs: metrics.phaseSec.compute * 1000, dataMs: metrics.phaseSec.data * 1000 });
-          }
-        },
-      }),
+    if (!config.elastic) return new RingCollective(this.ring!, collectiveOptions);
+    const elastic: ElasticRingCollective = new ElasticRingCollective(this.ring!, {
+      link,
+      ringOptions: this.ringBinding,
+      runId,
+      report: (r: RegroupReport) => this.control.send('stepReport', { rank: elastic.rank, detailJson: JSON.stringify(r) }),
+      regroupTimeoutMs: Math.max(2 * this.env.timeoutMs, this.env.joinTimeoutMs),
+      initialRoot: config.regroup ? parseAnnouncement(w).root : 0,
+      collectiveOptions,
+      log: (line) => this.log(`${this.who}: ${line}`),
+      onWelcome: (welcome) => crashes.onWelcome(welcome.generation ?? 0),
     });
-    await crashes.afterTraining(() => elastic!.regroup({ epoch: 0, done: 0, step: 0 }));
+    this.elastic = elastic;
+    return elastic;
+  }
+
+  /** The trainer's events as log lines, link activity and reports to the coordinator. */
+  private trainingHooks(collective: Collective, link: CoordinatorLink, reports: CoordinatorReports): TrainerHooks {
+    return {
+      onStart: (info) => {
+        this.log(`${this.who}: training epochs ${info.startEpoch}..${info.epochs}, ${info.stepsPerEpoch} steps per epoch`);
+        if (collective.rank === 0) void reports.send({ kind: 'start', info, worldSize: collective.worldSize });
+        link.setActivity('compute');
+      },
+      onEpochStart: () => reports.epochStarted(),
+      onCheckpoint: (file) => {
+        if (collective.rank === 0) void reports.send({ kind: 'checkpoint', file, unixMs: Date.now() });
+      },
+      onEvalStart: () => link.setActivity('evaluate'),
+      onStep: (s) => {
+        link.step = s.step;
+        reports.sendRejected();
+        reports.sendStep(s);
+        if (s.stepInEpoch === s.stepsInEpoch || s.stepInEpoch % 20 === 0) {
+          this.log(`${this.who}: epoch ${s.epoch} step ${s.stepInEpoch}/${s.stepsInEpoch} loss ${s.loss.toFixed(4)} compute ${(s.phases.compute * 1000).toFixed(0)} ms all-reduce ${(s.phases.allReduce * 1000).toFixed(0)} ms`);
+        }
+      },
+      onEpochEnd: (metrics) => {
+        reports.sendRejected();
+        this.log(`${this.who}: epoch ${metrics.epoch} done, test accuracy ${metrics.testAcc}`);
+        if (collective.rank === 0) void reports.sendEpoch(metrics);
+      },
+    };
+  }
+
+  /** The final report (the state's hash, equal on every rank), the coordinator's STOP, both connections closed. */
+  private async finish(result: RunTrainingResult, collective: StatsCollective, reports: CoordinatorReports): Promise<DoneReport> {
     const st = collective.stats();
-    who = `rank ${collective.rank} on host ${env.host}`;
+    this.who = `rank ${collective.rank} on host ${this.env.host}`;
     const done: DoneReport = {
       kind: 'done',
       rank: collective.rank,
-      host: env.host,
+      host: this.env.host,
       stateSha256: hashFloats(result.weights, result.bnStats, result.momentum),
       collectiveSec: st.seconds,
       collectiveCalls: st.calls,
       summary: collective.rank === 0 ? result.summary : undefined,
     };
-    link.setActivity('idle');
-    reportRejected();
-    await report(done, { weightsSha256: done.stateSha256, step: result.summary.steps });
+    this.link!.setActivity('idle');
+    reports.sendRejected();
+    await reports.send(done, { weightsSha256: done.stateSha256, step: result.summary.steps });
     // Wait for the coordinator's STOP: exiting earlier could drop the report still in ZeroMQ's queue.
-    await link.waitForStop(30_000);
-    finished = true;
-    link.stop();
-    log(`${who}: done, state sha256 ${done.stateSha256}`);
-    await (elastic?.ring ?? ring).close();
-    ring = undefined;
-    await control.close();
+    await this.link!.waitForStop(30_000);
+    this.finished = true;
+    this.link!.stop();
+    this.log(`${this.who}: done, state sha256 ${done.stateSha256}`);
+    await this.currentRing!.close();
+    this.ring = undefined;
+    await this.control.close();
     return done;
-  } catch (err) {
+  }
+
+  /** After a failure anywhere in run(): the coordinator is told (unless the run completed), the connections close, `err` is rethrown. */
+  async fail(err: unknown): Promise<undefined> {
     const e = err as Error;
-    linkRef?.stop();
+    this.link?.stop();
     if (err instanceof RunCompleteError) {
       // Others completed the run's last collective and reported; this rank's copy of it failed.
-      log(`${who}: ${e.message}; this worker stops without a final report`);
-      await (elasticRef?.ring ?? ring)?.close().catch(() => undefined);
-      await control.close().catch(() => undefined);
+      this.log(`${this.who}: ${e.message}; this worker stops without a final report`);
+      await this.closeQuietly();
       return undefined;
     }
-    await control
-      .send('error', { code: dtrain.Error.Code.WORKER_FAILED, message: e.message ?? String(err), rank: env.rank, host: env.host })
+    await this.control
+      .send('error', { code: dtrain.Error.Code.WORKER_FAILED, message: e.message ?? String(err), rank: this.env.rank, host: this.env.host })
       .catch(() => undefined);
-    await (elasticRef?.ring ?? ring)?.close().catch(() => undefined);
-    await control.close().catch(() => undefined);
+    await this.closeQuietly();
     throw err;
+  }
+
+  private async closeQuietly(): Promise<void> {
+    await this.currentRing?.close().catch(() => undefined);
+    await this.control.close().catch(() => undefined);
+  }
+}
+
+/** A collective that counts its time and calls (for the final report). */
+type StatsCollective = Collective & { stats(): { seconds: number; calls: number } };
+
+/**
+ * What the coordinator learns of the training as `stepReport` messages (its Prometheus exporter,
+ * its run log), each with the sender's current rank (an elastic regroup changes it). One that
+ * cannot be sent is dropped: the link's heartbeats, not the reports, notice a lost coordinator.
+ */
+class CoordinatorReports {
+  private stepStart = performance.now();
+  private rejectedSent = 0;
+
+  constructor(
+    private readonly control: ControlClient,
+    private readonly collective: Collective,
+    private readonly host: string,
+  ) {}
+
+  send(r: WorkerReport, extra: Record<string, unknown> = {}): Promise<void | undefined> {
+    return this.control.send('stepReport', { rank: this.collective.rank, detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
+  }
+
+  /** What this worker's sockets dropped goes to the coordinator's metric (when it changed). */
+  sendRejected(): void {
+    const rejected = transportCounters().rejected;
+    if (rejected === this.rejectedSent) return;
+    this.rejectedSent = rejected;
+    void this.send({ kind: 'rejected', total: rejected });
+  }
+
+  /** The first step's time counts from here, not from the previous epoch's last step (the evaluation lies between). */
+  epochStarted(): void {
+    this.stepStart = performance.now();
+  }
+
+  /** Every rank, every step: the figures of the coordinator's Prometheus exporter. */
+  sendStep(s: StepInfo): void {
+    const now = performance.now();
+    const cpu = process.cpuUsage();
+    void this.control
+      .send('stepReport', {
+        rank: this.collective.rank,
+        epoch: s.epoch,
+        step: s.step,
+        loss: s.loss,
+        examples: s.n,
+        correct: s.correct,
+        dataMs: s.phases.data * 1000,
+        computeMs: s.phases.compute * 1000,
+        allReduceMs: s.phases.allReduce * 1000,
+        optimizerMs: s.phases.optimizer * 1000,
+        allReduceBytes: s.allReduceBytes,
+        host: this.host,
+        rssBytes: process.memoryUsage.rss(),
+        cpuSec: (cpu.user + cpu.system) / 1e6,
+        stepMs: now - this.stepStart,
+      })
+      .catch(() => undefined);
+    this.stepStart = now;
+  }
+
+  /** Rank 0's epoch line, with the figures the exporter keeps per epoch. */
+  sendEpoch(metrics: EpochMetrics): Promise<void | undefined> {
+    return this.send({ kind: 'epoch', metrics }, { epoch: metrics.epoch, step: metrics.step, loss: metrics.loss, evaluation: true, allReduceMs: metrics.phaseSec.allReduce * 1000, computeMs: metrics.phaseSec.compute * 1000, dataMs: metrics.phaseSec.data * 1000 });
   }
 }
 
