@@ -182,6 +182,19 @@ describe('ring in one process', () => {
     expect((err as Error).message).toMatch(/could not reach rank 1 on host far at tcp:\/\/127\.0\.0\.1:1 within 600 ms/);
   });
 
+  it('a next rank with no usable endpoint fails the setup, and a collective called on that ring anyway rejects with the same error', async () => {
+    const ring = await Ring.create({ rank: 0, worldSize: 2, runId: 'v', timeoutMs: 600 });
+    cleanup.push(() => ring.close());
+    const peers: PeerInfo[] = [
+      { rank: 0, host: ring.host, endpoints: ring.endpoints },
+      { rank: 1, host: 'far', endpoints: ['udp://far:1'] },
+    ];
+    const err = await ring.connect(peers).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(RingSetupError);
+    expect((err as Error).message).toBe('rank 0: rank 1 on far advertised no usable endpoint (udp://far:1)');
+    await expect(ring.allReduce(new Float32Array(4))).rejects.toBe(err);
+  });
+
   it('strangers sending garbage are rejected and counted; the results stay exact', async () => {
     const rings = await ringOf(2, { runId: 'g', pieceBytes: 4096 });
     const strangers = rings.map((r) => {

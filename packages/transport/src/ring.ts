@@ -307,7 +307,10 @@ export class Ring {
     const next = this.next;
     const endpoint = this.pickEndpoint(next);
     if (endpoint === undefined) {
-      throw new RingSetupError(`rank ${this.rank}: rank ${next.rank} on ${next.host} advertised no usable endpoint (${next.endpoints.join(', ') || 'none'})`);
+      // Recorded as the ring's failure, so a collective called on it anyway rejects with this error.
+      const err = new RingSetupError(`rank ${this.rank}: rank ${next.rank} on ${next.host} advertised no usable endpoint (${next.endpoints.join(', ') || 'none'})`);
+      this.fail(err, false);
+      throw err;
     }
     let curve: Record<string, unknown>;
     try {
