@@ -229,8 +229,8 @@ function parseMetrics(text: string): { lines: MetricsLine[]; bad: unknown[] } {
 }
 
 /**
- * Parses metrics.jsonl (an absent file is empty). Strict: a line that is not JSON throws. The
- * trainer reads it after trimMetrics, which leaves no such line.
+ * Parses metrics.jsonl (an absent file is empty). Strict: a line that is not JSON throws (readRun
+ * is the tolerant reader, for showing runs that may have crashed).
  */
 export async function readMetrics(runDir: string): Promise<MetricsLine[]> {
   const { lines, bad } = parseMetrics((await readIfPresent(path.join(runDir, METRICS_FILE))) ?? '');
