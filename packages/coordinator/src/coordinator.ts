@@ -10,7 +10,7 @@ import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
 import {
   ControlServer, curveServerSecurity, dtrain, initKeyDir, isLoopback, loadKeyDir, SecurityError, transportCounters, workerEnv, writeWorkerEnv,
-  type ControlEnvelope, type KeyMaterial, type RegroupReport,
+  readRegroupReport, type ControlEnvelope, type KeyMaterial,
 } from '@dtrain/transport';
 import { JoinTimeoutError, replicaDivergence, RunStoppedError, WorkerFailedError } from './errors.js';
 import type { RunEvent } from './events.js';
@@ -18,7 +18,7 @@ import { FileOffer, type FileRequest } from './file-offer.js';
 import { deviceForLocalRank } from './gpus.js';
 import { Membership } from './membership.js';
 import { startMetricsServer, TrainingMetrics } from './metrics.js';
-import { num, observeRank0, observeStep, type StepReportBody } from './report-metrics.js';
+import { num, observeRank0, observeStep, reportDetail, type StepReportBody } from './report-metrics.js';
 import { running, startWorker, stopWorkers, type WorkerProcess } from './worker-process.js';
 
 const Code = dtrain.Error.Code;
@@ -34,7 +34,7 @@ export interface LaunchOptions {
   entry: string;
   /** Run folder: worker logs go to `<runDir>/logs/rank-<r>.log`. */
   runDir: string;
-  /** Sent to every worker as Welcome.config_json (opaque here; an object gets `offeredFiles` added). */
+  /** The training request, sent to every worker as Welcome.config_json (JSON; opaque here). */
   config: unknown;
   /** Worker i sees only the i-th GPU of the user's CUDA_VISIBLE_DEVICES (unset: GPU i); see gpus.ts. */
   gpus?: boolean;
@@ -301,8 +301,7 @@ async function launchWith(o: LaunchOptions, listen: string): Promise<LaunchResul
     const address = advertise ?? hostname();
     return failWith(new JoinTimeoutError(membership.joinTimeoutMessage({ endpoint: server.endpoint, port: server.port, authRefused: server.stats().authRefused, address })));
   }
-  const config = offer.size && typeof o.config === 'object' && o.config !== null ? { ...o.config, offeredFiles: offer.list() } : o.config;
-  await membership.welcome(config);
+  await membership.welcome(o.config, offer.list());
 
   await trainingEnd(membership, allLocalDone, outcome, s.timeoutMs);
   if (outcome.error()) return failWith(outcome.error()!);
@@ -386,7 +385,7 @@ function onControlMessage(e: ControlEnvelope, d: Dispatch): void {
   }
 }
 
-/** A step report: figures into the exporter; a JSON detail is a regroup, a rejected count, or a report of rank 0's or a final one. */
+/** A step report: its figures into the exporter, or a report: a regroup, a count of dropped messages, rank 0's progress or a final report. */
 function onStepReport(peer: Buffer, r: StepReportBody, { membership, metrics, reports, emit }: Dispatch): void {
   // The connection says who sent it, not the message (proto3 also omits rank 0).
   const member = membership.memberOf(peer);
@@ -394,34 +393,27 @@ function onStepReport(peer: Buffer, r: StepReportBody, { membership, metrics, re
   member.lastHeard = Date.now();
   member.started = true;
   const rank = member.rank;
-  if (!r.detailJson) {
-    if (r.stepMs !== undefined) member.stepMs = r.stepMs;
-    // The host label is the one it joined with: a report cannot mint new series.
-    return observeStep(metrics, rank, member.host, r);
+  if (r.regroup) {
+    const report = readRegroupReport(r.regroup);
+    return report ? membership.regroupReport(member, report) : metrics.countMalformedMessages();
   }
-  const detail = parseObject(r.detailJson);
-  if (!detail) return metrics.countMalformedMessages();
-  if (detail.kind === 'regroup') return membership.regroupReport(member, detail as unknown as RegroupReport);
-  if (detail.kind === 'rejected') {
+  if (r.rejected) {
     // A worker's sockets dropped messages (garbage, strangers, replays): into the run's metric.
-    const total = num(detail.total);
+    const total = num(r.rejected.total);
     if (total > member.rejectedSeen) metrics.countMalformedMessages(total - member.rejectedSeen);
     member.rejectedSeen = Math.max(member.rejectedSeen, total);
     return;
+  }
+  const detail = reportDetail(r);
+  if (!detail) {
+    if (r.stepMs !== undefined) member.stepMs = r.stepMs;
+    // The host label is the one it joined with: a report cannot mint new series.
+    return observeStep(metrics, rank, member.host, r);
   }
   reports.push({ rank, detail });
   if (rank === 0) observeRank0(metrics, detail, membership.worldSize);
   if (detail.kind === 'done') membership.finalReport(member, detail);
   emit({ kind: 'report', rank, detail });
-}
-
-function parseObject(json: string): Record<string, unknown> | undefined {
-  try {
-    const x = JSON.parse(json) as unknown;
-    return typeof x === 'object' && x !== null ? (x as Record<string, unknown>) : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 /** A worker's Error, or a join process's report that one of its workers exited. */

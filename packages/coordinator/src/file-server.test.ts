@@ -52,7 +52,7 @@ describe("the coordinator's data set file server", () => {
       const w = await next(c, 'the Welcome');
       expect(w.kind).toBe('welcome');
       c.runId = w.runId;
-      const offered = (JSON.parse((w.body as { configJson?: string }).configJson ?? '{}') as { offeredFiles?: unknown }).offeredFiles;
+      const offered = (w.body as { offeredFiles?: unknown }).offeredFiles;
       const sha256 = createHash('sha256').update(content).digest('hex');
       expect(offered).toEqual([{ name: 'set/f.bin', size: content.length, sha256 }, { name: 'set/big.bin', size: big.length, sha256: createHash('sha256').update(big).digest('hex') }]);
 
@@ -80,7 +80,7 @@ describe("the coordinator's data set file server", () => {
         expect(m.payload[0].equals(big.subarray(offset, offset + (4 << 20)))).toBe(true);
       }
 
-      await c.send('stepReport', { rank: 1, detailJson: JSON.stringify({ kind: 'done', rank: 1, host: 'host-b', stateSha256: 'same' }) });
+      await c.send('stepReport', { rank: 1, final: { rank: 1, host: 'host-b', stateSha256: 'same' } });
       expect((await next(c, 'the acknowledgement')).kind).toBe('command');
     } finally {
       await c.close();

@@ -63,7 +63,7 @@ describe('rendezvous', () => {
     expect(await joinedYet(h.m)).toBe(true);
     await h.m.welcome({ lr: 0.01 });
     const w = h.to('w1', 'welcome')[0].body;
-    expect(w).toMatchObject({ rank: 1, worldSize: 2, generation: 1, heartbeatMs: 100, timeoutMs: 1000, configJson: '{"lr":0.01}' });
+    expect(w).toMatchObject({ rank: 1, worldSize: 2, generation: 1, heartbeatMs: 100, timeoutMs: 1000, configJson: '{"lr":0.01}', offeredFiles: [], elastic: false });
     expect(w.peers).toEqual([
       { rank: 0, host: 'here', dataEndpoints: ['tcp://here:5000'], curvePublicKey: '' },
       { rank: 1, host: 'here', dataEndpoints: ['tcp://here:5001'], curvePublicKey: '' },
@@ -174,7 +174,8 @@ describe('elastic', () => {
     h.m.regroupReport(w2, regroupReport(1, 2, 31, 'w2'));
     const welcome = h.to('w2', 'welcome')[1].body;
     expect(welcome).toMatchObject({ rank: 1, worldSize: 2, generation: 2 });
-    expect(JSON.parse(welcome.configJson as string)).toEqual({ regroup: { root: 1, stop: false, reason: 'rank 1 on host here was lost (was killed by SIGKILL)' } });
+    expect(welcome.regroup).toEqual({ root: 1, stop: false, reason: 'rank 1 on host here was lost (was killed by SIGKILL)' });
+    expect(welcome.configJson).toBeUndefined(); // a survivor has the run's config
     expect(welcome.peers).toEqual([
       { rank: 0, host: 'here', dataEndpoints: ['tcp://new-w0:1'], curvePublicKey: '' },
       { rank: 1, host: 'here', dataEndpoints: ['tcp://new-w2:1'], curvePublicKey: '' },
@@ -194,7 +195,7 @@ describe('elastic', () => {
     expect(h.m.lostMembers.length).toBe(1);
     await vi.advanceTimersByTimeAsync(1);
     expect(h.m.lostMembers.map((x) => x.lost)).toEqual(['exited with code 1', 'it did not answer the regroup within 1.5 s']);
-    expect(JSON.parse(h.to('w0', 'welcome')[1].body.configJson as string).regroup).toMatchObject({ root: 0, stop: true });
+    expect(h.to('w0', 'welcome')[1].body.regroup).toMatchObject({ root: 0, stop: true });
   });
 
   it('rank 0 lost after another rank sent its final report: the run fails, its last files may be missing', async () => {
@@ -215,8 +216,10 @@ describe('elastic', () => {
     h.m.regroupReport(w1, regroupReport(1, 1, 7, 'w1'));
     const joiner = h.to('c0', 'welcome')[0].body;
     expect(joiner).toMatchObject({ rank: 2, worldSize: 3, generation: 2 });
-    expect(JSON.parse(joiner.configJson as string)).toEqual({ lr: 0.01, elastic: true, regroup: { root: 0, stop: false, reason: 'host hostc joins with local rank 0' } });
-    expect(JSON.parse(h.to('w1', 'welcome')[1].body.configJson as string)).toEqual({ regroup: { root: 0, stop: false, reason: 'host hostc joins with local rank 0' } });
+    const regroup = { root: 0, stop: false, reason: 'host hostc joins with local rank 0' };
+    expect(joiner).toMatchObject({ configJson: '{"lr":0.01}', elastic: true, regroup });
+    expect(h.to('w1', 'welcome')[1].body).toMatchObject({ elastic: true, regroup });
+    expect(h.to('w1', 'welcome')[1].body.configJson).toBeUndefined();
     expect(h.to('agent-c', 'rankAssignment').at(-1)?.body).toEqual({ generation: 2, worldSize: 3, ranks: [2] });
   });
 });

@@ -12,6 +12,7 @@ import { countAuthRefused, dtrain, type Bodies, type BodyKind, type KeyMaterial,
 import { WorkerFailedError } from './errors.js';
 import type { RunEvent } from './events.js';
 import type { TrainingMetrics } from './metrics.js';
+import type { OfferedFile } from './file-offer.js';
 import { remoteRootCause, type AgentExitReport } from './remote-failures.js';
 import { lateness } from './stall.js';
 import type { WorkerExit } from './worker-process.js';
@@ -124,7 +125,8 @@ export class Membership {
   private readonly agents = new Map<string, string>(); // agent peer (hex) -> host
   private readonly pendingJoiners: Member[] = [];
   private regroup: Regroup | undefined;
-  private runConfig: unknown;
+  /** What the first Welcome told every worker of the run (and a joiner's Welcome tells it). */
+  private runConfig: { configJson: string; offeredFiles: OfferedFile[]; elastic: boolean } = { configJson: '', offeredFiles: [], elastic: false };
   private localExits = 0;
   private allJoined!: () => void;
   private remoteFinished!: () => void;
@@ -283,21 +285,20 @@ export class Membership {
    * The first Welcome. Ranks: this machine's workers first (their RANK), then the other machines'
    * by host name, each by local rank. `config` goes to every worker as Welcome.config_json.
    */
-  async welcome(config: unknown): Promise<void> {
+  async welcome(config: unknown, offeredFiles: OfferedFile[] = []): Promise<void> {
     const local = [...this.members.values()].filter((x) => x.local).sort((a, b) => a.rank - b.rank);
     const remote = [...this.members.values()].filter((x) => !x.local).sort(byHostThenLocalRank);
     this.byRank.push(...local, ...remote);
     this.worldSize = this.byRank.length;
     this.byRank.forEach((x, r) => (x.rank = r));
-    this.runConfig = this.o.elastic && typeof config === 'object' && config !== null ? { ...config, elastic: true } : config;
-    const configJson = JSON.stringify(this.runConfig);
+    this.runConfig = { configJson: JSON.stringify(config), offeredFiles, elastic: this.o.elastic };
     this.welcomed = true;
     for (const x of this.byRank) x.lastHeard = Date.now();
     this.metrics.setWorkers(this.worldSize, this.worldSize);
     const { worldSize, generation } = this;
     const peers = this.peers();
     const { heartbeatMs, timeoutMs } = this.o;
-    await Promise.all(this.byRank.map((x) => this.ports.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation, peers, heartbeatMs, timeoutMs, configJson })));
+    await Promise.all(this.byRank.map((x) => this.ports.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation, peers, heartbeatMs, timeoutMs, ...this.runConfig })));
     this.tellAgents();
     this.ports.emit({ kind: 'welcomed', worldSize, hosts: this.groupHosts() });
     if (remote.length === 0) this.remoteFinished();
@@ -565,23 +566,23 @@ export class Membership {
     this.checkRemoteFinished();
   }
 
+  /** A member's regroup report (read by readRegroupReport): it left its group and is ready for the next. */
   regroupReport(member: Member, r: RegroupReport): void {
     if (r.generation !== this.generation || !this.byRank.includes(member)) return this.metrics.countMalformedMessages();
-    if (!Array.isArray(r.endpoints) || !r.endpoints.length || typeof r.committed !== 'object' || r.committed === null) return this.metrics.countMalformedMessages();
-    const key = typeof r.key === 'string' ? r.key : '';
+    const key = r.key;
     // With CURVE a member keeps the key it proved in its Hello: the others' rings admit the key
     // named here on their links to it.
     if (this.o.keys && key !== member.key) {
       process.stderr.write(`coordinator: ignored a regroup report of rank ${member.rank} on host ${member.host}: its ring key ${key.slice(0, 40) || '(none)'} is not the key it proved in its Hello (${member.key})\n`);
       return this.metrics.countMalformedMessages();
     }
-    const why = typeof r.reason === 'string' ? r.reason : 'its ring failed';
+    const why = r.reason;
     if (this.byRank.some((x) => x.final !== undefined)) return this.release(member, `its last collective failed after the others completed it (${why})`);
     // A worker whose ring failed (a neighbour died or went silent) regroups on its own, often
     // before this process has noticed anything: its report starts the regroup for everyone.
     if (!this.regroup) this.startRegroup('rollback', `rank ${member.rank} on host ${member.host} left the group: ${why}`);
     if (!this.regroup) return;
-    member.endpoints = r.endpoints.map(String);
+    member.endpoints = r.endpoints;
     member.key = key;
     member.lastHeard = Date.now();
     this.regroup.ready.set(member, r);
@@ -625,8 +626,8 @@ export class Membership {
     const { heartbeatMs, timeoutMs } = this.o;
     const peers = this.peers();
     for (const x of this.byRank) {
-      const configJson = joiners.includes(x) ? JSON.stringify({ ...(this.runConfig as object), regroup }) : JSON.stringify({ regroup });
-      this.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation, peers, heartbeatMs, timeoutMs, configJson });
+      const config = joiners.includes(x) ? this.runConfig : { elastic: true };
+      this.send(x.peer, 'welcome', { rank: x.rank, worldSize, generation, peers, heartbeatMs, timeoutMs, regroup, ...config });
     }
   }
 

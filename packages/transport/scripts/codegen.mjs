@@ -32,8 +32,10 @@ mkdirSync(tmp, { recursive: true });
 try {
   execFileSync(process.execPath, [
     pbjs, '-t', 'static-module', '-w', 'esm', '--dependency', 'protobufjs/minimal.js',
-    // uint64 fields (op ids, steps) stay far below 2^53: plain numbers, no Long.
-    '--force-number', '--no-delimited', '--no-typeurl', '--no-convert', '-d',
+    // uint64 fields (op ids, steps) stay far below 2^53: plain numbers, no Long. fromObject and
+    // toObject stay: the coordinator reads the reports' records back with their defaults (proto3
+    // leaves zeros off the wire).
+    '--force-number', '--no-delimited', '--no-typeurl', '-d',
     '-o', join(tmp, 'dtrain.js'), proto,
   ], { stdio: 'inherit' });
   // With --force-number nothing refers to Long; its import would need `long` resolvable from

@@ -25,11 +25,12 @@ describe('control channel', () => {
     cleanup.push(() => client.close(0));
     await client.send('hello', { host: 'h', pid: 1, localRank: 0, requestedRank: 1, dataEndpoints: ['tcp://127.0.0.1:1'] });
     const peer = await got;
-    await server.send(peer, 'stepReport', { rank: 0, detailJson: '{"kind":"epoch"}' });
+    await server.send(peer, 'stepReport', { rank: 0, regroup: { generation: 3, committed: { epoch: 2, done: 0, step: 7 }, endpoints: ['tcp://a:1'], reason: 'why' } });
     const m = await client.receive('test');
     expect(m.kind).toBe('stepReport');
     expect(m.runId).toBe('r1');
-    expect((m.body as { detailJson?: string }).detailJson).toBe('{"kind":"epoch"}');
+    // Plain objects of the fields on the wire: proto3 leaves the zero `done` off, and the key was not given.
+    expect((m.body as { regroup?: unknown }).regroup).toEqual({ generation: 3, committed: { epoch: 2, step: 7 }, endpoints: ['tcp://a:1'], reason: 'why' });
   });
 
   it('a Hello of another protocol version is answered with Error{PROTOCOL_VERSION}, garbage is dropped', async () => {

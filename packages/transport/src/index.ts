@@ -83,4 +83,4 @@ export {
   type KeyMaterial,
   type AllowedKey,
 } from './keys.js';
-export type { RegroupReport } from './reports.js';
+export { readRegroupReport, type RegroupReport } from './reports.js';

@@ -16,7 +16,7 @@ function protoBodies(): [string, number][] {
 
 const samples: { [K in BodyKind]: Parameters<typeof encodeMessage<K>>[1] } = {
   hello: { host: 'h1', pid: 42, localRank: 1, requestedRank: -1, dataEndpoints: ['tcp://10.0.0.1:5000'], device: 'cpu', datasets: [{ name: 'cifar10', sha256: 'ab' }] },
-  welcome: { rank: 1, worldSize: 2, generation: 3, peers: [{ rank: 0, host: 'a', dataEndpoints: ['tcp://a:1'] }, { rank: 1, host: 'b', dataEndpoints: ['tcp://b:1'] }], heartbeatMs: 1000, timeoutMs: 30000, configJson: '{}' },
+  welcome: { rank: 1, worldSize: 2, generation: 3, peers: [{ rank: 0, host: 'a', dataEndpoints: ['tcp://a:1'] }, { rank: 1, host: 'b', dataEndpoints: ['tcp://b:1'] }], heartbeatMs: 1000, timeoutMs: 30000, configJson: '{}', regroup: { root: 1, stop: true, reason: 'r' }, offeredFiles: [{ name: 'f.bin', size: 2 ** 40, sha256: 'cd' }], elastic: true },
   error: { code: dtrain.Error.Code.PROTOCOL_VERSION, message: 'no', rank: -1, host: 'x', logTail: ['a', 'b'] },
   heartbeat: { rank: 3, seq: 2 ** 40, step: 7, activity: dtrain.Heartbeat.Activity.ALL_REDUCE, unixMs: 1_700_000_000_000 },
   ringHello: { rank: 1, worldSize: 4, generation: 2, host: 'h', shmPath: '/dev/shm/dtrain-1-2-ab', shmToken: Buffer.alloc(16, 7), shmSlots: 16, shmSlotBytes: 4 << 20, shmAccepted: true },

@@ -3,7 +3,7 @@ import { dtrain } from './generated/dtrain.js';
 export { dtrain };
 
 /** Bump on any change an older peer would misread (see proto/dtrain.proto). */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /** Frame 0 (the envelope) larger than this is rejected before decoding. The largest legitimate
  * envelope is a ShardAssignment of a few hundred thousand indices. */

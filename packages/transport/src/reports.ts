@@ -1,7 +1,7 @@
-// What a StepReport's detail_json holds, for the reports both sides read: written by the worker,
-// read by the coordinator, defined once here.
+// The elastic regroup report (StepReport.regroup), for both sides: the worker writes a
+// RegroupReport, the coordinator reads it back with readRegroupReport. Defined once, here.
 
-/** A `kind: 'regroup'` report: a worker left its group (ROLLBACK, REGROUP, or its ring failed) and is ready for the next. */
+/** A worker left its group (ROLLBACK, REGROUP, or its ring failed) and is ready for the next. */
 export interface RegroupReport {
   kind: 'regroup';
   /** The generation it left. */
@@ -14,4 +14,24 @@ export interface RegroupReport {
   key: string;
   /** Why it left (the ring's error, or the coordinator's command). */
   reason: string;
+}
+
+/**
+ * A decoded StepReport.regroup (a plain object of the fields present: proto3 omits zeros) as a
+ * RegroupReport, or undefined when it lacks its committed position or its endpoints.
+ */
+export function readRegroupReport(body: Record<string, unknown>): RegroupReport | undefined {
+  const c = body.committed as Partial<RegroupReport['committed']> | undefined;
+  const endpoints = body.endpoints;
+  if (typeof c !== 'object' || c === null || !Array.isArray(endpoints) || endpoints.length === 0) return undefined;
+  const n = (x: unknown) => (typeof x === 'number' ? x : 0);
+  const s = (x: unknown) => (typeof x === 'string' ? x : '');
+  return {
+    kind: 'regroup',
+    generation: n(body.generation),
+    committed: { epoch: n(c.epoch), done: n(c.done), step: n(c.step) },
+    endpoints: endpoints.map(String),
+    key: s(body.key),
+    reason: s(body.reason) || 'its ring failed',
+  };
 }

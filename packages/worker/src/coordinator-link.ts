@@ -39,6 +39,9 @@ export interface WelcomeBody {
   heartbeatMs?: number;
   timeoutMs?: number;
   configJson?: string;
+  regroup?: { root?: number; stop?: boolean; reason?: string };
+  offeredFiles?: { name?: string; size?: number; sha256?: string }[];
+  elastic?: boolean;
 }
 
 /** The ring membership a Welcome announces, as Ring.connect takes it. */

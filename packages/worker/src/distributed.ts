@@ -13,7 +13,7 @@ import { makeSyntheticTestDataset, resolveDataDir } from '@dtrain/data';
 import { ControlClient, dtrain, transportCounters, curveClientSecurity, curveServerSecurity, loadKeyDir, PROTOCOL_VERSION, ThreadedRing, WorkerEnvError, type ControlMessage, type KeyMaterial, type RingOptions, type WorkerEnv } from '@dtrain/transport';
 import { RunCompleteError, type Collective } from './collective.js';
 import { CoordinatorLink, welcomePeers, type WelcomeBody } from './coordinator-link.js';
-import { checkOfferedFiles, fetchOfferedFiles, type OfferedFile } from './dataset-fetch.js';
+import { checkOfferedFiles, fetchOfferedFiles } from './dataset-fetch.js';
 import { ElasticRingCollective, parseAnnouncement, type RegroupReport } from './elastic-ring.js';
 import { hashFloats, RingCollective, type RingCollectiveOptions } from './ring-collective.js';
 import { runTraining, type RunTrainingResult } from './run.js';
@@ -22,7 +22,11 @@ import type { TrainSettingsInput } from './settings.js';
 import type { EpochMetrics, Summary } from './run-folder.js';
 import type { StartInfo, StepInfo, TrainerHooks } from './trainer.js';
 
-/** What the launcher sends every worker in Welcome.config_json. */
+/**
+ * The launcher's training request, which every worker receives in Welcome.config_json (a document
+ * of the settings schema; the coordinator passes it on unread). The run's own facts (offered
+ * files, elastic, a regroup's root) are Welcome's protobuf fields.
+ */
 export interface DistributedConfig {
   /** The flags the user gave (per-worker batch size); the rest comes from the defaults. */
   settings: TrainSettingsInput;
@@ -34,12 +38,6 @@ export interface DistributedConfig {
   resumedSettings?: TrainSettingsInput;
   /** FOR TESTS ONLY: train on synthetic patterns instead of a named data set (same bytes on every rank). */
   synthetic?: { train: number; test: number; size: number; channels?: number; seed?: number };
-  /** Data set files the coordinator sends to workers on other machines that lack them (added by the coordinator). */
-  offeredFiles?: OfferedFile[];
-  /** `--elastic`: a lost worker makes the others regroup and continue (issue 7) instead of ending the run. */
-  elastic?: boolean;
-  /** In the Welcome of a worker admitted into a run in progress: whose state to adopt (see elastic-ring.ts). */
-  regroup?: { root: number; stop: boolean; reason: string };
   /** FOR TESTS ONLY: make workers SIGKILL themselves at given points (see `CrashSpec`; one per worker and phase kind). */
   crash?: CrashSpec | CrashSpec[];
   /** Gradient bucket size for the all-reduce that overlaps the backward pass; 0 or absent: after it. */
@@ -156,10 +154,10 @@ class WorkerProcess {
     const { runId, welcome } = await this.join(this.ring);
     const config = JSON.parse(welcome.configJson ?? '{}') as DistributedConfig;
     await this.connectRing(this.ring, runId, welcome);
-    const place = await this.placeRun(config, runId);
+    const place = await this.placeRun(config, runId, welcome);
     const link = this.startLink(welcome);
     const crashes = new TestCrashes(config.crash, this.env.rank, () => (this.elastic ? this.elastic.generation : 1), (line) => this.log(`${this.who}: ${line}`));
-    const collective = this.createCollective(config, runId, welcome, link, crashes);
+    const collective = this.createCollective(runId, welcome, link, crashes);
     const reports = new CoordinatorReports(this.control, collective, this.env.host);
     const result = await runTraining({
       ...place,
@@ -245,14 +243,15 @@ class WorkerProcess {
    * that it lacks; it writes only to its own run folder (if it becomes rank 0), and takes a resumed
    * run's settings from the coordinator instead of a checkpoint on the coordinator's disk.
    */
-  private async placeRun(config: DistributedConfig, runId: string): Promise<{ settings: TrainSettingsInput; out?: string; resume?: string }> {
+  private async placeRun(config: DistributedConfig, runId: string, w: WelcomeBody): Promise<{ settings: TrainSettingsInput; out?: string; resume?: string }> {
     if (!this.remote) return { settings: config.settings, out: config.out, resume: config.resume };
     const out = path.resolve(process.env.DTRAIN_RUN_DIR || path.join('runs', `joined-${runId}`));
     const dataDir = resolveDataDir(process.env.DTRAIN_DATA_DIR || undefined);
     const settings = { ...(config.resume ? (config.resumedSettings ?? config.settings) : config.settings), dataDir };
-    if (config.offeredFiles?.length) {
-      checkOfferedFiles(config.offeredFiles);
-      const got = await fetchOfferedFiles(this.control, config.offeredFiles, dataDir, { timeoutMs: this.env.timeoutMs, log: this.log, who: this.who });
+    const offered = (w.offeredFiles ?? []).map((f) => ({ name: f.name ?? '', size: f.size ?? 0, sha256: f.sha256 ?? '' }));
+    if (offered.length) {
+      checkOfferedFiles(offered);
+      const got = await fetchOfferedFiles(this.control, offered, dataDir, { timeoutMs: this.env.timeoutMs, log: this.log, who: this.who });
       this.log(`${this.who}: data files in ${dataDir}: ${got.cached.length} cached, ${got.fetched.length} received from the coordinator`);
     }
     return { settings, out, resume: undefined };
@@ -275,19 +274,19 @@ class WorkerProcess {
    * The trainer's collective over the ring: elastic (--elastic: a lost worker makes the others
    * regroup) or plain. Either marks the link's activity around each collective.
    */
-  private createCollective(config: DistributedConfig, runId: string, w: WelcomeBody, link: CoordinatorLink, crashes: TestCrashes): StatsCollective {
+  private createCollective(runId: string, w: WelcomeBody, link: CoordinatorLink, crashes: TestCrashes): StatsCollective {
     const collectiveOptions: RingCollectiveOptions = crashes.wrapCollective({
       beforeOp: () => link.setActivity('allReduce'),
       afterOp: () => link.setActivity('compute'),
     });
-    if (!config.elastic) return new RingCollective(this.ring!, collectiveOptions);
+    if (!w.elastic) return new RingCollective(this.ring!, collectiveOptions);
     const elastic: ElasticRingCollective = new ElasticRingCollective(this.ring!, {
       link,
       ringOptions: this.ringBinding,
       runId,
-      report: (r: RegroupReport) => this.control.send('stepReport', { rank: elastic.rank, detailJson: JSON.stringify(r) }),
+      report: (r: RegroupReport) => this.control.send('stepReport', { rank: elastic.rank, regroup: r }),
       regroupTimeoutMs: Math.max(2 * this.env.timeoutMs, this.env.joinTimeoutMs),
-      initialRoot: config.regroup ? parseAnnouncement(w).root : 0,
+      initialRoot: w.regroup ? parseAnnouncement(w).root : 0,
       collectiveOptions,
       log: (line) => this.log(`${this.who}: ${line}`),
       onWelcome: (welcome) => crashes.onWelcome(welcome.generation ?? 0),
@@ -394,7 +393,7 @@ class CoordinatorReports {
   ) {}
 
   send(r: WorkerReport, extra: Record<string, unknown> = {}): Promise<void | undefined> {
-    return this.control.send('stepReport', { rank: this.collective.rank, detailJson: JSON.stringify(r), ...extra }).catch(() => undefined);
+    return this.control.send('stepReport', { rank: this.collective.rank, ...reportField(r), ...extra }).catch(() => undefined);
   }
 
   /** What this worker's sockets dropped goes to the coordinator's metric (when it changed). */
@@ -439,6 +438,22 @@ class CoordinatorReports {
   /** Rank 0's epoch line, with the figures the exporter keeps per epoch. */
   sendEpoch(metrics: EpochMetrics): Promise<void | undefined> {
     return this.send({ kind: 'epoch', metrics }, { epoch: metrics.epoch, step: metrics.step, loss: metrics.loss, evaluation: true, allReduceMs: metrics.phaseSec.allReduce * 1000, computeMs: metrics.phaseSec.compute * 1000, dataMs: metrics.phaseSec.data * 1000 });
+  }
+}
+
+/** A report as its StepReport.report field (the protobuf messages have the fields of these types, by the same names). */
+export function reportField(r: WorkerReport): dtrain.StepReport.$Properties {
+  switch (r.kind) {
+    case 'start':
+      return { start: { info: r.info, worldSize: r.worldSize } };
+    case 'epoch':
+      return { epochMetrics: r.metrics };
+    case 'checkpoint':
+      return { checkpoint: { file: r.file, unixMs: r.unixMs } };
+    case 'done':
+      return { final: r };
+    case 'rejected':
+      return { rejected: { total: r.total } };
   }
 }
 

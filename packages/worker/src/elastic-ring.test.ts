@@ -2,7 +2,7 @@
 // sends the Welcomes and commands the case calls for, the real CoordinatorLink and ThreadedRing.
 // The edge case: a member of the new group is lost while this worker sets up the new ring.
 import { afterEach, describe, expect, it } from 'vitest';
-import { ControlClient, ControlServer, Ring, ThreadedRing } from '@dtrain/transport';
+import { ControlClient, ControlServer, readRegroupReport, Ring, ThreadedRing } from '@dtrain/transport';
 import { GroupChangedError } from './collective.js';
 import { CommandKind, CoordinatorLink } from './coordinator-link.js';
 import { ElasticRingCollective, type RegroupReport } from './elastic-ring.js';
@@ -28,7 +28,8 @@ describe('ElasticRingCollective: a ROLLBACK of the generation being set up', () 
     let worker: Buffer | undefined;
     server.onMessage((e) => {
       worker = e.peer;
-      if (e.message.kind === 'stepReport') reports.push(JSON.parse((e.message.body as { detailJson: string }).detailJson) as RegroupReport);
+      const r = e.message.kind === 'stepReport' ? (e.message.body as { regroup?: Record<string, unknown> }).regroup : undefined;
+      if (r) reports.push(readRegroupReport(r)!);
     });
     const client = new ControlClient(server.endpoint, { runId: RUN, timeoutMs: 10_000, who: 'rank 0' });
     const link = new CoordinatorLink(client, { rank: 0, heartbeatMs: 200, timeoutMs: 10_000, who: 'rank 0', endpoint: server.endpoint });
@@ -39,12 +40,12 @@ describe('ElasticRingCollective: a ROLLBACK of the generation being set up', () 
     const silent = await Ring.create({ rank: 1, worldSize: 2, timeoutMs: RING_TIMEOUT_MS });
     const ec = new ElasticRingCollective(first, {
       link, ringOptions: { timeoutMs: RING_TIMEOUT_MS }, runId: RUN, regroupTimeoutMs: 10_000,
-      report: (r) => client.send('stepReport', { rank: 0, detailJson: JSON.stringify(r) }),
+      report: (r) => client.send('stepReport', { rank: 0, regroup: r }),
     });
     cleanup.push(() => server.close(), () => client.close(0), async () => link.stop(), () => silent.close(), () => ec.close());
     const welcome = (generation: number, worldSize: number) =>
       server.send(worker!, 'welcome', {
-        rank: 0, worldSize, generation, heartbeatMs: 200, timeoutMs: RING_TIMEOUT_MS, configJson: '{}',
+        rank: 0, worldSize, generation, heartbeatMs: 200, timeoutMs: RING_TIMEOUT_MS, elastic: true,
         peers: [
           { rank: 0, host: first.host, dataEndpoints: reports.at(-1)!.endpoints, curvePublicKey: '' },
           { rank: 1, host: first.host, dataEndpoints: silent.endpoints, curvePublicKey: '' },

@@ -5,17 +5,17 @@
 //      ROLLBACK for this generation (the ring is aborted, so a collective waiting for a silent
 //      peer returns at once), or the coordinator sent REGROUP and the trainer finished the step;
 //   2. the trainer calls regroup(committed): the old ring closes, a new one binds (new endpoints),
-//      and a StepReport `{kind: 'regroup', generation, committed, endpoints, key}` tells the
+//      and a StepReport with `regroup: {generation, committed, endpoints, key, reason}` tells the
 //      coordinator this worker is ready and how far it got;
 //   3. the coordinator's Welcome of the next generation gives the new rank, world size and peers,
-//      and (in config_json) the root whose state everyone adopts and whether to stop;
+//      and (Welcome.regroup) the root whose state everyone adopts and whether to stop;
 //   4. the new ring connects (the preflight of a launch), and the trainer syncs from the root.
 import { ThreadedRing, TransportError, type RegroupReport, type RingOptions } from '@dtrain/transport';
 import { GroupChangedError, type BucketRanges, type ElasticCollective, type Progress, type RegroupResult, type StagedReduce } from './collective.js';
 import { CommandKind, welcomePeers, type CommandBody, type CoordinatorLink, type WelcomeBody } from './coordinator-link.js';
 import { RingCollective, type RingCollectiveOptions } from './ring-collective.js';
 
-/** What the coordinator puts into the Welcome.config_json of a regroup. */
+/** What the Welcome of a regroup announces (Welcome.regroup). */
 export interface RegroupAnnouncement {
   regroup: { root: number; stop: boolean; reason: string };
 }
@@ -28,7 +28,7 @@ export interface ElasticRingOptions {
   /** How each new ring is made (the same listen address, port, security as the first). */
   ringOptions: Omit<RingOptions, 'rank' | 'worldSize' | 'generation' | 'runId'>;
   runId: string;
-  /** Sends a report to the coordinator (StepReport.detail_json). */
+  /** Sends a report to the coordinator (StepReport.regroup). */
   report: (r: RegroupReport) => Promise<void>;
   /** How long to wait for the Welcome of the next group. */
   regroupTimeoutMs: number;
@@ -178,13 +178,9 @@ export class ElasticRingCollective implements ElasticCollective {
 }
 
 export function parseAnnouncement(w: WelcomeBody): RegroupAnnouncement['regroup'] {
-  try {
-    const c = JSON.parse(w.configJson ?? '{}') as Partial<RegroupAnnouncement>;
-    const r = c.regroup;
-    if (r && Number.isInteger(r.root) && r.root >= 0 && r.root < (w.worldSize ?? 0)) return { root: r.root, stop: r.stop === true, reason: String(r.reason ?? 'regroup') };
-  } catch {
-    // fall through
-  }
+  const r = w.regroup;
+  const root = r?.root ?? 0;
+  if (r && Number.isInteger(root) && root >= 0 && root < (w.worldSize ?? 0)) return { root, stop: r.stop === true, reason: r.reason || 'regroup' };
   return { root: 0, stop: false, reason: 'regroup' };
 }
 

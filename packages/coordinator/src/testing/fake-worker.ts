@@ -51,10 +51,10 @@ async function main(): Promise<void> {
   }
   if (mode === 'regroupKey' && rank === target) {
     const forged = { kind: 'regroup', generation: 1, committed: { epoch: 0, done: 0, step: 0 }, endpoints: ['tcp://127.0.0.1:1'], key: curveKeyPair().publicKey, reason: 'a key of its choosing' };
-    await c.send('stepReport', { rank, detailJson: JSON.stringify(forged) });
+    await c.send('stepReport', { rank, regroup: forged });
     await new Promise((r) => setTimeout(r, 300));
   }
-  await c.send('stepReport', { rank, detailJson: JSON.stringify({ kind: 'done', rank, host, stateSha256: stateSha256() }) });
+  await c.send('stepReport', { rank, final: { rank, host, stateSha256: stateSha256() } });
   await c.receive('ack');
   await c.close();
   process.exit(0);
