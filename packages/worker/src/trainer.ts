@@ -221,6 +221,20 @@ interface StepWindow {
   phases: PhaseTimes;
 }
 
+/** What trainRest trains: this rank's part of the rest of an epoch. */
+interface Segment {
+  /** 0-based. */
+  epoch: number;
+  /** Images of the epoch (all ranks) consumed before it. */
+  start: number;
+  /** This rank's images, in the epoch's order. */
+  mine: Int32Array;
+  steps: number;
+  /** Steps of the whole epoch, those before the segment included. */
+  stepsInEpoch: number;
+  rng: Rng | undefined;
+}
+
 function emptyWindow(start: number): StepWindow {
   return { steps: 0, lossSum: 0, correct: 0, n: 0, start, phases: zeroPhases() };
 }
@@ -399,17 +413,33 @@ export class Trainer {
    * `settings.epochs`. With an ElasticCollective it survives membership changes (see the header).
    */
   async run(resumeFrom?: Checkpoint): Promise<TrainResult> {
-    const c = this.collective;
-    const s = this.settings;
     this.t0 = now();
     this.epochs = [];
     this.lastCheckpoint = resumeFrom?.file ?? null;
+    let outcome = await this.begin(resumeFrom);
+    try {
+      outcome = await this.trainEpochs(outcome);
+    } catch (err) {
+      // `runs` and `report` then say 'diverged' with the reason, not 'incomplete'.
+      if (err instanceof TrainingDivergedError) await this.saveSummary(this.summaryOf('diverged', err.message, resumeFrom !== undefined));
+      throw err;
+    }
+    return this.end(outcome, resumeFrom);
+  }
+
+  /**
+   * The state every rank starts from (a checkpoint, an --init file or a fresh model, then synced
+   * from the root), config.json, and the start hook. The sync's regroup, if one happened during it.
+   */
+  private async begin(resumeFrom: Checkpoint | undefined): Promise<RegroupResult | null> {
+    const c = this.collective;
+    const s = this.settings;
     if (resumeFrom) this.restore(resumeFrom);
     else if (s.initFile !== null && c.rank === (this.elastic ? this.elastic.initialRoot : 0)) await this.initFrom(s.initFile);
     await this.commit();
     // A worker admitted into a run in progress adopts everything and rewrites no run file.
     const joining = this.elastic !== null && this.elastic.initialRoot !== c.rank;
-    let outcome = await this.recover(() => this.sync(this.elastic ? this.elastic.initialRoot : 0));
+    const outcome = await this.recover(() => this.sync(this.elastic ? this.elastic.initialRoot : 0));
     this.elapsedBefore = this.state.history.elapsedSec;
 
     const runDir = this.runDir;
@@ -429,23 +459,25 @@ export class Trainer {
       backend: s.backend,
       versions: this.engine.versions,
     });
+    return outcome;
+  }
 
-    try {
-      while (!outcome?.stop && this.state.progress.epoch < s.epochs) {
-        this.voluntaryRegroup = false;
-        outcome = await this.recover(async () => {
-          if (await this.trainRest()) this.voluntaryRegroup = true;
-          else await this.endEpoch();
-        });
-        // Voluntary: the step that carried the flag was applied and committed; nothing to roll back.
-        if (!outcome && this.voluntaryRegroup) outcome = await this.regroupAndSync();
-      }
-    } catch (err) {
-      // `runs` and `report` then say 'diverged' with the reason, not 'incomplete'.
-      if (err instanceof TrainingDivergedError) await this.saveSummary(this.summaryOf('diverged', err.message, resumeFrom !== undefined));
-      throw err;
+  /** Epoch after epoch up to the last, through any regroups; the last regroup's outcome (its `stop`). */
+  private async trainEpochs(outcome: RegroupResult | null): Promise<RegroupResult | null> {
+    while (!outcome?.stop && this.state.progress.epoch < this.settings.epochs) {
+      this.voluntaryRegroup = false;
+      outcome = await this.recover(async () => {
+        if (await this.trainRest()) this.voluntaryRegroup = true;
+        else await this.endEpoch();
+      });
+      // Voluntary: the step that carried the flag was applied and committed; nothing to roll back.
+      if (!outcome && this.voluntaryRegroup) outcome = await this.regroupAndSync();
     }
+    return outcome;
+  }
 
+  /** The end: a checkpoint of a stopped run's position, and summary.json. */
+  private async end(outcome: RegroupResult | null, resumeFrom: Checkpoint | undefined): Promise<TrainResult> {
     let stopReason: string | undefined;
     if (outcome?.stop) {
       stopReason = outcome.reason;
@@ -638,71 +670,84 @@ export class Trainer {
    * asked for a voluntary regroup (that step is applied and committed).
    */
   private async trainRest(): Promise<boolean> {
-    const s = this.settings;
-    const c = this.collective;
-    const m = this.model;
-    const st = this.state;
-    const e = st.progress.epoch;
-    const start = st.progress.done;
-    const n = this.data.train.count;
-    const w = c.worldSize;
-    const b = this.stepImages;
-    const mine = shardFrom(this.epochOrder(e), start, w, c.rank);
-    if (start === 0) this.checkBatchNormRoom(s.batchSize, mine.length, w);
-    // 0 only for the rest of an epoch after a regroup, shorter than one healthy batch per rank:
-    // those few images sit this epoch out (DataLoader's drop_last, for this one case).
-    const segSteps = stepsOfShare(mine.length, b, this.minBatch);
-    const stepsInEpoch = st.totals.steps + segSteps;
-    if (this.startedEpoch !== e) {
-      this.startedEpoch = e;
-      this.hooks.onEpochStart?.(e + 1, stepsInEpoch);
-    }
-    // At an epoch start (seed, epoch, rank), as before elastic training existed; a re-sharded rest
-    // gets a stream of its own, which every rank derives from the same position.
-    const rng = augmentationOf(s) ? (start === 0 ? new Rng(s.seed, AUGMENT_STREAM, e, c.rank) : new Rng(s.seed, AUGMENT_STREAM, e, c.rank, start)) : undefined;
-    const runDir = this.runDir;
-    const t = st.totals;
-    const trainBase = t.trainSec;
+    const segment = this.segment();
+    const totals = this.state.totals;
+    const trainBase = totals.trainSec;
     const segStart = now();
-    let win = emptyWindow(now());
-    for (let j = 0; j < segSteps; j++) {
-      // Without a regroup in this epoch: a function of (settings, world size, epoch, step), so a
-      // resume at an epoch boundary recomputes exactly the rates of the uninterrupted run. After
-      // one: of the progress through the epoch, which every rank of the new group shares.
-      const before = start + j * b * w;
-      const lr = start === 0 ? lrAt(s, w, e, j, segSteps) : lrAt(s, w, e, before, n);
-      m.optimizer.lr = lr;
-      const batchIdx = mine.subarray(...stepBounds(j, segSteps, mine.length, b));
-      const ta = now();
-      // The step's gradient, all-reduced, and its sums over the group.
-      const { r, tb, tc, td } = this.accumulation ? await this.accumulatedStep(batchIdx, rng) : await this.step(batchIdx, rng);
-      const sums = this.reducer.groupSums();
-      this.checkLossFinite(sums.lossSum, r.loss);
-      if (!this.fusedStep) m.applyGradients(this.reducer.gradient);
-      const te = now();
-      st.progress.step++;
-      // The last step completes the epoch (it may hold the folded-in remainder: steps.ts).
-      st.progress.done = j === segSteps - 1 ? n : start + (j + 1) * b * w;
-      const step = st.progress.step;
-      const p: PhaseTimes = { data: tb - ta, compute: tc - tb, allReduce: td - tc, optimizer: te - td };
-      addStep(t, win, sums, p, lr);
-      this.hooks.onStep?.({ epoch: e + 1, stepInEpoch: t.steps, stepsInEpoch, step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct, phases: p, indices: Int32Array.from(batchIdx), done: st.progress.done, worldSize: w, allReduceBytes: this.fusedStep ? 0 : this.reducer.buffer.byteLength });
-      if (runDir && step % s.logEverySteps === 0) {
+    let window = emptyWindow(now());
+    for (let j = 0; j < segment.steps; j++) {
+      const { sums, step } = await this.trainStep(segment, j, window);
+      if (this.runDir && step % this.settings.logEverySteps === 0) {
         // Windows tile the training time: the next one starts where this one ends, so the time of
         // writing this line (and of the commit after a step) counts in some window, as in trainSec.
         const end = now();
-        await appendMetrics(runDir, stepLine(win, e + 1, step, end));
-        win = emptyWindow(end);
+        await appendMetrics(this.runDir, stepLine(window, segment.epoch + 1, step, end));
+        window = emptyWindow(end);
       }
-      t.trainSec = trainBase + (now() - segStart);
+      totals.trainSec = trainBase + (now() - segStart);
       await this.commit();
       if (sums.regroup) return true;
     }
-    if (segSteps === 0) {
-      st.progress.done = n;
+    if (segment.steps === 0) {
+      this.state.progress.done = this.data.train.count;
       await this.commit();
     }
     return false;
+  }
+
+  /** This rank's part of the rest of the epoch from the committed position: its images in order, its steps, its augmentation stream. */
+  private segment(): Segment {
+    const { settings, collective } = this;
+    const { epoch, done: start } = this.state.progress;
+    const worldSize = collective.worldSize;
+    const mine = shardFrom(this.epochOrder(epoch), start, worldSize, collective.rank);
+    if (start === 0) this.checkBatchNormRoom(settings.batchSize, mine.length, worldSize);
+    // 0 only for the rest of an epoch after a regroup, shorter than one healthy batch per rank:
+    // those few images sit this epoch out (DataLoader's drop_last, for this one case).
+    const steps = stepsOfShare(mine.length, this.stepImages, this.minBatch);
+    const stepsInEpoch = this.state.totals.steps + steps;
+    if (this.startedEpoch !== epoch) {
+      this.startedEpoch = epoch;
+      this.hooks.onEpochStart?.(epoch + 1, stepsInEpoch);
+    }
+    // At an epoch start (seed, epoch, rank), as before elastic training existed; a re-sharded rest
+    // gets a stream of its own, which every rank derives from the same position.
+    const rng = !augmentationOf(settings) ? undefined
+      : start === 0 ? new Rng(settings.seed, AUGMENT_STREAM, epoch, collective.rank)
+      : new Rng(settings.seed, AUGMENT_STREAM, epoch, collective.rank, start);
+    return { epoch, start, mine, steps, stepsInEpoch, rng };
+  }
+
+  /** Step j of the segment: its learning rate, its gradient all-reduced and applied, the position, totals and hook. */
+  private async trainStep(segment: Segment, j: number, window: StepWindow): Promise<{ sums: StepSums; step: number }> {
+    const { epoch, start, mine, steps, rng } = segment;
+    const images = this.data.train.count;
+    const worldSize = this.collective.worldSize;
+    const perRank = this.stepImages;
+    // Without a regroup in this epoch: a function of (settings, world size, epoch, step), so a
+    // resume at an epoch boundary recomputes exactly the rates of the uninterrupted run. After
+    // one: of the progress through the epoch, which every rank of the new group shares.
+    const lr = start === 0 ? lrAt(this.settings, worldSize, epoch, j, steps) : lrAt(this.settings, worldSize, epoch, start + j * perRank * worldSize, images);
+    this.model.optimizer.lr = lr;
+    const batchIdx = mine.subarray(...stepBounds(j, steps, mine.length, perRank));
+    const ta = now();
+    // The step's gradient, all-reduced, and its sums over the group.
+    const { r, tb, tc, td } = this.accumulation ? await this.accumulatedStep(batchIdx, rng) : await this.step(batchIdx, rng);
+    const sums = this.reducer.groupSums();
+    this.checkLossFinite(sums.lossSum, r.loss);
+    if (!this.fusedStep) this.model.applyGradients(this.reducer.gradient);
+    const te = now();
+    const progress = this.state.progress;
+    progress.step++;
+    // The last step completes the epoch (it may hold the folded-in remainder: steps.ts).
+    progress.done = j === steps - 1 ? images : start + (j + 1) * perRank * worldSize;
+    const phases: PhaseTimes = { data: tb - ta, compute: tc - tb, allReduce: td - tc, optimizer: te - td };
+    addStep(this.state.totals, window, sums, phases, lr);
+    this.hooks.onStep?.({
+      epoch: epoch + 1, stepInEpoch: this.state.totals.steps, stepsInEpoch: segment.stepsInEpoch, step: progress.step, n: batchIdx.length, lr, loss: r.loss, correct: r.correct,
+      phases, indices: Int32Array.from(batchIdx), done: progress.done, worldSize, allReduceBytes: this.fusedStep ? 0 : this.reducer.buffer.byteLength,
+    });
+    return { sums, step: progress.step };
   }
 
   /** Stops every rank at the first step whose summed loss is not finite (all see the same sum), naming the rank where it began if this is it. */
