@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it, type TestContext } from 'vitest';
 import { runCli, testTimeoutFor, type ProcessRun, type StartOptions } from './testing/processes.js';
+import { freePort } from '../../coordinator/src/testing/metrics-fixtures.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'dtrain-faults-'));
 
@@ -220,7 +221,7 @@ describe('--min-workers', () => {
 describe('a worker joining an --elastic run in progress', () => {
   it('is admitted at a step boundary, receives the state, and ends identical to the others', async (ctx) => {
     const out = path.join(tmp(), 'run');
-    const port = 20000 + Math.floor(Math.random() * 20000);
+    const port = await freePort();
     let joiner: Promise<Run> | undefined;
     // 30 steps an epoch: the joiner (a process, then its worker loading TensorFlow) is admitted
     // within the 2 epochs left even on a loaded machine; with 6 it came after the end there.
@@ -246,7 +247,7 @@ describe('the coordinator machine loses its only worker in an --elastic run of t
     const root = tmp();
     const out = path.join(root, 'coordinator-run');
     const joinOut = path.join(root, 'joined-run');
-    const port = 20000 + Math.floor(Math.random() * 20000);
+    const port = await freePort();
     let joiner: Promise<Run> | undefined;
     // 96 images, 2 x batch 8: 6 steps; rank 0 (this machine's only worker) dies in step 2.
     const r = await cli(ctx, ['launch', '--workers', '1', '--nodes', '2', '--listen', `127.0.0.1:${port}`, '--elastic', ...SYN, ...FAST, '--epochs', '1', '--out', out, '--test-crash', '0:compute:2', '--insecure'], {
@@ -273,7 +274,7 @@ describe('garbage on every port during a run', () => {
     const zmq = await import('zeromq');
     const { encodeMessage } = await import('@dtrain/transport');
     const out = path.join(tmp(), 'run');
-    const metricsPort = 20000 + Math.floor(Math.random() * 20000);
+    const metricsPort = await freePort();
     let sent = 0;
     let attack: Promise<void> | undefined;
     let scraped: Promise<string> | undefined;
