@@ -32,9 +32,10 @@ function harness(opts: Partial<MembershipOptions> = {}) {
     failed: () => failure !== undefined,
   };
   const options: MembershipOptions = { localWorkers: 2, nodesExpected: 1, localHost: 'here', elastic: false, minWorkers: 1, heartbeatMs: 100, timeoutMs: 1000, joinTimeoutMs: 2000, ...opts };
-  const m = new Membership(options, ports, new TrainingMetrics());
+  const metrics = new TrainingMetrics({ defaultMetrics: false });
+  const m = new Membership(options, ports, metrics);
   const to = (name: string, kind?: string) => sent.filter((x) => x.to === name && (kind === undefined || x.kind === kind));
-  return { m, sent, events, killed, to, failure: () => failure };
+  return { m, sent, events, killed, to, failure: () => failure, metrics };
 }
 
 const peer = (name: string) => Buffer.from(name);
@@ -196,6 +197,19 @@ describe('elastic', () => {
     await vi.advanceTimersByTimeAsync(1);
     expect(h.m.lostMembers.map((x) => x.lost)).toEqual(['exited with code 1', 'it did not answer the regroup within 1.5 s']);
     expect(h.to('w0', 'welcome')[1].body.regroup).toMatchObject({ root: 0, stop: true });
+  });
+
+  it("after a regroup renumbered the ranks, a survivor's exit still counts down the connected workers", async () => {
+    const h = await welcomed(3, { elastic: true });
+    const [w0, w1, w2] = h.m.byRank;
+    h.m.declareLost(w1, 'was killed by SIGKILL', 'signal');
+    h.m.regroupReport(w0, regroupReport(1, 1, 3, 'w0'));
+    h.m.regroupReport(w2, regroupReport(1, 1, 3, 'w2'));
+    expect(w2.rank).toBe(1); // slot 2 is rank 1 of generation 2
+    const connected = async () => Number(/^dtrain_workers_connected (\S+)$/m.exec(await h.metrics.registry.metrics())?.[1]);
+    expect(await connected()).toBe(2);
+    h.m.localClosed(2);
+    expect(await connected()).toBe(1);
   });
 
   it('rank 0 lost after another rank sent its final report: the run fails, its last files may be missing', async () => {

@@ -386,9 +386,9 @@ export class Membership {
 
   // ---- failures --------------------------------------------------------------------------------
 
-  /** A local worker's process closed (its output not yet all in the log): the workers gauge. */
+  /** A local worker's process closed (its output not yet all in the log): the workers gauge (a lost one left it already). */
   localClosed(slot: number): void {
-    if ([...this.members.values()].some((x) => x.local && x.rank === slot)) {
+    if ([...this.members.values()].some((x) => x.local && x.slot === slot)) {
       this.metrics.setWorkers(this.members.size - ++this.localExits, this.welcomed ? this.worldSize : this.expectedWorld());
     }
   }
