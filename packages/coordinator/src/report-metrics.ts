@@ -52,10 +52,10 @@ export function reportDetail(r: StepReportBody): Record<string, unknown> | undef
 /** A generated message type's conversions: from a plain object, and back with every default filled in. */
 interface MessageType<T> {
   fromObject(o: { [k: string]: unknown }): T;
-  toObject(m: T, o: { defaults: boolean; longs: NumberConstructor }): { [k: string]: any }; // eslint-disable-line @typescript-eslint/no-explicit-any
+  toObject(m: T, o: { defaults: boolean; longs: NumberConstructor }): { [k: string]: any };
 }
 
-function withDefaults<T>(type: MessageType<T>, body: Record<string, unknown>): { [k: string]: any } { // eslint-disable-line @typescript-eslint/no-explicit-any
+function withDefaults<T>(type: MessageType<T>, body: Record<string, unknown>): { [k: string]: any } {
   return type.toObject(type.fromObject(body), { defaults: true, longs: Number });
 }
 

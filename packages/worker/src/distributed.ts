@@ -286,7 +286,7 @@ class WorkerProcess {
       runId,
       report: (r: RegroupReport) => this.control.send('stepReport', { rank: elastic.rank, regroup: r }),
       regroupTimeoutMs: Math.max(2 * this.env.timeoutMs, this.env.joinTimeoutMs),
-      initialRoot: w.regroup ? parseAnnouncement(w).root : 0,
+      initialRoot: parseAnnouncement(w).root, // 0 unless this Welcome admits a joiner into a running group
       collectiveOptions,
       log: (line) => this.log(`${this.who}: ${line}`),
       onWelcome: (welcome) => crashes.onWelcome(welcome.generation ?? 0),
